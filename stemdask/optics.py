@@ -1,0 +1,183 @@
+"""Electron optics: wavelength, calibration record, reciprocal-space grids, aberrations.
+
+Conventions (used by the simulator and every reconstruction):
+
+* Energies in eV, wavelengths and aberration coefficients in Å, detector sampling in
+  mrad per pixel (and Å⁻¹ per pixel = mrad / 1000 / λ), angles in degrees in the API.
+* Aberrations in Krivanek notation. With the scattering angle ω = λ|k| and the azimuth
+  φ = atan2(k_y, k_x) (measured from the scan-x axis towards scan-y),
+
+      χ(k) = 2π/λ · Σ_{n,m} C_nm ω^(n+1) / (n+1) · cos(m (φ − φ_nm)).
+
+  Implemented: C10 (defocus), C12 (two-fold astigmatism), C21 (axial coma), C23 (three-fold
+  astigmatism), C30 (spherical). The probe is ψ(k) = A(k)·exp(−iχ(k)), abTEM's convention.
+  **C10 < 0 is underfocus** (the crossover lies below the entrance surface); abTEM's
+  ``defocus`` equals −C10.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+#: Electron rest energy (eV), Planck constant × speed of light (eV·Å).
+_MC2_EV = 510998.95
+_HC_EV_A = 12398.419843320026
+
+
+def wavelength_a(energy_ev: float) -> float:
+    """Relativistic electron wavelength (Å) at an accelerating voltage ``energy_ev`` (eV)."""
+    if not (math.isfinite(energy_ev) and energy_ev > 0):
+        raise ValueError(f"energy must be a positive number of eV, got {energy_ev!r}")
+    return _HC_EV_A / math.sqrt(energy_ev * (2 * _MC2_EV + energy_ev))
+
+
+def interaction_parameter(energy_ev: float) -> float:
+    """σ (rad / (V·Å)): phase shift per projected potential, relativistic."""
+    lam = wavelength_a(energy_ev)
+    gamma = 1 + energy_ev / _MC2_EV
+    # σ = 2π m e λ / h², written with λ in Å and E in eV.
+    return 2 * math.pi * gamma * _MC2_EV * lam / (_HC_EV_A**2)
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What turns pixels into physics. Stored in an event store's attrs.
+
+    energy_ev: beam energy (eV). scan_step_a: (y, x) scan step (Å).
+    detector_pixel_mrad: detector sampling (mrad per pixel, square pixels).
+    semiangle_mrad: probe convergence semi-angle (mrad), or None if unknown.
+    bf_center: (y, x) detector pixel of k = 0 (sub-pixel), or None until calibrated.
+    bf_radius: bright-field disk radius (px), or None until calibrated.
+    rotation_deg, flip: map detector vectors into the scan frame: first, if ``flip``,
+    k_x → −k_x; then rotate by ``rotation_deg`` (counter-clockwise in the (x, y) plane).
+    """
+
+    energy_ev: float = 300e3
+    scan_step_a: tuple[float, float] = (1.0, 1.0)
+    detector_pixel_mrad: float = 1.0
+    semiangle_mrad: float | None = None
+    bf_center: tuple[float, float] | None = None
+    bf_radius: float | None = None
+    rotation_deg: float = 0.0
+    flip: bool = False
+
+    def __post_init__(self):
+        def positive(name, value):
+            v = float(value)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"calibration {name} must be a positive finite number, got {value!r}")
+            return v
+
+        self.energy_ev = positive("energy_ev", self.energy_ev)
+        step = self.scan_step_a
+        if np.ndim(step) == 0:
+            step = (step, step)
+        self.scan_step_a = tuple(positive("scan_step_a", s) for s in step)
+        if len(self.scan_step_a) != 2:
+            raise ValueError(f"scan_step_a must be a number or (y, x), got {step!r}")
+        self.detector_pixel_mrad = positive("detector_pixel_mrad", self.detector_pixel_mrad)
+        if self.semiangle_mrad is not None:
+            self.semiangle_mrad = positive("semiangle_mrad", self.semiangle_mrad)
+        if self.bf_center is not None:
+            c = tuple(float(v) for v in self.bf_center)
+            if len(c) != 2 or not all(math.isfinite(v) for v in c):
+                raise ValueError(f"bf_center must be (y, x) finite pixels, got {self.bf_center!r}")
+            self.bf_center = c
+        if self.bf_radius is not None:
+            self.bf_radius = positive("bf_radius", self.bf_radius)
+        if not math.isfinite(float(self.rotation_deg)):
+            raise ValueError(f"rotation_deg must be finite, got {self.rotation_deg!r}")
+        self.rotation_deg = float(self.rotation_deg)
+        self.flip = bool(self.flip)
+
+    @property
+    def wavelength_a(self) -> float:
+        return wavelength_a(self.energy_ev)
+
+    @property
+    def detector_pixel_inv_a(self) -> float:
+        """Detector sampling in Å⁻¹ per pixel (small-angle: mrad / 1000 / λ)."""
+        return self.detector_pixel_mrad * 1e-3 / self.wavelength_a
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scan_step_a"] = list(self.scan_step_a)
+        if self.bf_center is not None:
+            d["bf_center"] = list(self.bf_center)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Calibration":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes) -> "Calibration":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Aberrations:
+    """Aberration coefficients (Å) and azimuths (degrees), Krivanek notation.
+
+    C10 < 0 is underfocus (abTEM ``defocus`` = −C10).
+    """
+
+    C10: float = 0.0
+    C12: float = 0.0
+    phi12: float = 0.0
+    C21: float = 0.0
+    phi21: float = 0.0
+    C23: float = 0.0
+    phi23: float = 0.0
+    C30: float = 0.0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"aberration {f.name} must be finite, got {getattr(self, f.name)!r}")
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def chi(k_y: np.ndarray, k_x: np.ndarray, wavelength: float, ab: Aberrations) -> np.ndarray:
+    """Aberration phase χ (rad) at spatial frequencies ``k_y, k_x`` (Å⁻¹), see module docstring."""
+    k_y = np.asarray(k_y, dtype=float)
+    k_x = np.asarray(k_x, dtype=float)
+    w = wavelength * np.hypot(k_y, k_x)
+    phi = np.arctan2(k_y, k_x)
+    terms = (
+        ab.C10 * w**2 / 2
+        + ab.C12 * w**2 / 2 * np.cos(2 * (phi - np.deg2rad(ab.phi12)))
+        + ab.C21 * w**3 / 3 * np.cos(phi - np.deg2rad(ab.phi21))
+        + ab.C23 * w**3 / 3 * np.cos(3 * (phi - np.deg2rad(ab.phi23)))
+        + ab.C30 * w**4 / 4
+    )
+    return 2 * np.pi / wavelength * terms
+
+
+def detector_to_scan_frame(v_y, v_x, rotation_deg: float, flip: bool):
+    """Map detector-frame vectors (y, x components) into the scan frame.
+
+    ``flip`` mirrors x first (v_x → −v_x), then the vector is rotated by ``rotation_deg``
+    counter-clockwise in the (x, y) plane. Works on NumPy and dask arrays alike.
+    """
+    if flip:
+        v_x = -v_x
+    t = np.deg2rad(rotation_deg)
+    c, s = np.cos(t), np.sin(t)
+    return s * v_x + c * v_y, c * v_x - s * v_y
+
+
+def scan_to_detector_frame(v_y, v_x, rotation_deg: float, flip: bool):
+    """Inverse of :func:`detector_to_scan_frame`."""
+    t = np.deg2rad(rotation_deg)
+    c, s = np.cos(t), np.sin(t)
+    d_y, d_x = c * v_y - s * v_x, s * v_y + c * v_x
+    if flip:
+        d_x = -d_x
+    return d_y, d_x
