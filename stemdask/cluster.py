@@ -124,3 +124,16 @@ def connect(spec: str | os.PathLike | None):
 def connect_from_args(args):
     """:func:`connect` for a CLI namespace's ``--cluster`` option."""
     return connect(getattr(args, "cluster", None))
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def peak_rss_per_worker(client) -> dict[str, int]:
+    """Peak resident memory (bytes) of every worker process since it started."""
+    return client.run(_peak_rss_bytes)
