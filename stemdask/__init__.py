@@ -1,5 +1,6 @@
 """stemdask: 4D-STEM phase-contrast imaging from electron-event data, on Dask."""
 
+from .events import open
 from .optics import Aberrations, Calibration, wavelength_a
 from .store import (
     CorruptStoreError,
@@ -20,6 +21,7 @@ __all__ = [
     "IncompleteStoreError",
     "StoreError",
     "create_store",
+    "open",
     "open_store",
     "wavelength_a",
 ]

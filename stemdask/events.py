@@ -1,0 +1,230 @@
+"""The lazy dataset handle: an event store seen as a dask graph over row blocks.
+
+``stemdask.open(path)`` returns an :class:`EventDataset`. Nothing is read when it is opened
+or when a product is requested: every product (:meth:`EventDataset.com`,
+:meth:`~EventDataset.virtual`, :meth:`~EventDataset.pacbed`, :meth:`~EventDataset.densify`,
+...) is an xarray object backed by a dask graph of the shape
+
+    read row block b  ──►  one map per product  (──► tree reductions where needed)
+
+The read tasks are named from the store alone (``events-<token>``), so products computed
+together — ``dask.compute(ds.com(), ds.virtual(...), ds.pacbed())`` or one
+``xr.merge(...).to_zarr(...)`` — read each row block once and share it. A read task takes
+the store *path* and opens the store itself, so graphs pickle and run on a distributed
+cluster (the workers must see the same path, e.g. a shared filesystem).
+
+Frames: everything here is in the DETECTOR frame (no rotation applied); scan coordinates
+are ``scan_y = iy·step_y``, ``scan_x = ix·step_x`` (Å) — for a scan-binned dataset the
+coordinate of a bin is the centre of the positions it merged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from . import reduce
+from .kernels import events as kernels
+from .optics import Calibration
+from .store import Block, EventStore, open_store
+
+_OBJECT_META = np.empty((0, 0), dtype=object)
+
+
+def _read_block(path: str, b: int, allow_incomplete: bool) -> Block:
+    """Task: open the store at ``path`` and read row block ``b`` (picklable by design)."""
+    return open_store(path, allow_incomplete=allow_incomplete).read_block(b)
+
+
+def _select_toa(block: Block, t_min: int, t_max: int) -> Block:
+    if block.toa is None:
+        raise ValueError("dose fractionation needs arrival times; this block has none")
+    counts, indices, toa = kernels.select_toa(block.counts.ravel(), block.indices, block.toa, t_min, t_max)
+    return Block(block.index, block.row_start, counts.reshape(block.counts.shape), indices, toa)
+
+
+def _bin_blocks(factor: int, rows_out: int, row_start: int, index: int, *blocks: Block) -> Block:
+    """Merge a group of consecutive row blocks and bin its scan by ``factor``."""
+    counts = np.concatenate([b.counts for b in blocks], axis=0)[: rows_out * factor]
+    n = int(counts.sum(dtype=np.int64))
+    indices = np.concatenate([b.indices for b in blocks])[:n]
+    binned, merged = kernels.bin_scan(np.ascontiguousarray(counts), indices, factor)
+    return Block(index, row_start, binned, merged, None)
+
+
+@dataclass(frozen=True)
+class _Events:
+    """The per-block events layer: a dask array of dtype object whose chunks are Blocks.
+
+    Never computed as an array; products map over its blocks.
+    """
+
+    array: da.Array
+    scan_offset_a: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def scan_shape(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.array.shape)
+
+
+def _store_events(store: EventStore, allow_incomplete: bool) -> _Events:
+    path = str(store.path.resolve())
+    token = tokenize(path, store.attrs.get("n_events"), store.attrs.get("provenance"), store.scan_shape)
+    name = f"events-{token}"
+    graph = {(name, b, 0): (_read_block, path, b, allow_incomplete) for b in range(store.n_blocks)}
+    rows = tuple(r1 - r0 for r0, r1 in map(store.block_rows, range(store.n_blocks)))
+    chunks = (rows, (store.scan_shape[1],))
+    hlg = HighLevelGraph.from_collections(name, graph, dependencies=())
+    return _Events(da.Array(hlg, name, chunks, meta=_OBJECT_META))
+
+
+class EventDataset:
+    """An event store with a calibration, as lazy dask/xarray products.
+
+    Open with :func:`open`. Attributes: ``store`` (:class:`~stemdask.store.EventStore`),
+    ``calibration`` (:class:`~stemdask.optics.Calibration`), ``scan_shape`` (ny, nx),
+    ``detector_shape`` (det_y, det_x). Every product is lazy until computed.
+    """
+
+    def __init__(self, store: EventStore, calibration: Calibration | None = None, *,
+                 allow_incomplete: bool = False, _events: _Events | None = None):
+        self.store = store
+        self.calibration = calibration if calibration is not None else store.calibration
+        self.detector_shape: tuple[int, int] = tuple(store.detector_shape)
+        self._events = _events if _events is not None else _store_events(store, allow_incomplete)
+        self.scan_shape: tuple[int, int] = self._events.scan_shape
+
+    # ------------------------------------------------------------------ derived datasets
+    def _derived(self, events: _Events, calibration: Calibration | None = None) -> "EventDataset":
+        return EventDataset(self.store, calibration or self.calibration, _events=events)
+
+    def with_calibration(self, **changes) -> "EventDataset":
+        """The same events with calibration fields replaced (e.g. ``rotation_deg=90``)."""
+        return self._derived(self._events, self.calibration.replace(**changes))
+
+    def fractionate(self, t_max_ns: float, t_min_ns: float = 0.0) -> "EventDataset":
+        """Dose fractionation: keep only events with ``t_min_ns ≤ toa < t_max_ns`` (ns within the dwell).
+
+        Needs a store made with arrival times (``create_store(..., has_toa=True)``).
+        """
+        if not self.store.has_toa:
+            raise ValueError(f"{self.store.path}: store has no arrival times (toa); dose fractionation needs them")
+        if not (math.isfinite(t_max_ns) and t_max_ns > t_min_ns >= 0):
+            raise ValueError(f"need 0 ≤ t_min_ns < t_max_ns, got t_min_ns={t_min_ns}, t_max_ns={t_max_ns}")
+        lo, hi = int(math.ceil(t_min_ns)), int(math.ceil(t_max_ns))
+        arr = self._events.array.map_blocks(
+            _select_toa, lo, hi, dtype=object, meta=_OBJECT_META, name=f"events-toa-{tokenize(self._events.array.name, lo, hi)}"
+        )
+        return self._derived(_Events(arr, self._events.scan_offset_a))
+
+    def bin_scan(self, factor: int) -> "EventDataset":
+        """Merge the events of ``factor × factor`` neighbouring positions (scan binning).
+
+        Trailing rows/columns that do not fill a bin are dropped. The scan step of the
+        result is ``factor`` times larger; its coordinates are the centres of the bins.
+        """
+        f = int(factor)
+        if f != factor or f < 1:
+            raise ValueError(f"scan binning factor must be a positive integer, got {factor!r}")
+        ny, nx = self.scan_shape
+        if f > min(ny, nx):
+            raise ValueError(f"scan binning factor {f} is larger than the scan {self.scan_shape}")
+        if f == 1:
+            return self
+        src = self._events.array
+        row_chunks = src.chunks[0]
+        rpb = row_chunks[0]
+        group = f // math.gcd(rpb, f)  # blocks per group: each full group spans a multiple of f rows
+        name = f"events-bin-{tokenize(src.name, f)}"
+        graph, out_rows, row0 = {}, [], 0
+        for g, first in enumerate(range(0, len(row_chunks), group)):
+            members = range(first, min(first + group, len(row_chunks)))
+            rows_out = sum(row_chunks[b] for b in members) // f
+            graph[(name, g, 0)] = (_bin_blocks, f, rows_out, row0, g, *[(src.name, b, 0) for b in members])
+            out_rows.append(rows_out)
+            row0 += rows_out
+        hlg = HighLevelGraph.from_collections(name, graph, dependencies=[src])
+        arr = da.Array(hlg, name, (tuple(out_rows), (nx // f,)), meta=_OBJECT_META)
+        cal = self.calibration
+        step_y, step_x = cal.scan_step_a
+        off_y, off_x = self._events.scan_offset_a
+        offset = (off_y + (f - 1) / 2 * step_y, off_x + (f - 1) / 2 * step_x)
+        return self._derived(_Events(arr, offset), cal.replace(scan_step_a=(step_y * f, step_x * f)))
+
+    # ------------------------------------------------------------------ products
+    def counts(self):
+        """Electrons per position, (scan_y, scan_x) uint32 DataArray."""
+        return reduce.counts(self)
+
+    def com(self, reference="bf", units: str = "px", vacuum=None):
+        """Centre of mass per position (detector frame): Dataset {com_y, com_x}. See :func:`stemdask.reduce.com`."""
+        return reduce.com(self, reference=reference, units=units, vacuum=vacuum)
+
+    def virtual(self, inner=0.0, outer=math.inf, units: str = "mrad", name: str = "image"):
+        """One annular virtual detector image. See :func:`stemdask.reduce.virtual`."""
+        return reduce.virtual(self, inner=inner, outer=outer, units=units, name=name)
+
+    def virtual_detectors(self, detectors):
+        """Several virtual detectors in one pass over the events. See :func:`stemdask.reduce.virtual_detectors`."""
+        return reduce.virtual_detectors(self, detectors)
+
+    def pacbed(self):
+        """Sum of all patterns (k_y, k_x). See :func:`stemdask.reduce.pacbed`."""
+        return reduce.pacbed(self)
+
+    def radial_profile(self, bin_px: float = 1.0):
+        """Position-averaged radial profile around the BF centre. See :func:`stemdask.reduce.radial_profile`."""
+        return reduce.radial_profile(self, bin_px=bin_px)
+
+    def densify(self, radius_px=None, center=None, bin: int = 1):
+        """Crop + bin + densify to (scan_y, scan_x, k_y, k_x) float32. See :func:`stemdask.reduce.densify`."""
+        return reduce.densify(self, radius_px=radius_px, center=center, bin=bin)
+
+    # ------------------------------------------------------------------ helpers for reduce
+    def map_events(self, fn, *args, dtype, chunks, new_axis=None, drop_axis=None, name: str):
+        """``fn(block, *args)`` on every row block → dask array (a product of the shared read)."""
+        meta = np.empty((0,) * len(chunks), dtype=dtype)
+        token = tokenize(self._events.array.name, fn, args, chunks)
+        return self._events.array.map_blocks(
+            fn, *args, dtype=dtype, chunks=chunks, new_axis=new_axis, drop_axis=drop_axis,
+            meta=meta, name=f"{name}-{token}",
+        )
+
+    @property
+    def row_chunks(self) -> tuple[int, ...]:
+        return self._events.array.chunks[0]
+
+    def scan_coords(self) -> dict:
+        """xarray coords of the scan axes (Å)."""
+        import xarray as xr
+
+        (ny, nx), (sy, sx) = self.scan_shape, self.calibration.scan_step_a
+        oy, ox = self._events.scan_offset_a
+        return {
+            "scan_y": xr.Variable("scan_y", oy + sy * np.arange(ny), {"units": "Å", "long_name": "scan position y"}),
+            "scan_x": xr.Variable("scan_x", ox + sx * np.arange(nx), {"units": "Å", "long_name": "scan position x"}),
+        }
+
+    def __repr__(self) -> str:
+        c = self.calibration
+        return (
+            f"<EventDataset {self.store.path} scan={self.scan_shape} detector={self.detector_shape} "
+            f"bf_center={c.bf_center} bf_radius={c.bf_radius} rotation={c.rotation_deg}° flip={c.flip}>"
+        )
+
+
+def open(store_or_path: EventStore | str | os.PathLike, *, allow_incomplete: bool = False) -> EventDataset:
+    """Open an event store as a lazy :class:`EventDataset` (reads metadata only)."""
+    if isinstance(store_or_path, EventStore):
+        store = store_or_path
+        if not store.complete and not allow_incomplete:
+            store = open_store(store.path)  # raises the store's own "incomplete" error
+    else:
+        store = open_store(store_or_path, allow_incomplete=allow_incomplete)
+    return EventDataset(store, allow_incomplete=allow_incomplete)

@@ -1,0 +1,330 @@
+"""O(C) reductions and densify: lazy xarray products of an :class:`~stemdask.events.EventDataset`.
+
+Each product maps one pure kernel (:mod:`stemdask.kernels.events`) over the dataset's shared
+per-block read; nothing is read until the result is computed. Conventions:
+
+* Detector pixel (k_y, k_x) has its centre at coordinate (k_y, k_x) px. Angles are relative
+  to the calibrated BF-disk centre ``calibration.bf_center`` (k = 0): ``k = (pixel − centre) ·
+  detector_pixel_mrad`` (mrad). Everything is in the detector frame (no scan rotation).
+* Annular detectors count events in pixels whose centre lies at ``inner ≤ r < outer`` from
+  the BF centre. Presets, relative to the BF radius R: ``"bf"`` [0, R), ``"abf"`` [R/2, R),
+  ``"adf"`` [1.2 R, ∞) (to the detector edge).
+* Images count electrons (``units="electrons"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .kernels import events as kernels
+
+#: Preset annuli (inner, outer) in units of the BF-disk radius.
+PRESETS = {"bf": (0.0, 1.0), "abf": (0.5, 1.0), "adf": (1.2, math.inf)}
+
+
+@dataclass(frozen=True)
+class Annulus:
+    """An annular virtual detector ``inner ≤ r < outer`` around the BF centre.
+
+    ``units``: "mrad", "px" (detector pixels) or "bf" (multiples of the BF radius).
+    """
+
+    inner: float = 0.0
+    outer: float = math.inf
+    units: str = "mrad"
+
+    def __post_init__(self):
+        if self.units not in ("mrad", "px", "bf"):
+            raise ValueError(f"annulus units must be 'mrad', 'px' or 'bf', got {self.units!r}")
+        if not (self.inner >= 0 and self.outer > self.inner) or math.isnan(self.outer):
+            raise ValueError(f"annulus needs 0 ≤ inner < outer, got inner={self.inner}, outer={self.outer}")
+
+    def radii_px(self, ds) -> tuple[float, float]:
+        cal = ds.calibration
+        if self.units == "px":
+            scale = 1.0
+        elif self.units == "mrad":
+            scale = 1.0 / cal.detector_pixel_mrad
+        else:
+            scale = _bf_radius(ds)
+        return self.inner * scale, self.outer * scale
+
+
+# ---------------------------------------------------------------------- geometry helpers
+def _bf_center(ds, center=None) -> tuple[float, float]:
+    if center is not None:
+        c = tuple(float(v) for v in center)
+        if len(c) != 2 or not all(map(math.isfinite, c)):
+            raise ValueError(f"center must be (y, x) detector pixels, got {center!r}")
+        return c
+    if ds.calibration.bf_center is None:
+        raise ValueError(
+            f"{ds.store.path}: no BF-disk centre calibrated; run `stemdask calibrate` "
+            f"(stemdask.calibrate.calibrate_store) or pass center=(y, x)"
+        )
+    return ds.calibration.bf_center
+
+
+def _bf_radius(ds) -> float:
+    if ds.calibration.bf_radius is None:
+        raise ValueError(
+            f"{ds.store.path}: no BF-disk radius calibrated; run `stemdask calibrate` or give radii explicitly"
+        )
+    return ds.calibration.bf_radius
+
+
+def _k_coord(dim: str, pixel_centres: np.ndarray, origin: float, pixel_mrad: float, what: str) -> xr.Variable:
+    return xr.Variable(dim, (pixel_centres - origin) * pixel_mrad,
+                       {"units": "mrad", "long_name": f"scattering angle {dim[-1]} ({what}, detector frame)"})
+
+
+def _det_coords(ds, origin) -> dict:
+    dy, dx = ds.detector_shape
+    p = ds.calibration.detector_pixel_mrad
+    what = "relative to the BF centre"
+    return {"k_y": _k_coord("k_y", np.arange(dy), origin[0], p, what),
+            "k_x": _k_coord("k_x", np.arange(dx), origin[1], p, what)}
+
+
+def _scan_dataarray(ds, data, name, attrs) -> xr.DataArray:
+    return xr.DataArray(data, dims=("scan_y", "scan_x"), coords=ds.scan_coords(), name=name, attrs=attrs)
+
+
+# ---------------------------------------------------------------------- per-block tasks
+def _block_counts(block):
+    return block.counts.astype(np.uint32, copy=False)
+
+
+def _block_com(block, det_x, ref_y, ref_x):
+    cy, cx = kernels.center_of_mass(block.counts.ravel(), block.indices, det_x, ref_y, ref_x)
+    return np.stack([cy, cx], axis=-1).reshape(block.counts.shape + (2,))
+
+
+def _block_masked(block, labels, table):
+    out = kernels.masked_counts(block.counts.ravel(), block.indices, labels, table)
+    return out.reshape(block.counts.shape + (table.shape[1],))
+
+
+def _block_histogram(block, n_pixels):
+    return kernels.histogram(block.indices, n_pixels)[None, :]
+
+
+def _block_densify(block, det_x, y0, x0, bin_factor, n):
+    out = kernels.densify(block.counts.ravel(), block.indices, det_x, y0, x0, bin_factor, n, n)
+    return out.reshape(block.counts.shape + (n, n))
+
+
+# ---------------------------------------------------------------------- products
+def counts(ds) -> xr.DataArray:
+    """Electrons per position, (scan_y, scan_x) uint32."""
+    data = ds.map_events(_block_counts, dtype=np.uint32, chunks=(ds.row_chunks, (ds.scan_shape[1],)), name="counts")
+    return _scan_dataarray(ds, data, "counts", {"units": "electrons", "long_name": "electrons per position"})
+
+
+def com(ds, reference="bf", units: str = "px", vacuum=None) -> xr.Dataset:
+    """Centre of mass of each pattern, detector frame: Dataset {com_y, com_x} (float64).
+
+    ``reference``: "bf" — the calibrated BF-disk centre (default); (y, x) — a detector
+    pixel position; "mean" — the mean COM over the scan; "vacuum" — the mean COM over the
+    scan region ``vacuum`` ((iy, ix) or (slice_y, slice_x) of scan indices).
+    ``units``: "px" (detector pixels) or "mrad". Positions without events are NaN.
+    Lazy: chunks (rows_per_block, nx).
+    """
+    if units not in ("px", "mrad"):
+        raise ValueError(f"COM units must be 'px' or 'mrad', got {units!r}")
+    if isinstance(reference, str):
+        if reference not in ("bf", "mean", "vacuum"):
+            raise ValueError(f"COM reference must be 'bf', 'mean', 'vacuum' or (y, x) pixels, got {reference!r}")
+        if reference == "bf":
+            ref = _bf_center(ds)
+        else:
+            ref = ds.calibration.bf_center or (0.0, 0.0)
+    else:
+        ref = _bf_center(ds, reference)
+    if (reference == "vacuum") != (vacuum is not None):
+        raise ValueError("pass vacuum=(iy, ix) or (slice_y, slice_x) exactly when reference='vacuum'")
+    nx = ds.scan_shape[1]
+    both = ds.map_events(
+        _block_com, ds.detector_shape[1], float(ref[0]), float(ref[1]),
+        dtype=np.float64, chunks=(ds.row_chunks, (nx,), (2,)), new_axis=[2], name="com",
+    )
+    if reference == "mean":
+        both = both - da.nanmean(both, axis=(0, 1))
+    elif reference == "vacuum":
+        region = both[tuple(_as_slice(v) for v in vacuum)]
+        if region.shape[0] * region.shape[1] == 0:
+            raise ValueError(f"vacuum region {vacuum!r} selects no scan positions of {ds.scan_shape}")
+        both = both - da.nanmean(region, axis=(0, 1))
+    scale = ds.calibration.detector_pixel_mrad if units == "mrad" else 1.0
+    if scale != 1.0:
+        both = both * scale
+    attrs = {
+        "units": units, "frame": "detector", "reference": reference if isinstance(reference, str) else "pixel",
+        "reference_px": [] if reference in ("mean", "vacuum") else [float(ref[0]), float(ref[1])],
+        "vacuum": repr(vacuum) if vacuum is not None else "",
+    }
+    out = xr.Dataset(
+        {
+            "com_y": _scan_dataarray(ds, both[..., 0], "com_y", {**attrs, "long_name": "centre of mass k_y (detector frame)"}),
+            "com_x": _scan_dataarray(ds, both[..., 1], "com_x", {**attrs, "long_name": "centre of mass k_x (detector frame)"}),
+        },
+        attrs={**attrs, "method": "com"},
+    )
+    return out
+
+
+def _as_slice(v):
+    return v if isinstance(v, slice) else slice(int(v), int(v) + 1)
+
+
+def detector_masks(ds, detectors: dict) -> tuple[np.ndarray, dict]:
+    """Boolean masks (n, det_y, det_x) for ``detectors`` and the attrs describing each."""
+    if not detectors:
+        raise ValueError("no virtual detectors given")
+    masks, described = [], {}
+    for name, spec in detectors.items():
+        if isinstance(spec, str):
+            if spec not in PRESETS:
+                raise ValueError(f"unknown virtual detector preset {spec!r} (known: {sorted(PRESETS)})")
+            spec = Annulus(*PRESETS[spec], units="bf")
+        if isinstance(spec, Annulus):
+            inner, outer = spec.radii_px(ds)
+            r = _radius_of(ds.detector_shape, _bf_center(ds))
+            masks.append((r >= inner) & (r < outer))
+            p = ds.calibration.detector_pixel_mrad
+            described[name] = {"detector": "annular", "inner_px": inner, "outer_px": outer,
+                               "inner_mrad": inner * p, "outer_mrad": outer * p,
+                               "bf_center_px": list(_bf_center(ds))}
+        else:
+            m = np.asarray(spec)
+            if m.shape != ds.detector_shape or m.dtype != bool:
+                raise ValueError(
+                    f"virtual detector {name!r}: a mask must be a boolean array of the detector's shape "
+                    f"{ds.detector_shape}, got {m.dtype} {m.shape}"
+                )
+            masks.append(m)
+            described[name] = {"detector": "mask", "mask_pixels": int(m.sum())}
+    return np.stack(masks), described
+
+
+def virtual_detectors(ds, detectors: dict) -> xr.Dataset:
+    """Several virtual detector images in one pass: Dataset {name: (scan_y, scan_x) uint32}.
+
+    ``detectors`` maps a name to a preset ("bf", "abf", "adf"), an :class:`Annulus`, or a
+    boolean mask of the detector's shape. Overlapping detectors are fine.
+    """
+    masks, described = detector_masks(ds, detectors)
+    n_det = masks.shape[0]
+    groups, labels = np.unique(masks.reshape(n_det, -1).T, axis=0, return_inverse=True)
+    label_dtype = np.uint8 if len(groups) <= 256 else np.uint32
+    labels = labels.reshape(-1).astype(label_dtype)
+    table = groups.astype(np.uint32)
+    nx = ds.scan_shape[1]
+    stacked = ds.map_events(_block_masked, labels, table, dtype=np.uint32,
+                            chunks=(ds.row_chunks, (nx,), (n_det,)), new_axis=[2], name="virtual")
+    data = {}
+    for d, name in enumerate(detectors):
+        attrs = {"units": "electrons", "long_name": f"virtual detector {name}", **described[name]}
+        data[name] = _scan_dataarray(ds, stacked[..., d], name, attrs)
+    return xr.Dataset(data, attrs={"method": "virtual"})
+
+
+def virtual(ds, inner=0.0, outer=math.inf, units: str = "mrad", name: str = "image") -> xr.DataArray:
+    """One annular virtual detector ``inner ≤ r < outer`` (``units``: mrad, px or bf)."""
+    return virtual_detectors(ds, {name: Annulus(inner, outer, units)})[name]
+
+
+def pacbed(ds) -> xr.DataArray:
+    """Position-averaged CBED as a sum: electrons per detector pixel, (k_y, k_x) uint64.
+
+    Coordinates are in mrad relative to the calibrated BF centre, or to pixel
+    (det_y/2, det_x/2) when there is none yet (attr ``k_origin_px`` says which).
+    """
+    dy, dx = ds.detector_shape
+    nb = len(ds.row_chunks)
+    per_block = ds.map_events(_block_histogram, dy * dx, dtype=np.uint64,
+                              chunks=((1,) * nb, (dy * dx,)), name="pacbed")
+    total = per_block.sum(axis=0, dtype=np.uint64).reshape(dy, dx)
+    origin = ds.calibration.bf_center or (dy / 2, dx / 2)
+    return xr.DataArray(total, dims=("k_y", "k_x"), coords=_det_coords(ds, origin), name="pacbed",
+                        attrs={"units": "electrons", "long_name": "sum of all diffraction patterns",
+                               "k_origin_px": list(origin), "positions": ds.scan_shape[0] * ds.scan_shape[1]})
+
+
+def _radial(pattern, center, bin_px, n_bins, n_positions):
+    r = _radius_of(pattern.shape, center)
+    which = (r / bin_px).astype(np.int64).ravel()
+    sums = np.bincount(which, weights=pattern.ravel().astype(np.float64), minlength=n_bins)[:n_bins]
+    pixels = np.bincount(which, minlength=n_bins)[:n_bins]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / pixels / n_positions
+
+
+def _radius_of(shape, center) -> np.ndarray:
+    return np.hypot(np.arange(shape[0])[:, None] - center[0], np.arange(shape[1])[None, :] - center[1])
+
+
+def radial_profile(ds, bin_px: float = 1.0) -> xr.DataArray:
+    """Position-averaged radial profile: mean electrons per pixel per position in rings
+    ``[i·bin_px, (i+1)·bin_px)`` px around the BF centre; dim ``k`` (ring centre, mrad)."""
+    if not (bin_px > 0 and math.isfinite(bin_px)):
+        raise ValueError(f"bin_px must be a positive number of pixels, got {bin_px!r}")
+    center = _bf_center(ds)
+    r_max = _radius_of(ds.detector_shape, center).max()
+    n_bins = int(r_max // bin_px) + 1
+    n_pos = ds.scan_shape[0] * ds.scan_shape[1]
+    pat = pacbed(ds).data.rechunk(-1)
+    prof = pat.map_blocks(_radial, center, float(bin_px), n_bins, n_pos, dtype=np.float64,
+                          chunks=((n_bins,),), drop_axis=1)
+    k = (np.arange(n_bins) + 0.5) * bin_px
+    coords = {"k": xr.Variable("k", k * ds.calibration.detector_pixel_mrad,
+                               {"units": "mrad", "long_name": "scattering angle (ring centre)"}),
+              "k_px": xr.Variable("k", k, {"units": "px", "long_name": "ring centre radius"})}
+    return xr.DataArray(prof, dims=("k",), coords=coords, name="radial_profile",
+                        attrs={"units": "electrons / pixel / position", "bin_px": float(bin_px),
+                               "bf_center_px": list(center),
+                               "long_name": "position-averaged radial profile"})
+
+
+def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
+    """Crop a square around the BF centre, bin it, and make dense patterns.
+
+    Returns float32 (scan_y, scan_x, k_y, k_x) electron counts, dask chunks
+    (rows_per_block, nx, full, full). The crop has ``n = 2m + 1`` output pixels a side, each
+    ``bin × bin`` detector pixels, ``m = ceil((radius_px + 0.5) / bin − 0.5)``, so it covers
+    at least ``radius_px`` around the centre; its central output pixel is the one whose
+    centre is nearest to ``center``. ``radius_px`` defaults to ``ceil(1.1·R) + 1`` (R the BF
+    radius); ``center`` to the calibrated BF centre. Coordinates k_y, k_x (mrad) are the
+    output pixel centres relative to the BF centre (k = 0); attrs give the crop origin
+    (detector pixel of output pixel (0, 0)'s first sub-pixel) and the bin.
+    """
+    b = int(bin)
+    if b != bin or b < 1:
+        raise ValueError(f"bin must be a positive integer, got {bin!r}")
+    cy, cx = _bf_center(ds, center)
+    if radius_px is None:
+        radius_px = math.ceil(1.1 * _bf_radius(ds)) + 1
+    if not (radius_px >= 0 and math.isfinite(radius_px)):
+        raise ValueError(f"radius_px must be ≥ 0 pixels, got {radius_px!r}")
+    m = max(0, math.ceil((radius_px + 0.5) / b - 0.5))
+    n = 2 * m + 1
+    half = m * b + (b - 1) / 2
+    y0, x0 = math.floor(cy - half + 0.5), math.floor(cx - half + 0.5)
+    nx = ds.scan_shape[1]
+    data = ds.map_events(_block_densify, ds.detector_shape[1], y0, x0, b, n, dtype=np.float32,
+                         chunks=(ds.row_chunks, (nx,), (n,), (n,)), new_axis=[2, 3], name="densify")
+    p = ds.calibration.detector_pixel_mrad
+    centres = np.arange(n) * b + (b - 1) / 2
+    what = "output pixel centre relative to the BF centre"
+    coords = {**ds.scan_coords(),
+              "k_y": _k_coord("k_y", y0 + centres, cy, p, what),
+              "k_x": _k_coord("k_x", x0 + centres, cx, p, what)}
+    attrs = {"units": "electrons", "long_name": "electron counts (cropped, binned)",
+             "crop_origin_px": [y0, x0], "bin": b, "radius_px": float(radius_px),
+             "bf_center_px": [cy, cx], "pixel_mrad": p * b}
+    return xr.DataArray(data, dims=("scan_y", "scan_x", "k_y", "k_x"), coords=coords, name="dense", attrs=attrs)
