@@ -1,0 +1,348 @@
+"""Single-sideband (SSB) ptychography on a dense, row-chunked 4D dask array.
+
+Graph (DESIGN.md §3)::
+
+    dense (rows, nx, fy, fx) ─► BF-disk pixels, rfft over scan_x per row block
+      ─► rechunk (p2p under distributed, else tasks) to pixel chunks spanning the scan
+      ─► fft over scan_y ─► G (ny, nx//2+1, npix)          [kept: memory or Zarr scratch]
+      ─► trotter sums with χ per pixel chunk ─► tree sum ─► irfft2 ─► phase (rad)
+
+Physics (numpy's forward FFT convention of :mod:`stemdask.simulate`; weak phase object
+t = 1 + iφ; probe P(k) = A(k)·exp(−iχ(k)) normalised to one electron; G(k, Q) = mean over
+probe positions R of I(k, R)·exp(−2πiQ·R), i.e. a forward FFT divided by the number of
+positions):
+
+    G(k, Q) = iΦ(Q)·D·[a(k − Q)·a*(k) − a(k)·a*(k + Q)]         (Q ≠ 0)
+
+with D the dose per position, a the normalised probe and Φ(Q) the mean-normalised Fourier
+coefficient of φ. On the two double-overlap ("trotter") lobes of the bright-field disk only
+one term survives, and multiplying by the conjugate of its known phase factor
+(:mod:`stemdask.kernels.ssb`) gives Φ(Q)·D/n_disk on every lobe pixel, D/n_disk being the
+mean intensity of a bright-field pixel (measured from the data as Σ_k G(k, 0) / n_disk).
+The triple-overlap region carries no first-order signal in focus and is left out; so are
+frequencies |Q| ≥ 2α/λ, which no trotter reaches.
+
+Weighting:
+
+* default (``quantitative=False``, the classic SSB): each frequency is the plain sum over its
+  trotter, divided by the total bright-field intensity. This is the SNR-optimal matched
+  filter for Poisson noise of equal variance per pixel; the transfer function is the
+  fraction of the BF disk covered by the trotter, T(Q) = n_trotter(Q) / n_disk ≤ ≈0.78
+  (largest at |Q| ≈ α/λ, → 0 at Q → 0 and |Q| → 2α/λ). Phase in rad, filtered by T.
+* ``quantitative=True``: each frequency divided by its own trotter's pixel count (the
+  average over the trotter, as in ptychography40), so T(Q) = 1 for every 0 < |Q| < 2α/λ
+  that has at least one trotter pixel: slope ≈ 1 against the phase band-limited to 2α/λ
+  (the band limit of SSB's transfer). Frequencies with few trotter pixels (near Q = 0 and
+  |Q| = 2α/λ) are noisier.
+
+Geometry: detector frequencies k come from the dense array's ``k_y, k_x`` coordinates (mrad
+relative to the BF centre, detector frame), are mapped into the scan frame with the
+calibration's rotation/flip (:func:`stemdask.optics.detector_to_scan_frame`) and converted to
+Å⁻¹ (mrad·10⁻³/λ). Scan frequencies are ``fftfreq(ny, d=step_y)``, ``rfftfreq(nx, d=step_x)``
+(Å⁻¹). Aberrations in Krivanek notation (Å, degrees from scan x towards scan y); C10 < 0 is
+underfocus (abTEM ``defocus`` = −C10). Positive projected potential gives positive phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import warnings
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from ..kernels.ssb import chi_coefficients, ssb_partial, trotter_counts
+from ..kernels.ssb_gpu import array_module, ssb_partial_xp
+from ..optics import Aberrations, Calibration, detector_to_scan_frame
+from ..parallel import active_client
+from . import add_option, register
+
+#: Target size of one pixel chunk of G (bytes).
+G_CHUNK_BYTES = 64 * 2**20
+
+
+def _select_and_rfft(block, pix_y, pix_x):
+    """(rows, nx, fy, fx) real → (rows, nx//2+1, npix) complex64: BF pixels, rfft over scan_x."""
+    xp = array_module(block)
+    sel = block[:, :, xp.asarray(pix_y), xp.asarray(pix_x)].astype(xp.float32, copy=False)
+    return xp.fft.rfft(sel, axis=1, norm="forward").astype(xp.complex64, copy=False)
+
+
+def _fft_scan_y(chunk):
+    xp = array_module(chunk)
+    return xp.fft.fft(chunk, axis=0, norm="forward").astype(xp.complex64, copy=False)
+
+
+def _partial_block(g, k_y, k_x, *, q_y, q_x, k0, coef):
+    """Trotter sum of one pixel chunk of G (pixels at ``k_y, k_x``) → (1, nqy, nqx) complex128."""
+    kernel = ssb_partial if array_module(g) is np else ssb_partial_xp
+    return kernel(g, k_y, k_x, q_y, q_x, k0, coef)[None]
+
+
+def _irfft2(spectrum, shape):
+    xp = array_module(spectrum)
+    return xp.fft.irfft2(spectrum, s=shape, norm="forward").astype(xp.float32)
+
+
+def _aberrations(aberrations: Aberrations | dict | None, **coefficients) -> Aberrations:
+    if aberrations is None:
+        aberrations = Aberrations()
+    elif isinstance(aberrations, dict):
+        aberrations = Aberrations(**aberrations)
+    elif not isinstance(aberrations, Aberrations):
+        raise TypeError(f"aberrations must be an Aberrations or a dict, got {type(aberrations).__name__}")
+    return dataclasses.replace(aberrations, **coefficients) if coefficients else aberrations
+
+
+def _default_scratch_threshold() -> int:
+    """Half the memory of the active cluster's workers, else half this machine's memory (bytes)."""
+    client = active_client()
+    if client is not None:
+        limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+        if limits and all(limits):
+            return int(0.5 * sum(limits))
+    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+@dataclasses.dataclass
+class SSBResult:
+    """The scan-FFT cube G of a dataset, and reductions of it (phase images).
+
+    G: complex64 dask array (ny, nx//2+1, npix): scan frequencies (``q_y``, ``q_x``, Å⁻¹)
+    × bright-field pixels (``k_y``, ``k_x``: scan-frame Å⁻¹; ``pixels``: (npix, 2) their
+    (row, column) in the dense crop, whose mrad coordinates are ``k_y_mrad``, ``k_x_mrad``).
+    Lazy until :meth:`keep`; :meth:`refocus` keeps G on first use so that every refocus is one
+    pass over G (the trotter sums), never the FFT again.
+    """
+
+    G: da.Array
+    k_y: np.ndarray
+    k_x: np.ndarray
+    pixels: np.ndarray
+    k_y_mrad: np.ndarray
+    k_x_mrad: np.ndarray
+    q_y: np.ndarray
+    q_x: np.ndarray
+    k0: float
+    scan_shape: tuple[int, int]
+    bf: da.Array | float
+    calibration: Calibration
+    aberrations: Aberrations
+    quantitative: bool = False
+    scratch: str | os.PathLike | None = None
+    scratch_threshold: int | None = None
+    kept: bool = False
+
+    @property
+    def phase(self) -> xr.DataArray:
+        """The phase (rad) for the aberrations and weighting given to :func:`ssb`; lazy."""
+        return self._reduce(self.aberrations, self.quantitative)
+
+    def keep(self, scratch: str | os.PathLike | None = None) -> "SSBResult":
+        """Compute G once and keep it (returns self).
+
+        In memory (``persist``: distributed memory when a client is active) unless a scratch
+        path is given (here or to :func:`ssb`) or G is larger than ``scratch_threshold``
+        bytes (default: half the cluster's worker memory, or of this machine's): then G is
+        written to a Zarr store (a temporary directory when no path is given) and read back
+        lazily chunk by chunk.
+        """
+        if self.kept:
+            return self
+        path = scratch or self.scratch
+        threshold = self.scratch_threshold if self.scratch_threshold is not None else _default_scratch_threshold()
+        if path is None and self.G.nbytes > threshold:
+            self._tmp = tempfile.TemporaryDirectory(prefix="stemdask-ssb-")
+            path = os.path.join(self._tmp.name, "G.zarr")
+        if path is not None:
+            _, self.bf = dask.compute(self.G.to_zarr(os.fspath(path), overwrite=True, compute=False), self.bf)
+            self.G = da.from_zarr(os.fspath(path))
+            self.scratch = path
+        else:
+            self.G, self.bf = dask.persist(self.G, self.bf)  # on the active client's workers, if any
+        self.kept = True
+        return self
+
+    def refocus(self, aberrations: Aberrations | dict | None = None, *, quantitative: bool | None = None,
+                **coefficients) -> xr.DataArray:
+        """Phase (rad) for other aberrations: only the trotter sums over the kept G rerun.
+
+        ``aberrations``: an :class:`~stemdask.optics.Aberrations` or a dict of its fields
+        (default: this result's); ``coefficients`` override single fields (e.g. ``C10=-150``).
+        """
+        self.keep()
+        ab = _aberrations(self.aberrations if aberrations is None else aberrations, **coefficients)
+        return self._reduce(ab, self.quantitative if quantitative is None else quantitative)
+
+    def transfer(self) -> da.Array:
+        """Trotter pixel count n_trotter(Q) (float64 (ny, nx//2+1)); lazy."""
+        return da.from_delayed(
+            dask.delayed(trotter_counts, pure=True)(self.k_y, self.k_x, self.q_y, self.q_x, self.k0),
+            shape=(len(self.q_y), len(self.q_x)), dtype=np.float64,
+        )
+
+    def _reduce(self, ab: Aberrations, quantitative: bool) -> xr.DataArray:
+        G = self.G
+        coef = chi_coefficients(ab, self.calibration.wavelength_a)
+        # Output block p (one per pixel chunk) sees only G's pixel chunk p and its k's.
+        k_y = da.from_array(self.k_y, chunks=(G.chunks[2],))
+        k_x = da.from_array(self.k_x, chunks=(G.chunks[2],))
+        parts = da.blockwise(
+            _partial_block, "pij", G, "ijp", k_y, "p", k_x, "p",
+            q_y=self.q_y, q_x=self.q_x, k0=self.k0, coef=coef,
+            adjust_chunks={"p": 1}, dtype=np.complex128, name="ssb-trotter-sum-" + dask.base.tokenize(G, k_y, k_x, self.q_y, self.q_x, self.k0, coef),
+        )
+        total = parts.sum(axis=0, split_every=8)
+        bf = self.bf
+        if quantitative:
+            n_disk = len(self.k_y)
+            spectrum = total / (bf / n_disk * da.maximum(self.transfer(), 1.0))
+        else:
+            spectrum = total / bf
+        ny, nx = self.scan_shape
+        phase = spectrum.map_blocks(_irfft2, (ny, nx), chunks=((ny,), (nx,)), dtype=np.float32, name="ssb-irfft2")
+        sy, sx = self.calibration.scan_step_a
+        attrs = {
+            "units": "rad",
+            "long_name": "SSB phase" + (" (quantitative)" if quantitative else ""),
+            "method": "ssb",
+            "weighting": "quantitative" if quantitative else "snr",
+            "semiangle_mrad": self.k0 * self.calibration.wavelength_a * 1e3,
+            **{f"aberration_{k}": v for k, v in ab.to_dict().items()},
+        }
+        return xr.DataArray(
+            phase, dims=("scan_y", "scan_x"), name="phase", attrs=attrs,
+            coords={
+                "scan_y": ("scan_y", np.arange(ny) * sy, {"units": "Å", "long_name": "scan y"}),
+                "scan_x": ("scan_x", np.arange(nx) * sx, {"units": "Å", "long_name": "scan x"}),
+            },
+        )
+
+    def g_at(self, q_y: float, q_x: float) -> np.ndarray:
+        """G (complex, NaN outside the BF disk) on the dense crop at the scan frequency nearest
+        (``q_y``, ``q_x``) (Å⁻¹; ``q_x < 0`` uses G(−Q) = G(Q)*). Computes that one plane."""
+        conj = q_x < 0
+        if conj:
+            q_y, q_x = -q_y, -q_x
+        iy = int(np.argmin(np.abs(self.q_y - q_y)))
+        ix = int(np.argmin(np.abs(self.q_x - q_x)))
+        values = np.asarray(self.G[iy, ix, :].compute())
+        if type(values).__module__.split(".")[0] == "cupy":  # pragma: no cover - GPU only
+            values = values.get()
+        img = np.full((len(self.k_y_mrad), len(self.k_x_mrad)), np.nan + 0j, dtype=np.complex64)
+        img[self.pixels[:, 0], self.pixels[:, 1]] = np.conj(values) if conj else values
+        return img
+
+
+def ssb(
+    dense: xr.DataArray,
+    calibration: Calibration,
+    aberrations: Aberrations | dict | None = None,
+    *,
+    quantitative: bool = False,
+    semiangle_mrad: float | None = None,
+    pixel_chunk: int | None = None,
+    scratch: str | os.PathLike | None = None,
+    scratch_threshold: int | None = None,
+) -> SSBResult:
+    """Build the SSB graph for ``dense`` (lazy): returns an :class:`SSBResult`; ``.phase`` is
+    the phase image (rad), ``.refocus(...)`` reruns it for other aberrations.
+
+    dense: DataArray (scan_y, scan_x, k_y, k_x), dask-chunked by scan rows with whole scan
+    rows and whole detector crops per chunk (``EventDataset.densify``); coords ``k_y, k_x`` in
+    mrad relative to the BF centre, detector frame. NumPy-backed input is chunked as one block.
+    calibration: energy, scan step (Å), rotation/flip, and the semi-angle (``semiangle_mrad``,
+    else ``bf_radius`` × ``detector_pixel_mrad``; or pass ``semiangle_mrad`` here).
+    aberrations: Krivanek coefficients (Å, degrees), :class:`~stemdask.optics.Aberrations` or
+    a dict. quantitative: unit transfer instead of the SNR-optimal sum (module docstring).
+    pixel_chunk: BF pixels per chunk of G (default: ≥ 8 chunks of ≤ 64 MiB).
+    scratch, scratch_threshold: where G is kept, see :meth:`SSBResult.keep`.
+    """
+    if not isinstance(dense, xr.DataArray) or dense.dims != ("scan_y", "scan_x", "k_y", "k_x"):
+        raise ValueError("dense must be an xarray.DataArray with dims (scan_y, scan_x, k_y, k_x), "
+                         f"got {getattr(dense, 'dims', type(dense).__name__)}")
+    ny, nx, fy, fx = dense.shape
+    data = dense.data if isinstance(dense.data, da.Array) else da.from_array(dense.data, chunks=-1)
+    if len(data.chunks[1]) != 1 or len(data.chunks[2]) != 1 or len(data.chunks[3]) != 1:
+        data = data.rechunk({1: -1, 2: -1, 3: -1})
+    lam = calibration.wavelength_a
+    alpha = semiangle_mrad or calibration.semiangle_mrad
+    if alpha is None and calibration.bf_radius is not None:
+        alpha = calibration.bf_radius * calibration.detector_pixel_mrad
+    if alpha is None:
+        raise ValueError("SSB needs the probe semi-angle: calibration.semiangle_mrad, calibration.bf_radius "
+                         "or semiangle_mrad=...")
+    k0 = alpha * 1e-3 / lam
+
+    ky_mrad = np.asarray(dense.coords["k_y"].values, dtype=float)
+    kx_mrad = np.asarray(dense.coords["k_x"].values, dtype=float)
+    dky, dkx = np.meshgrid(ky_mrad, kx_mrad, indexing="ij")
+    sky, skx = detector_to_scan_frame(dky, dkx, calibration.rotation_deg, calibration.flip)
+    sky, skx = sky * 1e-3 / lam, skx * 1e-3 / lam
+    inside = sky**2 + skx**2 < k0**2
+    pix_y, pix_x = np.nonzero(inside)
+    if len(pix_y) == 0:
+        raise ValueError(f"no detector pixel of the crop lies inside the BF disk (semi-angle {alpha:g} mrad)")
+    pitch = max(np.abs(np.diff(ky_mrad)).max(initial=0), np.abs(np.diff(kx_mrad)).max(initial=0))
+    edge = np.hypot(dky, dkx)[[0, -1], :].min(initial=np.inf), np.hypot(dky, dkx)[:, [0, -1]].min(initial=np.inf)
+    if min(edge) + pitch / 2 < alpha:
+        warnings.warn(f"the detector crop (edge at {min(edge):.3g} mrad) cuts the BF disk ({alpha:g} mrad): "
+                      "SSB uses only the pixels inside the crop", stacklevel=2)
+    npix = len(pix_y)
+    nxh = nx // 2 + 1
+
+    rows = data.map_blocks(
+        _select_and_rfft, pix_y, pix_x, drop_axis=3,
+        chunks=(data.chunks[0], (nxh,), (npix,)), dtype=np.complex64, name="ssb-rfft-x",
+    )
+    bytes_per_pixel = ny * nxh * 8
+    pc = pixel_chunk or max(1, min(math.ceil(npix / 8), G_CHUNK_BYTES // bytes_per_pixel))
+    method = "p2p" if active_client() is not None else "tasks"
+    cols = rows.rechunk({0: ny, 1: nxh, 2: pc}, method=method)
+    G = cols.map_blocks(_fft_scan_y, dtype=np.complex64, name="ssb-fft-y")
+
+    sy, sx = calibration.scan_step_a
+    # Σ_k G(k, Q=0): the mean bright-field counts per position (the normalisation).
+    bf = rows[:, 0, :].real.astype(np.float64).sum(axis=1).mean()
+    return SSBResult(
+        G=G, k_y=sky[inside], k_x=skx[inside], pixels=np.stack([pix_y, pix_x], axis=1),
+        k_y_mrad=ky_mrad, k_x_mrad=kx_mrad,
+        q_y=np.fft.fftfreq(ny, d=sy), q_x=np.fft.rfftfreq(nx, d=sx), k0=k0, scan_shape=(ny, nx), bf=bf,
+        calibration=calibration, aberrations=_aberrations(aberrations), quantitative=quantitative,
+        scratch=scratch, scratch_threshold=scratch_threshold,
+    )
+
+
+# ---------------------------------------------------------------------- CLI method
+def _add_arguments(parser) -> None:
+    add_option(parser, "--c10", type=float, default=0.0, metavar="Å", help="defocus C10 (Å); C10 < 0 is underfocus")
+    add_option(parser, "--c12", type=float, default=0.0, metavar="Å", help="two-fold astigmatism C12 (Å)")
+    add_option(parser, "--c12-angle", type=float, default=0.0, metavar="DEG", help="C12 azimuth (deg)")
+    add_option(parser, "--c21", type=float, default=0.0, metavar="Å", help="axial coma C21 (Å)")
+    add_option(parser, "--c21-angle", type=float, default=0.0, metavar="DEG", help="C21 azimuth (deg)")
+    add_option(parser, "--c23", type=float, default=0.0, metavar="Å", help="three-fold astigmatism C23 (Å)")
+    add_option(parser, "--c23-angle", type=float, default=0.0, metavar="DEG", help="C23 azimuth (deg)")
+    add_option(parser, "--c30", type=float, default=0.0, metavar="Å", help="spherical aberration C30 (Å)")
+    add_option(parser, "--bin", type=int, default=1, metavar="N", help="detector binning before dense methods")
+    add_option(parser, "--quantitative", action="store_true",
+               help="SSB: unit transfer (per-frequency trotter average) instead of the SNR-optimal sum")
+
+
+def aberrations_from_args(args) -> Aberrations:
+    """The :class:`~stemdask.optics.Aberrations` of the CLI options ``--c10 … --c30``."""
+    return Aberrations(
+        C10=args.c10, C12=args.c12, phi12=args.c12_angle, C21=args.c21, phi21=args.c21_angle,
+        C23=args.c23, phi23=args.c23_angle, C30=args.c30,
+    )
+
+
+@register("ssb", "single-sideband ptychography phase (rad)", _add_arguments)
+def run(ds, args) -> xr.Dataset:
+    result = ssb(ds.densify(bin=args.bin), ds.calibration, aberrations_from_args(args),
+                 quantitative=args.quantitative)
+    return xr.Dataset({"phase": result.phase})
