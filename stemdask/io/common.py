@@ -1,0 +1,128 @@
+"""What every ingest source shares: the source interface, errors, checksums, shape checks.
+
+A *source* is a file (or a dataset inside one) opened for ingest. It knows its scan and
+detector shape and hands out the events of any range of scan rows without reading the rest
+of the file, so that :func:`stemdask.io.ingest` can run one job per row block. Sources hold
+only paths and small metadata (never open file handles), so they pickle to cluster workers;
+each read opens what it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+#: Bytes read per call when streaming a file through SHA-256.
+_HASH_PIECE = 1 << 24
+
+
+class SourceError(ValueError):
+    """An input file is unreadable, malformed, or disagrees with what the caller said.
+
+    The message always starts with the file's path.
+    """
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file, streamed in 16 MiB pieces (never the whole file in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(_HASH_PIECE):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def as_shape(name: str, value, path) -> tuple[int, int] | None:
+    """``value`` as two positive ints (or None); a :class:`SourceError` naming ``path`` otherwise."""
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in np.asarray(value).ravel())
+    except (TypeError, ValueError):
+        raise SourceError(f"{path}: {name} must be two positive integers, got {value!r}") from None
+    if len(shape) != 2 or min(shape) < 1:
+        raise SourceError(f"{path}: {name} must be two positive integers, got {value!r}")
+    return shape
+
+
+def agree(name: str, given, found, path, hint: str = "") -> tuple[int, int]:
+    """Reconcile a shape the caller gave with one the file records; either may be None."""
+    if given is not None and found is not None and tuple(given) != tuple(found):
+        raise SourceError(
+            f"{path}: {name} {tuple(given)} does not match the data, which has {tuple(found)}{hint}"
+        )
+    shape = given if given is not None else found
+    if shape is None:
+        raise SourceError(f"{path}: the file does not record the {name}; pass it (--{name.replace('_', '-')})")
+    return tuple(shape)
+
+
+def check_indices(indices: np.ndarray, detector_shape, path, where: str) -> None:
+    """Raise naming ``path`` if a linear detector index lies outside the detector."""
+    if indices.size == 0:
+        return
+    n_pix = int(detector_shape[0]) * int(detector_shape[1])
+    lo, hi = indices.min(), indices.max()
+    if lo < 0 or hi >= n_pix:
+        bad = int(hi) if hi >= n_pix else int(lo)
+        raise SourceError(
+            f"{path}: detector index {bad} ({where}) outside the {detector_shape[0]}×{detector_shape[1]} "
+            f"detector (valid 0..{n_pix - 1}); wrong --detector-shape?"
+        )
+
+
+class Source:
+    """Base of the ingest sources (one small module per format).
+
+    Subclasses set ``path`` (the file that is checksummed), ``format``, ``scan_shape``,
+    ``detector_shape``, ``has_toa`` and implement :meth:`read_rows` and :meth:`count_events`.
+    """
+
+    path: Path
+    format: str
+    scan_shape: tuple[int, int]
+    detector_shape: tuple[int, int]
+    has_toa: bool = False
+    #: :meth:`count_events` is cheap (read from metadata), so ingest records it as the
+    #: source total and checks the stored total against it.
+    cheap_count: bool = False
+
+    def read_rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Events of scan rows ``[r0, r1)``: counts (rows, nx) uint32, indices 1-D in scan
+        order, toa (ns within the dwell, uint32) or None."""
+        raise NotImplementedError
+
+    def count_events(self) -> int:
+        """Event total of the source, recounted by a pass independent of :meth:`read_rows`
+        where the format allows (used by :func:`stemdask.io.validate_against_source`)."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        """Everything that decides the ingest result; recorded in provenance, compared on resume."""
+        return {
+            "format": self.format,
+            "scan_shape": list(self.scan_shape),
+            "detector_shape": list(self.detector_shape),
+        }
+
+    def close(self) -> None:
+        """Remove scratch files (if any)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.path} scan={self.scan_shape} detector={self.detector_shape}>"
+        )
+
+
+def counts_from_offsets(offsets: np.ndarray, shape) -> np.ndarray:
+    """Events per position (rows, nx) uint32 from CSR offsets of those positions (+1)."""
+    return np.diff(offsets).astype(np.uint32).reshape(shape)

@@ -1,0 +1,186 @@
+"""Dense detector frames → events: ``.npy`` (memory-mapped), an HDF5 dataset
+(``file.h5:/path/to/dataset``, or the file's only 3-D/4-D dataset), Merlin ``.mib`` (read
+lazily by rosettasciio's ``quantumdetector`` reader).
+
+Frames are ``(ny, nx, dy, dx)``, or ``(n, dy, dx)`` with ``scan_shape`` given. ``mode``:
+``"counts"`` (a pixel value is a number of electrons: exact, values must be non-negative
+integers) or ``"threshold"`` (a value above ``threshold`` is one electron). Frames are read
+in pieces of at most :data:`PIECE_BYTES`, so memory stays bounded however large a row
+block is.
+
+Orientation: frames are taken as the reader returns them. rosettasciio flips Merlin frames
+vertically (``np.flip(data, axis=-2)``, its convention for the Merlin readout order), so a
+``.mib`` store's detector row 0 is the file's last row — the orientation HyperSpy shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..kernels.dense import counted_frames_to_events, thresholded_frames_to_events
+from .common import Source, SourceError, agree, as_shape
+from .stempy import open_h5
+
+#: Largest piece of frames read at once (bytes).
+PIECE_BYTES = 64 << 20
+MODES = ("counts", "threshold")
+
+
+def split_h5_path(spec: str) -> tuple[Path, str | None]:
+    """``"file.h5:/group/data"`` → (file, "/group/data"); a plain path → (path, None)."""
+    head, sep, tail = str(spec).rpartition(":/")
+    if sep and Path(head).is_file():
+        return Path(head), "/" + tail
+    return Path(spec), None
+
+
+def _only_frames_dataset(f: h5py.File, path) -> str:
+    found = []
+    f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim in (3, 4) else None)
+    if len(found) != 1:
+        what = "no 3-D or 4-D dataset" if not found else f"several 3-D/4-D datasets {found}"
+        raise SourceError(f"{path}: {what}; name one as {path}:/path/to/dataset")
+    return "/" + found[0]
+
+
+class DenseSource(Source):
+    format = "dense"
+
+    def __init__(self, path, *, mode="counts", threshold=None, scan_shape=None, detector_shape=None,
+                 format="dense", **_):
+        if mode not in MODES:
+            raise SourceError(f"{path}: mode must be one of {MODES}, got {mode!r}")
+        if mode == "threshold":
+            if threshold is None or not np.isfinite(float(threshold)):
+                raise SourceError(f"{path}: mode 'threshold' needs a finite threshold (--threshold)")
+            threshold = float(threshold)
+        elif threshold is not None:
+            raise SourceError(f"{path}: a threshold is only used with mode 'threshold'")
+        self.mode, self.threshold = mode, threshold
+        self.path, self.dataset = split_h5_path(path)
+        self.kind = "mib" if format == "mib" or self.path.suffix.lower() == ".mib" else (
+            "npy" if self.path.suffix.lower() == ".npy" else "h5")
+        self.format = "mib" if self.kind == "mib" else "dense"
+        scan = as_shape("scan_shape", scan_shape, path)
+        self._mib = None
+        if self.kind == "mib":
+            self._mib_nav = scan
+        with self._frames() as arr:
+            shape, dtype = arr.shape, np.dtype(arr.dtype)
+        if dtype.kind not in "uif" or len(shape) not in (3, 4):
+            raise SourceError(f"{path}: expected numeric frames (ny, nx, dy, dx) or (n, dy, dx), got {dtype} {shape}")
+        self.detector_shape = agree("detector_shape", as_shape("detector_shape", detector_shape, path),
+                                    tuple(shape[-2:]), path)
+        if len(shape) == 4:
+            self.scan_shape = agree("scan_shape", scan, tuple(shape[:2]), path)
+        else:
+            if scan is None:
+                raise SourceError(f"{path}: {shape[0]} frames in a stack; pass scan_shape (ny, nx)")
+            if scan[0] * scan[1] != shape[0]:
+                raise SourceError(f"{path}: scan_shape {scan} ({scan[0] * scan[1]} positions) does not "
+                                  f"match the data, which has {shape[0]} frames")
+            self.scan_shape = scan
+        self.frame_bytes = int(np.prod(self.detector_shape)) * dtype.itemsize
+        self.ndim = len(shape)
+
+    # ---------------------------------------------------------------- access
+    @contextlib.contextmanager
+    def _frames(self):
+        """The frames as an array-like (numpy memmap, h5py dataset or dask array)."""
+        if self.kind == "npy":
+            try:
+                arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise SourceError(f"{self.path}: not a readable .npy file ({e})") from None
+            yield arr
+        elif self.kind == "mib":
+            yield self._mib_array()
+        else:
+            with open_h5(self.path) as f:
+                name = self.dataset or _only_frames_dataset(f, self.path)
+                if name not in f or not isinstance(f[name], h5py.Dataset):
+                    raise SourceError(f"{self.path}: has no dataset {name}")
+                yield f[name]
+
+    def _mib_array(self):
+        if self._mib is None:
+            try:
+                from rsciio.quantumdetector import file_reader
+            except ImportError:  # pragma: no cover - rosettasciio is a test dependency
+                raise SourceError(f"{self.path}: reading .mib needs rosettasciio (pip install rosettasciio)") from None
+            nav = None if self._mib_nav is None else (self._mib_nav[1], self._mib_nav[0])  # HyperSpy order
+            try:
+                self._mib = file_reader(str(self.path), lazy=True, navigation_shape=nav)[0]["data"]
+            except (ValueError, OSError, RuntimeError, IndexError) as e:
+                raise SourceError(f"{self.path}: not a readable Merlin .mib file ({e})") from None
+        return self._mib
+
+    def _pieces(self, p0: int, p1: int):
+        """Split positions [p0, p1) into pieces of ≤ PIECE_BYTES, whole scan rows or within one row."""
+        nx = self.scan_shape[1]
+        per = max(1, PIECE_BYTES // self.frame_bytes)
+        if per >= nx:
+            step = (per // nx) * nx
+            yield from ((a, min(a + step, p1)) for a in range(p0, p1, step))
+        else:
+            for row0 in range(p0, p1, nx):
+                yield from ((a, min(a + per, row0 + nx)) for a in range(row0, row0 + nx, per))
+
+    def _read(self, arr, a: int, b: int) -> np.ndarray:
+        """Frames of positions [a, b) as a C-contiguous native-endian (b - a, D) array."""
+        nx = self.scan_shape[1]
+        if self.ndim == 3:
+            got = arr[a:b]
+        elif a % nx == 0 and b % nx == 0:
+            got = arr[a // nx : b // nx]
+        else:
+            got = arr[a // nx, a % nx : a % nx + (b - a)]
+        got = np.asarray(got)
+        return np.ascontiguousarray(got.reshape(b - a, -1), dtype=got.dtype.newbyteorder("="))
+
+    def _events(self, frames: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.mode == "threshold":
+            return thresholded_frames_to_events(frames, self.threshold)
+        counts, indices, n_bad = counted_frames_to_events(frames)
+        if n_bad:
+            raise SourceError(
+                f"{self.path}: {n_bad} pixels ({where}) are negative or not whole numbers; mode 'counts' "
+                f"needs electron counts (use mode 'threshold' for analogue frames)"
+            )
+        return counts, indices
+
+    def read_rows(self, r0, r1):
+        nx = self.scan_shape[1]
+        counts, indices = [], []
+        with self._frames() as arr:
+            for a, b in self._pieces(r0 * nx, r1 * nx):
+                c, i = self._events(self._read(arr, a, b), f"positions {a}..{b - 1}")
+                counts.append(c)
+                indices.append(i)
+        counts = np.concatenate(counts)
+        if counts.max(initial=0) > np.iinfo(np.uint32).max:
+            raise SourceError(f"{self.path}: more than 2³²−1 electrons at one position (rows {r0}..{r1 - 1})")
+        return counts.astype(np.uint32).reshape(r1 - r0, nx), np.concatenate(indices), None
+
+    def count_events(self) -> int:
+        """Σ pixel values (counts) or pixels above threshold, in NumPy (not the kernels)."""
+        total = 0
+        n = self.scan_shape[0] * self.scan_shape[1]
+        with self._frames() as arr:
+            for a, b in self._pieces(0, n):
+                frames = self._read(arr, a, b)
+                if self.mode == "threshold":
+                    total += int(np.count_nonzero(frames > self.threshold))
+                else:
+                    total += int(frames.sum(dtype=np.float64 if frames.dtype.kind == "f" else np.int64))
+        return total
+
+    def params(self) -> dict:
+        return {**super().params(), "dataset": self.dataset, "mode": self.mode, "threshold": self.threshold}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_mib": None}  # dask graph of the mmap is rebuilt where it runs

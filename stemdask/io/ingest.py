@@ -1,0 +1,165 @@
+"""Ingest: detector data → a finalized event store, one parallel job per row block.
+
+Order of work, so that a bad input never leaves a store behind and an interrupted ingest
+always leaves one marked incomplete: refuse an existing output (unless ``overwrite`` or
+``resume``); validate the calibration; open and check the source (shapes, indices layout);
+stream the source through SHA-256; create the store (provenance already holds the source's
+checksum and the ingest parameters); run the block jobs (each reads only its rows and
+writes with :meth:`EventStore.write_block`, idempotent, commit mark last); finalize.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..optics import Calibration
+from ..parallel import run_jobs
+from ..store import CorruptStoreError, EventStore, StoreError, create_store, open_store
+from .common import Source, file_sha256
+from .formats import open_source
+
+_CALIBRATION_KEYS = ("energy_ev", "scan_step_a", "semiangle_mrad", "detector_pixel_mrad")
+
+
+def _calibration(overrides: dict | None) -> Calibration:
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(_CALIBRATION_KEYS)
+    if unknown:
+        raise ValueError(f"unknown calibration fields {sorted(unknown)}; allowed {_CALIBRATION_KEYS}")
+    return Calibration(**overrides)  # raises ValueError naming a negative / NaN field
+
+
+def _provenance(src: Source, sha: str, rows_per_block) -> dict:
+    return {
+        "source": str(Path(src.path).resolve()),
+        "format": src.format,
+        "source_sha256": sha,
+        "ingest": {**src.params(), "rows_per_block": rows_per_block},
+        "stemdask_version": __version__,
+    }
+
+
+def _check_resumable(store: EventStore, prov: dict, rows_per_block) -> None:
+    old = store.provenance
+    if old.get("source_sha256") != prov["source_sha256"]:
+        raise StoreError(
+            f"{store.path}: cannot resume: it was made from a different source (SHA-256 "
+            f"{str(old.get('source_sha256'))[:12]}…, {old.get('source')}) than {prov['source']} "
+            f"({prov['source_sha256'][:12]}…); use --overwrite to start again"
+        )
+    before = {k: v for k, v in old.get("ingest", {}).items() if k != "rows_per_block"}
+    now = {k: v for k, v in prov["ingest"].items() if k != "rows_per_block"}
+    if before != now:
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise StoreError(f"{store.path}: cannot resume with different ingest parameters {changed}; use --overwrite")
+    if rows_per_block is not None and int(rows_per_block) != store.rows_per_block:
+        raise StoreError(
+            f"{store.path}: cannot resume with rows_per_block {rows_per_block} (store has {store.rows_per_block})"
+        )
+
+
+def ingest(
+    input,
+    out,
+    format: str = "auto",
+    mode: str = "counts",
+    scan_shape=None,
+    detector_shape=None,
+    rows_per_block: int | None = None,
+    calibration: dict | None = None,
+    threshold: float | None = None,
+    dwell_ns: float | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> EventStore:
+    """Convert ``input`` into a finalized event store at ``out`` and return it.
+
+    ``format``: ``auto`` (sniffed, see :func:`stemdask.io.sniff_format`), ``stempy``, ``csr``,
+    ``dense``, ``mib`` or ``events``. ``scan_shape`` / ``detector_shape``: (ny, nx) /
+    (dy, dx), required where the file does not record them, checked where it does.
+    ``mode`` / ``threshold``: dense frames only (``counts``: value = electrons; ``threshold``:
+    value > threshold = one electron). ``dwell_ns``: event lists only (ns per position).
+    ``calibration``: :class:`~stemdask.optics.Calibration` fields (``energy_ev`` in eV,
+    ``scan_step_a`` Å, ``semiangle_mrad``, ``detector_pixel_mrad``).
+    ``resume``: finish an interrupted ingest of the same source into ``out`` (checked by the
+    recorded SHA-256 and parameters), skipping committed blocks; the result is identical to
+    an uninterrupted ingest. Without ``overwrite``/``resume`` an existing ``out`` is refused.
+    """
+    out = Path(out)
+    if overwrite and resume:
+        raise ValueError("choose one of overwrite (start again) and resume (finish an interrupted ingest)")
+    if out.exists() and not (overwrite or resume):
+        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it, --resume to finish it)")
+    cal = _calibration(calibration)
+    scratch = Path(tempfile.mkdtemp(prefix=".stemdask-ingest-", dir=out.resolve().parent))
+    try:
+        with open_source(input, format, mode=mode, scan_shape=scan_shape, detector_shape=detector_shape,
+                         threshold=threshold, dwell_ns=dwell_ns, scratch=scratch) as src:
+            prov = _provenance(src, file_sha256(src.path), rows_per_block)
+            if resume and out.exists():
+                store = open_store(out, allow_incomplete=True, mode="r+")
+                _check_resumable(store, prov, rows_per_block)
+                if store.complete:
+                    return store
+                todo = np.flatnonzero(~store.committed_blocks())
+            else:
+                store = create_store(out, src.scan_shape, src.detector_shape, cal, rows_per_block=rows_per_block,
+                                     has_toa=src.has_toa, provenance=prov, overwrite=overwrite)
+                todo = np.arange(store.n_blocks)
+            _run(store, src, todo, progress)
+            stored = store.n_events
+            source_events = src.count_events() if src.cheap_count else stored
+            if source_events != stored:
+                raise CorruptStoreError(f"{store.path}: source {src.path} holds {source_events} events, "
+                                        f"{stored} were stored; the store stays incomplete")
+            return store.finalize(source_events=source_events)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(store: EventStore, src: Source, todo, progress: bool) -> None:
+    def job(b: int) -> int:
+        r0, r1 = store.block_rows(b)
+        counts, indices, toa = src.read_rows(r0, r1)
+        return store.write_block(b, counts, indices, toa)
+
+    try:
+        run_jobs(job, [int(b) for b in todo], desc="ingest", progress=progress)
+    except (ValueError, OSError, StoreError) as e:
+        done = int(store.committed_blocks().sum())
+        raise type(e)(f"{e}\n{store.path} is left incomplete ({done} of {store.n_blocks} row blocks written); "
+                      f"fix the cause and re-run with --resume, or --overwrite") from e
+
+
+def validate_against_source(store, source=None, *, progress: bool = False) -> dict:
+    """Check a store against the file it was made from: recompute the source's SHA-256 and its
+    event total (by a pass independent of the ingest path where the format allows) and
+    compare both, and every block's CRC, with what ingest recorded.
+
+    ``store``: an :class:`EventStore` or a path; ``source``: the source file (default: the
+    recorded one). Raises :class:`~stemdask.store.CorruptStoreError` on any mismatch.
+    """
+    if not isinstance(store, EventStore):
+        store = open_store(store)
+    prov = store.provenance
+    params = dict(prov.get("ingest", {}))
+    spec = source if source is not None else prov.get("source")
+    if spec is None:
+        raise StoreError(f"{store.path}: records no source file; pass it")
+    if params.get("dataset"):
+        spec = f"{spec}:{params['dataset']}"
+    opts = {k: params.get(k) for k in ("scan_shape", "detector_shape", "mode", "threshold", "dwell_ns")}
+    with tempfile.TemporaryDirectory(prefix=".stemdask-validate-") as scratch, \
+            open_source(spec, params.get("format", "auto"), scratch=scratch, **opts) as src:
+        sha = file_sha256(src.path)
+        total = src.count_events()
+    summary = store.validate(source_checksum=sha)
+    if total != summary["n_events"]:
+        raise CorruptStoreError(f"{store.path}: source {spec} holds {total} events, the store {summary['n_events']}")
+    return {**summary, "source": str(spec), "source_sha256": sha, "source_events": total}
