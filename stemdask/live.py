@@ -1,0 +1,285 @@
+"""Live riCOM: update a phase image as probe positions arrive, one kernel-sized scatter each.
+
+Yu et al. 2022's live scheme: riCOM is linear in the COM, so each new position ``q`` adds
+``k(p − q)·COM(q)`` to every image pixel ``p`` within the kernel's reach and its pattern can
+be discarded at once. :class:`LiveRiCOM` does this in numba kernels
+(:mod:`stemdask.kernels.ricom`): the COM of each position from its events (or dense frame)
+and its scatter, a whole batch per call, no Python per position. The final image equals batch
+riCOM (:func:`stemdask.methods.integration.ricom`) with the same kernel.
+
+Units: the image is in rad, exactly like batch riCOM. The kernel is built in the scan frame
+(Å, :func:`stemdask.methods.ricom.ricom_kernel`) and mapped once into the detector frame and
+detector pixels — ``k·R(c) = (Rᵀk)·c`` for the rotation/flip R of the calibration, times the
+detector's Å⁻¹ per pixel — so a position's COM is used as measured, in px from the reference.
+
+Memory: the image (ny × nx float64, the result itself) and the kernel; nothing per position
+is kept, so the working memory does not grow with the number of positions streamed.
+Thread safety: ``push_*`` and :meth:`LiveRiCOM.snapshot` share a lock; the numba kernels
+release the GIL, so a display thread stays responsive while an acquisition thread pushes.
+
+Sources: :func:`replay_store` (an event store, one row block per update),
+:func:`replay_csr` (a CSR event-list ``.npz`` with ``indices`` and ``offsets``) and
+:func:`consume` (any iterable or :class:`queue.Queue` of per-position index arrays, e.g. fed
+by an acquisition; ``None`` on a queue ends the stream). :class:`LiveView` shows snapshots in
+a matplotlib figure (notebooks included).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from typing import Iterable
+
+import numpy as np
+import xarray as xr
+
+from .kernels.ricom import com_from_frames, scatter_com, scatter_events
+from .methods.ricom import ricom_kernel
+from .optics import Calibration, scan_to_detector_frame
+from .store import EventStore, open_store
+
+
+class LiveRiCOM:
+    """Incremental riCOM of a scan fed position by position, in scan order.
+
+    scan_shape: (ny, nx); detector_shape: (det_y, det_x) pixels; calibration: scan step,
+    detector sampling, rotation/flip and (unless ``reference`` is given) the BF centre used
+    as the COM reference (px). kernel_size, kmin, kmax: as batch riCOM (kmin/kmax in Å⁻¹).
+    """
+
+    def __init__(self, scan_shape, detector_shape, calibration: Calibration, *, kernel_size: int = 61,
+                 kmin: float | None = None, kmax: float | None = None, reference=None):
+        self.scan_shape = tuple(int(v) for v in scan_shape)
+        self.detector_shape = tuple(int(v) for v in detector_shape)
+        if len(self.scan_shape) != 2 or min(self.scan_shape) < 1:
+            raise ValueError(f"scan_shape must be two positive integers, got {scan_shape!r}")
+        if len(self.detector_shape) != 2 or min(self.detector_shape) < 1:
+            raise ValueError(f"detector_shape must be two positive integers, got {detector_shape!r}")
+        reference = calibration.bf_center if reference is None else reference
+        if reference is None:
+            raise ValueError("live riCOM needs a COM reference: calibrate the BF centre or pass reference=(y, x) px")
+        self.reference = (float(reference[0]), float(reference[1]))
+        self.calibration = calibration
+        self.kernel_size = int(kernel_size)
+        self.kmin, self.kmax = kmin, kmax
+        kernel = ricom_kernel(kernel_size, calibration.scan_step_a, kmin, kmax, grid_shape=self.scan_shape)
+        ky, kx = scan_to_detector_frame(kernel[0], kernel[1], calibration.rotation_deg, calibration.flip)
+        scale = calibration.detector_pixel_inv_a
+        self._kfy = np.ascontiguousarray(ky[::-1, ::-1] * scale)
+        self._kfx = np.ascontiguousarray(kx[::-1, ::-1] * scale)
+        self._image = np.zeros(self.scan_shape)
+        self._lock = threading.Lock()
+        self.positions_done = 0
+
+    @property
+    def n_positions(self) -> int:
+        return self.scan_shape[0] * self.scan_shape[1]
+
+    @property
+    def done(self) -> bool:
+        return self.positions_done == self.n_positions
+
+    @property
+    def rows_final(self) -> int:
+        """Leading image rows that no later position can change any more."""
+        if self.done:
+            return self.scan_shape[0]
+        return max(0, self.positions_done // self.scan_shape[1] - self.kernel_size // 2)
+
+    def _claim(self, m: int) -> int:
+        start = self.positions_done
+        if start + m > self.n_positions:
+            raise ValueError(
+                f"{m} more positions after {start} overrun the {self.scan_shape[0]}×{self.scan_shape[1]} scan"
+            )
+        return start
+
+    def push_events(self, indices, counts) -> None:
+        """The next ``len(counts)`` positions: ``counts[i]`` events each, ``indices`` in scan order."""
+        counts = np.ascontiguousarray(counts).ravel()
+        indices = np.ascontiguousarray(indices).ravel()
+        if counts.size and counts.min() < 0:
+            raise ValueError("event counts must be ≥ 0")
+        if int(counts.sum(dtype=np.int64)) != indices.size:
+            raise ValueError(f"{indices.size} event indices but counts sum to {int(counts.sum(dtype=np.int64))}")
+        n_pix = self.detector_shape[0] * self.detector_shape[1]
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n_pix):
+            raise ValueError(f"detector index outside the {self.detector_shape[0]}×{self.detector_shape[1]} detector")
+        with self._lock:
+            start = self._claim(counts.size)
+            scatter_events(self._image, start, indices, counts, self.detector_shape[1], *self.reference,
+                           self._kfy, self._kfx)
+            self.positions_done = start + counts.size
+
+    def push_position(self, indices) -> None:
+        """One position's event indices (slow path: one kernel call per position)."""
+        indices = np.asarray(indices).ravel()
+        self.push_events(indices, np.array([indices.size]))
+
+    def push_frames(self, frames) -> None:
+        """The next positions as dense frames (m, det_y, det_x), any numeric dtype."""
+        frames = np.asarray(frames)
+        if frames.ndim == 2:
+            frames = frames[None]
+        if frames.shape[1:] != self.detector_shape:
+            raise ValueError(f"frames of shape {frames.shape[1:]} do not match the detector {self.detector_shape}")
+        self.push_com(*com_from_frames(frames, *self.reference))
+
+    def push_com(self, com_y, com_x) -> None:
+        """The next positions as their detector-frame COM (px from the reference)."""
+        com_y = np.ascontiguousarray(com_y, dtype=np.float64).ravel()
+        com_x = np.ascontiguousarray(com_x, dtype=np.float64).ravel()
+        if com_y.shape != com_x.shape:
+            raise ValueError(f"com_y and com_x differ in length ({com_y.size}, {com_x.size})")
+        with self._lock:
+            start = self._claim(com_y.size)
+            scatter_com(self._image, start, np.nan_to_num(com_y), np.nan_to_num(com_x), self._kfy, self._kfx)
+            self.positions_done = start + com_y.size
+
+    def snapshot(self) -> np.ndarray:
+        """A consistent copy of the current image (rad), safe to call from any thread."""
+        with self._lock:
+            return self._image.copy()
+
+    def result(self) -> xr.DataArray:
+        """The current image as ``phase`` with scan coordinates (Å), like batch riCOM."""
+        ny, nx = self.scan_shape
+        sy, sx = self.calibration.scan_step_a
+        coords = {
+            "scan_y": ("scan_y", np.arange(ny) * sy, {"units": "Å", "long_name": "scan y"}),
+            "scan_x": ("scan_x", np.arange(nx) * sx, {"units": "Å", "long_name": "scan x"}),
+        }
+        return xr.DataArray(
+            self.snapshot(), dims=("scan_y", "scan_x"), coords=coords, name="phase",
+            attrs={"units": "rad", "long_name": f"live riCOM phase (kernel {self.kernel_size})",
+                   "method": "ricom-live", "positions_done": self.positions_done},
+        )
+
+    def run_in_background(self, feed, *args, **kwargs) -> threading.Thread:
+        """Run ``feed(*args, live=self, **kwargs)`` (e.g. :func:`consume`) in a daemon thread.
+
+        The thread's ``exception`` attribute holds what stopped it early, if anything.
+        """
+
+        def target():
+            try:
+                feed(*args, live=self, **kwargs)
+            except BaseException as e:  # reported to whoever watches the thread
+                thread.exception = e
+
+        thread = threading.Thread(target=target, daemon=True, name="live-ricom")
+        thread.exception = None
+        thread.start()
+        return thread
+
+
+def replay_store(store: EventStore | str | os.PathLike, live: LiveRiCOM | None = None, **kwargs) -> LiveRiCOM:
+    """Stream an event store into live riCOM, one row block per update; returns the LiveRiCOM.
+
+    ``kwargs`` (kernel_size, kmin, kmax, reference) build a new one when ``live`` is None.
+    """
+    if not isinstance(store, EventStore):
+        store = open_store(store)
+    if live is None:
+        live = LiveRiCOM(store.scan_shape, store.detector_shape, store.calibration, **kwargs)
+    for block in store.iter_blocks():
+        live.push_events(block.indices, block.counts)
+    return live
+
+
+def replay_csr(path, scan_shape, detector_shape, calibration: Calibration, *, live: LiveRiCOM | None = None,
+               rows_per_update: int = 1, **kwargs) -> LiveRiCOM:
+    """Stream a CSR event list (``.npz`` with ``indices`` and ``offsets``, position p owns
+    ``indices[offsets[p]:offsets[p+1]]``) into live riCOM, ``rows_per_update`` scan rows at a time."""
+    with np.load(path) as z:
+        missing = [k for k in ("indices", "offsets") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path}: not a CSR event list, lacks {missing}")
+        indices, offsets = z["indices"], z["offsets"].astype(np.int64)
+    if live is None:
+        live = LiveRiCOM(scan_shape, detector_shape, calibration, **kwargs)
+    if offsets.size != live.n_positions + 1:
+        raise ValueError(f"{path}: {offsets.size - 1} positions, but the scan has {live.n_positions}")
+    step = max(1, int(rows_per_update)) * live.scan_shape[1]
+    for p0 in range(0, live.n_positions, step):
+        p1 = min(p0 + step, live.n_positions)
+        live.push_events(indices[offsets[p0] : offsets[p1]], np.diff(offsets[p0 : p1 + 1]))
+    return live
+
+
+def _positions(source):
+    if isinstance(source, queue.Queue):
+        while (item := source.get()) is not None:
+            yield item
+    else:
+        yield from source
+
+
+def consume(source: Iterable | queue.Queue, live: LiveRiCOM, batch: int | None = None) -> LiveRiCOM:
+    """Feed per-position event index arrays from an iterable or a queue (``None`` ends it).
+
+    Positions are gathered into batches of ``batch`` (default one scan row) so that each
+    numba call covers many positions; a partial batch is pushed when the stream ends.
+    """
+    batch = live.scan_shape[1] if batch is None else max(1, int(batch))
+    pending: list[np.ndarray] = []
+
+    def flush():
+        if pending:
+            live.push_events(np.concatenate(pending), np.array([a.size for a in pending]))
+            pending.clear()
+
+    for item in _positions(source):
+        pending.append(np.asarray(item).ravel())
+        if len(pending) >= batch:
+            flush()
+    flush()
+    return live
+
+
+class LiveView:
+    """A matplotlib figure showing a :class:`LiveRiCOM`'s snapshots (works headless with Agg).
+
+    ``update()`` redraws from the latest snapshot; ``follow(thread)`` keeps updating until
+    the feeding thread ends. The colour scale follows the rows already final.
+    """
+
+    def __init__(self, live: LiveRiCOM, ax=None, cmap: str = "gray"):
+        import matplotlib.pyplot as plt
+
+        self.live = live
+        if ax is None:
+            self.fig, ax = plt.subplots(figsize=(5, 5))
+        else:
+            self.fig = ax.figure
+        self.ax = ax
+        ny, nx = live.scan_shape
+        sy, sx = live.calibration.scan_step_a
+        self.image = ax.imshow(live.snapshot(), cmap=cmap, origin="upper", extent=(0, nx * sx, ny * sy, 0))
+        ax.set_xlabel("scan x (Å)")
+        ax.set_ylabel("scan y (Å)")
+        self.fig.colorbar(self.image, ax=ax, label="phase (rad)")
+        self.update()
+
+    def update(self) -> None:
+        snap = self.live.snapshot()
+        self.image.set_data(snap)
+        shown = snap[: max(self.live.rows_final, 1)] if self.live.positions_done else snap
+        lo, hi = np.percentile(shown, [0.5, 99.5])
+        self.image.set_clim(lo, hi if hi > lo else lo + 1e-12)
+        self.ax.set_title(f"riCOM (n = {self.live.kernel_size}): {self.live.positions_done:,} / "
+                          f"{self.live.n_positions:,} positions")
+        self.fig.canvas.draw_idle()
+
+    def follow(self, thread: threading.Thread, interval: float = 0.25) -> None:
+        """Update every ``interval`` s while ``thread`` runs, then once more; re-raise its error."""
+        while thread.is_alive():
+            self.update()
+            self.fig.canvas.flush_events()
+            time.sleep(interval)
+        thread.join()
+        self.update()
+        if getattr(thread, "exception", None) is not None:
+            raise thread.exception
