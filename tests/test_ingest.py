@@ -1,0 +1,347 @@
+"""Ingest round trips: every format → store → the events read back equal the source's."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from stemdask.cli import main
+from stemdask.io import ingest, open_source, sniff_format, validate_against_source
+from stemdask.store import open_store
+
+SCAN = (12, 10)
+DET = (16, 16)
+
+
+# ------------------------------------------------------------------ test data and writers
+def random_csr(seed=0, scan=SCAN, det=DET, mean=20.0):
+    """A random event set: (indices uint32, offsets int64), ascending within a position."""
+    rng = np.random.default_rng(seed)
+    n_pos, n_pix = scan[0] * scan[1], det[0] * det[1]
+    counts = rng.poisson(mean, n_pos)
+    counts[3] = 0  # an empty position
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    indices = np.concatenate([np.sort(rng.integers(0, n_pix, c)) for c in counts]).astype(np.uint32)
+    return indices, offsets
+
+
+def per_position(indices, offsets):
+    return [indices[offsets[p] : offsets[p + 1]] for p in range(offsets.size - 1)]
+
+
+def write_stempy(path, events, scan_file, det, version=1, frames_per_position=1, two_d=False, split=False):
+    """A stempy HDF5 file exactly as stempy lays it out (see stemdask.io.stempy).
+
+    ``events``: one array per file position (scan_file order). v1: one frame per position;
+    v2 with ``split``: each position's events in two frames, the second frames appended after
+    all first frames (scan_positions repeats, non-contiguous); v3: ``frames_per_position``
+    frames per position, flattened (or 2-D with ``two_d``).
+    Returns the frames of each position in the order they appear in the file.
+    """
+    rng = np.random.default_rng(1)
+    n = len(events)
+    F = frames_per_position
+    parts = [np.array_split(ev, sorted(rng.integers(0, ev.size + 1, F - 1))) for ev in events]
+    if version < 3 and split:
+        first = [ev[: ev.size // 2] for ev in events]
+        second = [ev[ev.size // 2 :] for ev in events]
+        frames = first + second
+        positions = np.concatenate([np.arange(n), np.arange(n)])
+    elif version < 3:
+        frames, positions = list(events), np.arange(n)
+    else:
+        frames, positions = [f for p in parts for f in p], np.arange(n)
+    vlen = h5py.vlen_dtype(np.uint32)
+    with h5py.File(path, "w") as f:
+        if version > 1:
+            f.attrs["version"] = version
+        g = f.create_group("electron_events")
+        sp = g.create_dataset("scan_positions", data=positions.astype(np.int32))
+        sp.attrs["Nx"], sp.attrs["Ny"] = scan_file[1], scan_file[0]
+        if two_d:
+            fr = g.create_dataset("frames", (n, F), dtype=vlen)
+            for i in range(n):
+                for j in range(F):
+                    fr[i, j] = parts[i][j].astype(np.uint32)
+        else:
+            fr = g.create_dataset("frames", (len(frames),), dtype=vlen)
+            for i, x in enumerate(frames):
+                fr[i] = np.asarray(x, np.uint32)
+        fr.attrs["Nx"], fr.attrs["Ny"] = det[0], det[1]
+
+
+def dense_from_csr(indices, offsets, scan=SCAN, det=DET, dtype=np.uint16):
+    frames = np.zeros((scan[0] * scan[1], det[0] * det[1]), dtype)
+    pos = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
+    np.add.at(frames, (pos, indices.astype(np.int64)), 1)
+    return frames.reshape(*scan, *det)
+
+
+def write_mib(path, frames, dtype=">u2"):
+    """Merlin .mib: per frame a 384-byte ASCII header (comma-separated; rosettasciio reads the
+    size at fields 4/5, the pixel type at 6, timestamp/exposure at fields −4/−3) + big-endian data."""
+    n, h, w = frames.shape
+    kind = {">u1": "U08", ">u2": "U16", ">u4": "U32"}[dtype]
+    with open(path, "wb") as f:
+        for i, frame in enumerate(frames):
+            head = (f"MQ1,{i + 1:06d},00384,01,{w:04d},{h:04d},{kind},   1x1,01,2024-01-01 00:00:00.000000,"
+                    f"0.001000,0,0,0,1.000000E+2,0,0,0,0,0,0,0,12,0,0,0,0,0,0,"
+                    f"2024-01-01T00:00:{i // 100:02d}.{i % 100:06d}000Z,1000000ns,12,")
+            f.write(head.ljust(384).encode())
+            f.write(np.ascontiguousarray(frame, dtype=dtype).tobytes())
+
+
+def assert_store_equals(store, indices, offsets, toa=None):
+    got_indices, got_offsets = store.to_csr()
+    np.testing.assert_array_equal(got_offsets, offsets)
+    np.testing.assert_array_equal(got_indices, indices)
+    assert store.n_events == offsets[-1] == store.provenance["source_events"]
+    if toa is not None:
+        got_toa = np.concatenate([b.toa for b in store.iter_blocks()])
+        np.testing.assert_array_equal(got_toa, toa)
+
+
+# ------------------------------------------------------------------ CSR
+@pytest.mark.parametrize("compressed", [False, True])
+def test_csr_round_trip(tmp_path, compressed):
+    indices, offsets = random_csr()
+    src = tmp_path / "ev.npz"
+    (np.savez_compressed if compressed else np.savez)(src, indices=indices, offsets=offsets)
+    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, detector_shape=DET, rows_per_block=5, progress=False)
+    assert store.complete and store.n_blocks == 3
+    assert_store_equals(store, indices, offsets)
+    prov = store.provenance
+    assert prov["format"] == "csr" and prov["source"] == str(src.resolve())
+    assert prov["ingest"]["scan_shape"] == list(SCAN) and prov["ingest"]["rows_per_block"] == 5
+    assert len(prov["source_sha256"]) == 64
+    assert validate_against_source(store)["source_events"] == offsets[-1]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".stemdask")]  # scratch removed
+
+
+def test_csr_shapes_from_npz_keys_and_calibration(tmp_path):
+    indices, offsets = random_csr()
+    src = tmp_path / "ev.npz"
+    np.savez(src, indices=indices, offsets=offsets, scan_shape=np.array(SCAN), detector_shape=np.array(DET))
+    cal = {"energy_ev": 200e3, "scan_step_a": 0.5, "semiangle_mrad": 25.0, "detector_pixel_mrad": 0.8}
+    store = ingest(src, tmp_path / "s.zarr", calibration=cal, progress=False)
+    assert store.scan_shape == SCAN and store.detector_shape == DET
+    c = store.calibration
+    assert (c.energy_ev, c.scan_step_a, c.semiangle_mrad, c.detector_pixel_mrad) == (200e3, (0.5, 0.5), 25.0, 0.8)
+    assert_store_equals(store, indices, offsets)
+
+
+# ------------------------------------------------------------------ stempy
+@pytest.mark.parametrize(
+    "version, F, two_d, split",
+    [(1, 1, False, False), (2, 1, False, True), (3, 1, False, False), (3, 3, False, False), (3, 2, True, False)],
+)
+def test_stempy_round_trip(tmp_path, version, F, two_d, split):
+    indices, offsets = random_csr(seed=version + F)
+    events = per_position(indices, offsets)
+    src = tmp_path / "s.h5"
+    write_stempy(src, events, SCAN, DET, version=version, frames_per_position=F, two_d=two_d, split=split)
+    assert sniff_format(src) == "stempy"
+    store = ingest(src, tmp_path / "s.zarr", rows_per_block=4, progress=False)
+    assert store.scan_shape == SCAN and store.detector_shape == DET
+    # frames of one position are merged in file order: for these files that is the original order
+    assert_store_equals(store, indices, offsets)
+    assert store.provenance["ingest"]["stempy_version"] == version
+    assert validate_against_source(store)["source_events"] == offsets[-1]
+
+
+def test_stempy_flyback_column_dropped(tmp_path):
+    scan_file = (SCAN[0], SCAN[1] + 1)
+    indices, offsets = random_csr(seed=5, scan=scan_file)
+    events = per_position(indices, offsets)
+    src = tmp_path / "fly.h5"
+    write_stempy(src, events, scan_file, DET, version=3)
+    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, rows_per_block=5, progress=False)
+    kept = [ev for p, ev in enumerate(events) if p % scan_file[1] != 0]  # column ix = 0 is the flyback
+    exp_off = np.concatenate([[0], np.cumsum([e.size for e in kept])])
+    assert_store_equals(store, np.concatenate(kept), exp_off)
+    assert store.provenance["ingest"]["drop_flyback"] is True
+    assert validate_against_source(store)["n_events"] == exp_off[-1]
+
+
+def test_stempy_written_by_stempy(tmp_path):
+    stio = pytest.importorskip("stempy.io", reason="stempy not installed")
+    indices, offsets = random_csr(seed=9)
+    data = np.empty((SCAN[0] * SCAN[1], 1), dtype=object)
+    for p, ev in enumerate(per_position(indices, offsets)):
+        data[p, 0] = ev
+    src = tmp_path / "by_stempy.h5"
+    stio.SparseArray(data, SCAN, DET).write_to_hdf5(str(src))
+    store = ingest(src, tmp_path / "s.zarr", progress=False)
+    assert_store_equals(store, indices, offsets)
+
+
+# ------------------------------------------------------------------ dense
+def test_dense_npy_counts_round_trip(tmp_path):
+    indices, offsets = random_csr(seed=2, mean=40)
+    frames = dense_from_csr(indices, offsets)
+    assert frames.max() > 1  # several electrons in a pixel: counted exactly
+    np.save(tmp_path / "d.npy", frames)
+    store = ingest(tmp_path / "d.npy", tmp_path / "s.zarr", rows_per_block=5, progress=False)
+    assert_store_equals(store, indices, offsets)
+    assert validate_against_source(store)["source_events"] == offsets[-1]
+
+
+def test_dense_stack_needs_and_uses_scan_shape(tmp_path):
+    indices, offsets = random_csr(seed=3)
+    frames = dense_from_csr(indices, offsets).reshape(-1, *DET).astype(np.float32)
+    np.save(tmp_path / "d.npy", frames)
+    store = ingest(tmp_path / "d.npy", tmp_path / "s.zarr", scan_shape=SCAN, progress=False)
+    assert_store_equals(store, indices, offsets)
+
+
+def test_dense_threshold_mode(tmp_path):
+    indices, offsets = random_csr(seed=4, mean=30)
+    counts = dense_from_csr(indices, offsets, dtype=np.float64)
+    noise = np.random.default_rng(0).uniform(0, 0.4, counts.shape)
+    analogue = (counts * 3.0 + noise).astype(np.float32)  # ~3 units per electron, noise below 0.5
+    np.save(tmp_path / "a.npy", analogue)
+    store = ingest(tmp_path / "a.npy", tmp_path / "s.zarr", mode="threshold", threshold=0.5, progress=False)
+    hit = counts.reshape(SCAN[0] * SCAN[1], -1) > 0  # one event per lit pixel
+    exp_idx = np.concatenate([np.flatnonzero(h) for h in hit]).astype(np.uint32)
+    exp_off = np.concatenate([[0], np.cumsum(hit.sum(1))])
+    assert_store_equals(store, exp_idx, exp_off)
+    assert store.provenance["ingest"]["mode"] == "threshold"
+    assert validate_against_source(store)["source_events"] == exp_off[-1]
+
+
+def test_dense_hdf5_dataset_path_and_single_dataset(tmp_path):
+    indices, offsets = random_csr(seed=6)
+    frames = dense_from_csr(indices, offsets, dtype=np.uint8)
+    src = tmp_path / "d.h5"
+    with h5py.File(src, "w") as f:
+        f.create_dataset("entry/data", data=frames, chunks=(1, 5, *DET), compression="gzip")
+        f.create_dataset("other/frames", data=frames[:, :, :2])  # a second 4-D dataset
+    with pytest.raises(ValueError, match="several"):
+        ingest(src, tmp_path / "x.zarr", progress=False)
+    store = ingest(f"{src}:/entry/data", tmp_path / "s.zarr", progress=False)
+    assert_store_equals(store, indices, offsets)
+    assert store.provenance["ingest"]["dataset"] == "/entry/data"
+    assert validate_against_source(store)["source_events"] == offsets[-1]
+    single = tmp_path / "one.h5"
+    with h5py.File(single, "w") as f:
+        f["data"] = frames
+    assert_store_equals(ingest(single, tmp_path / "t.zarr", progress=False), indices, offsets)
+
+
+def test_dense_pieces_bound_memory(tmp_path, monkeypatch):
+    """A block larger than a piece is read in pieces (whole rows, then parts of a row)."""
+    import stemdask.io.dense as dense
+
+    indices, offsets = random_csr(seed=7)
+    np.save(tmp_path / "d.npy", dense_from_csr(indices, offsets))
+    frame_bytes = DET[0] * DET[1] * 2
+    for piece in (3 * SCAN[1] * frame_bytes, 4 * frame_bytes):
+        monkeypatch.setattr(dense, "PIECE_BYTES", piece)
+        src = open_source(tmp_path / "d.npy")
+        assert max(b - a for a, b in src._pieces(0, SCAN[0] * SCAN[1])) <= piece // frame_bytes
+        store = ingest(tmp_path / "d.npy", tmp_path / f"s{piece}.zarr", progress=False)
+        assert_store_equals(store, indices, offsets)
+
+
+def test_mib_round_trip(tmp_path):
+    rsciio_qd = pytest.importorskip("rsciio.quantumdetector")
+    indices, offsets = random_csr(seed=8)
+    raw = dense_from_csr(indices, offsets).reshape(-1, *DET)
+    src = tmp_path / "scan.mib"
+    write_mib(src, raw)
+    assert sniff_format(src) == "mib"
+    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, rows_per_block=5, progress=False)
+    # rosettasciio's orientation: frames flipped vertically with respect to the file
+    shown = rsciio_qd.file_reader(str(src), navigation_shape=SCAN[::-1])[0]["data"]
+    np.testing.assert_array_equal(shown, raw.reshape(*SCAN, *DET)[..., ::-1, :])
+    flat = shown.reshape(SCAN[0] * SCAN[1], -1)
+    exp_idx = np.concatenate([np.repeat(np.arange(flat.shape[1]), f) for f in flat]).astype(np.uint32)
+    exp_off = np.concatenate([[0], np.cumsum(flat.sum(1))])
+    assert_store_equals(store, exp_idx, exp_off)
+    assert store.provenance["format"] == "mib"
+    assert validate_against_source(store)["source_events"] == offsets[-1]
+
+
+# ------------------------------------------------------------------ time-stamped events
+def timestamped(seed=0, dwell=1000.0):
+    indices, offsets = random_csr(seed=seed)
+    rng = np.random.default_rng(seed)
+    pos = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
+    toa = (pos + rng.uniform(0, 0.999, pos.size)) * dwell
+    order = np.argsort(toa)
+    return indices[order], toa[order], pos[order], offsets
+
+
+@pytest.mark.parametrize("container", ["npz", "h5"])
+def test_timestamped_round_trip(tmp_path, container):
+    dwell = 1000.0
+    index, toa, pos, offsets = timestamped(dwell=dwell)
+    src = tmp_path / f"ev.{container}"
+    if container == "npz":
+        np.savez_compressed(src, index=index, toa_ns=toa)
+    else:
+        with h5py.File(src, "w") as f:
+            f["index"], f["toa_ns"] = index, toa
+    assert sniff_format(src) == "events"
+    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=dwell,
+                   rows_per_block=5, progress=False)
+    assert store.has_toa
+    # events of a position keep their arrival order (toa sorted); toa stored within the dwell
+    order = np.argsort(pos, kind="stable")
+    exp_toa = np.floor(toa[order] - pos[order] * dwell).astype(np.uint32)
+    assert_store_equals(store, index[order], offsets, exp_toa)
+    assert validate_against_source(store)["source_events"] == offsets[-1]
+
+
+def test_timestamped_metadata_in_file(tmp_path):
+    index, toa, pos, offsets = timestamped(seed=3, dwell=500.0)
+    src = tmp_path / "ev.h5"
+    with h5py.File(src, "w") as f:
+        f["index"], f["toa_ns"] = index, toa
+        f.attrs["scan_shape"], f.attrs["detector_shape"], f.attrs["dwell_ns"] = SCAN, DET, 500.0
+    store = ingest(src, tmp_path / "s.zarr", progress=False)
+    assert store.provenance["ingest"]["dwell_ns"] == 500.0
+    assert store.n_events == offsets[-1]
+
+
+# ------------------------------------------------------------------ resume and CLI
+def test_resume_complete_store_is_a_no_op_and_resume_from_scratch_works(tmp_path):
+    indices, offsets = random_csr()
+    np.savez(tmp_path / "ev.npz", indices=indices, offsets=offsets)
+    kw = dict(scan_shape=SCAN, detector_shape=DET, progress=False)
+    store = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, **kw)  # nothing to resume: ingests
+    assert store.complete
+    again = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, **kw)
+    assert again.complete and again.n_events == offsets[-1]
+
+
+def test_cli_ingest_and_info(tmp_path, capsys):
+    indices, offsets = random_csr()
+    np.savez(tmp_path / "ev.npz", indices=indices, offsets=offsets)
+    out = tmp_path / "s.zarr"
+    argv = ["ingest", str(tmp_path / "ev.npz"), str(out), "--scan-shape", *map(str, SCAN),
+            "--detector-shape", *map(str, DET), "--energy-kev", "80", "--scan-step", "0.3", "--quiet"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_events"] == offsets[-1] and info["complete"]
+    assert info["calibration"]["energy_ev"] == 80e3
+
+
+def test_shared_abtem_case_via_cli(tmp_path, capsys, abtem_case):
+    out = tmp_path / "OUT.zarr"
+    argv = ["ingest", str(abtem_case / "events_dose1000.npz"), str(out), "--scan-shape", "96", "96",
+            "--detector-shape", "96", "96", "--energy-kev", "300", "--scan-step", "0.2033854",
+            "--semiangle-mrad", "20", "--detector-pixel-mrad", "1.00832", "--quiet"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_events"] == 9212252
+    with np.load(abtem_case / "events_dose1000.npz") as z:
+        indices, offsets = z["indices"], z["offsets"]
+    assert_store_equals(open_store(out), indices, offsets)
