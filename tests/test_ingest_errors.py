@@ -1,0 +1,234 @@
+"""Bad input: every case raises an error naming the file and the problem, the CLI exits 2,
+and nothing is left half-written without being marked incomplete."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from test_ingest import DET, SCAN, per_position, random_csr, write_stempy
+
+from stemdask.cli import main
+from stemdask.io import SourceError, ingest
+from stemdask.io.csr import CSRSource
+from stemdask.store import IncompleteStoreError, StoreError, open_store
+
+
+@pytest.fixture
+def csr_file(tmp_path):
+    indices, offsets = random_csr()
+    path = tmp_path / "ev.npz"
+    np.savez(path, indices=indices, offsets=offsets)
+    return path
+
+
+@pytest.fixture
+def stempy_file(tmp_path):
+    indices, offsets = random_csr()
+    path = tmp_path / "real.h5"
+    write_stempy(path, per_position(indices, offsets), SCAN, DET, version=3)
+    return path
+
+
+def cli_fails(argv, capsys, *needles):
+    """The CLI returns 2 and its message contains every needle."""
+    assert main([*argv, "--quiet"] if argv[0] == "ingest" else argv) == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert str(n) in err, err
+    return err
+
+
+def test_truncated_hdf5(tmp_path, stempy_file, capsys):
+    data = stempy_file.read_bytes()
+    bad = tmp_path / "truncated.h5"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match="truncated.h5.*not a readable HDF5"):
+        ingest(bad, tmp_path / "o.zarr", progress=False)
+    assert not (tmp_path / "o.zarr").exists()
+    cli_fails(["ingest", str(bad), str(tmp_path / "o.zarr")], capsys, bad, "HDF5")
+
+
+def test_corrupt_hdf5(tmp_path, capsys):
+    bad = tmp_path / "garbage.h5"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(SourceError, match="garbage.h5.*not a readable HDF5"):
+        ingest(bad, tmp_path / "o.zarr", progress=False)
+    cli_fails(["ingest", str(bad), str(tmp_path / "o.zarr")], capsys, bad)
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_detector_index_outside_detector(tmp_path, capsys):
+    indices, offsets = random_csr()
+    indices[offsets[70] + 1] = DET[0] * DET[1]  # row 7: the third of three blocks
+    src = tmp_path / "bad.npz"
+    np.savez(src, indices=indices, offsets=offsets)
+    out = tmp_path / "o.zarr"
+    with pytest.raises(SourceError, match=r"bad.npz: detector index 256 .*scan rows 7..7.*16×16") as e:
+        ingest(src, out, scan_shape=SCAN, detector_shape=DET, rows_per_block=1, progress=False)
+    assert "left incomplete" in str(e.value)
+    # what was written before the failure is marked incomplete, never complete
+    assert open_store(out, allow_incomplete=True).complete is False
+    with pytest.raises(IncompleteStoreError):
+        open_store(out)
+    cli_fails(["ingest", str(src), str(tmp_path / "c.zarr"), "--scan-shape", *map(str, SCAN),
+               "--detector-shape", *map(str, DET)], capsys, src, "detector index 256")
+
+
+def test_detector_index_outside_detector_stempy(tmp_path):
+    indices, offsets = random_csr()
+    indices[5] = 10_000
+    src = tmp_path / "bad.h5"
+    write_stempy(src, per_position(indices, offsets), SCAN, DET)
+    with pytest.raises(SourceError, match="bad.h5: detector index 10000"):
+        ingest(src, tmp_path / "o.zarr", progress=False)
+
+
+@pytest.mark.parametrize("scan", [(12, 8), (11, 10)])  # (12, 9) would drop a flyback column
+def test_scan_shape_does_not_match(tmp_path, csr_file, stempy_file, capsys, scan):
+    with pytest.raises(SourceError, match=r"ev.npz: scan shape .* does not match the data: 'offsets' has 121"):
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=scan, detector_shape=DET, progress=False)
+    with pytest.raises(SourceError, match=r"real.h5: scan_shape .* does not match the file's scan \(12, 10\)"):
+        ingest(stempy_file, tmp_path / "o.zarr", scan_shape=scan, progress=False)
+    np.save(tmp_path / "d.npy", np.zeros((*SCAN, *DET), np.uint8))
+    with pytest.raises(SourceError, match=r"d.npy: scan_shape .* does not match the data"):
+        ingest(tmp_path / "d.npy", tmp_path / "o.zarr", scan_shape=scan, progress=False)
+    assert not (tmp_path / "o.zarr").exists()
+    cli_fails(["ingest", str(csr_file), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, scan),
+               "--detector-shape", *map(str, DET)], capsys, csr_file, "does not match")
+
+
+def test_missing_shapes_are_asked_for(tmp_path, csr_file):
+    with pytest.raises(SourceError, match="ev.npz: the file does not record the detector_shape"):
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, progress=False)
+
+
+@pytest.mark.parametrize("field, value", [("energy_ev", -300e3), ("scan_step_a", float("nan")),
+                                          ("detector_pixel_mrad", 0.0), ("semiangle_mrad", float("inf"))])
+def test_bad_calibration(tmp_path, csr_file, field, value):
+    with pytest.raises(ValueError, match=field):
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET,
+               calibration={field: value}, progress=False)
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_bad_calibration_cli(tmp_path, csr_file, capsys):
+    cli_fails(["ingest", str(csr_file), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN),
+               "--detector-shape", *map(str, DET), "--energy-kev", "-300"], capsys, "energy_ev")
+    cli_fails(["ingest", str(csr_file), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN),
+               "--detector-shape", *map(str, DET), "--scan-step", "nan"], capsys, "scan_step_a")
+
+
+def test_output_exists_refused_unless_overwrite(tmp_path, csr_file, capsys):
+    out = tmp_path / "o.zarr"
+    kw = dict(scan_shape=SCAN, detector_shape=DET, progress=False)
+    ingest(csr_file, out, **kw)
+    with pytest.raises(FileExistsError, match="o.zarr already exists"):
+        ingest(csr_file, out, **kw)
+    argv = ["ingest", str(csr_file), str(out), "--scan-shape", *map(str, SCAN), "--detector-shape", *map(str, DET)]
+    cli_fails(argv, capsys, out, "already exists")
+    assert main([*argv, "--overwrite", "--quiet"]) == 0
+    with pytest.raises(ValueError, match="overwrite.*resume"):
+        ingest(csr_file, out, overwrite=True, resume=True, **kw)
+
+
+def test_overwrite_keeps_old_output_when_the_source_is_bad(tmp_path, csr_file):
+    out = tmp_path / "o.zarr"
+    ingest(csr_file, out, scan_shape=SCAN, detector_shape=DET, progress=False)
+    with pytest.raises(SourceError):
+        ingest(csr_file, out, scan_shape=(5, 5), detector_shape=DET, overwrite=True, progress=False)
+    assert open_store(out).complete
+
+
+def test_incomplete_store_refused(tmp_path, csr_file, monkeypatch):
+    out = tmp_path / "o.zarr"
+    real = CSRSource.read_rows
+
+    def fail_late(self, r0, r1):
+        if r0 >= 8:
+            raise RuntimeError("simulated crash")
+        return real(self, r0, r1)
+
+    monkeypatch.setattr(CSRSource, "read_rows", fail_late)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ingest(csr_file, out, scan_shape=SCAN, detector_shape=DET, rows_per_block=4, progress=False)
+    with pytest.raises(IncompleteStoreError, match=r"o.zarr: store is incomplete"):
+        open_store(out)
+    assert main(["info", str(out), "--json"]) == 0  # info still describes it, as INCOMPLETE
+
+
+def test_resume_refuses_a_different_source_or_parameters(tmp_path, csr_file, monkeypatch):
+    out = tmp_path / "o.zarr"
+    kw = dict(scan_shape=SCAN, detector_shape=DET, progress=False)
+    monkeypatch.setattr(CSRSource, "read_rows", lambda self, r0, r1: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        ingest(csr_file, out, rows_per_block=4, **kw)
+    monkeypatch.undo()
+    other = tmp_path / "other.npz"
+    indices, offsets = random_csr(seed=1)
+    np.savez(other, indices=indices, offsets=offsets)
+    with pytest.raises(StoreError, match="o.zarr: cannot resume: it was made from a different source"):
+        ingest(other, out, resume=True, **kw)
+    with pytest.raises(StoreError, match="rows_per_block 3"):
+        ingest(csr_file, out, resume=True, rows_per_block=3, **kw)
+    assert ingest(csr_file, out, resume=True, **kw).complete
+
+
+def test_newer_store_format_refused(tmp_path, csr_file, capsys):
+    out = tmp_path / "o.zarr"
+    ingest(csr_file, out, scan_shape=SCAN, detector_shape=DET, progress=False)
+    meta = out / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["format_version"] = 99
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match=r"o.zarr: store format version 99 is newer"):
+        open_store(out)
+    cli_fails(["info", str(out)], capsys, out, "version 99")
+
+
+def test_mode_and_dwell_only_where_they_apply(tmp_path, csr_file):
+    with pytest.raises(SourceError, match="mode/threshold apply to dense frames only"):
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, mode="threshold",
+               threshold=1, progress=False)
+    with pytest.raises(SourceError, match="dwell_ns applies to time-stamped"):
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=10, progress=False)
+    np.save(tmp_path / "d.npy", np.zeros((*SCAN, *DET), np.uint8))
+    with pytest.raises(SourceError, match="d.npy: mode 'threshold' needs a finite threshold"):
+        ingest(tmp_path / "d.npy", tmp_path / "o.zarr", mode="threshold", progress=False)
+
+
+def test_dense_counts_must_be_whole_non_negative(tmp_path):
+    frames = np.zeros((*SCAN, *DET), np.float32)
+    frames[2, 3, 4, 5] = 0.5
+    frames[7, 1, 0, 0] = -1
+    np.save(tmp_path / "d.npy", frames)
+    with pytest.raises(SourceError, match=r"d.npy: 1 pixels \(positions 20..39\) are negative or not whole"):
+        ingest(tmp_path / "d.npy", tmp_path / "o.zarr", rows_per_block=2, progress=False)
+
+
+def test_events_beyond_the_scan_or_unsorted(tmp_path):
+    n = SCAN[0] * SCAN[1]
+    src = tmp_path / "ev.h5"
+    with h5py.File(src, "w") as f:
+        f["index"] = np.arange(5, dtype=np.uint16)
+        f["toa_ns"] = np.array([0.0, 10.0, 20.0, n * 100.0 - 1, n * 100.0 + 5])
+    with pytest.raises(SourceError, match=r"ev.h5: 1 events arrive after the scan ends"):
+        ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=100, progress=False)
+    with h5py.File(src, "w") as f:
+        f["index"] = np.arange(4, dtype=np.uint16)
+        f["toa_ns"] = np.array([0.0, 5000.0, 10.0, 9000.0])
+    with pytest.raises(SourceError, match=r"ev.h5: events of scan rows .* not grouped in time"):
+        ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=100,
+               rows_per_block=1, progress=False)
+
+
+def test_unknown_and_missing_input(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(SourceError, match="x.txt: unknown format"):
+        ingest(tmp_path / "x.txt", tmp_path / "o.zarr", progress=False)
+    cli_fails(["ingest", str(tmp_path / "nope.npz"), str(tmp_path / "o.zarr")], capsys, "nope.npz", "no such file")
+    np.savez(tmp_path / "w.npz", a=np.zeros(3))
+    with pytest.raises(SourceError, match="w.npz: .npz has neither"):
+        ingest(tmp_path / "w.npz", tmp_path / "o.zarr", progress=False)
