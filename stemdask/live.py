@@ -3,8 +3,9 @@
 Yu et al. 2022's live scheme: riCOM is linear in the COM, so each new position ``q`` adds
 ``k(p − q)·COM(q)`` to every image pixel ``p`` within the kernel's reach and its pattern can
 be discarded at once. :class:`LiveRiCOM` does this in numba kernels
-(:mod:`stemdask.kernels.ricom`): the COM of each position from its events (or dense frame)
-and its scatter, a whole batch per call, no Python per position. The final image equals batch
+(:mod:`stemdask.kernels.events`, :mod:`stemdask.kernels.ricom`): the COM of each position
+from its events (or dense frame), then its scatter — a whole batch per call, no Python per
+position. The final image equals batch
 riCOM (:func:`stemdask.methods.integration.ricom`) with the same kernel.
 
 Units: the image is in rad, exactly like batch riCOM. The kernel is built in the scan frame
@@ -35,7 +36,8 @@ from typing import Iterable
 import numpy as np
 import xarray as xr
 
-from .kernels.ricom import com_from_frames, scatter_com, scatter_events
+from .kernels.events import center_of_mass
+from .kernels.ricom import accumulator_zero, com_from_frames, scatter_com
 from .methods.ricom import ricom_kernel
 from .optics import Calibration, scan_to_detector_frame
 from .store import EventStore, open_store
@@ -107,11 +109,7 @@ class LiveRiCOM:
         n_pix = self.detector_shape[0] * self.detector_shape[1]
         if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n_pix):
             raise ValueError(f"detector index outside the {self.detector_shape[0]}×{self.detector_shape[1]} detector")
-        with self._lock:
-            start = self._claim(counts.size)
-            scatter_events(self._image, start, indices, counts, self.detector_shape[1], *self.reference,
-                           self._kfy, self._kfx)
-            self.positions_done = start + counts.size
+        self.push_com(*center_of_mass(counts, indices, self.detector_shape[1], *self.reference))
 
     def push_position(self, indices) -> None:
         """One position's event indices (slow path: one kernel call per position)."""
@@ -125,17 +123,17 @@ class LiveRiCOM:
             frames = frames[None]
         if frames.shape[1:] != self.detector_shape:
             raise ValueError(f"frames of shape {frames.shape[1:]} do not match the detector {self.detector_shape}")
-        self.push_com(*com_from_frames(frames, *self.reference))
+        self.push_com(*com_from_frames(frames, *self.reference, accumulator_zero(frames.dtype)))
 
     def push_com(self, com_y, com_x) -> None:
-        """The next positions as their detector-frame COM (px from the reference)."""
+        """The next positions as their detector-frame COM (px from the reference; NaN: no electrons)."""
         com_y = np.ascontiguousarray(com_y, dtype=np.float64).ravel()
         com_x = np.ascontiguousarray(com_x, dtype=np.float64).ravel()
         if com_y.shape != com_x.shape:
             raise ValueError(f"com_y and com_x differ in length ({com_y.size}, {com_x.size})")
         with self._lock:
             start = self._claim(com_y.size)
-            scatter_com(self._image, start, np.nan_to_num(com_y), np.nan_to_num(com_x), self._kfy, self._kfx)
+            scatter_com(self._image, start, com_y, com_x, self._kfy, self._kfx)
             self.positions_done = start + com_y.size
 
     def snapshot(self) -> np.ndarray:

@@ -1,11 +1,10 @@
-"""Numba kernels of live riCOM: per-position centre of mass and the kernel scatter.
+"""Numba kernels of live riCOM: the kernel scatter and the centre of mass of dense frames.
 
-Conventions shared by every function here:
+(The COM of event lists is :func:`stemdask.kernels.events.center_of_mass`.)
 
-* A detector pixel's linear index is ``k_y * det_x + k_x``; a pixel's coordinate is its
-  index along each axis (pixel centres), so the centre of mass (COM) of a pattern is
-  ``Σ I·(k_y, k_x) / Σ I`` minus the reference ``(ref_y, ref_x)`` (px). A position without
-  electrons has COM 0 (it contributes nothing to riCOM).
+* A pixel's coordinate is its index along each axis (pixel centres), so the centre of mass
+  (COM) of a frame is ``Σ I·(k_y, k_x) / Σ I`` minus the reference ``(ref_y, ref_x)`` (px),
+  as for events.
 * Positions are numbered in scan order (row-major, scan_x fastest); a batch starts at the
   linear position ``start`` of an ``(ny, nx)`` image.
 * The riCOM scatter takes the kernel already *flipped* (``kf[t] = k[-t]``, both components),
@@ -41,63 +40,38 @@ def scatter_com(image, start, com_y, com_x, kfy, kfx):
     """Add the riCOM contributions of positions ``start .. start + len(com_y)`` to ``image``.
 
     image: (ny, nx) float64, updated in place. com_y, com_x: the positions' COM in whatever
-    units ``kfy, kfx`` (flipped kernel, (n, n), n odd) expect.
+    units ``kfy, kfx`` (flipped kernel, (n, n), n odd) expect; a NaN COM (a position
+    without electrons) contributes nothing.
     """
     nx = image.shape[1]
     for i in range(com_y.shape[0]):
+        if np.isnan(com_y[i]) or np.isnan(com_x[i]):
+            continue
         p = start + i
         _scatter_one(image, p // nx, p % nx, com_y[i], com_x[i], kfy, kfx)
 
 
-@numba.njit(nogil=True, cache=True)
-def scatter_events(image, start, indices, counts, det_x, ref_y, ref_x, kfy, kfx):
-    """COM of each position from its events, then its riCOM scatter — one pass, no copies.
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def com_from_frames(frames, ref_y, ref_x, zero):
+    """COM (px, relative to ``(ref_y, ref_x)``) of dense frames (m, H, W).
 
-    indices: linear detector indices of consecutive positions, ``counts[i]`` events for
-    position ``start + i``. COM in px relative to ``(ref_y, ref_x)``, so ``kfy, kfx`` must
-    convert detector-frame px into the image's units. Returns the (com_y, com_x) (px) of
-    the batch.
-    """
-    nx = image.shape[1]
-    m = counts.shape[0]
-    com_y = np.zeros(m)
-    com_x = np.zeros(m)
-    e = 0
-    for i in range(m):
-        c = np.int64(counts[i])
-        if c > 0:
-            sy = 0
-            sx = 0
-            for k in range(e, e + c):
-                v = np.int64(indices[k])
-                sy += v // det_x
-                sx += v % det_x
-            com_y[i] = sy / c - ref_y
-            com_x[i] = sx / c - ref_x
-            e += c
-            p = start + i
-            _scatter_one(image, p // nx, p % nx, com_y[i], com_x[i], kfy, kfx)
-    return com_y, com_x
-
-
-@numba.njit(nogil=True, cache=True)
-def com_from_frames(frames, ref_y, ref_x):
-    """COM (px, relative to ``(ref_y, ref_x)``) of dense frames (m, H, W), any numeric dtype.
-
-    A frame without counts has COM 0. Returns (com_y, com_x) float64 (m,).
+    ``zero`` sets the accumulator type: ``np.int64(0)`` for integer frames up to 32 bits
+    (exact and vectorised: ~5× faster than float sums), ``np.float64(0)`` otherwise; see
+    :func:`accumulator_zero`. A frame without counts has COM NaN (as for events).
+    Returns (com_y, com_x) float64 (m,).
     """
     m, hgt, wid = frames.shape
-    com_y = np.zeros(m)
-    com_x = np.zeros(m)
+    com_y = np.full(m, np.nan)
+    com_x = np.full(m, np.nan)
     for f in range(m):
-        tot = 0.0
-        sy = 0.0
-        sx = 0.0
+        tot = zero
+        sy = zero
+        sx = zero
         for y in range(hgt):
-            rs = 0.0
-            rx = 0.0
+            rs = zero
+            rx = zero
             for x in range(wid):
-                v = np.float64(frames[f, y, x])
+                v = frames[f, y, x]
                 rs += v
                 rx += v * x
             tot += rs
@@ -107,3 +81,11 @@ def com_from_frames(frames, ref_y, ref_x):
             com_y[f] = sy / tot - ref_y
             com_x[f] = sx / tot - ref_x
     return com_y, com_x
+
+
+def accumulator_zero(dtype):
+    """The ``zero`` for :func:`com_from_frames`: exact int64 sums for ≤ 32-bit integers."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b" or (dtype.kind in "ui" and dtype.itemsize <= 4):
+        return np.int64(0)
+    return np.float64(0.0)

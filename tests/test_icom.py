@@ -1,0 +1,217 @@
+"""iCOM against the simulator's known phase: sign, scale (rad), units, rotation/flip, padding.
+
+Helpers here (``expected_com``, ``probe_blurred``, ``com_dataset``) are shared with the DPC,
+riCOM and live tests. Physics used: for a phase object the COM (Å⁻¹) is exactly
+|ψ|² ⋆ ∇φ / 2π, so the integrated COM is the true phase cross-correlated with the probe
+intensity — iCOM must match that with slope 1 (a check of sign, units and scale).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+from stemdask.methods.icom import integrate_com, mirror_extend
+from stemdask.methods.integration import icom, scan_frame_com
+from stemdask.optics import scan_to_detector_frame
+from stemdask.simulate import SimulationParams, diffraction_rows, phase_object, probe_real_space, truth_on_scan
+
+
+def pearson(a, b) -> float:
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+def slope(y, x) -> float:
+    """Least-squares slope of y against x (means removed)."""
+    y = np.ravel(y) - np.mean(y)
+    x = np.ravel(x) - np.mean(x)
+    return float((x * y).sum() / (x * x).sum())
+
+
+@functools.lru_cache(maxsize=8)
+def expected_com(p: SimulationParams):
+    """Noise-free COM (px from pixel N/2, detector frame) of the simulator's expected patterns,
+    and the true phase on the scan; rows in batches to keep memory small."""
+    obj = phase_object(p)
+    probe = probe_real_space(p)
+    n = p.detector
+    k = np.arange(n) - n // 2
+    ny, nx = p.scan_shape
+    cy, cx = np.empty((ny, nx)), np.empty((ny, nx))
+    for r0 in range(0, ny, 16):
+        rows = range(r0, min(r0 + 16, ny))
+        inten = diffraction_rows(p, rows, obj, probe)
+        tot = inten.sum((-2, -1))
+        cy[rows.start : rows.stop] = (inten.sum(-1) * k).sum(-1) / tot
+        cx[rows.start : rows.stop] = (inten.sum(-2) * k).sum(-1) / tot
+    return cy, cx, truth_on_scan(obj, p).astype(np.float64)
+
+
+def probe_blurred(truth: np.ndarray, p: SimulationParams) -> np.ndarray:
+    """Σ_r |ψ(r − R)|² φ(r) on the periodic scan (needs scan_step_px = 1)."""
+    assert p.scan_step_px == 1
+    inten = np.abs(probe_real_space(p)) ** 2
+    m = inten.shape[0]
+    ny, nx = truth.shape
+    kernel = np.zeros((ny, nx))
+    iy, ix = np.meshgrid(np.arange(m) - m // 2, np.arange(m) - m // 2, indexing="ij")
+    np.add.at(kernel, (iy % ny, ix % nx), inten)
+    return np.fft.ifft2(np.fft.fft2(truth) * np.conj(np.fft.fft2(kernel))).real
+
+
+def com_dataset(cy, cx, p: SimulationParams, units: str = "px", chunks=16) -> xr.Dataset:
+    """A lazy COM Dataset shaped like ``EventDataset.com()``'s output."""
+    ny, nx = cy.shape
+    coords = {"scan_y": np.arange(ny) * p.scan_step, "scan_x": np.arange(nx) * p.scan_step}
+    scale = p.pixel_mrad if units == "mrad" else 1.0
+    return xr.Dataset({
+        name: xr.DataArray(da.from_array(v * scale, chunks=(chunks, nx)), dims=("scan_y", "scan_x"),
+                           coords=coords, attrs={"units": units})
+        for name, v in (("com_y", cy), ("com_x", cx))
+    })
+
+
+WEAK = SimulationParams(scan_shape=(64, 64), detector=64, max_phase=0.1)
+
+
+def test_icom_is_the_probe_blurred_phase_in_radians():
+    cy, cx, truth = expected_com(WEAK)
+    cal = WEAK.calibration()
+    phase = icom(com_dataset(cy, cx, WEAK), cal, pad="none").phase.values
+    blurred = probe_blurred(truth, WEAK)
+    assert pearson(phase, truth) >= 0.95
+    assert pearson(phase, blurred) > 0.9999
+    assert slope(phase, blurred) == pytest.approx(1.0, abs=0.01)  # rad, no free scale
+    # against the unblurred truth the slope is the probe's blur (≈ 0.72 at 20 mrad), not a unit error
+    assert 0.6 < slope(phase, truth) < 0.85
+    # positive at atoms: the strongest true column is a maximum of the image
+    iy, ix = np.unravel_index(np.argmax(truth), truth.shape)
+    assert phase[iy, ix] > np.percentile(phase, 95)
+
+
+def test_mirror_padding_on_periodic_data_stays_accurate():
+    cy, cx, truth = expected_com(WEAK)
+    phase = icom(com_dataset(cy, cx, WEAK), WEAK.calibration(), pad="mirror").phase.values
+    assert pearson(phase, probe_blurred(truth, WEAK)) > 0.999
+
+
+def test_mirror_padding_beats_wraparound_on_a_non_periodic_field():
+    """A smooth non-periodic phase (a tilted Gaussian bump): wrap-around breaks it, the mirror does not."""
+    ny, nx, step = 48, 64, 0.3
+    y, x = np.meshgrid(np.arange(ny) * step, np.arange(nx) * step, indexing="ij")
+    phi = 0.4 * np.exp(-((y - 5) ** 2 + (x - 12) ** 2) / 8.0) + 0.03 * x + 0.02 * y
+    gy = (0.4 * np.exp(-((y - 5) ** 2 + (x - 12) ** 2) / 8.0) * (-(y - 5) / 4.0) + 0.02) / (2 * np.pi)
+    gx = (0.4 * np.exp(-((y - 5) ** 2 + (x - 12) ** 2) / 8.0) * (-(x - 12) / 4.0) + 0.03) / (2 * np.pi)
+    mirrored = integrate_com(gy, gx, step, pad="mirror")
+    wrapped = integrate_com(gy, gx, step, pad="none")
+    err_m = np.abs((mirrored - mirrored.mean()) - (phi - phi.mean())).max()
+    err_w = np.abs((wrapped - wrapped.mean()) - (phi - phi.mean())).max()
+    assert err_m < 0.02 * np.ptp(phi)
+    assert err_w > 5 * err_m
+
+
+def test_mirror_extension_is_the_gradient_of_the_even_extension():
+    rng = np.random.default_rng(1)
+    phi = rng.normal(size=(6, 5))
+    even = np.concatenate([phi, phi[::-1]], 0)
+    even = np.concatenate([even, even[:, ::-1]], 1)
+    gy, gx = np.gradient(phi)
+    ey, ex = mirror_extend(gy, gx)
+    # the derivative of the even extension: odd reflection along its own axis
+    assert np.allclose(ey[6:, :5], -gy[::-1]) and np.allclose(ey[:6, 5:], gy[:, ::-1])
+    assert np.allclose(ex[:6, 5:], -gx[:, ::-1]) and np.allclose(ex[6:, :5], gx[::-1])
+    assert even.shape == ey.shape == ex.shape
+
+
+def test_filters_cut_the_stated_frequencies():
+    cy, cx, _ = expected_com(WEAK)
+    cal = WEAK.calibration()
+    full = integrate_com(cy * cal.detector_pixel_inv_a, cx * cal.detector_pixel_inv_a, cal.scan_step_a, pad="none")
+    k = 0.5  # Å⁻¹
+    low = integrate_com(cy * cal.detector_pixel_inv_a, cx * cal.detector_pixel_inv_a, cal.scan_step_a, pad="none", lowpass=k)
+    high = integrate_com(cy * cal.detector_pixel_inv_a, cx * cal.detector_pixel_inv_a, cal.scan_step_a, pad="none", highpass=k)
+    q = np.hypot(*np.meshgrid(np.fft.fftfreq(64, cal.scan_step_a[0]), np.fft.fftfreq(64, cal.scan_step_a[1]), indexing="ij"))
+    f_full, f_low, f_high = (np.fft.fft2(a) for a in (full, low, high))
+    sel = (q > 0) & (np.abs(f_full) > 1e-6 * np.abs(f_full).max())
+    g = np.exp(-q[sel] ** 2 / (2 * k**2))
+    assert np.allclose(f_low[sel], f_full[sel] * g, atol=1e-9 * np.abs(f_full).max())
+    assert np.allclose(f_high[sel], f_full[sel] * (1 - g), atol=1e-9 * np.abs(f_full).max())
+
+
+@pytest.mark.parametrize("quarter_turns,flip", [(1, False), (2, False), (3, True), (0, True)])
+def test_rotation_and_flip_are_undone(quarter_turns, flip):
+    p = SimulationParams(scan_shape=(32, 32), detector=32, max_phase=0.3)
+    q = SimulationParams(scan_shape=(32, 32), detector=32, max_phase=0.3,
+                         rotation_quarter_turns=quarter_turns, flip=flip)
+    ref = icom(com_dataset(*expected_com(p)[:2], p), p.calibration(), pad="none").phase.values
+    turned = icom(com_dataset(*expected_com(q)[:2], q), q.calibration(), pad="none").phase.values
+    assert np.allclose(turned, ref, atol=1e-4 * np.ptp(ref))
+    # ignoring the calibrated rotation/flip ruins the image
+    wrong = icom(com_dataset(*expected_com(q)[:2], q), q.calibration().replace(rotation_deg=0.0, flip=False),
+                 pad="none").phase.values
+    assert pearson(wrong, ref) < 0.6
+
+
+def test_px_and_mrad_inputs_agree():
+    cy, cx, _ = expected_com(WEAK)
+    cal = WEAK.calibration()
+    a = icom(com_dataset(cy, cx, WEAK, units="px"), cal).phase.values
+    b = icom(com_dataset(cy, cx, WEAK, units="mrad"), cal).phase.values
+    assert np.allclose(a, b, atol=1e-9)
+
+
+def test_scan_frame_com_maps_units_rotation_and_missing_positions():
+    p = SimulationParams(scan_shape=(4, 5), detector=32, rotation_quarter_turns=1)
+    cal = p.calibration()
+    rng = np.random.default_rng(0)
+    sy, sx = rng.normal(size=(2, 4, 5))  # a scan-frame field (Å⁻¹)
+    dy, dx = scan_to_detector_frame(sy, sx, cal.rotation_deg, cal.flip)
+    dy[0, 0] = dx[0, 0] = np.nan  # a position without electrons
+    com = com_dataset(dy / cal.detector_pixel_inv_a, dx / cal.detector_pixel_inv_a, p)
+    gy, gx = scan_frame_com(com, cal)
+    sy[0, 0] = sx[0, 0] = 0.0  # no electrons: no deflection
+    assert np.allclose(gy.values, sy) and np.allclose(gx.values, sx)
+
+
+def test_icom_graph_is_lazy_and_has_physical_coords():
+    cy, cx, _ = expected_com(WEAK)
+    calls = []
+
+    def load(v):
+        calls.append(1)
+        return v
+
+    com = com_dataset(cy, cx, WEAK)
+    com = com.map(lambda v: v.copy(data=v.data.map_blocks(load, dtype=v.dtype, meta=np.empty((0, 0)))), keep_attrs=True)
+    out = icom(com, WEAK.calibration())
+    assert calls == [] and isinstance(out.phase.data, da.Array)
+    assert out.phase.dims == ("scan_y", "scan_x")
+    assert out.phase.attrs["units"] == "rad"
+    assert np.allclose(out.scan_x.values, np.arange(64) * WEAK.scan_step)
+    with dask.config.set(scheduler="sync"):
+        out.compute()
+    assert calls
+
+
+def test_bad_input_is_named():
+    cy, cx, _ = expected_com(WEAK)
+    cal = WEAK.calibration()
+    with pytest.raises(ValueError, match="pad"):
+        icom(com_dataset(cy, cx, WEAK), cal, pad="zero")
+    with pytest.raises(ValueError, match="highpass"):
+        icom(com_dataset(cy, cx, WEAK), cal, highpass=-1.0)
+    bad_units = com_dataset(cy, cx, WEAK)
+    bad_units["com_y"].attrs["units"] = "deg"
+    with pytest.raises(ValueError, match="units"):
+        icom(bad_units, cal)
+    with pytest.raises(ValueError, match="lacks"):
+        icom(com_dataset(cy, cx, WEAK)[["com_y"]], cal)
+    with pytest.raises(ValueError, match="scan step"):
+        integrate_com(cy, cx, step_a=0.0)
+    with pytest.raises(ValueError, match="one shape"):
+        integrate_com(cy, cx[:-1], step_a=1.0)
