@@ -173,7 +173,7 @@ def com(ds, reference="bf", units: str = "px", vacuum=None) -> xr.Dataset:
             "com_y": _scan_dataarray(ds, both[..., 0], "com_y", {**attrs, "long_name": "centre of mass k_y (detector frame)"}),
             "com_x": _scan_dataarray(ds, both[..., 1], "com_x", {**attrs, "long_name": "centre of mass k_x (detector frame)"}),
         },
-        attrs={**attrs, "method": "com"},
+        attrs={**{k: v for k, v in attrs.items() if k != "units"}, "method": "com"},
     )
     return out
 
