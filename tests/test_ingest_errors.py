@@ -142,7 +142,7 @@ def test_overwrite_keeps_old_output_when_the_source_is_bad(tmp_path, csr_file):
     assert open_store(out).complete
 
 
-def test_incomplete_store_refused(tmp_path, csr_file, monkeypatch):
+def test_incomplete_store_refused(tmp_path, csr_file, monkeypatch, capsys):
     out = tmp_path / "o.zarr"
     real = CSRSource.read_rows
 
@@ -157,6 +157,9 @@ def test_incomplete_store_refused(tmp_path, csr_file, monkeypatch):
     with pytest.raises(IncompleteStoreError, match=r"o.zarr: store is incomplete"):
         open_store(out)
     assert main(["info", str(out), "--json"]) == 0  # info still describes it, as INCOMPLETE
+    capsys.readouterr()
+    cli_fails(["reconstruct", str(out), "--method", "com", "--out", str(tmp_path / "r.zarr"), "--quiet"],
+              capsys, out, "incomplete")
 
 
 def test_resume_refuses_a_different_source_or_parameters(tmp_path, csr_file, monkeypatch):

@@ -97,6 +97,7 @@ def ingest(
     if out.exists() and not (overwrite or resume):
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it, --resume to finish it)")
     cal = _calibration(calibration)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".stemdask-ingest-", dir=out.resolve().parent))
     try:
         with open_source(input, format, mode=mode, scan_shape=scan_shape, detector_shape=detector_shape,
@@ -131,10 +132,14 @@ def _run(store: EventStore, src: Source, todo, progress: bool) -> None:
 
     try:
         run_jobs(job, [int(b) for b in todo], desc="ingest", progress=progress)
-    except (ValueError, OSError, StoreError) as e:
+    except Exception as e:
         done = int(store.committed_blocks().sum())
-        raise type(e)(f"{e}\n{store.path} is left incomplete ({done} of {store.n_blocks} row blocks written); "
-                      f"fix the cause and re-run with --resume, or --overwrite") from e
+        note = (f"{store.path} is left incomplete ({done} of {store.n_blocks} row blocks written); "
+                f"fix the cause and re-run with --resume, or --overwrite")
+        if isinstance(e, (ValueError, OSError, StoreError)) and len(e.args) == 1:
+            raise type(e)(f"{e}\n{note}") from e  # the CLI prints the message: keep the note in it
+        e.add_note(note)
+        raise
 
 
 def validate_against_source(store, source=None, *, progress: bool = False) -> dict:
