@@ -32,14 +32,17 @@ def per_position(indices, offsets):
     return [indices[offsets[p] : offsets[p + 1]] for p in range(offsets.size - 1)]
 
 
-def write_stempy(path, events, scan_file, det, version=1, frames_per_position=1, two_d=False, split=False):
+def write_stempy(path, events, scan_file, det, version=1, frames_per_position=1, two_d=False, split=False,
+                 shuffle=False):
     """A stempy HDF5 file exactly as stempy lays it out (see stemdask.io.stempy).
 
     ``events``: one array per file position (scan_file order). v1: one frame per position;
     v2 with ``split``: each position's events in two frames, the second frames appended after
     all first frames (scan_positions repeats, non-contiguous); v3: ``frames_per_position``
-    frames per position, flattened (or 2-D with ``two_d``).
-    Returns the frames of each position in the order they appear in the file.
+    frames per position, flattened (or 2-D with ``two_d``). ``shuffle``: frames stored in a
+    random order, scan_positions saying where each belongs.
+    Returns (indices, offsets) of what an ingest must give: each position's frames merged
+    in file order.
     """
     rng = np.random.default_rng(1)
     n = len(events)
@@ -54,6 +57,10 @@ def write_stempy(path, events, scan_file, det, version=1, frames_per_position=1,
         frames, positions = list(events), np.arange(n)
     else:
         frames, positions = [f for p in parts for f in p], np.arange(n)
+    if shuffle:
+        assert version < 3, "v3 frames are tied to their row; shuffle v1/v2 only"
+        perm = rng.permutation(len(frames))
+        frames, positions = [frames[i] for i in perm], positions[perm]
     vlen = h5py.vlen_dtype(np.uint32)
     with h5py.File(path, "w") as f:
         if version > 1:
@@ -71,6 +78,11 @@ def write_stempy(path, events, scan_file, det, version=1, frames_per_position=1,
             for i, x in enumerate(frames):
                 fr[i] = np.asarray(x, np.uint32)
         fr.attrs["Nx"], fr.attrs["Ny"] = det[0], det[1]
+    if version >= 3:
+        return np.concatenate(events), np.concatenate([[0], np.cumsum([e.size for e in events])])
+    merged = [np.concatenate([x for x, q in zip(frames, positions) if q == p] or [np.empty(0, np.uint32)])
+              for p in range(n)]
+    return np.concatenate(merged).astype(np.uint32), np.concatenate([[0], np.cumsum([m.size for m in merged])])
 
 
 def dense_from_csr(indices, offsets, scan=SCAN, det=DET, dtype=np.uint16):
@@ -135,19 +147,21 @@ def test_csr_shapes_from_npz_keys_and_calibration(tmp_path):
 
 # ------------------------------------------------------------------ stempy
 @pytest.mark.parametrize(
-    "version, F, two_d, split",
-    [(1, 1, False, False), (2, 1, False, True), (3, 1, False, False), (3, 3, False, False), (3, 2, True, False)],
+    "version, F, two_d, split, shuffle",
+    [(1, 1, False, False, False), (1, 1, False, False, True), (2, 1, False, True, False),
+     (2, 1, False, True, True), (3, 1, False, False, False), (3, 3, False, False, False), (3, 2, True, False, False)],
 )
-def test_stempy_round_trip(tmp_path, version, F, two_d, split):
+def test_stempy_round_trip(tmp_path, version, F, two_d, split, shuffle):
     indices, offsets = random_csr(seed=version + F)
     events = per_position(indices, offsets)
     src = tmp_path / "s.h5"
-    write_stempy(src, events, SCAN, DET, version=version, frames_per_position=F, two_d=two_d, split=split)
+    exp_indices, exp_offsets = write_stempy(src, events, SCAN, DET, version=version, frames_per_position=F,
+                                            two_d=two_d, split=split, shuffle=shuffle)
+    np.testing.assert_array_equal(exp_offsets, offsets)
     assert sniff_format(src) == "stempy"
     store = ingest(src, tmp_path / "s.zarr", rows_per_block=4, progress=False)
     assert store.scan_shape == SCAN and store.detector_shape == DET
-    # frames of one position are merged in file order: for these files that is the original order
-    assert_store_equals(store, indices, offsets)
+    assert_store_equals(store, exp_indices, exp_offsets)  # frames of a position merged in file order
     assert store.provenance["ingest"]["stempy_version"] == version
     assert validate_against_source(store)["source_events"] == offsets[-1]
 
