@@ -114,6 +114,12 @@ def test_bad_calibration(tmp_path, csr_file, field, value):
     assert not (tmp_path / "o.zarr").exists()
 
 
+def test_unknown_calibration_field(tmp_path, csr_file):
+    with pytest.raises(ValueError, match=r"unknown calibration fields \['voltage'\]"):
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET,
+               calibration={"voltage": 300}, progress=False)
+
+
 def test_bad_calibration_cli(tmp_path, csr_file, capsys):
     cli_fails(["ingest", str(csr_file), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN),
                "--detector-shape", *map(str, DET), "--energy-kev", "-300"], capsys, "energy_ev")

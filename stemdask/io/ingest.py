@@ -10,6 +10,7 @@ writes with :meth:`EventStore.write_block`, idempotent, commit mark last); final
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,14 +24,14 @@ from ..store import CorruptStoreError, EventStore, StoreError, create_store, ope
 from .common import Source, file_sha256
 from .formats import open_source
 
-_CALIBRATION_KEYS = ("energy_ev", "scan_step_a", "semiangle_mrad", "detector_pixel_mrad")
+_CALIBRATION_KEYS = tuple(f.name for f in dataclasses.fields(Calibration))
 
 
 def _calibration(overrides: dict | None) -> Calibration:
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(_CALIBRATION_KEYS)
     if unknown:
-        raise ValueError(f"unknown calibration fields {sorted(unknown)}; allowed {_CALIBRATION_KEYS}")
+        raise ValueError(f"unknown calibration fields {sorted(unknown)}; known: {_CALIBRATION_KEYS}")
     return Calibration(**overrides)  # raises ValueError naming a negative / NaN field
 
 
@@ -86,7 +87,8 @@ def ingest(
     ``mode`` / ``threshold``: dense frames only (``counts``: value = electrons; ``threshold``:
     value > threshold = one electron). ``dwell_ns``: event lists only (ns per position).
     ``calibration``: :class:`~stemdask.optics.Calibration` fields (``energy_ev`` in eV,
-    ``scan_step_a`` Å, ``semiangle_mrad``, ``detector_pixel_mrad``).
+    ``scan_step_a`` Å, ``semiangle_mrad``, ``detector_pixel_mrad``, or any other field);
+    the rest keep their defaults (``stemdask calibrate`` finds BF centre and rotation).
     ``resume``: finish an interrupted ingest of the same source into ``out`` (checked by the
     recorded SHA-256 and parameters), skipping committed blocks; the result is identical to
     an uninterrupted ingest. Without ``overwrite``/``resume`` an existing ``out`` is refused.
