@@ -241,3 +241,17 @@ def test_unknown_and_missing_input(tmp_path, capsys):
     np.savez(tmp_path / "w.npz", a=np.zeros(3))
     with pytest.raises(SourceError, match="w.npz: .npz has neither"):
         ingest(tmp_path / "w.npz", tmp_path / "o.zarr", progress=False)
+
+
+def test_truncated_npz_and_npy(tmp_path, csr_file, capsys):
+    bad = tmp_path / "cut.npz"
+    bad.write_bytes(csr_file.read_bytes()[:-200])
+    with pytest.raises(SourceError, match="cut.npz: not a readable .npz"):
+        ingest(bad, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, progress=False)
+    np.save(tmp_path / "d.npy", np.ones((*SCAN, *DET), np.uint8))
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes((tmp_path / "d.npy").read_bytes()[:5000])
+    with pytest.raises(SourceError, match="cut.npy: not a readable .npy"):
+        ingest(cut, tmp_path / "o.zarr", progress=False)
+    cli_fails(["ingest", str(cut), str(tmp_path / "o.zarr")], capsys, cut)
+    assert not (tmp_path / "o.zarr").exists()
