@@ -328,8 +328,9 @@ def test_resume_complete_store_is_a_no_op_and_resume_from_scratch_works(tmp_path
     kw = dict(scan_shape=SCAN, detector_shape=DET, progress=False)
     store = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, **kw)  # nothing to resume: ingests
     assert store.complete
-    again = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, **kw)
+    again = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, calibration={"energy_ev": 60e3}, **kw)
     assert again.complete and again.n_events == offsets[-1]
+    assert open_store(tmp_path / "s.zarr").calibration.energy_ev == 60e3  # a resume may add calibration
 
 
 def test_cli_ingest_and_info(tmp_path, capsys):

@@ -108,6 +108,8 @@ def ingest(
             if resume and out.exists():
                 store = open_store(out, allow_incomplete=True, mode="r+")
                 _check_resumable(store, prov, rows_per_block)
+                if calibration:
+                    store.set_calibration(store.calibration.replace(**calibration))
                 if store.complete:
                     return store
                 todo = np.flatnonzero(~store.committed_blocks())
