@@ -3,8 +3,9 @@
 Synthetic 4D Camera-like data: a 576×576 detector, ``--scan``² positions with Poisson
 (``--epp``) electrons each, 85 % in a bright-field disk (radius 80 px) and 15 % spread over
 the detector, indices sorted within each position. Prints events/s for each ingest
-(end-to-end: source SHA-256, read, checks, CRC, compress, write, finalize), bytes per event
-on disk, and the same for a plain-NumPy baseline measured in the same run (``np.save`` of
+(end-to-end: source SHA-256, read, checks, CRC, compress, write, finalize; best of
+``--repeat`` runs, with the CPU time of that run, from files in the page cache), bytes per
+event on disk, and the same for a plain-NumPy baseline measured in the same run (``np.save`` of
 indices + offsets: no checks, no compression). Also a deflated npz (``np.savez_compressed``,
 extracted once to scratch, see ``stemdask.io.npzfile``). ``--profile`` times the parts of
 one row block's write path and alternative Blosc settings; ``--codec zstd:1:bitshuffle``
@@ -69,10 +70,22 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def report(name, n, seconds, nbytes, base_rate=None):
+def best_of(fn, repeat):
+    """(result, best wall seconds, CPU seconds of that run) over ``repeat`` runs."""
+    best = None
+    for _ in range(repeat):
+        c = time.process_time()
+        out, t = timed(fn)
+        if best is None or t < best[1]:
+            best = (out, t, time.process_time() - c)
+    return best
+
+
+def report(name, n, seconds, cpu, nbytes, base_rate=None):
     rate = n / seconds
-    extra = f"   {rate / base_rate:5.2f}× the NumPy baseline" if base_rate else ""
-    print(f"{name:34s} {seconds:7.2f} s  {rate / 1e6:7.1f} M events/s  {nbytes / n:5.2f} B/event{extra}")
+    extra = f"  {rate / base_rate:5.2f}× baseline" if base_rate else ""
+    print(f"{name:44s} {seconds:6.2f} s {rate / 1e6:6.1f} M ev/s  CPU {cpu / n * 1e9:5.1f} ns/ev "
+          f"{nbytes / n:5.2f} B/ev{extra}")
     return rate
 
 
@@ -114,6 +127,7 @@ def main():
     ap.add_argument("--scan", type=int, default=320, help="scan is SCAN×SCAN positions")
     ap.add_argument("--epp", type=float, default=500.0, help="mean electrons per position")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
+    ap.add_argument("--repeat", type=int, default=3, help="report the best of this many runs (shared machines)")
     ap.add_argument("--profile", action="store_true", help="also time the write path's parts")
     ap.add_argument("--codec", action="append", default=[], metavar="CNAME:CLEVEL:SHUFFLE",
                     help="also ingest with this Blosc codec instead of the store's (repeatable)")
@@ -140,18 +154,19 @@ def main():
             np.save(workdir / "base_indices.npy", src["indices"])
             np.save(workdir / "base_offsets.npy", src["offsets"])
 
-        _, t = timed(baseline)
+        _, t, cpu = best_of(baseline, args.repeat)
         base_bytes = sum((workdir / f).stat().st_size for f in ("base_indices.npy", "base_offsets.npy"))
-        base_rate = report("NumPy baseline (np.load + np.save)", n, t, base_bytes)
+        base_rate = report("NumPy baseline (np.load + np.save)", n, t, cpu, base_bytes)
 
         deflated = workdir / "events_deflated.npz"
         np.savez_compressed(deflated, indices=indices, offsets=offsets, scan_shape=[args.scan] * 2,
                             detector_shape=DET)
         runs = [("CSR npz → store", csr), ("stempy HDF5 v1 → store", stempy), ("CSR npz (deflated) → store", deflated)]
         for name, src in runs:
-            store, t = timed(lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False))
+            store, t, cpu = best_of(lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False),
+                                    args.repeat)
             assert store.n_events == n
-            report(name, n, t, store.nbytes_stored(), base_rate)
+            report(name, n, t, cpu, store.nbytes_stored(), base_rate)
         for codec in args.codec:
             import stemdask.store
             from zarr.codecs import BloscCodec
@@ -159,8 +174,9 @@ def main():
             cname, clevel, shuffle = codec.split(":")
             stemdask.store._compressor = lambda: BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle)
             for name, src in runs[:2]:
-                store, t = timed(lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False))
-                report(f"{name} [{codec}]", n, t, store.nbytes_stored(), base_rate)
+                store, t, cpu = best_of(lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False),
+                                        args.repeat)
+                report(f"{name} [{codec}]", n, t, cpu, store.nbytes_stored(), base_rate)
         del indices
         if args.profile:
             indices = np.load(csr)["indices"]
