@@ -89,6 +89,38 @@ def report(name, n, seconds, cpu, nbytes, base_rate=None):
     return rate
 
 
+def deflated_access(deflated, offsets, scan, workdir):
+    """Deflated npz: extract once to scratch (what ingest does) vs. each block decompressing
+    the member from its start up to its slice (zipfile seek), one thread."""
+    import zipfile
+
+    from stemdask.io.npzfile import NpzArrays
+    from stemdask.store import default_rows_per_block
+
+    rows = default_rows_per_block((scan, scan))
+    npz = NpzArrays(deflated, workdir)
+    _, t_extract = timed(lambda: np.asarray(npz.array("indices")[:1]))
+    npz.close()
+    t_seek = 0.0
+    with zipfile.ZipFile(deflated) as z:
+        for r0 in range(0, scan, rows):
+            a, b = offsets[r0 * scan], offsets[min(r0 + rows, scan) * scan]
+            with z.open("indices.npy") as f:
+                version = np.lib.format.read_magic(f)
+                np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+                start = f.tell()
+
+                def read():
+                    f.seek(start + 4 * a)
+                    return np.frombuffer(f.read(4 * (b - a)), np.uint32)
+
+                _, t = timed(read)
+                t_seek += t
+    n = offsets[-1]
+    print(f"\ndeflated npz, {n / 1e6:.0f} M events: extract once {t_extract:.2f} s; "
+          f"seek+decompress per block {t_seek:.2f} s (grows with the number of blocks)")
+
+
 def profile(indices, offsets, scan, workdir):
     """Time the parts of writing one row block, and alternative Blosc settings (one core)."""
     import numcodecs
@@ -179,6 +211,7 @@ def main():
                 report(f"{name} [{codec}]", n, t, cpu, store.nbytes_stored(), base_rate)
         del indices
         if args.profile:
+            deflated_access(deflated, offsets, args.scan, workdir)
             indices = np.load(csr)["indices"]
             profile(indices, offsets, args.scan, workdir)
     finally:
