@@ -272,12 +272,33 @@ class LiveView:
         self.fig.canvas.draw_idle()
 
     def follow(self, thread: threading.Thread, interval: float = 0.25) -> None:
-        """Update every ``interval`` s while ``thread`` runs, then once more; re-raise its error."""
+        """Update every ``interval`` s while ``thread`` runs, then once more; re-raise its error.
+
+        Interactive backends (``%matplotlib widget``, Qt…) redraw in place; with the
+        notebook's default inline backend the figure is shown once and its output cell is
+        replaced at every update.
+        """
+        handle = self._inline_display()
         while thread.is_alive():
-            self.update()
-            self.fig.canvas.flush_events()
+            self._refresh(handle)
             time.sleep(interval)
         thread.join()
-        self.update()
+        self._refresh(handle)
         if getattr(thread, "exception", None) is not None:
             raise thread.exception
+
+    def _inline_display(self):
+        import matplotlib
+
+        if "inline" not in matplotlib.get_backend():
+            return None
+        from IPython.display import display
+
+        return display(self.fig, display_id=True)
+
+    def _refresh(self, handle) -> None:
+        self.update()
+        if handle is not None:
+            handle.update(self.fig)
+        else:
+            self.fig.canvas.flush_events()

@@ -156,6 +156,24 @@ def test_live_view_builds_headless_and_follows_a_feed(store, tmp_path):
     assert (tmp_path / "live.png").stat().st_size > 1000
 
 
+def test_live_view_replaces_its_inline_notebook_output(store, monkeypatch):
+    import IPython.display
+
+    shown = []
+
+    class Handle:
+        def update(self, fig):
+            shown.append(fig)
+
+    monkeypatch.setattr(matplotlib, "get_backend", lambda: "module://matplotlib_inline.backend_inline")
+    monkeypatch.setattr(IPython.display, "display", lambda fig, display_id: Handle())
+    live = LiveRiCOM(store.scan_shape, store.detector_shape, store.calibration, **KW)
+    view = LiveView(live)
+    worker = live.run_in_background(consume, iter(per_position(store)))
+    view.follow(worker, interval=0.01)
+    assert shown and all(f is view.fig for f in shown)
+
+
 def test_shared_abtem_case_replays_to_batch(abtem_case):
     """Independent data (abTEM): the CSR replay equals batch riCOM of its COM."""
     params = json.loads((abtem_case / "params.json").read_text())
