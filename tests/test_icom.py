@@ -238,3 +238,28 @@ def test_cli_runs_icom_dpc_and_ricom_on_an_event_store(tmp_path):
     assert main(argv[:-3] + ["--out", str(tmp_path / "w.zarr"), "--rotation-deg", "90", "--quiet"]) == 0
     wrong = xr.open_zarr(tmp_path / "w.zarr")
     assert pearson(wrong["icom_phase"].values, truth) < 0.5
+
+
+def test_registered_methods_build_without_reading_the_store(tmp_path, monkeypatch):
+    """run(ds, args) of icom, dpc and ricom only builds graphs: no row block is read until compute."""
+    import stemdask.events
+    from stemdask.cli import build_parser
+    from stemdask.methods import load_methods
+    from stemdask.simulate import simulate
+    from stemdask.store import EventStore
+
+    p = SimulationParams(scan_shape=(24, 24), detector=16, dose=500)
+    simulate(tmp_path / "s.zarr", p, rows_per_block=8, progress=False)
+    reads = []
+    original = EventStore.read_block
+    monkeypatch.setattr(EventStore, "read_block", lambda self, b: reads.append(b) or original(self, b))
+    args = build_parser().parse_args(["reconstruct", str(tmp_path / "s.zarr"), "--method", "icom", "--out", "x",
+                                      "--kernel-size", "9"])
+    ds = stemdask.events.open(tmp_path / "s.zarr")
+    methods = load_methods()
+    results = {m: methods[m].run(ds, args) for m in ("icom", "dpc", "ricom")}
+    assert reads == []
+    for m, res in results.items():
+        assert res.phase.attrs["method"] == m and res.phase.dims == ("scan_y", "scan_x")
+    xr.merge(list(results.values()), compat="override").compute()
+    assert sorted(set(reads)) == [0, 1, 2]
