@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stemdask.cli import main
 from stemdask.io import ingest, open_source, sniff_format, validate_against_source
@@ -22,7 +26,7 @@ def random_csr(seed=0, scan=SCAN, det=DET, mean=20.0):
     rng = np.random.default_rng(seed)
     n_pos, n_pix = scan[0] * scan[1], det[0] * det[1]
     counts = rng.poisson(mean, n_pos)
-    counts[3] = 0  # an empty position
+    counts[3 % n_pos] = 0  # an empty position
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     indices = np.concatenate([np.sort(rng.integers(0, n_pix, c)) for c in counts]).astype(np.uint32)
     return indices, offsets
@@ -360,3 +364,27 @@ def test_shared_abtem_case_via_cli(tmp_path, capsys, abtem_case):
     with np.load(abtem_case / "events_dose1000.npz") as z:
         indices, offsets = z["indices"], z["offsets"]
     assert_store_equals(open_store(out), indices, offsets)
+
+
+# ------------------------------------------------------------------ block boundaries (property)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ny=st.integers(1, 7), nx=st.integers(1, 6), rows=st.integers(1, 8), mean=st.sampled_from([0.0, 0.5, 6.0]),
+       fmt=st.sampled_from(["csr", "stempy", "events"]))
+def test_any_block_layout_round_trips(ny, nx, rows, mean, fmt):
+    """Scan shapes, rows per block (dividing the scan or not, larger than it) and empty
+    positions/blocks: the store always equals the source."""
+    indices, offsets = random_csr(seed=ny * 7 + nx, scan=(ny, nx), det=(5, 7), mean=mean)
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / {"csr": "ev.npz", "stempy": "ev.h5", "events": "tev.npz"}[fmt]
+        kw = {}
+        if fmt == "csr":
+            np.savez(src, indices=indices, offsets=offsets, scan_shape=(ny, nx), detector_shape=(5, 7))
+        elif fmt == "stempy":
+            write_stempy(src, per_position(indices, offsets), (ny, nx), (5, 7), version=3, frames_per_position=2)
+        else:
+            pos = np.repeat(np.arange(ny * nx), np.diff(offsets))
+            np.savez(src, index=indices, toa_ns=pos * 10.0 + 3.0)
+            kw = dict(scan_shape=(ny, nx), detector_shape=(5, 7), dwell_ns=10.0)
+        store = ingest(src, Path(d) / "s.zarr", rows_per_block=rows, progress=False, **kw)
+        assert store.n_blocks == -(-ny // min(rows, ny))
+        assert_store_equals(store, indices, offsets)
