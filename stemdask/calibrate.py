@@ -26,7 +26,7 @@ import math
 import os
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, optimize
 
 from .optics import detector_to_scan_frame
 from .store import open_store
@@ -157,28 +157,202 @@ def resolve_half_turn(com_y, com_x, rotation_deg: float, flip: bool, step=(1.0, 
     g_y, g_x = detector_to_scan_frame(_clean(com_y), _clean(com_x), rotation_deg, flip)
     skew = skewness(icom_fourier(g_y, g_x, step))
     theta = rotation_deg if skew >= 0 else rotation_deg + 180.0
-    theta = -((-theta + 180.0) % 360.0 - 180.0)  # into (−180, 180]
-    return {"rotation_deg": theta, "phase_skewness": abs(skew)}
+    return {"rotation_deg": _wrap180(theta), "phase_skewness": abs(skew)}
+
+
+def _peak(cc: np.ndarray) -> np.ndarray:
+    """Position (y, x) px of a periodic correlation's maximum, parabolic sub-pixel, in [−n/2, n/2)."""
+    ny, nx = cc.shape
+    iy, ix = np.unravel_index(np.argmax(cc), cc.shape)
+    c0 = cc[iy, ix]
+
+    def sub(a, b):
+        den = a - 2 * c0 + b
+        return 0.5 * (a - b) / den if den != 0 else 0.0
+
+    dy = iy + sub(cc[iy - 1, ix], cc[(iy + 1) % ny, ix])
+    dx = ix + sub(cc[iy, ix - 1], cc[iy, (ix + 1) % nx])
+    return np.array([(dy + ny / 2) % ny - ny / 2, (dx + nx / 2) % nx - nx / 2])
+
+
+def _similarity(m: np.ndarray, flip: bool) -> tuple[float, float, float]:
+    """Closest ``p·[[c, s], [−s, c]]·F`` to ``m`` (F = diag(1, −1) if flip): (p·c, p·s, distance)."""
+    n = m @ np.diag([1.0, -1.0]) if flip else m
+    pc, ps = (n[0, 0] + n[1, 1]) / 2, (n[0, 1] - n[1, 0]) / 2
+    fitted = np.array([[pc, ps], [-ps, pc]])
+    return pc, ps, float(np.linalg.norm(n - fitted))
+
+
+def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.ndarray, step, wavelength: float,
+             band_inv_a: float, iterations: int = 2) -> dict:
+    """Rotation, flip and defocus from the parallax of bright-field images (defocused data).
+
+    ``dense`` (ny, nx, n, n) counts; ``k_y, k_x`` (n,) detector-frame frequencies of its
+    pixels (Å⁻¹, relative to k = 0); ``inside`` (n, n) the pixels to use (well inside the BF
+    disk); ``step`` scan step (y, x) Å; ``band_inv_a`` the information limit 2α/λ (Å⁻¹).
+
+    Physics (weak phase object, probe ψ = A·exp(−iχ), χ = πλC10k², numpy's forward FFT):
+    the image of BF pixel k is ``I_k(R) = 1 + T(R − d_k)`` with ``d_k = −λ·C10·k_scan`` and
+    ``T(q) = 2 sin(πλC10 q²) Φ(q)``. So the shifts are linear in the detector-frame k,
+    ``d = M k`` with ``M = −λ C10 · R(θ) F`` (R, F of :func:`stemdask.optics.detector_to_scan_frame`):
+    M's form (rotation or reflection) gives the flip, its angle θ modulo 180°, its size |C10|.
+    θ and θ + 180° go with opposite signs of C10 and so opposite CTF signs: the phase
+    ``T(q)·sign(sin(πλC10 q²))`` (the tilt-corrected BF image, CTF phase-flipped, band-limited)
+    must have atoms positive, i.e. positive skewness — that picks the pair.
+
+    Shifts: first from the summed cross-power of all neighbouring pixel pairs along k_y and
+    k_x (no reference needed), then refined by correlating every image with the aligned mean
+    (the tilt-corrected BF) and a least-squares fit ``d = M k + d0``; finally, for each flip,
+    the scale and angle of M that maximise the power of the aligned mean within the band
+    (Nelder–Mead from the least-squares M). The flip with the larger power wins.
+    Returns {rotation_deg, flip, c10_a, phase_skewness, sharpness_gain (aligned power over
+    unaligned), flip_contrast (best flip's power over the other's), max_shift_a}.
+    """
+    ny, nx = dense.shape[:2]
+    step = np.asarray(step, dtype=np.float64)
+    iy, ix = np.nonzero(inside)
+    if iy.size < 4:
+        raise ValueError("parallax needs at least 4 bright-field pixels")
+    imgs = dense[:, :, iy, ix].transpose(2, 0, 1).astype(np.float64)
+    mean = imgs.mean(axis=(1, 2), keepdims=True)
+    imgs = imgs / np.where(mean > 0, mean, 1.0) - 1.0
+    spec = np.fft.fft2(imgs)
+    k = np.stack([k_y[iy], k_x[ix]], axis=1)
+    where = {(a, b): j for j, (a, b) in enumerate(zip(iy, ix))}
+    m0 = np.zeros((2, 2))
+    for axis, (oy, ox) in enumerate([(1, 0), (0, 1)]):
+        cross = np.zeros((ny, nx), complex)
+        for (a, b), j in where.items():
+            j2 = where.get((a + oy, b + ox))
+            if j2 is not None:
+                cross += spec[j2] * spec[j].conj()
+        dk = (k_y[1] - k_y[0]) if axis == 0 else (k_x[1] - k_x[0])
+        m0[:, axis] = _peak(np.fft.ifft2(cross).real) * step / dk
+    q_y = np.fft.fftfreq(ny)[:, None]
+    q_x = np.fft.fftfreq(nx)[None, :]
+
+    def aligned_mean(shifts_a):
+        s = shifts_a / step
+        return (spec * np.exp(2j * np.pi * (q_y * s[:, 0, None, None] + q_x * s[:, 1, None, None]))).mean(axis=0)
+
+    band = (np.fft.fftfreq(ny, step[0])[:, None] ** 2 + np.fft.fftfreq(nx, step[1])[None, :] ** 2) < band_inv_a**2
+
+    def _aligned_power(v, flip):
+        pc, ps = v
+        rf = np.array([[pc, ps], [-ps, pc]]) @ (np.diag([1.0, -1.0]) if flip else np.eye(2))
+        return float(np.sum(np.abs(aligned_mean(k @ rf.T))[band] ** 2))
+
+    design = np.column_stack([k, np.ones(len(k))])
+    fit = k @ m0.T
+    for _ in range(iterations):
+        ref = aligned_mean(fit)
+        cc = np.fft.ifft2(spec * ref.conj()).real
+        shifts = np.array([_peak(c) for c in cc]) * step
+        coef, *_ = np.linalg.lstsq(design, shifts, rcond=None)
+        fit = design @ coef
+    m = coef[:2].T
+    # refine: the rotation/reflection (and scale) that makes the aligned mean sharpest
+    power = {}
+    for flip in (False, True):
+        start = np.array(_similarity(m, flip)[:2])
+        res = optimize.minimize(lambda v: -_aligned_power(v, flip), start, method="Nelder-Mead",
+                                options={"xatol": 1e-4 * np.abs(start).max(), "fatol": 0.0, "maxiter": 400})
+        power[flip] = (-res.fun, *res.x)
+    best = max(power, key=lambda f: power[f][0])
+    _, pc, ps = power[best]
+    size = math.hypot(pc, ps)
+    unaligned = _aligned_power((0.0, 0.0), False)
+    theta = math.degrees(math.atan2(ps, pc))  # the pair member with C10 < 0 (M = −λC10·R·F, −λC10 > 0)
+    c10 = -size / wavelength
+    Q2 = np.fft.fftfreq(ny, step[0])[:, None] ** 2 + np.fft.fftfreq(nx, step[1])[None, :] ** 2
+    ctf = np.sin(np.pi * wavelength * c10 * Q2)
+    rf = np.array([[pc, ps], [-ps, pc]]) @ (np.diag([1.0, -1.0]) if best else np.eye(2))
+    keep = (np.abs(ctf) > 0.3) & band
+    skew = skewness(np.fft.ifft2(aligned_mean(k @ rf.T) * np.sign(ctf) * keep).real)
+    if skew < 0:
+        theta, c10 = theta + 180.0, -c10
+    return {
+        "rotation_deg": _wrap180(theta), "flip": best, "c10_a": c10, "phase_skewness": abs(skew),
+        "sharpness_gain": power[best][0] / unaligned if unaligned > 0 else math.inf,
+        "flip_contrast": power[best][0] / power[not best][0] if power[not best][0] > 0 else math.inf,
+        "max_shift_a": size * float(np.hypot(k[:, 0], k[:, 1]).max()),
+    }
+
+
+def _wrap180(theta: float) -> float:
+    """Angle into (−180, 180]."""
+    return -((-theta + 180.0) % 360.0 - 180.0)
+
+
+def parallax_from_dataset(ds, center, radius, max_scan: int = 128) -> dict:
+    """:func:`parallax` on a dataset: bins the scan to ≤ ``max_scan`` a side and the
+    detector to ~6 pixels per BF radius, uses pixels ≥ one bin inside the BF disk."""
+    cal = ds.calibration
+    if cal.semiangle_mrad is None:
+        raise ValueError("parallax needs the convergence semi-angle (calibration.semiangle_mrad)")
+    f = max(1, math.ceil(max(ds.scan_shape) / max_scan))
+    small = ds.bin_scan(f) if f > 1 else ds
+    b = max(1, round(radius / 6.5))
+    dense = small.densify(radius_px=radius, center=center, bin=b).compute()
+    lam = cal.wavelength_a
+    k_y = dense.k_y.values * 1e-3 / lam
+    k_x = dense.k_x.values * 1e-3 / lam
+    r_px = np.hypot(dense.k_y.values[:, None], dense.k_x.values[None, :]) / cal.detector_pixel_mrad
+    band = 2 * cal.semiangle_mrad * 1e-3 / lam
+    return parallax(dense.values, k_y, k_x, r_px < radius - b, small.calibration.scan_step_a, lam, band)
+
+
+#: Parallax is trusted (defocused data) when aligning the BF images raises the power of their
+#: mean at least this much, and the best flip beats the other by this factor. Empirical: in
+#: focus the gain is ≈ 2.5 and the contrast ≈ 1.25 (simulator); defocused ≥ 7 and ≥ 2.5
+#: (simulator at C10 = ±80 Å, abTEM case at −150 Å).
+PARALLAX_MIN_GAIN = 4.0
+PARALLAX_MIN_FLIP_CONTRAST = 1.5
+#: … and the shifts across the BF disk reach this many scan steps.
+PARALLAX_MIN_SHIFT_STEPS = 2.0
 
 
 def calibrate(ds) -> dict:
-    """Calibrate an :class:`~stemdask.events.EventDataset` (two passes over the events).
+    """Calibrate an :class:`~stemdask.events.EventDataset` (three passes over the events).
 
-    Pass 1: PACBED → BF centre and radius. Pass 2: COM → rotation and flip.
-    Returns {bf_center [y, x] px, bf_radius px, rotation_deg, flip, curl_fraction, phase_skewness}.
+    1. PACBED → BF centre and radius (:func:`bf_disk`).
+    2. Parallax of the BF images (:func:`parallax`, needs ``semiangle_mrad``): rotation, flip,
+       C10 and the half turn — used when trusted (see ``PARALLAX_MIN_*``): defocused data,
+       where the COM signal is washed out by the wide probe.
+    3. Otherwise (in focus: no parallax) COM curl minimisation (:func:`rotation_from_com`)
+       and the iCOM skewness for the half turn (:func:`resolve_half_turn`).
+
+    Returns a JSON-serialisable dict: bf_center [y, x] px, bf_radius px, rotation_deg, flip,
+    method ("parallax" or "com"), c10_estimate_a (Å, parallax only, else None),
+    curl_fraction {false, true}, phase_skewness, parallax_gain, parallax_flip_contrast.
     """
     center, radius = bf_disk(ds.pacbed().values)
-    com = ds.com(reference=center).compute()
     step = ds.calibration.scan_step_a
+    px = parallax_from_dataset(ds, center, radius) if ds.calibration.semiangle_mrad is not None else None
+    trusted = (
+        px is not None
+        and px["sharpness_gain"] >= PARALLAX_MIN_GAIN
+        and px["flip_contrast"] >= PARALLAX_MIN_FLIP_CONTRAST
+        and px["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(step)
+    )
+    com = ds.com(reference=center).compute()
     rot = rotation_from_com(com.com_y.values, com.com_x.values, step)
-    half = resolve_half_turn(com.com_y.values, com.com_x.values, rot["rotation_deg"], rot["flip"], step)
+    if trusted:
+        rotation, flip, skew, method = px["rotation_deg"], px["flip"], px["phase_skewness"], "parallax"
+    else:
+        half = resolve_half_turn(com.com_y.values, com.com_x.values, rot["rotation_deg"], rot["flip"], step)
+        rotation, flip, skew, method = half["rotation_deg"], rot["flip"], half["phase_skewness"], "com"
     return {
-        "bf_center": [center[0], center[1]],
-        "bf_radius": radius,
-        "rotation_deg": half["rotation_deg"],
-        "flip": rot["flip"],
-        "curl_fraction": {str(k).lower(): v for k, v in rot["curl_fraction"].items()},
-        "phase_skewness": half["phase_skewness"],
+        "bf_center": [float(center[0]), float(center[1])],
+        "bf_radius": float(radius),
+        "rotation_deg": float(rotation),
+        "flip": bool(flip),
+        "method": method,
+        "c10_estimate_a": float(px["c10_a"]) if trusted else None,
+        "curl_fraction": {str(k).lower(): float(v) for k, v in rot["curl_fraction"].items()},
+        "phase_skewness": float(skew),
+        "parallax_gain": float(px["sharpness_gain"]) if px is not None else None,
+        "parallax_flip_contrast": float(px["flip_contrast"]) if px is not None else None,
     }
 
 
