@@ -388,3 +388,37 @@ def test_any_block_layout_round_trips(ny, nx, rows, mean, fmt):
         store = ingest(src, Path(d) / "s.zarr", rows_per_block=rows, progress=False, **kw)
         assert store.n_blocks == -(-ny // min(rows, ny))
         assert_store_equals(store, indices, offsets)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "stempy", "dense", "events"])
+def test_sources_read_a_block_without_the_whole_input(tmp_path, fmt):
+    """Reading 2 of 64 scan rows allocates far less than the input holds (streaming)."""
+    import tracemalloc
+
+    scan, det = (64, 16), (32, 32)
+    indices, offsets = random_csr(seed=11, scan=scan, det=det, mean=400)
+    src = tmp_path / {"csr": "ev.npz", "stempy": "ev.h5", "dense": "ev.npy", "events": "tev.h5"}[fmt]
+    kw = {}
+    if fmt == "csr":
+        np.savez_compressed(src, indices=indices, offsets=offsets, scan_shape=scan, detector_shape=det)
+    elif fmt == "stempy":
+        write_stempy(src, per_position(indices, offsets), scan, det)
+    elif fmt == "dense":
+        np.save(src, dense_from_csr(indices, offsets, scan, det))
+    else:
+        pos = np.repeat(np.arange(scan[0] * scan[1]), np.diff(offsets))
+        with h5py.File(src, "w") as f:
+            f["index"], f["toa_ns"] = indices, pos * 100.0 + 1
+        kw = dict(scan_shape=scan, detector_shape=det, dwell_ns=100.0)
+    per_event = {"csr": 4, "stempy": 4, "events": 12}  # uncompressed bytes of the input
+    payload = per_event[fmt] * offsets[-1] if fmt != "dense" else 2 * scan[0] * scan[1] * det[0] * det[1]
+    with open_source(src, scratch=tmp_path, **kw) as source:
+        source.read_rows(0, 4)  # warm up: compile kernels, import codecs
+        tracemalloc.start()
+        try:
+            counts, got, _ = source.read_rows(30, 32)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    np.testing.assert_array_equal(got, indices[offsets[30 * 16] : offsets[32 * 16]])
+    assert peak < 0.25 * payload, f"peak {peak / 1e6:.2f} MB to read 1/32 of {payload / 1e6:.1f} MB"
