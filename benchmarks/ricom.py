@@ -95,7 +95,7 @@ def bench_live_events(scan: int, epp: float, n: int) -> None:
 
     def ours_inside():
         cy, cx = center_of_mass(cnt, ev, DET, *CAL.bf_center)
-        scatter_com(np.zeros((scan, scan)), p0, cy, cx, kfy, kfx)
+        scatter_com(np.zeros((scan, scan)), scan, p0, cy, cx, kfy, kfx)
 
     def numpy_inside():
         cy, cx = np.empty(p1 - p0), np.empty(p1 - p0)
@@ -158,7 +158,7 @@ def bench_frames(rows: int, n: int, batch_frames: int = 256) -> None:
 
     def ours_inside():
         cy, cx = com_from_frames(frames, *CAL.bf_center, accumulator_zero(frames.dtype))
-        scatter_com(np.zeros((rows, nx)), p0, cy, cx, kfy, kfx)
+        scatter_com(np.zeros((rows, nx)), rows, p0, cy, cx, kfy, kfx)
 
     def numpy_inside():
         f = frames.astype(np.float64)

@@ -13,8 +13,10 @@ Units: the image is in rad, exactly like batch riCOM. The kernel is built in the
 detector pixels — ``k·R(c) = (Rᵀk)·c`` for the rotation/flip R of the calibration, times the
 detector's Å⁻¹ per pixel — so a position's COM is used as measured, in px from the reference.
 
-Memory: the image (ny × nx float64, the result itself) and the kernel; nothing per position
-is kept, so the working memory does not grow with the number of positions streamed.
+Memory: rows still receiving contributions live in a ring buffer of n rows (n × nx float64);
+each row is written to ``out`` (the result: an in-memory array by default, or a memmap/Zarr
+array) as soon as no later position can reach it. Nothing per position is kept, so the
+working memory does not depend on the scan length.
 Thread safety: ``push_*`` and :meth:`LiveRiCOM.snapshot` share a lock; the numba kernels
 release the GIL, so a display thread stays responsive while an acquisition thread pushes.
 
@@ -49,10 +51,13 @@ class LiveRiCOM:
     scan_shape: (ny, nx); detector_shape: (det_y, det_x) pixels; calibration: scan step,
     detector sampling, rotation/flip and (unless ``reference`` is given) the BF centre used
     as the COM reference (px). kernel_size, kmin, kmax: as batch riCOM (kmin/kmax in Å⁻¹).
+    out: where finished rows are written — any (ny, nx) array supporting slice assignment
+    (a NumPy array, ``np.memmap``, a Zarr array); default a new in-memory float64 array.
+    Rows in progress live in a ring buffer of ``kernel_size`` rows.
     """
 
     def __init__(self, scan_shape, detector_shape, calibration: Calibration, *, kernel_size: int = 61,
-                 kmin: float | None = None, kmax: float | None = None, reference=None):
+                 kmin: float | None = None, kmax: float | None = None, reference=None, out=None):
         self.scan_shape = tuple(int(v) for v in scan_shape)
         self.detector_shape = tuple(int(v) for v in detector_shape)
         if len(self.scan_shape) != 2 or min(self.scan_shape) < 1:
@@ -71,7 +76,14 @@ class LiveRiCOM:
         scale = calibration.detector_pixel_inv_a
         self._kfy = np.ascontiguousarray(ky[::-1, ::-1] * scale)
         self._kfx = np.ascontiguousarray(kx[::-1, ::-1] * scale)
-        self._image = np.zeros(self.scan_shape)
+        self._slots = min(self.kernel_size, self.scan_shape[0])
+        self._ring = np.zeros((self._slots, self.scan_shape[1]))  # image row r in slot r % slots
+        if out is None:
+            out = np.zeros(self.scan_shape)
+        elif tuple(out.shape) != self.scan_shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}, the scan is {self.scan_shape}")
+        self.out = out
+        self._final = 0  # rows [0, _final) are finished and written to ``out``
         self._lock = threading.Lock()
         self.positions_done = 0
 
@@ -85,10 +97,18 @@ class LiveRiCOM:
 
     @property
     def rows_final(self) -> int:
-        """Leading image rows that no later position can change any more."""
-        if self.done:
-            return self.scan_shape[0]
-        return max(0, self.positions_done // self.scan_shape[1] - self.kernel_size // 2)
+        """Leading image rows that no later position can change any more (written to ``out``)."""
+        return self._final
+
+    def _finish_rows(self, upto: int) -> None:
+        """Write rows [rows_final, upto) from the ring buffer to ``out`` and free their slots."""
+        upto = min(upto, self.scan_shape[0])
+        if upto <= self._final:
+            return
+        slots = np.arange(self._final, upto) % self._slots
+        self.out[self._final : upto] = self._ring[slots]
+        self._ring[slots] = 0.0
+        self._final = upto
 
     def _claim(self, m: int) -> int:
         start = self.positions_done
@@ -131,15 +151,35 @@ class LiveRiCOM:
         com_x = np.ascontiguousarray(com_x, dtype=np.float64).ravel()
         if com_y.shape != com_x.shape:
             raise ValueError(f"com_y and com_x differ in length ({com_y.size}, {com_x.size})")
+        ny, nx = self.scan_shape
+        h = self.kernel_size // 2
         with self._lock:
             start = self._claim(com_y.size)
-            scatter_com(self._image, start, com_y, com_x, self._kfy, self._kfx)
-            self.positions_done = start + com_y.size
+            end = start + com_y.size
+            p = start
+            while p < end:  # row by row: a row's positions reach rows row − h .. row + h
+                row = p // nx
+                stop = min(end, (row + 1) * nx)
+                self._finish_rows(row - h)  # frees the slot that row + h needs
+                scatter_com(self._ring, ny, p, com_y[p - start : stop - start], com_x[p - start : stop - start],
+                            self._kfy, self._kfx)
+                p = stop
+            self.positions_done = end
+            self._finish_rows(ny if end == self.n_positions else end // nx - h)
 
     def snapshot(self) -> np.ndarray:
-        """A consistent copy of the current image (rad), safe to call from any thread."""
+        """A consistent copy of the current image (rad), safe to call from any thread.
+
+        Finished rows are read back from ``out``, rows in progress from the ring buffer.
+        """
+        ny, nx = self.scan_shape
+        image = np.zeros((ny, nx))
         with self._lock:
-            return self._image.copy()
+            f = self._final
+            image[:f] = self.out[:f]
+            rows = np.arange(f, min(f + self._slots, ny))
+            image[rows] = self._ring[rows % self._slots]
+        return image
 
     def result(self) -> xr.DataArray:
         """The current image as ``phase`` with scan coordinates (Å), like batch riCOM."""

@@ -12,10 +12,12 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 import stemdask.events
 from stemdask.live import LiveRiCOM, LiveView, consume, replay_csr, replay_store
 from stemdask.methods.integration import ricom
+from stemdask.methods.ricom import correlate_zero_padded, ricom_kernel
 from stemdask.optics import Calibration
 from stemdask.simulate import SimulationParams, simulate
 
@@ -122,11 +124,25 @@ def test_positions_without_electrons_contribute_nothing():
     assert live.done and not live.snapshot().any()
 
 
-def test_working_memory_does_not_grow_with_the_stream(store):
-    live = replay_store(store, **KW)
+def test_working_memory_is_a_ring_of_kernel_rows_and_rows_stream_to_out(tmp_path):
+    """A scan ten kernels tall: the ring buffer stays n rows; rows go to a Zarr array as they finish."""
+    ny, nx, n = 230, 17, 21
+    cal = Calibration(scan_step_a=0.4, detector_pixel_mrad=1.0, bf_center=(4.0, 4.0))
+    out = zarr.create_array(tmp_path / "out.zarr", shape=(ny, nx), chunks=(8, nx), dtype="float64", fill_value=0.0)
+    live = LiveRiCOM((ny, nx), (8, 8), cal, kernel_size=n, out=out)
+    assert live._ring.shape == (n, nx)
     arrays = [v for v in vars(live).values() if isinstance(v, np.ndarray)]
-    n = KW["kernel_size"]
-    assert sum(a.nbytes for a in arrays) == 40 * 48 * 8 + 2 * n * n * 8  # the image and the kernel only
+    assert sum(a.nbytes for a in arrays) == (n * nx + 2 * n * n) * 8  # ring + kernel: no image, nothing per position
+    rng = np.random.default_rng(0)
+    com_y, com_x = rng.normal(size=(2, ny * nx))
+    for p0 in range(0, ny * nx, 50):  # batches that straddle rows
+        live.push_com(com_y[p0 : p0 + 50], com_x[p0 : p0 + 50])
+        assert live.rows_final == (ny if live.done else max(0, live.positions_done // nx - n // 2))
+    scale = cal.detector_pixel_inv_a  # no rotation: detector frame = scan frame
+    batch = correlate_zero_padded(com_y.reshape(ny, nx) * scale, com_x.reshape(ny, nx) * scale,
+                                  ricom_kernel(n, cal.scan_step_a))
+    assert_matches(out[...], batch)
+    assert_matches(live.snapshot(), batch)
 
 
 def test_bad_input_is_named(store):

@@ -9,8 +9,10 @@
   linear position ``start`` of an ``(ny, nx)`` image.
 * The riCOM scatter takes the kernel already *flipped* (``kf[t] = k[-t]``, both components),
   so that position ``q`` adds ``kf[t] · COM(q)`` to image pixel ``q + t - h`` (``h = n // 2``)
-  with contiguous, vectorisable inner loops. Pixels outside the image are skipped, which is
-  the zero-padded boundary of batch riCOM. The image accumulates in place.
+  with contiguous, vectorisable inner loops. Pixels outside the ``ny × nx`` image are
+  skipped, which is the zero-padded boundary of batch riCOM. The accumulator may be the
+  whole image or a ring buffer of fewer rows: image row ``r`` lives in accumulator row
+  ``r % acc.shape[0]`` (the caller keeps at most that many rows in flight).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import numpy as np
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _scatter_one(image, qy, qx, cy, cx, kfy, kfx):
-    ny, nx = image.shape
+def _scatter_one(acc, ny, qy, qx, cy, cx, kfy, kfx):
+    slots, nx = acc.shape
     n = kfy.shape[0]
     h = n // 2
     i0 = max(0, h - qy)
@@ -30,7 +32,7 @@ def _scatter_one(image, qy, qx, cy, cx, kfy, kfx):
     j1 = min(n, nx + h - qx)
     for i in range(i0, i1):
         # 1-D row views: LLVM vectorises this loop (≈ 6× faster than 2-D indexing)
-        row = image[qy + i - h, qx - h + j0 : qx - h + j1]
+        row = acc[(qy + i - h) % slots, qx - h + j0 : qx - h + j1]
         ky = kfy[i, j0:j1]
         kx = kfx[i, j0:j1]
         for j in range(row.shape[0]):
@@ -38,19 +40,20 @@ def _scatter_one(image, qy, qx, cy, cx, kfy, kfx):
 
 
 @numba.njit(nogil=True, cache=True)
-def scatter_com(image, start, com_y, com_x, kfy, kfx):
-    """Add the riCOM contributions of positions ``start .. start + len(com_y)`` to ``image``.
+def scatter_com(acc, ny, start, com_y, com_x, kfy, kfx):
+    """Add the riCOM contributions of positions ``start .. start + len(com_y)`` to ``acc``.
 
-    image: (ny, nx) float64, updated in place. com_y, com_x: the positions' COM in whatever
-    units ``kfy, kfx`` (flipped kernel, (n, n), n odd) expect; a NaN COM (a position
-    without electrons) contributes nothing.
+    acc: (rows, nx) float64 accumulator of an ``(ny, nx)`` image (the image itself, or a
+    ring buffer, see the module docstring), updated in place. com_y, com_x: the positions'
+    COM in whatever units ``kfy, kfx`` (flipped kernel, (n, n), n odd) expect; a NaN COM
+    (a position without electrons) contributes nothing.
     """
-    nx = image.shape[1]
+    nx = acc.shape[1]
     for i in range(com_y.shape[0]):
         if np.isnan(com_y[i]) or np.isnan(com_x[i]):
             continue
         p = start + i
-        _scatter_one(image, p // nx, p % nx, com_y[i], com_x[i], kfy, kfx)
+        _scatter_one(acc, ny, p // nx, p % nx, com_y[i], com_x[i], kfy, kfx)
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
