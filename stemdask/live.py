@@ -4,9 +4,9 @@ Yu et al. 2022's live scheme: riCOM is linear in the COM, so each new position `
 ``k(p − q)·COM(q)`` to every image pixel ``p`` within the kernel's reach and its pattern can
 be discarded at once. :class:`LiveRiCOM` does this in numba kernels
 (:mod:`stemdask.kernels.events`, :mod:`stemdask.kernels.ricom`): the COM of each position
-from its events (or dense frame), then its scatter — a whole batch per call, no Python per
-position. The final image equals batch
-riCOM (:func:`stemdask.methods.integration.ricom`) with the same kernel.
+from its events (or dense frame), then its scatter — a whole scan row per call, no Python
+per position. The final image equals batch riCOM (:func:`stemdask.methods.integration.ricom`)
+with the same kernel.
 
 Units: the image is in rad, exactly like batch riCOM. The kernel is built in the scan frame
 (Å, :func:`stemdask.methods.ricom.ricom_kernel`) and mapped once into the detector frame and
@@ -216,7 +216,7 @@ class LiveRiCOM:
 def replay_store(store: EventStore | str | os.PathLike, live: LiveRiCOM | None = None, **kwargs) -> LiveRiCOM:
     """Stream an event store into live riCOM, one row block per update; returns the LiveRiCOM.
 
-    ``kwargs`` (kernel_size, kmin, kmax, reference) build a new one when ``live`` is None.
+    ``kwargs`` (kernel_size, kmin, kmax, reference, out) build a new one when ``live`` is None.
     """
     if not isinstance(store, EventStore):
         store = open_store(store)
