@@ -70,6 +70,13 @@ def test_iterator_of_positions_equals_batch(store, batch):
     assert_matches(live.snapshot(), batch)
 
 
+def test_one_position_at_a_time_equals_batch(store, batch):
+    live = LiveRiCOM(store.scan_shape, store.detector_shape, store.calibration, **KW)
+    for events in per_position(store):
+        live.push_position(events)
+    assert_matches(live.snapshot(), batch)
+
+
 def test_queue_fed_by_an_acquisition_thread_with_concurrent_snapshots(store, batch):
     live = LiveRiCOM(store.scan_shape, store.detector_shape, store.calibration, **KW)
     q: queue.Queue = queue.Queue(maxsize=64)
