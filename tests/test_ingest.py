@@ -283,6 +283,25 @@ def test_mib_round_trip(tmp_path):
     assert validate_against_source(store)["source_events"] == offsets[-1]
 
 
+def test_other_rosettasciio_format_hspy(tmp_path):
+    rsciio_hspy = pytest.importorskip("rsciio.hspy")
+    indices, offsets = random_csr(seed=10)
+    frames = dense_from_csr(indices, offsets)
+    axes = [{"size": n, "index_in_array": i, "name": name, "scale": 1.0, "offset": 0.0, "units": "",
+             "navigate": i < 2} for i, (n, name) in enumerate(zip(frames.shape, ["y", "x", "ky", "kx"]))]
+    src = tmp_path / "scan.hspy"
+    rsciio_hspy.file_writer(str(src), {
+        "data": frames, "axes": axes, "metadata": {"General": {"title": ""}, "Signal": {"signal_type": ""}},
+        "original_metadata": {}, "attributes": {"_lazy": False}, "tmp_parameters": {},
+        "package_info": {"name": "stemdask-tests", "version": "0"}, "learning_results": {}, "models": {},
+    })
+    assert sniff_format(src) == "dense"
+    store = ingest(src, tmp_path / "s.zarr", rows_per_block=5, progress=False)
+    assert store.provenance["ingest"]["reader"] == "rsciio.hspy"
+    assert_store_equals(store, indices, offsets)
+    assert validate_against_source(store)["source_events"] == offsets[-1]
+
+
 # ------------------------------------------------------------------ time-stamped events
 def timestamped(seed=0, dwell=1000.0):
     indices, offsets = random_csr(seed=seed)

@@ -1,6 +1,8 @@
 """Dense detector frames → events: ``.npy`` (memory-mapped), an HDF5 dataset
-(``file.h5:/path/to/dataset``, or the file's only 3-D/4-D dataset), Merlin ``.mib`` (read
-lazily by rosettasciio's ``quantumdetector`` reader).
+(``file.h5:/path/to/dataset``, or the file's only 3-D/4-D dataset), and every format that
+rosettasciio reads lazily, chosen by file extension (Merlin ``.mib`` through its
+``quantumdetector`` reader, ``.hspy``, ``.dm4``, ``.emd``, ``.tvips``, ``.prz``, …: any
+extension that names exactly one rosettasciio plugin).
 
 Frames are ``(ny, nx, dy, dx)``, or ``(n, dy, dx)`` with ``scan_shape`` given. ``mode``:
 ``"counts"`` (a pixel value is a number of electrons: exact, values must be non-negative
@@ -38,6 +40,20 @@ def split_h5_path(spec: str) -> tuple[Path, str | None]:
     return Path(spec), None
 
 
+def rsciio_plugin(path: Path) -> str | None:
+    """The rosettasciio plugin module for ``path``'s extension, if exactly one claims it
+    (``.npy`` and plain HDF5 are read natively); None otherwise or without rosettasciio."""
+    ext = path.suffix[1:].lower()
+    if ext in ("", "npy", "h5", "hdf5", "hdf"):
+        return None
+    try:
+        from rsciio import IO_PLUGINS
+    except ImportError:  # pragma: no cover - rosettasciio is a test dependency
+        return None
+    apis = {p["api"] for p in IO_PLUGINS if ext in (e.lower() for e in p["file_extensions"])}
+    return apis.pop() if len(apis) == 1 else None
+
+
 def _only_frames_dataset(f: h5py.File, path) -> str:
     found = []
     f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim in (3, 4) else None)
@@ -62,13 +78,14 @@ class DenseSource(Source):
             raise SourceError(f"{path}: a threshold is only used with mode 'threshold'")
         self.mode, self.threshold = mode, threshold
         self.path, self.dataset = split_h5_path(path)
-        self.kind = "mib" if format == "mib" or self.path.suffix.lower() == ".mib" else (
-            "npy" if self.path.suffix.lower() == ".npy" else "h5")
-        self.format = "mib" if self.kind == "mib" else "dense"
+        self.plugin = None if self.dataset else rsciio_plugin(self.path)
+        if format == "mib" or self.path.suffix.lower() == ".mib":
+            if self.plugin is None:
+                raise SourceError(f"{self.path}: reading Merlin .mib needs rosettasciio (pip install rosettasciio)")
+            self.format = "mib"
         scan = as_shape("scan_shape", scan_shape, path)
-        self._mib = None
-        if self.kind == "mib":
-            self._mib_nav = scan
+        self._scan_arg = scan
+        self._lazy = None
         with self._frames() as arr:
             shape, dtype = arr.shape, np.dtype(arr.dtype)
         if dtype.kind not in "uif" or len(shape) not in (3, 4):
@@ -91,14 +108,14 @@ class DenseSource(Source):
     @contextlib.contextmanager
     def _frames(self):
         """The frames as an array-like (numpy memmap, h5py dataset or dask array)."""
-        if self.kind == "npy":
+        if self.plugin is not None:
+            yield self._rsciio_array()
+        elif self.path.suffix.lower() == ".npy":
             try:
                 arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError) as e:
                 raise SourceError(f"{self.path}: not a readable .npy file ({e})") from None
             yield arr
-        elif self.kind == "mib":
-            yield self._mib_array()
         else:
             with open_h5(self.path) as f:
                 name = self.dataset or _only_frames_dataset(f, self.path)
@@ -106,18 +123,25 @@ class DenseSource(Source):
                     raise SourceError(f"{self.path}: has no dataset {name}")
                 yield f[name]
 
-    def _mib_array(self):
-        if self._mib is None:
+    def _rsciio_array(self):
+        """The file's (only) 3-D/4-D signal as rosettasciio's lazy dask array (cached)."""
+        if self._lazy is None:
+            import importlib
+
+            reader = importlib.import_module(self.plugin).file_reader
+            kwargs = {}
+            if self.plugin == "rsciio.quantumdetector" and self._scan_arg is not None:
+                kwargs["navigation_shape"] = self._scan_arg[::-1]  # HyperSpy order (nx, ny)
             try:
-                from rsciio.quantumdetector import file_reader
-            except ImportError:  # pragma: no cover - rosettasciio is a test dependency
-                raise SourceError(f"{self.path}: reading .mib needs rosettasciio (pip install rosettasciio)") from None
-            nav = None if self._mib_nav is None else (self._mib_nav[1], self._mib_nav[0])  # HyperSpy order
-            try:
-                self._mib = file_reader(str(self.path), lazy=True, navigation_shape=nav)[0]["data"]
-            except (ValueError, OSError, RuntimeError, IndexError) as e:
-                raise SourceError(f"{self.path}: not a readable Merlin .mib file ({e})") from None
-        return self._mib
+                signals = reader(str(self.path), lazy=True, **kwargs)
+            except Exception as e:  # readers raise many kinds for a malformed file
+                raise SourceError(f"{self.path}: {self.plugin} cannot read it ({type(e).__name__}: {e})") from None
+            frames = [s["data"] for s in signals if np.ndim(s["data"]) in (3, 4)]
+            if len(frames) != 1:
+                raise SourceError(f"{self.path}: expected one 3-D/4-D signal, found {len(frames)} "
+                                  f"(shapes {[np.shape(s['data']) for s in signals]})")
+            self._lazy = frames[0]
+        return self._lazy
 
     def _pieces(self, p0: int, p1: int):
         """Split positions [p0, p1) into pieces of ≤ PIECE_BYTES, whole scan rows or within one row."""
@@ -180,7 +204,8 @@ class DenseSource(Source):
         return total
 
     def params(self) -> dict:
-        return {**super().params(), "dataset": self.dataset, "mode": self.mode, "threshold": self.threshold}
+        return {**super().params(), "dataset": self.dataset, "reader": self.plugin, "mode": self.mode,
+                "threshold": self.threshold}
 
     def __getstate__(self):
-        return {**self.__dict__, "_mib": None}  # dask graph of the mmap is rebuilt where it runs
+        return {**self.__dict__, "_lazy": None}  # the reader's dask graph is rebuilt where it runs

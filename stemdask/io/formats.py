@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .common import Source, SourceError
 from .csr import CSRSource
-from .dense import DenseSource, split_h5_path
+from .dense import DenseSource, rsciio_plugin, split_h5_path
 from .npzfile import NpzArrays
 from .stempy import GROUP, StempySource, open_h5
 from .timestamped import FIELDS, TimestampedSource
@@ -27,8 +27,9 @@ def sniff_format(spec) -> str:
     """Guess the format of ``spec`` (a path, or ``file.h5:/dataset``) from its name and contents.
 
     ``.npz`` with ``indices`` + ``offsets`` → csr, with ``index`` + ``toa_ns`` → events;
-    ``.npy`` → dense; ``.mib`` → mib; HDF5 with ``/electron_events/frames`` → stempy, with
-    root ``index`` + ``toa_ns`` → events, otherwise dense.
+    ``.npy`` or an extension rosettasciio reads → dense; ``.mib`` → mib; HDF5 with
+    ``/electron_events/frames`` → stempy, with root ``index`` + ``toa_ns`` → events,
+    otherwise dense.
     """
     path, dataset = split_h5_path(spec)
     if not path.exists():
@@ -38,7 +39,7 @@ def sniff_format(spec) -> str:
     suffix = path.suffix.lower()
     if suffix == ".mib":
         return "mib"
-    if suffix == ".npy":
+    if suffix == ".npy" or (dataset is None and rsciio_plugin(path) is not None):
         return "dense"
     if suffix == ".npz" or zipfile.is_zipfile(path):
         keys = set(NpzArrays(path).keys())
@@ -58,7 +59,7 @@ def sniff_format(spec) -> str:
             if all(k in f for k in FIELDS):
                 return "events"
         return "dense"
-    raise SourceError(f"{path}: unknown format (not npz/npy/mib/HDF5); pass --format")
+    raise SourceError(f"{path}: unknown format (not npz/npy/HDF5 nor a rosettasciio format); pass --format")
 
 
 def open_source(spec, format: str = "auto", **options) -> Source:
