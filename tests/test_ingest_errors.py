@@ -233,6 +233,15 @@ def test_events_beyond_the_scan_or_unsorted(tmp_path):
                rows_per_block=1, progress=False)
 
 
+@pytest.mark.parametrize("dwell", [0.0, -5.0, float("nan"), 2.0**33])
+def test_bad_dwell(tmp_path, dwell):
+    src = tmp_path / "ev.h5"
+    with h5py.File(src, "w") as f:
+        f["index"], f["toa_ns"] = np.arange(3, dtype=np.uint16), np.array([0.0, 1.0, 2.0])
+    with pytest.raises(SourceError, match="ev.h5: dwell_ns must be a positive number"):
+        ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=dwell, progress=False)
+
+
 def test_unknown_and_missing_input(tmp_path, capsys):
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(SourceError, match="x.txt: unknown format"):

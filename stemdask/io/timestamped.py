@@ -68,8 +68,9 @@ class TimestampedSource(Source):
         if dwell is None:
             raise SourceError(f"{path}: the dwell time per position is unknown; pass dwell_ns (--dwell-ns)")
         dwell = float(np.asarray(dwell).ravel()[0])
-        if not (math.isfinite(dwell) and dwell > 0):
-            raise SourceError(f"{path}: dwell_ns must be a positive number of ns, got {dwell!r}")
+        if not (math.isfinite(dwell) and 0 < dwell < 2**32):
+            raise SourceError(f"{path}: dwell_ns must be a positive number of ns below 2³² "
+                              f"(times within the dwell are stored as uint32 ns), got {dwell!r}")
         self.dwell_ns = dwell
         with self._arrays() as (index, toa):
             if index.ndim != 1 or toa.shape != index.shape:
