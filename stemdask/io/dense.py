@@ -80,9 +80,11 @@ class DenseSource(Source):
         self.path, self.dataset = split_h5_path(path)
         self.plugin = None if self.dataset else rsciio_plugin(self.path)
         if format == "mib" or self.path.suffix.lower() == ".mib":
-            if self.plugin is None:
+            try:
+                import rsciio.quantumdetector  # noqa: F401
+            except ImportError:  # pragma: no cover - rosettasciio is a test dependency
                 raise SourceError(f"{self.path}: reading Merlin .mib needs rosettasciio (pip install rosettasciio)")
-            self.format = "mib"
+            self.plugin, self.format = "rsciio.quantumdetector", "mib"
         scan = as_shape("scan_shape", scan_shape, path)
         self._scan_arg = scan
         self._lazy = None
