@@ -228,12 +228,15 @@ def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.nda
                 cross += spec[j2] * spec[j].conj()
         dk = (k_y[1] - k_y[0]) if axis == 0 else (k_x[1] - k_x[0])
         m0[:, axis] = _peak(np.fft.ifft2(cross).real) * step / dk
-    q_y = np.fft.fftfreq(ny)[:, None]
-    q_x = np.fft.fftfreq(nx)[None, :]
+    q_y = np.fft.fftfreq(ny)
+    q_x = np.fft.fftfreq(nx)
 
     def aligned_mean(shifts_a):
+        """Mean of the images moved back by their shifts (Å): the tilt-corrected BF spectrum."""
         s = shifts_a / step
-        return (spec * np.exp(2j * np.pi * (q_y * s[:, 0, None, None] + q_x * s[:, 1, None, None]))).mean(axis=0)
+        ramp_y = np.exp(2j * np.pi * s[:, :1] * q_y[None, :])
+        ramp_x = np.exp(2j * np.pi * s[:, 1:] * q_x[None, :])
+        return np.einsum("jyx,jy,jx->yx", spec, ramp_y, ramp_x, optimize=True) / len(s)
 
     band = (np.fft.fftfreq(ny, step[0])[:, None] ** 2 + np.fft.fftfreq(nx, step[1])[None, :] ** 2) < band_inv_a**2
 

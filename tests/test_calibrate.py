@@ -1,0 +1,192 @@
+"""Calibration: BF disk, rotation/flip (COM curl and parallax), the half turn, the store round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import stemdask
+from stemdask.calibrate import bf_disk, calibrate_store, parallax, resolve_half_turn, rotation_from_com
+from stemdask.cli import main
+from stemdask.optics import Aberrations, scan_to_detector_frame, wavelength_a
+from stemdask.simulate import SimulationParams, simulate
+from stemdask.store import open_store
+
+
+def disk_image(shape, center, radius, plateau=1000.0, oversample=8):
+    """A uniformly bright disk, each pixel weighted by the fraction of it inside (area coverage)."""
+    sub = (np.arange(oversample) + 0.5) / oversample - 0.5
+    yy = np.arange(shape[0])[:, None, None, None] + sub[None, None, :, None]
+    xx = np.arange(shape[1])[None, :, None, None] + sub[None, None, None, :]
+    inside = (yy - center[0]) ** 2 + (xx - center[1]) ** 2 < radius**2
+    return plateau * inside.mean(axis=(2, 3)) + 0.5  # a little dark-field background
+
+
+@given(st.floats(20, 44), st.floats(20, 44), st.floats(5, 15))
+@settings(max_examples=25, deadline=None)
+def test_bf_disk_finds_centre_and_radius_sub_pixel(cy, cx, r):
+    (gy, gx), gr = bf_disk(disk_image((64, 64), (cy, cx), r))
+    assert abs(gy - cy) < 0.02 and abs(gx - cx) < 0.02
+    assert abs(gr - r) < 0.05
+
+
+def test_bf_disk_rejects_empty_pattern():
+    with pytest.raises(ValueError, match="PACBED"):
+        bf_disk(np.zeros((8, 8)))
+
+
+def smooth_phase(shape, seed=0, atoms=12):
+    """A positive, peaky phase: Gaussian 'atoms' (periodic)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.indices(shape)
+    phi = np.zeros(shape)
+    for y0, x0, w in zip(rng.uniform(0, shape[0], atoms), rng.uniform(0, shape[1], atoms), rng.uniform(0.5, 1, atoms)):
+        dy = (yy - y0 + shape[0] / 2) % shape[0] - shape[0] / 2
+        dx = (xx - x0 + shape[1] / 2) % shape[1] - shape[1] / 2
+        phi += w * np.exp(-(dy**2 + dx**2) / (2 * 1.8**2))
+    return phi
+
+
+def periodic_gradient(phi, step=(1.0, 1.0)):
+    ky = np.fft.fftfreq(phi.shape[0], step[0])[:, None]
+    kx = np.fft.fftfreq(phi.shape[1], step[1])[None, :]
+    f = np.fft.fft2(phi)
+    return np.fft.ifft2(2j * np.pi * ky * f).real, np.fft.ifft2(2j * np.pi * kx * f).real
+
+
+@given(st.floats(-179.9, 180.0), st.booleans(), st.integers(0, 1000))
+@settings(max_examples=30, deadline=None)
+def test_curl_minimisation_recovers_rotation_and_flip_and_skewness_the_half_turn(theta, flip, seed):
+    step = (0.5, 0.4)
+    g_y, g_x = periodic_gradient(smooth_phase((40, 48), seed), step)
+    # COM points along +∇φ in the scan frame; what the detector records is the inverse map
+    com_y, com_x = scan_to_detector_frame(g_y, g_x, theta, flip)
+    rot = rotation_from_com(com_y, com_x, step)
+    assert rot["flip"] == flip
+    assert rot["curl_fraction"][flip] < 1e-3 < rot["curl_fraction"][not flip]
+    # not exact: the mirror extension (for non-periodic scans) puts kinks in the sampled field
+    assert abs((rot["rotation_deg"] - theta + 90) % 180 - 90) < 0.25
+    half = resolve_half_turn(com_y, com_x, rot["rotation_deg"], flip, step)
+    assert abs((half["rotation_deg"] - theta + 180) % 360 - 180) < 0.25
+
+
+def test_half_turn_follows_the_sign_of_the_phase():
+    g_y, g_x = periodic_gradient(-smooth_phase((32, 32), 3))  # negative atoms: inverted contrast
+    assert abs(abs(resolve_half_turn(g_y, g_x, 0.0, False)["rotation_deg"]) - 180) < 1e-9
+    g_y, g_x = periodic_gradient(smooth_phase((32, 32), 3))
+    assert resolve_half_turn(g_y, g_x, 0.0, False)["rotation_deg"] == 0.0
+
+
+def test_rotation_from_com_rejects_constant_fields():
+    with pytest.raises(ValueError, match="constant"):
+        rotation_from_com(np.ones((8, 8)), np.ones((8, 8)))
+    with pytest.raises(ValueError, match="same shape"):
+        rotation_from_com(np.ones((8, 8)), np.ones((8, 7)))
+
+
+@pytest.mark.parametrize("theta, flip, c10", [(0.0, False, -150.0), (37.0, True, 90.0), (-120.0, False, 120.0),
+                                              (180.0, True, -100.0)])
+def test_parallax_recovers_rotation_flip_and_defocus_from_shifted_bf_images(theta, flip, c10):
+    """Noise-free BF images built from the weak-phase model I_k(R) = 1 + T(R + λC10·k_scan)."""
+    lam = wavelength_a(300e3)
+    step = (0.2, 0.2)
+    ny = nx = 64
+    phi = 0.05 * smooth_phase((ny, nx), 1, atoms=20)
+    q_y = np.fft.fftfreq(ny, step[0])[:, None]
+    q_x = np.fft.fftfreq(nx, step[1])[None, :]
+    T = 2 * np.sin(np.pi * lam * c10 * (q_y**2 + q_x**2)) * np.fft.fft2(phi)
+    n, dk = 9, 0.12  # detector pixels (Å⁻¹ apart), k = 0 at the centre
+    k = (np.arange(n) - n // 2) * dk
+    dense = np.empty((ny, nx, n, n))
+    from stemdask.optics import detector_to_scan_frame
+
+    for a in range(n):
+        for b in range(n):
+            ks_y, ks_x = detector_to_scan_frame(k[a], k[b], theta, flip)
+            d_y, d_x = -lam * c10 * ks_y, -lam * c10 * ks_x  # image content moves by d = −λC10·k_scan
+            ramp = np.exp(-2j * np.pi * (q_y * d_y + q_x * d_x))
+            dense[:, :, a, b] = 100 * (1 + np.fft.ifft2(T * ramp).real)
+    inside = np.hypot(*np.meshgrid(k, k, indexing="ij")) < 0.5
+    got = parallax(dense, k, k, inside, step, lam, band_inv_a=2.0)
+    assert got["flip"] == flip
+    assert abs((got["rotation_deg"] - theta + 180) % 360 - 180) < 0.5
+    assert got["c10_a"] == pytest.approx(c10, rel=0.02)
+    assert got["sharpness_gain"] > 4 and got["flip_contrast"] > 1.5
+
+
+@pytest.mark.parametrize("quarter_turns, flip, c10", [(2, True, 0.0), (1, False, 0.0), (2, True, -80.0), (3, False, 80.0)])
+def test_calibrate_store_on_the_simulator(tmp_path, quarter_turns, flip, c10):
+    p = SimulationParams(scan_shape=(48, 48), detector=32, dose=2000, rotation_quarter_turns=quarter_turns,
+                         flip=flip, seed=quarter_turns, aberrations=Aberrations(C10=c10))
+    path = tmp_path / "s.zarr"
+    simulate(path, p, overwrite=True, progress=False)
+    store = open_store(path, mode="r+")
+    store.set_calibration(store.calibration.replace(bf_center=None, bf_radius=None, rotation_deg=0.0, flip=False))
+    result = calibrate_store(path)
+    truth = p.calibration()
+    assert np.allclose(result["bf_center"], truth.bf_center, atol=0.05)
+    assert result["bf_radius"] == pytest.approx(truth.bf_radius, abs=0.15)
+    assert result["flip"] == flip
+    error = abs((result["rotation_deg"] - 90 * quarter_turns + 180) % 360 - 180)
+    if c10 == 0:
+        assert result["method"] == "com" and error < 3.0  # COM curl: noise-limited at 48×48, 2000 e⁻
+    else:
+        assert result["method"] == "parallax" and error < 1.0
+        assert result["c10_estimate_a"] == pytest.approx(c10, rel=0.05)
+    stored = open_store(path).calibration
+    assert stored.rotation_deg == result["rotation_deg"] and stored.flip == flip
+    assert list(stored.bf_center) == result["bf_center"] and stored.bf_radius == result["bf_radius"]
+
+
+def test_cli_calibrate_dry_run_prints_json_and_keeps_the_store(tmp_path, capsys):
+    p = SimulationParams(scan_shape=(24, 24), detector=32, dose=1000, rotation_quarter_turns=1)
+    path = tmp_path / "s.zarr"
+    simulate(path, p, overwrite=True, progress=False)
+    before = open_store(path).calibration
+    assert main(["calibrate", str(path), "--json", "--dry-run"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"bf_center", "bf_radius", "rotation_deg", "flip", "method"}
+    assert open_store(path).calibration == before
+
+
+@pytest.fixture(scope="module")
+def abtem_store(abtem_case, tmp_path_factory):
+    from stemdask.io.ingest import ingest
+
+    params = json.loads((abtem_case / "params.json").read_text())
+    out = tmp_path_factory.mktemp("abtem") / "dose1000.zarr"
+    return ingest(
+        abtem_case / "events_dose1000.npz", out, format="csr", scan_shape=(96, 96), detector_shape=(96, 96),
+        calibration={"energy_ev": params["energy_eV"], "scan_step_a": params["scan"]["step_A"],
+                     "semiangle_mrad": params["semiangle_mrad"],
+                     "detector_pixel_mrad": params["detector"]["pixel_size_mrad"]},
+        progress=False,
+    )
+
+
+def test_abtem_case_calibrates(abtem_store):
+    """Acceptance: BF centre within 0.1 px of (48, 48), radius within 0.5 px of 19.8,
+    rotation within 1° of 0, no flip; the defocus found is underfocus (C10 < 0)."""
+    result = calibrate_store(abtem_store.path, write=False)
+    assert math.hypot(result["bf_center"][0] - 48, result["bf_center"][1] - 48) < 0.1
+    assert abs(result["bf_radius"] - 19.835) < 0.5
+    assert abs(result["rotation_deg"]) < 1.0 and result["flip"] is False
+    assert result["method"] == "parallax" and -170 < result["c10_estimate_a"] < -130
+
+
+def test_abtem_com_equals_numpy_com_of_the_densified_data(abtem_store):
+    ds = stemdask.open(abtem_store.path).with_calibration(bf_center=(48.0, 48.0), bf_radius=19.835)
+    dense = ds.densify(radius_px=48).values.astype(np.float64)  # covers the whole detector
+    assert dense.sum() == abtem_store.n_events
+    k_y = ds.densify(radius_px=48).k_y.values / ds.calibration.detector_pixel_mrad  # px from the BF centre
+    n = dense.sum(axis=(2, 3))
+    com_y = (dense.sum(axis=3) * k_y).sum(axis=2) / n
+    com_x = (dense.sum(axis=2) * k_y).sum(axis=2) / n
+    com = ds.com().compute()
+    np.testing.assert_allclose(com.com_y.values, com_y, atol=1e-9)
+    np.testing.assert_allclose(com.com_x.values, com_x, atol=1e-9)
