@@ -8,7 +8,7 @@ import json
 import h5py
 import numpy as np
 import pytest
-from test_ingest import DET, SCAN, per_position, random_csr, write_stempy
+from test_ingest import DET, SCAN, dense_from_csr, per_position, random_csr, write_mib, write_stempy
 
 from stemdask.cli import main
 from stemdask.io import SourceError, ingest
@@ -240,6 +240,23 @@ def test_bad_dwell(tmp_path, dwell):
         f["index"], f["toa_ns"] = np.arange(3, dtype=np.uint16), np.array([0.0, 1.0, 2.0])
     with pytest.raises(SourceError, match="ev.h5: dwell_ns must be a positive number"):
         ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=dwell, progress=False)
+
+
+def test_corrupt_and_truncated_mib(tmp_path, capsys):
+    pytest.importorskip("rsciio.quantumdetector")
+    garbage = tmp_path / "garbage.mib"
+    garbage.write_bytes(np.random.default_rng(1).bytes(5000))
+    with pytest.raises(SourceError, match="garbage.mib: rsciio.quantumdetector cannot read it"):
+        ingest(garbage, tmp_path / "o.zarr", scan_shape=SCAN, progress=False)
+    indices, offsets = random_csr()
+    good = tmp_path / "scan.mib"
+    write_mib(good, dense_from_csr(indices, offsets).reshape(-1, *DET))
+    cut = tmp_path / "cut.mib"
+    cut.write_bytes(good.read_bytes()[: (384 + 2 * DET[0] * DET[1]) * 55])  # 5.5 of 12 scan rows
+    with pytest.raises(SourceError, match=r"cut.mib: scan_shape \(12, 10\) does not match the data"):
+        ingest(cut, tmp_path / "o.zarr", scan_shape=SCAN, progress=False)
+    cli_fails(["ingest", str(cut), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN)], capsys, cut)
+    assert not (tmp_path / "o.zarr").exists()
 
 
 def test_unknown_and_missing_input(tmp_path, capsys):
