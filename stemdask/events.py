@@ -67,6 +67,7 @@ class _Events:
 
     array: da.Array
     scan_offset_a: tuple[float, float] = (0.0, 0.0)
+    has_toa: bool = False
 
     @property
     def scan_shape(self) -> tuple[int, int]:
@@ -81,7 +82,7 @@ def _store_events(store: EventStore, allow_incomplete: bool) -> _Events:
     rows = tuple(r1 - r0 for r0, r1 in map(store.block_rows, range(store.n_blocks)))
     chunks = (rows, (store.scan_shape[1],))
     hlg = HighLevelGraph.from_collections(name, graph, dependencies=())
-    return _Events(da.Array(hlg, name, chunks, meta=_OBJECT_META))
+    return _Events(da.Array(hlg, name, chunks, meta=_OBJECT_META), has_toa=store.has_toa)
 
 
 class EventDataset:
@@ -115,19 +116,22 @@ class EventDataset:
         """
         if not self.store.has_toa:
             raise ValueError(f"{self.store.path}: store has no arrival times (toa); dose fractionation needs them")
+        if not self._events.has_toa:
+            raise ValueError("scan binning drops arrival times: fractionate first, then bin_scan")
         if not (math.isfinite(t_max_ns) and t_max_ns > t_min_ns >= 0):
             raise ValueError(f"need 0 ≤ t_min_ns < t_max_ns, got t_min_ns={t_min_ns}, t_max_ns={t_max_ns}")
         lo, hi = int(math.ceil(t_min_ns)), int(math.ceil(t_max_ns))
         arr = self._events.array.map_blocks(
             _select_toa, lo, hi, dtype=object, meta=_OBJECT_META, name=f"events-toa-{tokenize(self._events.array.name, lo, hi)}"
         )
-        return self._derived(_Events(arr, self._events.scan_offset_a))
+        return self._derived(_Events(arr, self._events.scan_offset_a, has_toa=True))
 
     def bin_scan(self, factor: int) -> "EventDataset":
         """Merge the events of ``factor × factor`` neighbouring positions (scan binning).
 
         Trailing rows/columns that do not fill a bin are dropped. The scan step of the
         result is ``factor`` times larger; its coordinates are the centres of the bins.
+        Arrival times are dropped (call :meth:`fractionate` before binning).
         """
         f = int(factor)
         if f != factor or f < 1:

@@ -114,8 +114,8 @@ def _block_histogram(block, n_pixels):
     return kernels.histogram(block.indices, n_pixels)[None, :]
 
 
-def _block_densify(block, det_x, y0, x0, bin_factor, n):
-    out = kernels.densify(block.counts.ravel(), block.indices, det_x, y0, x0, bin_factor, n, n)
+def _block_densify(block, lookup, n):
+    out = kernels.densify(block.counts.ravel(), block.indices, lookup, n, n)
     return out.reshape(block.counts.shape + (n, n))
 
 
@@ -212,6 +212,22 @@ def detector_masks(ds, detectors: dict) -> tuple[np.ndarray, dict]:
     return np.stack(masks), described
 
 
+def mask_groups(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group detector pixels by the set of masks they belong to, for :func:`kernels.masked_counts`.
+
+    ``masks`` (n ≤ 64, det_y, det_x) bool → (labels (D,) uint8/uint32, table (G, n) uint32).
+    """
+    n_det = masks.shape[0]
+    if n_det > 64:
+        raise ValueError(f"at most 64 virtual detectors in one pass, got {n_det}")
+    codes = np.zeros(masks[0].size, np.uint64)
+    for d in range(n_det):
+        codes |= masks[d].ravel().astype(np.uint64) << np.uint64(d)
+    unique, labels = np.unique(codes, return_inverse=True)
+    table = ((unique[:, None] >> np.arange(n_det, dtype=np.uint64)[None, :]) & np.uint64(1)).astype(np.uint32)
+    return labels.reshape(-1).astype(np.uint8 if len(unique) <= 256 else np.uint32), table
+
+
 def virtual_detectors(ds, detectors: dict) -> xr.Dataset:
     """Several virtual detector images in one pass: Dataset {name: (scan_y, scan_x) uint32}.
 
@@ -220,10 +236,7 @@ def virtual_detectors(ds, detectors: dict) -> xr.Dataset:
     """
     masks, described = detector_masks(ds, detectors)
     n_det = masks.shape[0]
-    groups, labels = np.unique(masks.reshape(n_det, -1).T, axis=0, return_inverse=True)
-    label_dtype = np.uint8 if len(groups) <= 256 else np.uint32
-    labels = labels.reshape(-1).astype(label_dtype)
-    table = groups.astype(np.uint32)
+    labels, table = mask_groups(masks)
     nx = ds.scan_shape[1]
     stacked = ds.map_events(_block_masked, labels, table, dtype=np.uint32,
                             chunks=(ds.row_chunks, (nx,), (n_det,)), new_axis=[2], name="virtual")
@@ -316,7 +329,8 @@ def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
     half = m * b + (b - 1) / 2
     y0, x0 = math.floor(cy - half + 0.5), math.floor(cx - half + 0.5)
     nx = ds.scan_shape[1]
-    data = ds.map_events(_block_densify, ds.detector_shape[1], y0, x0, b, n, dtype=np.float32,
+    lookup = kernels.densify_lookup(*ds.detector_shape, y0, x0, b, n, n)
+    data = ds.map_events(_block_densify, lookup, n, dtype=np.float32,
                          chunks=(ds.row_chunks, (nx,), (n,), (n,)), new_axis=[2, 3], name="densify")
     p = ds.calibration.detector_pixel_mrad
     centres = np.arange(n) * b + (b - 1) / 2

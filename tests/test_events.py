@@ -284,6 +284,10 @@ def test_dose_fractionation(tmp_path):
     assert part.counts().sum() < ds.counts().sum()
     with pytest.raises(ValueError, match="t_min_ns < t_max_ns"):
         ds.fractionate(10.0, t_min_ns=20.0)
+    with pytest.raises(ValueError, match="fractionate first"):
+        ds.bin_scan(2).fractionate(100.0)
+    np.testing.assert_array_equal(part.bin_scan(2).counts().values,
+                                  dense_of(store, (0, 400))[:10, :6].reshape(5, 2, 3, 2, *DET).sum(axis=(1, 3, 4, 5)))
     plain = write_random_store(tmp_path / "p.zarr")
     with pytest.raises(ValueError, match="no arrival times"):
         stemdask.open(plain.path).fractionate(100.0)
@@ -302,3 +306,14 @@ def test_com_on_simulator_matches_dense_simulation_and_points_along_the_phase_gr
     r_y = np.corrcoef(com.com_y.values.ravel(), gy.ravel())[0, 1]
     r_x = np.corrcoef(com.com_x.values.ravel(), gx.ravel())[0, 1]
     assert r_y > 0.8 and r_x > 0.8
+
+
+@pytest.mark.parametrize("n_det", [1, 3, 9])
+def test_mask_groups_reproduce_every_mask(n_det):
+    from stemdask.reduce import mask_groups
+
+    masks = np.random.default_rng(n_det).random((n_det, 7, 5)) < 0.5
+    labels, table = mask_groups(masks)
+    assert labels.shape == (35,) and table.shape[1] == n_det
+    np.testing.assert_array_equal(table[labels].T.astype(bool), masks.reshape(n_det, -1))
+    assert len(np.unique(table, axis=0)) == len(table)  # groups are distinct

@@ -89,27 +89,43 @@ def histogram(indices, n_pixels):
 
 
 @numba.njit(nogil=True, cache=True)
-def densify(counts, indices, det_x, y0, x0, bin_factor, out_y, out_x):
+def densify_lookup(det_y, det_x, y0, x0, bin_factor, out_y, out_x):
+    """For :func:`densify`: output pixel (flat, ``a·out_x + b``) of every detector pixel, −1 outside.
+
+    Output pixel (a, b) sums detector pixels ``y0 + a·bin .. y0 + (a+1)·bin − 1`` (same in x
+    from ``x0``); ``y0``/``x0`` may be negative, the window may pass the detector edge.
+    """
+    lut = np.full(det_y * det_x, -1, np.int32)
+    for y in range(det_y):
+        dy = y - y0
+        if dy < 0 or dy >= out_y * bin_factor:
+            continue
+        for x in range(det_x):
+            dx = x - x0
+            if 0 <= dx < out_x * bin_factor:
+                lut[y * det_x + x] = (dy // bin_factor) * out_x + dx // bin_factor
+    return lut
+
+
+@numba.njit(nogil=True, cache=True)
+def densify(counts, indices, lookup, out_y, out_x):
     """Crop, bin and densify: (P, out_y, out_x) float32 electron counts.
 
-    Output pixel (a, b) sums detector pixels ``y0 + a·bin .. y0 + (a+1)·bin − 1`` (same in
-    x from ``x0``); ``y0``/``x0`` may be negative or the window may pass the detector edge
-    (those output pixels stay 0). Events outside the window are dropped.
+    ``lookup`` (from :func:`densify_lookup`) maps each detector pixel to its flat output
+    pixel, or −1 for pixels outside the window (their events are dropped).
     """
     n_pos = counts.shape[0]
+    size = out_y * out_x
     out = np.zeros((n_pos, out_y, out_x), np.float32)
-    inv = 1.0 / det_x
-    span_y = out_y * bin_factor
-    span_x = out_x * bin_factor
+    flat = out.reshape(n_pos * size)
     e = 0
     for p in range(n_pos):
         n = np.int64(counts[p])
+        base = p * size
         for j in range(e, e + n):
-            y, x = _split(indices[j], det_x, inv)
-            dy = y - y0
-            dx = x - x0
-            if 0 <= dy < span_y and 0 <= dx < span_x:
-                out[p, dy // bin_factor, dx // bin_factor] += 1.0
+            o = lookup[indices[j]]
+            if o >= 0:
+                flat[base + o] += 1.0
         e += n
     return out
 
