@@ -303,7 +303,9 @@ def ssb(
     bytes_per_pixel = ny * nxh * 8
     pc = pixel_chunk or max(1, min(math.ceil(npix / 8), G_CHUNK_BYTES // bytes_per_pixel))
     method = "p2p" if active_client() is not None else "tasks"
-    cols = rows.rechunk({0: ny, 1: nxh, 2: pc}, method=method)
+    # No merging of row blocks into bigger pieces on the way (memory stays ~ one chunk).
+    largest = max(max(data.chunks[0]) * nxh * npix, ny * nxh * min(pc, npix)) * 8
+    cols = rows.rechunk({0: ny, 1: nxh, 2: pc}, method=method, block_size_limit=largest)
     G = cols.map_blocks(_fft_scan_y, dtype=np.complex64, name="ssb-fft-y")
 
     sy, sx = calibration.scan_step_a
