@@ -6,17 +6,21 @@ simulator): a 576×576 detector, ``--scan``² positions with Poisson(``--epp``) 
 uniform over the detector, indices sorted within each position.
 
 For COM, a 3-detector virtual pass (BF, ABF, ADF presets), PACBED and crop+bin densify
-(``--bin``, radius 1.1·R + 1) it prints events/s:
+(each of ``--bins``, radius 1.1·R + 1) it prints events/s:
 
 * ``kernel 1 core`` — the numba kernel alone on row blocks already in memory, one thread;
-* ``e2e 1 core``   — the full lazy graph (read, decompress, kernel) with dask's
-  synchronous scheduler, i.e. one core;
-* ``e2e N cores``  — the same with the threaded scheduler on all cores (and per core);
+* ``e2e /CPU-s``   — the full lazy graph (read, decompress, kernel) on all cores with the
+  threaded scheduler, events per CPU-second of the whole process (user + system): the
+  honest "per core" figure (zarr decompresses in its own threads too);
+* ``e2e wall``     — the same run's events per wall-clock second on all cores;
 * ``dense NumPy``  — the same product from dense uint16 frames already in memory (a
-  subset of ``--dense-rows`` rows), NumPy's best vectorised form, one thread; and the ratio
-  kernel / dense.
+  subset of ``--dense-rows`` rows), NumPy's best vectorised form, one thread; and the ratios
+  kernel / dense and e2e-per-CPU-second / dense.
 
-Also a combined pass (COM + virtual + PACBED in one ``dask.compute``: one read per block).
+Also a combined pass (COM + virtual + PACBED in one ``dask.compute``: one read per block),
+read + decompress alone, and the cost of allocating densify's float32 output alone (it is
+written once per pixel whatever the events: first-touch page faults bound densify when the
+output is large compared with the events).
 
     python benchmarks/reductions.py                      # 512² × 500 e⁻ ≈ 131 M events
     python benchmarks/reductions.py --scan 128 --epp 200 # quick
@@ -86,12 +90,13 @@ def make_store(path: Path, scan: int, epp: float, bf_radius: float):
 
 
 def best_of(fn, repeat):
-    times = []
+    """Best (wall, CPU) seconds of ``repeat`` calls; CPU = process time of all threads."""
+    best = (float("inf"), float("inf"))
     for _ in range(repeat):
-        t = time.perf_counter()
+        w, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        best = min(best, (time.perf_counter() - w, time.process_time() - c))
+    return best
 
 
 def dense_frames(blocks, rows, nx):
@@ -111,7 +116,7 @@ def main(argv=None):
     ap.add_argument("--scan", type=int, default=512)
     ap.add_argument("--epp", type=float, default=500.0, help="mean electrons per position")
     ap.add_argument("--bf-radius", type=float, default=80.0, help="BF disk radius (px)")
-    ap.add_argument("--bin", type=int, default=4, help="densify bin factor")
+    ap.add_argument("--bins", type=int, nargs="+", default=[4, 8], help="densify bin factors")
     ap.add_argument("--dense-rows", type=int, default=1, help="scan rows for the dense NumPy baseline")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--store", help="store path (default: a temporary directory, removed after)")
@@ -145,77 +150,84 @@ def run(store, args):
     blocks = [store.read_block(b) for b in range(min(3, store.n_blocks))]
     block_events = sum(b.indices.size for b in blocks)
     center = ds.calibration.bf_center
-    masks, _ = reduce.detector_masks(ds, {"bf": "bf", "abf": "abf", "adf": "adf"})
+    presets = {"bf": "bf", "abf": "abf", "adf": "adf"}
+    masks, _ = reduce.detector_masks(ds, presets)
     labels, table = reduce.mask_groups(masks)
-    dense_lazy = ds.densify(bin=args.bin)
-    n_out = dense_lazy.shape[2]
-    y0, x0 = dense_lazy.attrs["crop_origin_px"]
-    lookup = K.densify_lookup(DET, DET, y0, x0, args.bin, n_out, n_out)
-
-    kernels = {
-        "COM": lambda b: K.center_of_mass(b.counts.ravel(), b.indices, DET, center[0], center[1]),
-        "virtual ×3": lambda b: K.masked_counts(b.counts.ravel(), b.indices, labels, table),
-        "PACBED": lambda b: K.histogram(b.indices, DET * DET),
-        f"densify bin {args.bin}": lambda b: K.densify(b.counts.ravel(), b.indices, lookup, n_out, n_out),
-    }
-    lazy = {
-        "COM": lambda: ds.com().to_array().data,
-        "virtual ×3": lambda: ds.virtual_detectors({"bf": "bf", "abf": "abf", "adf": "adf"}).to_array().data,
-        "PACBED": lambda: ds.pacbed().data,
-        f"densify bin {args.bin}": lambda: ds.densify(bin=args.bin).data.sum(axis=(2, 3)),
-    }
     frames, dense_n = dense_frames(blocks, min(args.dense_rows, store.rows_per_block), nx)
-    yy, xx = np.indices((DET, DET))
     mask_matrix = masks.reshape(3, -1).T.astype(np.float32)
-    span = n_out * args.bin
+    axis = np.arange(DET, dtype=np.float32)
 
     def dense_com():
         f = frames.astype(np.float32)
         n = f.sum(axis=(1, 2))
-        return (f.sum(axis=2) @ np.arange(DET, dtype=np.float32)) / n, (f.sum(axis=1) @ np.arange(DET, dtype=np.float32)) / n
+        return (f.sum(axis=2) @ axis) / n, (f.sum(axis=1) @ axis) / n
 
-    def dense_densify():
+    products = {  # name: (kernel on one block, lazy product, dense NumPy baseline)
+        "COM": (lambda b: K.center_of_mass(b.counts.ravel(), b.indices, DET, center[0], center[1]),
+                lambda: ds.com().to_array().data, dense_com),
+        "virtual ×3": (lambda b: K.masked_counts(b.counts.ravel(), b.indices, labels, table),
+                       lambda: ds.virtual_detectors(presets).to_array().data,
+                       lambda: frames.reshape(frames.shape[0], -1).astype(np.float32) @ mask_matrix),
+        "PACBED": (lambda b: K.histogram(b.indices, DET * DET), lambda: ds.pacbed().data,
+                   lambda: frames.sum(axis=0, dtype=np.uint64)),
+    }
+    out_sizes = {}
+    for b in args.bins:
+        products[f"densify bin {b}"] = densify_product(ds, frames, b, out_sizes)
+    print(f"cores: {cores}; dense baseline on {frames.shape[0]} positions ({dense_n / 1e6:.2f} M events, "
+          f"{frames.nbytes / 1e6:.0f} MB of uint16 frames)")
+    header = (f"{'product':16s} {'kernel 1 core':>14s} {'e2e /CPU-s':>11s} {'e2e wall':>10s} "
+              f"{'dense NumPy':>12s} {'kernel/dense':>13s} {'e2e/dense':>10s}")
+    print(header)
+    print("-" * len(header))
+    for name, (kernel, lazy, dense) in products.items():
+        kernel(blocks[0])  # compile / warm up
+        t_kernel, _ = best_of(lambda: [kernel(b) for b in blocks], args.repeat)
+        with dask.config.set(scheduler="threads", num_workers=cores):
+            t_wall, t_cpu = best_of(lambda: lazy().compute(), args.repeat)
+        dense()
+        t_dense, _ = best_of(dense, args.repeat)
+        k_rate, cpu_rate, d_rate = block_events / t_kernel, n_events / t_cpu, dense_n / t_dense
+        print(f"{name:16s} {k_rate / 1e6:10.0f} M/s {cpu_rate / 1e6:7.0f} M/s {n_events / t_wall / 1e6:6.0f} M/s "
+              f"{d_rate / 1e6:8.1f} M/s {k_rate / d_rate:12.0f}× {cpu_rate / d_rate:9.0f}×")
+    with dask.config.set(scheduler="threads", num_workers=cores):
+        t_wall, t_cpu = best_of(lambda: dask.compute(ds.com(), ds.virtual_detectors(presets), ds.pacbed()), args.repeat)
+    print(f"combined COM + virtual ×3 + PACBED, one read per block: {n_events / t_cpu / 1e6:.0f} M events per "
+          f"CPU-second, {n_events / t_wall / 1e6:.0f} M/s wall on {cores} cores")
+    t_wall, t_cpu = best_of(lambda: [store.read_block(b) for b in range(store.n_blocks)], 1)
+    print(f"read + decompress alone: {n_events / t_cpu / 1e6:.0f} M events per CPU-second "
+          f"({n_events / t_wall / 1e6:.0f} M/s wall)")
+    per_block = blocks[0].counts.size
+    for b, n_out in out_sizes.items():
+        zeros_like_output(1, n_out)  # compile
+        t, _ = best_of(lambda: zeros_like_output(per_block, n_out), args.repeat)
+        print(f"densify bin {b}: allocating one block's float32 output ({per_block}×{n_out}×{n_out}, "
+              f"{per_block * n_out * n_out * 4 / 1e6:.0f} MB) alone: {t * 1e3:.0f} ms "
+              f"= {blocks[0].indices.size / t / 1e6:.0f} M events/s ceiling")
+
+
+@numba.njit(nogil=True, cache=True)
+def zeros_like_output(p, n):
+    return np.zeros((p, n, n), np.float32)
+
+
+def densify_product(ds, frames, b, out_sizes):
+    lazy = ds.densify(bin=b)
+    n_out = lazy.shape[2]
+    out_sizes[b] = n_out
+    y0, x0 = lazy.attrs["crop_origin_px"]
+    lookup = K.densify_lookup(DET, DET, y0, x0, b, n_out, n_out)
+    span = n_out * b
+
+    def dense():
         win = np.zeros((frames.shape[0], span, span), np.float32)
         sy, sx = max(0, y0), max(0, x0)
         ey, ex = min(DET, y0 + span), min(DET, x0 + span)
         win[:, sy - y0 : ey - y0, sx - x0 : ex - x0] = frames[:, sy:ey, sx:ex]
-        return win.reshape(-1, n_out, args.bin, n_out, args.bin).sum(axis=(2, 4))
+        return win.reshape(-1, n_out, b, n_out, b).sum(axis=(2, 4))
 
-    dense = {
-        "COM": dense_com,
-        "virtual ×3": lambda: frames.reshape(frames.shape[0], -1).astype(np.float32) @ mask_matrix,
-        "PACBED": lambda: frames.sum(axis=0, dtype=np.uint64),
-        f"densify bin {args.bin}": dense_densify,
-    }
-    print(f"cores: {cores}; dense baseline on {frames.shape[0]} positions ({dense_n / 1e6:.2f} M events, "
-          f"{frames.nbytes / 1e6:.0f} MB of uint16 frames)")
-    header = f"{'product':18s} {'kernel 1 core':>14s} {'e2e 1 core':>12s} {'e2e ' + str(cores) + ' cores':>14s} " \
-             f"{'(per core)':>11s} {'dense NumPy':>12s} {'kernel/dense':>13s}"
-    print(header)
-    print("-" * len(header))
-    for name in kernels:
-        for b in blocks[:1]:
-            kernels[name](b)  # compile / warm up
-        t_kernel = best_of(lambda: [kernels[name](b) for b in blocks], args.repeat)
-        with dask.config.set(scheduler="sync"):
-            t_sync = best_of(lambda: lazy[name]().compute(), 1)
-        with dask.config.set(scheduler="threads", num_workers=cores):
-            t_threads = best_of(lambda: lazy[name]().compute(), args.repeat)
-        dense[name]()
-        t_dense = best_of(dense[name], args.repeat)
-        k_rate = block_events / t_kernel
-        d_rate = dense_n / t_dense
-        print(f"{name:18s} {k_rate / 1e6:11.0f} M/s {n_events / t_sync / 1e6:9.0f} M/s "
-              f"{n_events / t_threads / 1e6:11.0f} M/s {n_events / t_threads / cores / 1e6:8.0f} M/s "
-              f"{d_rate / 1e6:9.1f} M/s {k_rate / d_rate:12.0f}×")
-    with dask.config.set(scheduler="threads", num_workers=cores):
-        t = best_of(lambda: dask.compute(ds.com(), ds.virtual_detectors({"bf": "bf", "abf": "abf", "adf": "adf"}),
-                                         ds.pacbed()), args.repeat)
-    print(f"combined COM + virtual ×3 + PACBED, one read per block: {n_events / t / 1e6:.0f} M events/s "
-          f"on {cores} cores ({n_events / t / cores / 1e6:.0f} M/s per core), {t:.2f} s")
-    with dask.config.set(scheduler="sync"):
-        t = best_of(lambda: [store.read_block(b) for b in range(store.n_blocks)], 1)
-    print(f"read + decompress alone, 1 core: {n_events / t / 1e6:.0f} M events/s")
+    return (lambda blk: K.densify(blk.counts.ravel(), blk.indices, lookup, n_out, n_out),
+            lambda: ds.densify(bin=b).data.sum(axis=(2, 3)), dense)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,28 @@
-"""Calibration from the data alone: BF disk, scan rotation and detector flip.
+"""Calibration from the data alone: BF disk, scan rotation, detector flip (and defocus).
 
 * **BF disk** (:func:`bf_disk`): from the PACBED. A first threshold at half the disk's
   plateau gives a coarse disk; then each pixel near the edge is weighted by its fractional
-  brightness ``clip(I / plateau, 0, 1)`` (the area the aperture covers in it), so the centre
-  is that weight's centroid and the radius ``sqrt(Σw / π)`` — sub-pixel, since edge pixels
-  count in proportion to how much of them is inside.
-* **Rotation and flip** (:func:`rotation_from_com`): the COM field of a pure phase object is
-  a gradient, so its curl in the scan frame vanishes. Mapping the detector-frame COM ``v``
-  into the scan frame with :func:`stemdask.optics.detector_to_scan_frame` (flip, then rotate
-  by θ) gives ``curl = cos θ · curl(v') + sin θ · div(v')`` (``v'`` the possibly-flipped
-  field), so ``Σ curl²`` is a quadratic form in (cos θ, sin θ): its smallest eigenvector is
-  the exact minimiser (no angle search). The flip is the one whose minimum, relative to the
-  largest eigenvalue, is smaller. This fixes θ modulo 180°.
-* **The 180° ambiguity** (:func:`resolve_half_turn`): θ and θ + 180° give the same curl but
-  opposite phase. Integrate the scan-frame field by Fourier iCOM and keep the angle whose
-  phase has **positive skewness**: atoms are sparse, strong, positive peaks of the phase on
-  a lower background (positive projected potential → positive phase), so the true phase is
-  skewed to the right and its negative to the left. Checked on the simulator with every
-  quarter turn and flip, and on the independent abTEM SrTiO3 case (defocus 150 Å).
+  brightness ``clip(I / plateau, 0, 1)`` (the area a sharp aperture covers in it), so the
+  centre is that weight's centroid and the radius ``sqrt(Σw / π)`` — sub-pixel. (A soft
+  *amplitude* taper, as abTEM's aperture, makes the edge intensity a squared taper and
+  reads ≈ 1/6 px smaller: 19.63 px for the abTEM case's 19.835.)
+* **Rotation and flip in focus** (:func:`rotation_from_com`): the COM field of a pure phase
+  object is a gradient (∇ of φ blurred by the probe intensity, at any defocus), so its
+  curl in the scan frame vanishes. The scan-frame field for angle θ is linear in
+  (cos θ, sin θ), so the energy of its solenoidal part is a quadratic form whose smallest
+  eigenvector is the exact minimiser; the flip is the choice whose minimum is smaller
+  relative to the largest. This fixes θ modulo 180°. **The half turn**
+  (:func:`resolve_half_turn`): θ and θ + 180° give opposite phases; integrate the field by
+  Fourier iCOM and keep the angle whose phase has **positive skewness** — atoms are sparse,
+  strong, positive peaks (positive projected potential → positive phase) on a lower
+  background, so the true phase is skewed to the right and its negative to the left.
+* **Defocused data** (:func:`parallax`): a wide probe washes the COM signal out (at the
+  abTEM case's 150 Å defocus and 1000 e⁻ its variance is below the shot noise, and the COM
+  curl gives ≈ 5° errors), but the bright-field images of different detector pixels are
+  shifted copies of one image, shifted by ``−λ·C10·k_scan``: fitting the shifts gives the
+  flip, θ modulo 180° and |C10| precisely, and the half turn comes from the sign of the
+  CTF-corrected tilt-corrected BF image (again: positive skewness). :func:`calibrate` uses
+  the parallax when it is clearly measured and the COM curl otherwise.
 """
 
 from __future__ import annotations
@@ -175,12 +180,16 @@ def _peak(cc: np.ndarray) -> np.ndarray:
     return np.array([(dy + ny / 2) % ny - ny / 2, (dx + nx / 2) % nx - nx / 2])
 
 
-def _similarity(m: np.ndarray, flip: bool) -> tuple[float, float, float]:
-    """Closest ``p·[[c, s], [−s, c]]·F`` to ``m`` (F = diag(1, −1) if flip): (p·c, p·s, distance)."""
-    n = m @ np.diag([1.0, -1.0]) if flip else m
-    pc, ps = (n[0, 0] + n[1, 1]) / 2, (n[0, 1] - n[1, 0]) / 2
-    fitted = np.array([[pc, ps], [-ps, pc]])
-    return pc, ps, float(np.linalg.norm(n - fitted))
+def _form(pc: float, ps: float, flip: bool) -> np.ndarray:
+    """``p·R(θ)·F`` acting on (y, x) vectors, from p·cos θ, p·sin θ (R, F as in
+    :func:`stemdask.optics.detector_to_scan_frame`)."""
+    return np.array([[pc, ps], [-ps, pc]]) @ np.diag([1.0, -1.0 if flip else 1.0])
+
+
+def _similarity(m: np.ndarray, flip: bool) -> tuple[float, float]:
+    """(p·cos θ, p·sin θ) of the ``p·R(θ)·F`` closest to ``m``."""
+    n = m @ np.diag([1.0, -1.0 if flip else 1.0])
+    return (n[0, 0] + n[1, 1]) / 2, (n[0, 1] - n[1, 0]) / 2
 
 
 def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.ndarray, step, wavelength: float,
@@ -238,12 +247,11 @@ def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.nda
         ramp_x = np.exp(2j * np.pi * s[:, 1:] * q_x[None, :])
         return np.einsum("jyx,jy,jx->yx", spec, ramp_y, ramp_x, optimize=True) / len(s)
 
-    band = (np.fft.fftfreq(ny, step[0])[:, None] ** 2 + np.fft.fftfreq(nx, step[1])[None, :] ** 2) < band_inv_a**2
+    q2 = np.fft.fftfreq(ny, step[0])[:, None] ** 2 + np.fft.fftfreq(nx, step[1])[None, :] ** 2  # Å⁻²
+    band = q2 < band_inv_a**2
 
-    def _aligned_power(v, flip):
-        pc, ps = v
-        rf = np.array([[pc, ps], [-ps, pc]]) @ (np.diag([1.0, -1.0]) if flip else np.eye(2))
-        return float(np.sum(np.abs(aligned_mean(k @ rf.T))[band] ** 2))
+    def aligned_power(pc, ps, flip):
+        return float(np.sum(np.abs(aligned_mean(k @ _form(pc, ps, flip).T))[band] ** 2))
 
     design = np.column_stack([k, np.ones(len(k))])
     fit = k @ m0.T
@@ -257,21 +265,19 @@ def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.nda
     # refine: the rotation/reflection (and scale) that makes the aligned mean sharpest
     power = {}
     for flip in (False, True):
-        start = np.array(_similarity(m, flip)[:2])
-        res = optimize.minimize(lambda v: -_aligned_power(v, flip), start, method="Nelder-Mead",
+        start = np.array(_similarity(m, flip))
+        res = optimize.minimize(lambda v: -aligned_power(*v, flip), start, method="Nelder-Mead",
                                 options={"xatol": 1e-4 * np.abs(start).max(), "fatol": 0.0, "maxiter": 400})
         power[flip] = (-res.fun, *res.x)
     best = max(power, key=lambda f: power[f][0])
     _, pc, ps = power[best]
     size = math.hypot(pc, ps)
-    unaligned = _aligned_power((0.0, 0.0), False)
+    unaligned = aligned_power(0.0, 0.0, False)
     theta = math.degrees(math.atan2(ps, pc))  # the pair member with C10 < 0 (M = −λC10·R·F, −λC10 > 0)
     c10 = -size / wavelength
-    Q2 = np.fft.fftfreq(ny, step[0])[:, None] ** 2 + np.fft.fftfreq(nx, step[1])[None, :] ** 2
-    ctf = np.sin(np.pi * wavelength * c10 * Q2)
-    rf = np.array([[pc, ps], [-ps, pc]]) @ (np.diag([1.0, -1.0]) if best else np.eye(2))
+    ctf = np.sin(np.pi * wavelength * c10 * q2)
     keep = (np.abs(ctf) > 0.3) & band
-    skew = skewness(np.fft.ifft2(aligned_mean(k @ rf.T) * np.sign(ctf) * keep).real)
+    skew = skewness(np.fft.ifft2(aligned_mean(k @ _form(pc, ps, best).T) * np.sign(ctf) * keep).real)
     if skew < 0:
         theta, c10 = theta + 180.0, -c10
     return {
