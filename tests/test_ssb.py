@@ -336,3 +336,22 @@ def test_bad_input_is_named():
         ssb(dense.isel(k_y=slice(6, 11), k_x=slice(6, 11)), cal)
     with pytest.raises(ValueError, match="no detector pixel"):
         ssb(dense.isel(k_y=slice(0, 2), k_x=slice(0, 2)), cal)
+
+
+# ---------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_cupy_chunks_give_the_numpy_result(tmp_path):
+    cupy = pytest.importorskip("cupy")
+    counts, _, cal = simulated(-60.0, scan=(24, 20), detector=16, dose=1e4)
+    dense = as_dense(counts, cal)
+    on_gpu = dense.copy(data=dense.data.map_blocks(cupy.asarray, meta=cupy.empty((0, 0, 0, 0), np.float32)))
+    ab = Aberrations(C10=-60.0, C12=10.0, phi12=20.0)
+    for quantitative in (False, True):
+        want = ssb(dense, cal, ab, quantitative=quantitative).phase.values
+        got = ssb(on_gpu, cal, ab, quantitative=quantitative).phase.data.compute()
+        assert isinstance(got, cupy.ndarray)
+        np.testing.assert_allclose(got.get(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    kept = ssb(on_gpu, cal, scratch=tmp_path / "G.zarr").keep()  # through host Zarr and back
+    got = kept.refocus(ab).data.compute()
+    want = ssb(dense, cal, ab).phase.values
+    np.testing.assert_allclose(got.get(), want, rtol=0, atol=1e-5 * np.abs(want).max())

@@ -84,6 +84,15 @@ def _partial_block(g, k_y, k_x, *, q_y, q_x, k0, coef):
     return kernel(g, k_y, k_x, q_y, q_x, k0, coef)[None]
 
 
+def _meta(like: da.Array, ndim: int, dtype) -> object:
+    """An empty array of ``like``'s array module (NumPy or CuPy) for dask's ``meta=``."""
+    return array_module(like._meta).empty((0,) * ndim, dtype=dtype)
+
+
+def _to_host(block):
+    return block.get() if array_module(block) is not np else block
+
+
 def _irfft2(spectrum, shape):
     xp = array_module(spectrum)
     return xp.fft.irfft2(spectrum, s=shape, norm="forward").astype(xp.float32)
@@ -160,8 +169,12 @@ class SSBResult:
             self._tmp = tempfile.TemporaryDirectory(prefix="stemdask-ssb-")
             path = os.path.join(self._tmp.name, "G.zarr")
         if path is not None:
-            _, self.bf = dask.compute(self.G.to_zarr(os.fspath(path), overwrite=True, compute=False), self.bf)
+            xp = array_module(self.G._meta)
+            host = self.G.map_blocks(_to_host, meta=np.empty((0, 0, 0), np.complex64))
+            _, self.bf = dask.compute(host.to_zarr(os.fspath(path), overwrite=True, compute=False), self.bf)
             self.G = da.from_zarr(os.fspath(path))
+            if xp is not np:  # pragma: no cover - GPU only: back onto the device chunk by chunk
+                self.G = self.G.map_blocks(xp.asarray, meta=xp.empty((0, 0, 0), np.complex64))
             self.scratch = path
         else:
             self.G, self.bf = dask.persist(self.G, self.bf)  # on the active client's workers, if any
@@ -195,17 +208,22 @@ class SSBResult:
         parts = da.blockwise(
             _partial_block, "pij", G, "ijp", k_y, "p", k_x, "p",
             q_y=self.q_y, q_x=self.q_x, k0=self.k0, coef=coef,
-            adjust_chunks={"p": 1}, dtype=np.complex128, name="ssb-trotter-sum-" + dask.base.tokenize(G, k_y, k_x, self.q_y, self.q_x, self.k0, coef),
+            adjust_chunks={"p": 1}, dtype=np.complex128, meta=_meta(G, 3, np.complex128), name="ssb-trotter-sum-" + dask.base.tokenize(G, k_y, k_x, self.q_y, self.q_x, self.k0, coef),
         )
         total = parts.sum(axis=0, split_every=8)
         bf = self.bf
         if quantitative:
             n_disk = len(self.k_y)
-            spectrum = total / (bf / n_disk * da.maximum(self.transfer(), 1.0))
+            counts = self.transfer()
+            xp = array_module(G._meta)
+            if xp is not np:  # pragma: no cover - GPU only
+                counts = counts.map_blocks(xp.asarray, meta=xp.empty((0, 0), np.float64))
+            spectrum = total / (bf / n_disk * da.maximum(counts, 1.0))
         else:
             spectrum = total / bf
         ny, nx = self.scan_shape
-        phase = spectrum.map_blocks(_irfft2, (ny, nx), chunks=((ny,), (nx,)), dtype=np.float32, name="ssb-irfft2")
+        phase = spectrum.map_blocks(_irfft2, (ny, nx), chunks=((ny,), (nx,)), dtype=np.float32,
+                                   meta=_meta(spectrum, 2, np.float32), name="ssb-irfft2")
         sy, sx = self.calibration.scan_step_a
         attrs = {
             "units": "rad",
@@ -298,7 +316,8 @@ def ssb(
 
     rows = data.map_blocks(
         _select_and_rfft, pix_y, pix_x, drop_axis=3,
-        chunks=(data.chunks[0], (nxh,), (npix,)), dtype=np.complex64, name="ssb-rfft-x",
+        chunks=(data.chunks[0], (nxh,), (npix,)), dtype=np.complex64, meta=_meta(data, 3, np.complex64),
+        name="ssb-rfft-x",
     )
     bytes_per_pixel = ny * nxh * 8
     pc = pixel_chunk or max(1, min(math.ceil(npix / 8), G_CHUNK_BYTES // bytes_per_pixel))
@@ -306,7 +325,7 @@ def ssb(
     # No merging of row blocks into bigger pieces on the way (memory stays ~ one chunk).
     largest = max(max(data.chunks[0]) * nxh * npix, ny * nxh * min(pc, npix)) * 8
     cols = rows.rechunk({0: ny, 1: nxh, 2: pc}, method=method, block_size_limit=largest)
-    G = cols.map_blocks(_fft_scan_y, dtype=np.complex64, name="ssb-fft-y")
+    G = cols.map_blocks(_fft_scan_y, dtype=np.complex64, meta=_meta(cols, 3, np.complex64), name="ssb-fft-y")
 
     sy, sx = calibration.scan_step_a
     # Σ_k G(k, Q=0): the mean bright-field counts per position (the normalisation).
