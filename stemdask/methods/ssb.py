@@ -138,7 +138,7 @@ class SSBResult:
     q_y: np.ndarray
     q_x: np.ndarray
     k0: float
-    scan_shape: tuple[int, int]
+    scan_coords: tuple[np.ndarray, np.ndarray]
     bf: da.Array | float
     calibration: Calibration
     aberrations: Aberrations
@@ -146,6 +146,11 @@ class SSBResult:
     scratch: str | os.PathLike | None = None
     scratch_threshold: int | None = None
     kept: bool = False
+    _tmp: tempfile.TemporaryDirectory | None = dataclasses.field(default=None, init=False, repr=False)
+
+    @property
+    def scan_shape(self) -> tuple[int, int]:
+        return (len(self.scan_coords[0]), len(self.scan_coords[1]))
 
     @property
     def phase(self) -> xr.DataArray:
@@ -208,7 +213,8 @@ class SSBResult:
         parts = da.blockwise(
             _partial_block, "pij", G, "ijp", k_y, "p", k_x, "p",
             q_y=self.q_y, q_x=self.q_x, k0=self.k0, coef=coef,
-            adjust_chunks={"p": 1}, dtype=np.complex128, meta=_meta(G, 3, np.complex128), name="ssb-trotter-sum-" + dask.base.tokenize(G, k_y, k_x, self.q_y, self.q_x, self.k0, coef),
+            adjust_chunks={"p": 1}, dtype=np.complex128, meta=_meta(G, 3, np.complex128),
+            name="ssb-trotter-sum-" + dask.base.tokenize(G, k_y, k_x, self.q_y, self.q_x, self.k0, coef),
         )
         total = parts.sum(axis=0, split_every=8)
         bf = self.bf
@@ -224,7 +230,6 @@ class SSBResult:
         ny, nx = self.scan_shape
         phase = spectrum.map_blocks(_irfft2, (ny, nx), chunks=((ny,), (nx,)), dtype=np.float32,
                                    meta=_meta(spectrum, 2, np.float32), name="ssb-irfft2")
-        sy, sx = self.calibration.scan_step_a
         attrs = {
             "units": "rad",
             "long_name": "SSB phase" + (" (quantitative)" if quantitative else ""),
@@ -236,8 +241,8 @@ class SSBResult:
         return xr.DataArray(
             phase, dims=("scan_y", "scan_x"), name="phase", attrs=attrs,
             coords={
-                "scan_y": ("scan_y", np.arange(ny) * sy, {"units": "Å", "long_name": "scan y"}),
-                "scan_x": ("scan_x", np.arange(nx) * sx, {"units": "Å", "long_name": "scan x"}),
+                "scan_y": ("scan_y", self.scan_coords[0], {"units": "Å", "long_name": "scan y"}),
+                "scan_x": ("scan_x", self.scan_coords[1], {"units": "Å", "long_name": "scan x"}),
             },
         )
 
@@ -249,9 +254,7 @@ class SSBResult:
             q_y, q_x = -q_y, -q_x
         iy = int(np.argmin(np.abs(self.q_y - q_y)))
         ix = int(np.argmin(np.abs(self.q_x - q_x)))
-        values = np.asarray(self.G[iy, ix, :].compute())
-        if type(values).__module__.split(".")[0] == "cupy":  # pragma: no cover - GPU only
-            values = values.get()
+        values = _to_host(self.G[iy, ix, :].compute())
         img = np.full((len(self.k_y_mrad), len(self.k_x_mrad)), np.nan + 0j, dtype=np.complex64)
         img[self.pixels[:, 0], self.pixels[:, 1]] = np.conj(values) if conj else values
         return img
@@ -333,7 +336,9 @@ def ssb(
     return SSBResult(
         G=G, k_y=sky[inside], k_x=skx[inside], pixels=np.stack([pix_y, pix_x], axis=1),
         k_y_mrad=ky_mrad, k_x_mrad=kx_mrad,
-        q_y=np.fft.fftfreq(ny, d=sy), q_x=np.fft.rfftfreq(nx, d=sx), k0=k0, scan_shape=(ny, nx), bf=bf,
+        q_y=np.fft.fftfreq(ny, d=sy), q_x=np.fft.rfftfreq(nx, d=sx), k0=k0, bf=bf,
+        scan_coords=tuple(np.asarray(dense.coords[d].values) if d in dense.coords else np.arange(n) * step
+                          for d, n, step in (("scan_y", ny, sy), ("scan_x", nx, sx))),
         calibration=calibration, aberrations=_aberrations(aberrations), quantitative=quantitative,
         scratch=scratch, scratch_threshold=scratch_threshold,
     )
