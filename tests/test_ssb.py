@@ -171,6 +171,17 @@ def test_refocus_reruns_only_the_reduction():
     assert refocused.attrs["aberration_C10"] == -100.0
 
 
+def test_reconstructions_computed_together_do_not_share_keys():
+    a, _, cal = simulated(0.0, scan=(16, 16), detector=16, dose=1e4, seed=1)
+    b, _, _ = simulated(-80.0, scan=(16, 16), detector=16, dose=1e4, seed=2)
+    ra, rb = ssb(as_dense(a, cal), cal), ssb(as_dense(b, cal), cal, Aberrations(C10=-80.0))
+    together = dask.compute(ra.phase.data, rb.phase.data, rb.refocus(C10=0.0).data)
+    alone = ra.phase.values, rb.phase.values, rb.refocus(C10=0.0).values
+    for t, s in zip(together, alone):
+        np.testing.assert_array_equal(t, s)
+    assert np.abs(together[1] - together[2]).max() > 0.1 * np.abs(together[1]).max()
+
+
 # ---------------------------------------------------------------------- physics
 @pytest.fixture(scope="module")
 def in_focus():
@@ -355,3 +366,15 @@ def test_cupy_chunks_give_the_numpy_result(tmp_path):
     got = kept.refocus(ab).data.compute()
     want = ssb(dense, cal, ab).phase.values
     np.testing.assert_allclose(got.get(), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_sweep_finds_the_defocus_without_the_truth(defocused):
+    counts, truth, cal = defocused
+    result = ssb(as_dense(counts, cal), cal)
+    sweep = result.sweep(np.arange(-200.0, 101.0, 20.0))
+    assert sweep.phase.dims == ("C10", "scan_y", "scan_x") and isinstance(sweep.power.data, da.Array)
+    best = float(sweep.power.idxmax())
+    assert best == -100.0
+    np.testing.assert_array_equal(sweep.phase.sel(C10=-100.0).values, result.refocus(C10=-100.0).values)
+    with pytest.raises(ValueError, match="unknown aberration"):
+        result.sweep([0.0], field="C99")

@@ -197,6 +197,27 @@ class SSBResult:
         ab = _aberrations(self.aberrations if aberrations is None else aberrations, **coefficients)
         return self._reduce(ab, self.quantitative if quantitative is None else quantitative)
 
+    def sweep(self, values, field: str = "C10", **fixed) -> xr.Dataset:
+        """Phases for a series of one aberration coefficient; lazy, G kept first.
+
+        ``values`` of ``field`` (an :class:`~stemdask.optics.Aberrations` field, Å or
+        degrees) on top of this result's aberrations with ``fixed`` overrides. Returns a
+        Dataset with ``phase`` (field, scan_y, scan_x) and ``power`` (field,) = Σ phase²
+        (rad²): a criterion that needs no truth, largest where the aberrations match, since
+        wrong ones misalign the trotter phases, which then cancel (use the default SNR
+        weighting; quantitative weighting lets noise dominate the sum). For thick samples the
+        best defocus differs from the nominal one: pick it with ``power.argmax()``.
+        """
+        values = np.asarray(values, dtype=float)
+        if field not in {f.name for f in dataclasses.fields(Aberrations)}:
+            raise ValueError(f"unknown aberration {field!r}; choose from {[f.name for f in dataclasses.fields(Aberrations)]}")
+        phases = [self.refocus(None, **{**fixed, field: float(v)}) for v in values]
+        phase = xr.concat(phases, dim=field, combine_attrs="drop_conflicts").assign_coords({field: values})
+        phase.attrs.pop(f"aberration_{field}", None)
+        power = (phase.astype(np.float64) ** 2).sum(("scan_y", "scan_x"))
+        power.attrs = {"units": "rad²", "long_name": "Σ phase² (focus criterion)"}
+        return xr.Dataset({"phase": phase, "power": power})
+
     def transfer(self) -> da.Array:
         """Trotter pixel count n_trotter(Q) (float64 (ny, nx//2+1)); lazy."""
         return da.from_delayed(
@@ -229,7 +250,7 @@ class SSBResult:
             spectrum = total / bf
         ny, nx = self.scan_shape
         phase = spectrum.map_blocks(_irfft2, (ny, nx), chunks=((ny,), (nx,)), dtype=np.float32,
-                                   meta=_meta(spectrum, 2, np.float32), name="ssb-irfft2")
+                                   meta=_meta(spectrum, 2, np.float32), token="ssb-irfft2")
         attrs = {
             "units": "rad",
             "long_name": "SSB phase" + (" (quantitative)" if quantitative else ""),
@@ -320,7 +341,7 @@ def ssb(
     rows = data.map_blocks(
         _select_and_rfft, pix_y, pix_x, drop_axis=3,
         chunks=(data.chunks[0], (nxh,), (npix,)), dtype=np.complex64, meta=_meta(data, 3, np.complex64),
-        name="ssb-rfft-x",
+        token="ssb-rfft-x",
     )
     bytes_per_pixel = ny * nxh * 8
     pc = pixel_chunk or max(1, min(math.ceil(npix / 8), G_CHUNK_BYTES // bytes_per_pixel))
@@ -328,7 +349,7 @@ def ssb(
     # No merging of row blocks into bigger pieces on the way (memory stays ~ one chunk).
     largest = max(max(data.chunks[0]) * nxh * npix, ny * nxh * min(pc, npix)) * 8
     cols = rows.rechunk({0: ny, 1: nxh, 2: pc}, method=method, block_size_limit=largest)
-    G = cols.map_blocks(_fft_scan_y, dtype=np.complex64, meta=_meta(cols, 3, np.complex64), name="ssb-fft-y")
+    G = cols.map_blocks(_fft_scan_y, dtype=np.complex64, meta=_meta(cols, 3, np.complex64), token="ssb-fft-y")
 
     sy, sx = calibration.scan_step_a
     # Σ_k G(k, Q=0): the mean bright-field counts per position (the normalisation).
