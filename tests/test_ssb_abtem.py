@@ -60,3 +60,9 @@ def test_abtem_defocus_150_corrected_through_densify(case):
     image = detrended(result.phase.values)
     columns = truth > np.percentile(truth, 99)
     assert image[columns].mean() > image.mean() + image.std()
+
+
+def test_abtem_focus_criterion_finds_c10_without_the_truth(case):
+    ds, _, params = case
+    sweep = ssb(ds.densify(), ds.calibration).sweep(np.arange(-300.0, 101.0, 25.0))
+    assert float(sweep.power.idxmax()) == params["C10_A"]
