@@ -32,8 +32,16 @@ Weighting:
 * ``quantitative=True``: each frequency divided by its own trotter's pixel count (the
   average over the trotter, as in ptychography40), so T(Q) = 1 for every 0 < |Q| < 2α/λ
   that has at least one trotter pixel: slope ≈ 1 against the phase band-limited to 2α/λ
-  (the band limit of SSB's transfer). Frequencies with few trotter pixels (near Q = 0 and
-  |Q| = 2α/λ) are noisier.
+  (the band limit of SSB's transfer; the slope is the regression of the image on that
+  band-limited truth). Frequencies with few trotter pixels (near Q = 0 and |Q| = 2α/λ) are
+  noisier. Pixels are in or out of the disk by their centre, while a real aperture edge
+  cuts through the rim pixels, which carry part of the signal: below |Q| of about two
+  detector pixels the transfer drops under 1 (≈ 0.5 at one pixel), so the slope on the
+  simulator is ≈ 0.93–0.96 for a BF disk 7–13 pixels in radius.
+
+Refocus and focus search: :class:`SSBResult` keeps G; ``refocus`` reruns only the trotter
+sums, ``sweep`` stacks phases over one coefficient with the truth-free criterion Σ phase²
+(largest at the right aberrations; it finds C10 = −150 Å on the abTEM case).
 
 Geometry: detector frequencies k come from the dense array's ``k_y, k_x`` coordinates (mrad
 relative to the BF centre, detector frame), are mapped into the scan frame with the
@@ -304,6 +312,8 @@ def ssb(
     a dict. quantitative: unit transfer instead of the SNR-optimal sum (module docstring).
     pixel_chunk: BF pixels per chunk of G (default: ≥ 8 chunks of ≤ 64 MiB).
     scratch, scratch_threshold: where G is kept, see :meth:`SSBResult.keep`.
+    The scan frequencies use ``calibration.scan_step_a``; the image's scan coordinates are
+    ``dense``'s own (Å). Under a distributed client the rechunk is a p2p shuffle.
     """
     if not isinstance(dense, xr.DataArray) or dense.dims != ("scan_y", "scan_x", "k_y", "k_x"):
         raise ValueError("dense must be an xarray.DataArray with dims (scan_y, scan_x, k_y, k_x), "
