@@ -32,6 +32,18 @@ def test_scratch_threshold_picks_a_temporary_store():
     np.testing.assert_array_equal(result.phase.values, expected)
 
 
+def test_kept_in_distributed_memory(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    counts, _, cal = simulated(-60.0, scan=(24, 24), detector=16, dose=1e4)
+    expected = ssb(as_dense(counts, cal), cal, AB).refocus(C10=-30.0).values
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
+        result = ssb(as_dense(counts, cal), cal, AB).keep()
+        assert result.scratch is None
+        assert all(key in client.futures for key in result.G.__dask_keys__()[0][0])  # held by the workers
+        got = result.refocus(C10=-30.0).values
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
 # ---------------------------------------------------------------------- larger than a worker
 SCAN, CROP, ROWS = (224, 224), 64, 4
 
