@@ -23,9 +23,10 @@ index chunks — no global offsets table, no lock; parallel writers (threads, pr
 cluster workers) never touch the same object. Re-writing a block rewrites the same keys, so
 an interrupted ingest resumes by skipping committed blocks and produces identical bytes.
 
-Blosc/zstd with bit-shuffle (no delta filter) measured 1.8 bytes/event for sorted uint32
-indices on a 576×576 detector at 500 e⁻/position, and writes 2.4× faster than delta +
-bit-shuffle (1.4 bytes/event) — ingest speed matters more here (benchmarks/ingest.py).
+Blosc/zstd level 1 with bit-shuffle (no delta filter) measured 1.7 bytes/event for sorted
+uint32 indices on a 576×576 detector at 500 e⁻/position and ~55 M events/s CSR ingest on 2
+cores; delta + bit-shuffle packs tighter (1.4 B/event) but writes 2.4× slower, zstd level 3
+saves 2 % of bytes for 20 % more CPU — ingest speed matters more here (benchmarks/ingest.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +98,7 @@ def block_crc(counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None) -
 
 
 def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
 
 
 class EventStore:
@@ -226,36 +228,40 @@ class EventStore:
         prov = dict(self.attrs.get("provenance", {}))
         prov.update(provenance)
         self._set_attrs(n_events=int(counts.sum(dtype=np.int64)), provenance=prov)
-        zarr.consolidate_metadata(str(self.path))
         self._set_attrs(complete=True)
-        zarr.consolidate_metadata(str(self.path))
         return self
 
     def set_calibration(self, calibration: Calibration) -> None:
         """Store a new calibration (e.g. after :mod:`stemdask.calibrate`)."""
         self._set_attrs(calibration=calibration.to_dict())
-        if self.complete:
-            zarr.consolidate_metadata(str(self.path))
 
     def _set_attrs(self, **kv) -> None:
-        # Opening read-write for an attrs update is allowed on complete stores too.
+        """Update group attrs, then refresh the consolidated metadata readers open."""
         grp = self._group if self.writable else zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
         grp.attrs.update(kv)
         self.attrs.update(json.loads(json.dumps(kv)))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            zarr.consolidate_metadata(str(self.path))
 
     # ------------------------------------------------------------------ reading
     def read_block(self, b: int) -> Block:
-        """Events of row block ``b``. Raises if the block is not committed."""
+        """Events of row block ``b``. Raises if the block is not committed or unreadable."""
         r0, r1 = self.block_rows(b)
-        counts = self._counts[r0:r1]
-        if np.any(counts == UNWRITTEN):
-            raise IncompleteStoreError(f"{self.path}: row block {b} (rows {r0}..{r1}) was never written")
-        n = int(counts.sum(dtype=np.int64))
-        start = b * self.cap
-        indices = self._indices[start : start + n] if n else np.empty(0, self.index_dtype)
-        toa = None
-        if self.has_toa:
-            toa = self._toa[start : start + n] if n else np.empty(0, np.uint32)
+        try:
+            counts = self._counts[r0:r1]
+            if np.any(counts == UNWRITTEN):
+                raise IncompleteStoreError(f"{self.path}: row block {b} (rows {r0}..{r1}) was never written")
+            n = int(counts.sum(dtype=np.int64))
+            start = b * self.cap
+            indices = self._indices[start : start + n] if n else np.empty(0, self.index_dtype)
+            toa = None
+            if self.has_toa:
+                toa = self._toa[start : start + n] if n else np.empty(0, np.uint32)
+        except StoreError:
+            raise
+        except (RuntimeError, ValueError, OSError) as e:  # codec failures on damaged chunks
+            raise CorruptStoreError(f"{self.path}: row block {b} (rows {r0}..{r1}) cannot be read: {e}") from e
         return Block(b, r0, counts, indices, toa)
 
     def iter_blocks(self) -> Iterator[Block]:

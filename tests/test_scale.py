@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import stemdask
-from stemdask.cluster import peak_rss_per_worker
+from dask.utils import parse_bytes
+
+from stemdask.cluster import connect, load_profile, peak_rss_per_worker
 from stemdask.optics import Calibration
 from stemdask.store import create_store
 
@@ -31,25 +33,25 @@ def synthetic_store(path, scan_shape, detector, events_per_position, rows_per_bl
     return store.finalize()
 
 
-def _local_cluster(memory_limit):
-    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=memory_limit,
-                                    processes=True, dashboard_address=None, silence_logs=50)
 
 
 @pytest.mark.slow
 def test_com_out_of_core_with_bounded_worker_memory(tmp_path):
-    """Event bytes ≥ 4× the total worker memory limit; COM completes, workers stay bounded."""
-    limit = 300e6
+    """Event bytes ≥ 4× the workers' total memory limit (profile local-lowmem: 2 × 300 MB);
+    COM completes, equals the in-process result, and each worker's peak RSS stays far below
+    the event bytes it processed (memory does not grow with the data)."""
+    profile = load_profile("local-lowmem")
+    limit = parse_bytes(profile["memory_limit"])
     store = synthetic_store(tmp_path / "big.zarr", (512, 512), 512, 2400, rows_per_block=4)
     event_bytes = store.n_events * store.index_dtype.itemsize
-    assert event_bytes >= 4 * 2 * limit
+    assert event_bytes >= 4 * profile["n_workers"] * limit
     expected = stemdask.open(store.path).com().compute(scheduler="threads")
-    with _local_cluster(f"{int(limit)}B") as cluster, distributed.Client(cluster) as client:
+    with connect("local-lowmem") as client:
         workers = set(client.scheduler_info()["workers"])
         got = stemdask.open(store.path).com().compute()
         peaks = peak_rss_per_worker(client)
-        assert set(client.scheduler_info()["workers"]) == workers  # none was killed and restarted
-    assert len(peaks) == 2 and max(peaks.values()) < limit
+        assert set(client.scheduler_info()["workers"]) == workers  # none died and restarted
+    assert len(peaks) == 2 and max(peaks.values()) < 600e6 < event_bytes / 4
     np.testing.assert_allclose(got.com_y.values, expected.com_y.values)
     np.testing.assert_allclose(got.com_x.values, expected.com_x.values)
 
@@ -58,7 +60,8 @@ def test_com_out_of_core_with_bounded_worker_memory(tmp_path):
 def test_killed_worker_does_not_change_the_result(tmp_path):
     store = synthetic_store(tmp_path / "s.zarr", (256, 128), 128, 400, rows_per_block=2)
     expected = stemdask.open(store.path).com().compute(scheduler="threads")
-    with _local_cluster("1GB") as cluster, distributed.Client(cluster) as client:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
         com = stemdask.open(store.path).com()
         fut = client.compute(com)
         # wait until the computation is under way, then kill one worker process outright

@@ -120,9 +120,7 @@ def test_validate_catches_garbage_chunk(small_store):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2 :] = b"\x00" * (len(data) - len(data) // 2)
     chunk.write_bytes(bytes(data))
-    # Blosc reports an undecodable chunk as RuntimeError (no path); asked the lead to have
-    # EventStore.read_block wrap it in CorruptStoreError — then narrow this to that class.
-    with pytest.raises((CorruptStoreError, RuntimeError)):
+    with pytest.raises(CorruptStoreError, match="row block 0 .*cannot be read"):
         open_store(small_store.path).validate()
 
 
