@@ -64,7 +64,7 @@ def test_local_profile_connects_and_computes(tmp_path):
 
     p = tmp_path / "two.yaml"
     p.write_text(yaml.safe_dump({"cluster": "local", "n_workers": 2, "threads_per_worker": 1,
-                                 "memory_limit": "300MB", "processes": False, "dashboard_address": None}))
+                                 "processes": False, "dashboard_address": None}))
     with connect(p) as client:
         assert len(client.scheduler_info()["workers"]) == 2
         assert float(da.ones((100, 100), chunks=10).sum().compute()) == 10000.0
