@@ -24,11 +24,13 @@ output is large compared with the events).
 
     python benchmarks/reductions.py                      # 512² × 500 e⁻ ≈ 131 M events
     python benchmarks/reductions.py --scan 128 --epp 200 # quick
+    python benchmarks/reductions.py --out-of-core 600MB  # COM on 3× the workers' memory
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import tempfile
@@ -120,7 +122,17 @@ def main(argv=None):
     ap.add_argument("--dense-rows", type=int, default=1, help="scan rows for the dense NumPy baseline")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--store", help="store path (default: a temporary directory, removed after)")
+    ap.add_argument("--out-of-core", metavar="WORKER_MEMORY",
+                    help="instead: COM on a LocalCluster of --workers processes with this memory_limit each "
+                         "(e.g. 600MB), on a dataset whose events take 3× the workers' total memory "
+                         "(--scan is chosen for that)")
+    ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
+    if args.out_of_core:
+        from dask.utils import parse_bytes
+
+        limit = parse_bytes(args.out_of_core)
+        args.scan = math.ceil(math.sqrt(3 * args.workers * limit / 4 / args.epp) * 1.02)
 
     tmp = None
     if args.store:
@@ -135,7 +147,10 @@ def main(argv=None):
         print(f"store: {args.scan}×{args.scan} scan, {DET}×{DET} detector, {n_events / 1e6:.1f} M events "
               f"({n_events / args.scan**2:.0f}/position), {store.n_blocks} row blocks of {store.rows_per_block} rows, "
               f"{store.nbytes_stored() / n_events:.2f} B/event on disk, generated in {time.perf_counter() - t:.1f} s")
-        run(store, args)
+        if args.out_of_core:
+            out_of_core(store, args, limit)
+        else:
+            run(store, args)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -204,6 +219,68 @@ def run(store, args):
         print(f"densify bin {b}: allocating one block's float32 output ({per_block}×{n_out}×{n_out}, "
               f"{per_block * n_out * n_out * 4 / 1e6:.0f} MB) alone: {t * 1e3:.0f} ms "
               f"= {blocks[0].indices.size / t / 1e6:.0f} M events/s ceiling")
+
+
+def out_of_core(store, args, limit):
+    """COM under small worker memory limits: completes, bounded peak RSS, same result."""
+    import threading
+
+    import distributed
+    import psutil
+
+    event_bytes = store.n_events * store.index_dtype.itemsize + store.scan_shape[0] * store.scan_shape[1] * 4
+    total = args.workers * limit
+    print(f"events in memory: {event_bytes / 1e9:.2f} GB = {event_bytes / total:.1f}× the workers' total "
+          f"memory_limit ({args.workers} × {limit / 1e6:.0f} MB); row block ≈ "
+          f"{event_bytes / store.n_blocks / 1e6:.0f} MB")
+    t = time.perf_counter()
+    expected = stemdask.open(store.path).com().compute(scheduler="threads")
+    print(f"threaded scheduler in this process: {time.perf_counter() - t:.1f} s")
+    with distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, memory_limit=limit, processes=True,
+                                  dashboard_address=None, silence_logs=50) as cluster, \
+            distributed.Client(cluster) as client:
+        before = set(client.scheduler_info()["workers"])
+        procs = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
+        trace, done = [], threading.Event()
+
+        def poll():  # worker RSS every 50 ms while COM runs
+            while not done.is_set():
+                trace.append(max(p.memory_info().rss for p in procs))
+                time.sleep(0.05)
+
+        client.run(_reset_peak_rss)
+        poller = threading.Thread(target=poll)
+        poller.start()
+        t = time.perf_counter()
+        got = stemdask.open(store.path).com().compute()
+        elapsed = time.perf_counter() - t
+        done.set()
+        poller.join()
+        peaks = client.run(_peak_rss_since_reset)
+        restarted = set(client.scheduler_info()["workers"]) != before
+    same = np.array_equal(got.com_y.values, expected.com_y.values, equal_nan=True) and \
+        np.array_equal(got.com_x.values, expected.com_x.values, equal_nan=True)
+    print(f"LocalCluster COM: {elapsed:.1f} s, {store.n_events / elapsed / 1e6:.0f} M events/s; worker RSS "
+          f"(sampled every 50 ms) at start {trace[0] / 1e6:.0f} MB, median {np.median(trace) / 1e6:.0f} MB, "
+          f"max {max(trace) / 1e6:.0f} MB; kernel's peak RSS (VmHWM, catches transients) "
+          f"{max(peaks.values()) / 1e6:.0f} MB; limit {limit / 1e6:.0f} MB; workers restarted: {restarted}; "
+          f"result equals the threaded one: {same}")
+
+
+def _reset_peak_rss():
+    """Reset this process's peak-RSS mark (Linux). getrusage's ru_maxrss cannot be used for
+    workers: it keeps the parent's high-water mark across fork/exec (a big client process
+    makes every worker look big)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_since_reset() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 @numba.njit(nogil=True, cache=True)
