@@ -127,6 +127,15 @@ def cmd_reconstruct(args) -> int:
     return reconstruct_cli(args)
 
 
+# ---------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, scan=args.scan, detector=args.detector, dose=args.dose, c10=args.c10,
+             cluster=None if args.cluster == "none" else args.cluster, progress=not args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .methods import add_option, load_methods
 
@@ -135,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"stemdask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="simulate, ingest, calibrate and run every method; write results + a figure")
+    p.add_argument("--out", default="stemdask-demo", help="output folder (replaced; default stemdask-demo)")
+    p.add_argument("--scan", type=int, default=128, metavar="N", help="N×N probe positions (default 128)")
+    p.add_argument("--detector", type=int, default=64, metavar="N", help="N×N detector pixels (default 64)")
+    p.add_argument("--dose", type=float, default=2000.0, metavar="E", help="electrons per position (default 2000)")
+    p.add_argument("--c10", type=float, default=0.0, metavar="Å", help="defocus C10 (Å); SSB corrects it")
+    p.add_argument("--cluster", default="local", help="profile, YAML, address, or 'none' for threads (default local)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("simulate", help="simulate a dataset with a known phase into an event store")
     p.add_argument("out", help="output store (.zarr)")

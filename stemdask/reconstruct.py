@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import xarray as xr
@@ -52,7 +53,9 @@ def write_result(result: xr.Dataset, out: str | os.PathLike, *, overwrite: bool 
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    delayed = result.to_zarr(tmp, mode="w", compute=False, consolidated=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        delayed = result.to_zarr(tmp, mode="w", compute=False, consolidated=True)
     compute(delayed, progress=progress, desc="reconstruct")
     if out.exists():
         shutil.rmtree(out)
