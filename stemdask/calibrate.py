@@ -337,7 +337,12 @@ def calibrate(ds) -> dict:
     """
     center, radius = bf_disk(ds.pacbed().values)
     step = ds.calibration.scan_step_a
-    px = parallax_from_dataset(ds, center, radius) if ds.calibration.semiangle_mrad is not None else None
+    px = None
+    if ds.calibration.semiangle_mrad is not None:
+        try:
+            px = parallax_from_dataset(ds, center, radius)
+        except ValueError:  # too few BF pixels for a parallax fit: rely on the COM
+            px = None
     trusted = (
         px is not None
         and px["sharpness_gain"] >= PARALLAX_MIN_GAIN

@@ -190,3 +190,15 @@ def test_abtem_com_equals_numpy_com_of_the_densified_data(abtem_store):
     com = ds.com().compute()
     np.testing.assert_allclose(com.com_y.values, com_y, atol=1e-9)
     np.testing.assert_allclose(com.com_x.values, com_x, atol=1e-9)
+
+
+def test_calibrate_in_focus_small_detector_and_without_semiangle_uses_the_com(tmp_path):
+    p = SimulationParams(scan_shape=(32, 32), detector=16, dose=1500, rotation_quarter_turns=3, seed=5)
+    path = tmp_path / "s.zarr"
+    simulate(path, p, overwrite=True, progress=False)  # BF radius 3.3 px, in focus: no parallax
+    result = calibrate_store(path, write=False)
+    assert result["method"] == "com" and result["flip"] is False
+    assert abs((result["rotation_deg"] + 90 + 180) % 360 - 180) < 5.0
+    store = open_store(path, mode="r+")
+    store.set_calibration(store.calibration.replace(semiangle_mrad=None))
+    assert calibrate_store(path, write=False)["parallax_gain"] is None
