@@ -8,7 +8,8 @@ uniform over the detector, indices sorted within each position.
 For COM, a 3-detector virtual pass (BF, ABF, ADF presets), PACBED and crop+bin densify
 (each of ``--bins``, radius 1.1·R + 1) it prints events/s:
 
-* ``kernel 1 core`` — the numba kernel alone on row blocks already in memory, one thread;
+* ``kernel 1 core`` — the numba kernel alone (densify: with its output allocation) on row
+  blocks already in memory, one thread;
 * ``e2e /CPU-s``   — the full lazy graph (read, decompress, kernel) on all cores with the
   threaded scheduler, events per CPU-second of the whole process (user + system): the
   honest "per core" figure (zarr decompresses in its own threads too);
@@ -18,13 +19,14 @@ For COM, a 3-detector virtual pass (BF, ABF, ADF presets), PACBED and crop+bin d
   kernel / dense and e2e-per-CPU-second / dense.
 
 Also a combined pass (COM + virtual + PACBED in one ``dask.compute``: one read per block),
-read + decompress alone, and the cost of allocating densify's float32 output alone (it is
-written once per pixel whatever the events: first-touch page faults bound densify when the
-output is large compared with the events).
+read + decompress alone, and the cost of allocating and zeroing densify's float32 output
+alone (it is written once per pixel whatever the events: it bounds densify when the output
+is large compared with the events).
 
     python benchmarks/reductions.py                      # 512² × 500 e⁻ ≈ 131 M events
     python benchmarks/reductions.py --scan 128 --epp 200 # quick
     python benchmarks/reductions.py --out-of-core 600MB  # COM on 3× the workers' memory
+    python benchmarks/reductions.py --codec lz4:5:shuffle  # the same with another store codec
 """
 
 from __future__ import annotations
@@ -127,7 +129,16 @@ def main(argv=None):
                          "(e.g. 600MB), on a dataset whose events take 3× the workers' total memory "
                          "(--scan is chosen for that)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--codec", metavar="CNAME:CLEVEL:SHUFFLE",
+                    help="an experiment: write the store with this Blosc codec instead of the store's own "
+                         "(e.g. lz4:5:shuffle; patches stemdask.store._compressor in this process only)")
     args = ap.parse_args(argv)
+    if args.codec:
+        import stemdask.store
+        from zarr.codecs import BloscCodec
+
+        cname, clevel, shuffle = args.codec.split(":")
+        stemdask.store._compressor = lambda: BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle)
     if args.out_of_core:
         from dask.utils import parse_bytes
 
@@ -214,8 +225,7 @@ def run(store, args):
           f"({n_events / t_wall / 1e6:.0f} M/s wall)")
     per_block = blocks[0].counts.size
     for b, n_out in out_sizes.items():
-        zeros_like_output(1, n_out)  # compile
-        t, _ = best_of(lambda: zeros_like_output(per_block, n_out), args.repeat)
+        t, _ = best_of(lambda: np.zeros((per_block, n_out, n_out), np.float32).fill(0), args.repeat)
         print(f"densify bin {b}: allocating one block's float32 output ({per_block}×{n_out}×{n_out}, "
               f"{per_block * n_out * n_out * 4 / 1e6:.0f} MB) alone: {t * 1e3:.0f} ms "
               f"= {blocks[0].indices.size / t / 1e6:.0f} M events/s ceiling")
@@ -283,11 +293,6 @@ def _peak_rss_since_reset() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-@numba.njit(nogil=True, cache=True)
-def zeros_like_output(p, n):
-    return np.zeros((p, n, n), np.float32)
-
-
 def densify_product(ds, frames, b, out_sizes):
     lazy = ds.densify(bin=b)
     n_out = lazy.shape[2]
@@ -303,7 +308,7 @@ def densify_product(ds, frames, b, out_sizes):
         win[:, sy - y0 : ey - y0, sx - x0 : ex - x0] = frames[:, sy:ey, sx:ex]
         return win.reshape(-1, n_out, b, n_out, b).sum(axis=(2, 4))
 
-    return (lambda blk: K.densify(blk.counts.ravel(), blk.indices, lookup, n_out, n_out),
+    return (lambda blk: reduce._block_densify(blk, lookup, n_out),
             lambda: ds.densify(bin=b).data.sum(axis=(2, 3)), dense)
 
 

@@ -115,7 +115,8 @@ def _block_histogram(block, n_pixels):
 
 
 def _block_densify(block, lookup, n):
-    out = kernels.densify(block.counts.ravel(), block.indices, lookup, n, n)
+    out = np.zeros((block.counts.size, n, n), np.float32)  # NumPy: huge pages, see the kernel
+    kernels.densify(block.counts.ravel(), block.indices, lookup, out)
     return out.reshape(block.counts.shape + (n, n))
 
 

@@ -91,7 +91,9 @@ def test_densify_equals_crop_and_bin_of_dense(block, y0, x0, b, out_y, out_x):
     padded = np.pad(pat, ((0, 0), (pad, pad), (pad, pad)))
     win = padded[:, pad + y0 : pad + y0 + out_y * b, pad + x0 : pad + x0 + out_x * b]
     expected = win.reshape(counts.size, out_y, b, out_x, b).sum(axis=(2, 4))
-    got = K.densify(counts, indices, K.densify_lookup(det_y, det_x, y0, x0, b, out_y, out_x), out_y, out_x)
+    out = np.zeros((counts.size, out_y, out_x), np.float32)
+    got = K.densify(counts, indices, K.densify_lookup(det_y, det_x, y0, x0, b, out_y, out_x), out)
+    assert got is out
     assert got.dtype == np.float32 and got.shape == (counts.size, out_y, out_x)
     np.testing.assert_array_equal(got, expected)
 
@@ -130,7 +132,7 @@ def test_empty_block():
     counts = np.zeros(0, np.uint32)
     idx = np.zeros(0, np.uint16)
     assert K.center_of_mass(counts, idx, 4, 0.0, 0.0)[0].shape == (0,)
-    assert K.densify(counts, idx, K.densify_lookup(4, 4, 0, 0, 1, 2, 2), 2, 2).shape == (0, 2, 2)
+    assert K.densify(counts, idx, K.densify_lookup(4, 4, 0, 0, 1, 2, 2), np.zeros((0, 2, 2), np.float32)).shape == (0, 2, 2)
     assert K.masked_counts(counts, idx, np.zeros(16, np.uint8), np.ones((1, 1), np.uint32)).shape == (0, 1)
 
 
