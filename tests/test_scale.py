@@ -3,7 +3,6 @@ cluster profile, and surviving a killed worker."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
@@ -15,35 +14,16 @@ from dask.utils import parse_bytes
 import stemdask
 from stemdask.cli import main
 from stemdask.cluster import connect, load_profile, peak_rss_per_worker
-from stemdask.optics import Calibration
-from stemdask.store import create_store
+from stemdask.simulate import random_event_store
 
 distributed = pytest.importorskip("distributed")
-
-
-def synthetic_store(path, scan_shape, detector, events_per_position, rows_per_block, seed=0):
-    """Poisson-many events per position at scattered detector pixels (fast to make, any size).
-
-    The calibration declares a 4-px BF disk so SSB has a small, known input."""
-    rng = np.random.default_rng(seed)
-    ny, nx = scan_shape
-    cal = Calibration(scan_step_a=0.5, detector_pixel_mrad=1.0, semiangle_mrad=4.0,
-                      bf_center=(detector / 2, detector / 2), bf_radius=4.0)
-    store = create_store(path, scan_shape, (detector, detector), cal, rows_per_block=rows_per_block)
-    n_pix = detector * detector
-    for b in range(store.n_blocks):
-        r0, r1 = store.block_rows(b)
-        counts = rng.poisson(events_per_position, size=(r1 - r0, nx)).astype(np.uint32)
-        idx = (np.arange(int(counts.sum()), dtype=np.int64) * 7919 + b) % n_pix
-        store.write_block(b, counts, idx)
-    return store.finalize()
 
 
 @pytest.fixture(scope="module")
 def big_store(tmp_path_factory):
     """≥ 4× the event bytes of the local-lowmem profile's total worker memory (2 × 300 MB)."""
     profile = load_profile("local-lowmem")
-    store = synthetic_store(tmp_path_factory.mktemp("big") / "big.zarr", (512, 512), 512, 2400, rows_per_block=4)
+    store = random_event_store(tmp_path_factory.mktemp("big") / "big.zarr", (512, 512), 512, 2400, rows_per_block=4)
     event_bytes = store.n_events * store.index_dtype.itemsize
     assert event_bytes >= 4 * profile["n_workers"] * parse_bytes(profile["memory_limit"])
     return store
@@ -90,7 +70,7 @@ def test_cli_reconstruct_com_on_a_300mb_worker_profile(big_store, tmp_path, caps
 
 @pytest.mark.slow
 def test_killed_worker_does_not_change_the_result(tmp_path):
-    store = synthetic_store(tmp_path / "s.zarr", (256, 128), 128, 400, rows_per_block=2)
+    store = random_event_store(tmp_path / "s.zarr", (256, 128), 128, 400, rows_per_block=2)
     expected = stemdask.open(store.path).com().compute(scheduler="threads")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   silence_logs=50) as cluster, distributed.Client(cluster) as client:
