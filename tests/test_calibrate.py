@@ -131,7 +131,7 @@ def test_calibrate_store_on_the_simulator(tmp_path, quarter_turns, flip, c10):
     truth = p.calibration()
     assert np.allclose(result["bf_center"], truth.bf_center, atol=0.05)
     assert result["bf_radius"] == pytest.approx(truth.bf_radius, abs=0.15)
-    assert result["flip"] == flip
+    assert result["flip"] == flip and result["rotation_reliable"]
     error = abs((result["rotation_deg"] - 90 * quarter_turns + 180) % 360 - 180)
     if c10 == 0:
         assert result["method"] == "com" and error < 3.0  # COM curl: noise-limited at 48×48, 2000 e⁻
@@ -176,7 +176,8 @@ def test_abtem_case_calibrates(abtem_store):
     assert math.hypot(result["bf_center"][0] - 48, result["bf_center"][1] - 48) < 0.1
     assert abs(result["bf_radius"] - 19.835) < 0.5
     assert abs(result["rotation_deg"]) < 1.0 and result["flip"] is False
-    assert result["method"] == "parallax" and -170 < result["c10_estimate_a"] < -130
+    assert result["method"] == "parallax" and result["rotation_reliable"]
+    assert -170 < result["c10_estimate_a"] < -130
 
 
 def test_abtem_com_equals_numpy_com_of_the_densified_data(abtem_store):
@@ -202,3 +203,21 @@ def test_calibrate_in_focus_small_detector_and_without_semiangle_uses_the_com(tm
     store = open_store(path, mode="r+")
     store.set_calibration(store.calibration.replace(semiangle_mrad=None))
     assert calibrate_store(path, write=False)["parallax_gain"] is None
+
+
+def test_abtem_dose_50_rotation_is_flagged_unreliable_and_not_stored(abtem_case, tmp_path):
+    """At 50 e⁻ and 150 Å defocus neither the parallax nor the COM is measurable: say so."""
+    from stemdask.io.ingest import ingest
+
+    params = json.loads((abtem_case / "params.json").read_text())
+    store = ingest(abtem_case / "events_dose50.npz", tmp_path / "d50.zarr", format="csr", scan_shape=(96, 96),
+                   detector_shape=(96, 96), progress=False,
+                   calibration={"energy_ev": params["energy_eV"], "scan_step_a": params["scan"]["step_A"],
+                                "semiangle_mrad": params["semiangle_mrad"],
+                                "detector_pixel_mrad": params["detector"]["pixel_size_mrad"]})
+    with pytest.warns(UserWarning, match="not reliable"):
+        result = calibrate_store(store.path)
+    assert result["rotation_reliable"] is False
+    stored = open_store(store.path).calibration
+    assert stored.rotation_deg == 0.0 and stored.flip is False  # kept
+    assert math.hypot(stored.bf_center[0] - 48, stored.bf_center[1] - 48) < 0.1  # the BF disk is still found
