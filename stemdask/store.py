@@ -23,10 +23,12 @@ index chunks — no global offsets table, no lock; parallel writers (threads, pr
 cluster workers) never touch the same object. Re-writing a block rewrites the same keys, so
 an interrupted ingest resumes by skipping committed blocks and produces identical bytes.
 
-Blosc/zstd level 1 with bit-shuffle (no delta filter) measured 1.7 bytes/event for sorted
-uint32 indices on a 576×576 detector at 500 e⁻/position and ~55 M events/s CSR ingest on 2
-cores; delta + bit-shuffle packs tighter (1.4 B/event) but writes 2.4× slower, zstd level 3
-saves 2 % of bytes for 20 % more CPU — ingest speed matters more here (benchmarks/ingest.py).
+Codec: Blosc lz4 (level 5) with byte shuffle, no delta filter. Measured on 4D-Camera-like
+sorted uint32 indices (576×576 detector, 500 e⁻/position; benchmarks/ingest.py and
+benchmarks/reductions.py, 2 cores): 1.77 bytes/event, CSR ingest 67 M events/s, and it
+decodes ~2× faster than zstd + bit-shuffle (1.71 B/event, 54 M events/s ingest), which
+caps every O(C) reduction end to end. Delta + bit-shuffle packs tighter (1.4 B/event) but
+writes 2.4× slower.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def block_crc(counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None) -
 
 
 def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
 class EventStore:
