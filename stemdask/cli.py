@@ -11,6 +11,10 @@ from .optics import Aberrations
 from .store import StoreError, open_store
 
 
+CLUSTER_HELP = "run on a Dask cluster: a profile name (local, local-lowmem, local-cuda, slurm, slurm-gpu, pbs), " \
+    "a profile YAML, or a scheduler address tcp://host:port (default: threads in this process)"
+
+
 class CLIError(Exception):
     """A problem with what the user asked for; printed without a traceback."""
 
@@ -151,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", type=int, default=64, metavar="N", help="N×N detector pixels (default 64)")
     p.add_argument("--dose", type=float, default=2000.0, metavar="E", help="electrons per position (default 2000)")
     p.add_argument("--c10", type=float, default=0.0, metavar="Å", help="defocus C10 (Å); SSB corrects it")
-    p.add_argument("--cluster", default="local", help="profile, YAML, address, or 'none' for threads (default local)")
+    p.add_argument("--cluster", default="local", help=CLUSTER_HELP + "; 'none' for threads (default local)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -165,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--cluster", help=CLUSTER_HELP)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("ingest", help="convert detector data into an event store")
@@ -185,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--resume", action="store_true", help="finish an interrupted ingest into OUT")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--cluster", help=CLUSTER_HELP)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("info", help="describe an event store")
@@ -196,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--json", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="print, do not store")
+    p.add_argument("--cluster", help=CLUSTER_HELP)
     p.set_defaults(func=cmd_calibrate)
 
     methods = load_methods()
@@ -212,15 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     for m in methods.values():
         m.add_arguments(p)
-    add_option(p, "--cluster", help="profile name, YAML path, or scheduler address")
+    add_option(p, "--cluster", help=CLUSTER_HELP)
     p.set_defaults(func=cmd_reconstruct)
     return parser
 
 
 def main(argv=None) -> int:
+    from .cluster import connect
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in ("simulate", "ingest", "calibrate"):
+            with connect(args.cluster):
+                return args.func(args)
         return args.func(args)
     except (CLIError, StoreError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
