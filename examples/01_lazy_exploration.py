@@ -134,7 +134,8 @@ assert min(r_com) > 0.4 and r_adf > 0.3
 
 # %% [markdown]
 # ## Plot
-# xarray plots with the physical coordinates and units.
+# xarray plots with the physical coordinates and units. An in-focus phase object gives
+# almost no bright-field contrast; the ADF image and the COM show the atom columns.
 
 # %%
 fig, axes = plt.subplots(2, 3, figsize=(12, 7.5), layout="constrained")
@@ -147,6 +148,8 @@ for ax, name in zip(axes[1, :2], ["com_y", "com_x"]):
 np.log1p(pacbed_v).plot.imshow(ax=axes[1, 2], cmap="magma", yincrease=False,
                                cbar_kwargs={"label": "log(1 + electrons)"})
 axes[1, 2].set_title("PACBED")
+for ax in axes.ravel():
+    ax.set_aspect("equal")
 save(fig, out, "products")
 
 # %% [markdown]

@@ -101,9 +101,10 @@ save(fig, out, "focus_sweep")
 
 # %% [markdown]
 # ## What the aberrations do to G
-# At a scan frequency Q (here the object's strongest one), G(k, Q) on the detector is non-zero on the two trotters (where the
-# BF disk overlaps its copies shifted by ±Q). Defocus shows as a phase curvature across
-# each trotter; SSB removes it by multiplying with the conjugate of the known phase.
+# At a scan frequency Q (here the object's strongest one), G(k, Q) on the detector is
+# non-zero on the two trotters, where the BF disk overlaps its copies shifted by ±Q.
+# Defocus shows as a phase curvature across each trotter; SSB removes it by multiplying
+# with the conjugate of the known phase.
 # `g_at(q_y, q_x)` computes one plane of G (Å⁻¹).
 
 # %%

@@ -126,22 +126,6 @@ lowest = [ring_average(transfers[n])[0] for n in kernel_sizes]  # the lowest non
 print("H at the lowest scan frequency:", ", ".join(f"n = {n}: {h:.3f}" for n, h in zip(kernel_sizes, lowest)))
 assert all(np.diff(lowest) > 0)
 
-fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
-for n, h in transfers.items():
-    axes[0].plot(ring_q, ring_average(h), label=f"n = {n}")
-axes[0].plot(ring_q, ring_average(probe_transfer), "k--", label="FT|P|² (probe)")
-axes[0].set_xlabel("|q| (Å⁻¹)")
-axes[0].set_ylabel("transfer (ring average)")
-axes[0].set_title("riCOM transfer H(q)")
-axes[0].legend(fontsize=8)
-big = kernel_sizes[-1]
-q_max = float(np.abs(np.fft.fftfreq(truth.shape[1], step[1])).max())
-im = axes[1].imshow(np.fft.fftshift(transfers[big]), cmap="viridis", extent=(-q_max, q_max, q_max, -q_max))
-fig.colorbar(im, ax=axes[1])
-axes[1].set_xlabel("q_x (Å⁻¹)")
-axes[1].set_ylabel("q_y (Å⁻¹)")
-axes[1].set_title(f"H(q), n = {big}")
-
 # %% [markdown]
 # ### The paper's line-integral estimate (eq. 7)
 # Yu et al. estimate the weight of a kernel component at frequency index m of an N-pixel
@@ -149,6 +133,7 @@ axes[1].set_title(f"H(q), n = {big}")
 # Fourier transform (kernel in scan pixels, divided by 2π as in the paper) follows it.
 
 # %%
+big = kernel_sizes[-1]
 size = truth.shape[1]
 grid = np.zeros((size, size))
 grid[:big, :big] = ricom_kernel(big)[1] / (2 * np.pi)  # unit step: frequencies in cycles/pixel
@@ -157,6 +142,22 @@ m_index = np.arange(1, size // 2)
 eq7 = line_integral_weight(m_index, big, size)
 print(f"n = {big}: r(kernel response, eq. 7) = {pearson(response[m_index], eq7):.3f}")
 assert pearson(response[m_index], eq7) > 0.95
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
+for n, h in transfers.items():
+    axes[0].plot(ring_q, ring_average(h), label=f"n = {n}")
+axes[0].plot(ring_q, ring_average(probe_transfer), "k--", label="FT|P|² (probe)")
+axes[0].set_xlabel("|q| (Å⁻¹)")
+axes[0].set_ylabel("transfer (ring average)")
+axes[0].set_title("riCOM transfer H(q)")
+axes[0].legend(fontsize=8)
+q_max = float(np.abs(np.fft.fftfreq(truth.shape[1], step[1])).max())
+im = axes[1].imshow(np.fft.fftshift(transfers[big]), cmap="viridis", extent=(-q_max, q_max, q_max, -q_max))
+fig.colorbar(im, ax=axes[1])
+axes[1].set_xlabel("q_x (Å⁻¹)")
+axes[1].set_ylabel("q_y (Å⁻¹)")
+axes[1].set_title(f"H(q), n = {big}")
 axes[2].plot(m_index, response[m_index], ".-", label="|FT k_x| (this kernel)")
 axes[2].plot(m_index, eq7, "--", label="paper eq. 7")
 axes[2].set_xlabel("frequency index m (along x)")

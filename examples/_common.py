@@ -56,13 +56,12 @@ def output_dir(name: str) -> Path:
     return out
 
 
-def save(fig, out: Path, name: str) -> Path:
+def save(fig, out: Path, name: str) -> None:
     """Write ``fig`` to ``out/<name>.png``; outside a notebook also close it."""
     path = out / f"{name}.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
     if not in_notebook():
         plt.close(fig)
-    return path
 
 
 def pearson(a, b) -> float:
