@@ -51,7 +51,8 @@ print(f"{n_blocks} row blocks of {ds.row_chunks[0]} scan rows")
 # %% [markdown]
 # ## Counting reads
 # Every row block is read by one task named `events-…`. A dask callback that counts those
-# tasks shows exactly when the store is touched.
+# tasks shows exactly when the store is touched. (Callbacks see dask's local schedulers,
+# the default here; on a distributed cluster watch the dashboard's task stream instead.)
 
 
 # %%
