@@ -74,6 +74,14 @@ def chi_poly(k_y, k_x, c):
     )
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _lobes(ky, kx, qy, qx, k02):
+    """(|k − Q|² < k0², |k + Q|² < k0²): whether pixel k sees the −Q and the +Q disk."""
+    ym, xm = ky - qy, kx - qx
+    yp, xp = ky + qy, kx + qx
+    return ym * ym + xm * xm < k02, yp * yp + xp * xp < k02
+
+
 @numba.njit(nogil=True, cache=True)
 def ssb_partial(g, k_y, k_x, q_y, q_x, k0, c):
     """Weighted trotter sum of one detector chunk: Σ_k G(Q, k)·w(k, Q), complex128 (nqy, nqx).
@@ -99,17 +107,14 @@ def ssb_partial(g, k_y, k_x, q_y, q_x, k0, c):
             acc_re = 0.0
             acc_im = 0.0
             for p in range(npix):
-                ym, xm = k_y[p] - qy, k_x[p] - qx
-                yp, xp = k_y[p] + qy, k_x[p] + qx
-                in_minus = ym * ym + xm * xm < k02
-                in_plus = yp * yp + xp * xp < k02
+                in_minus, in_plus = _lobes(k_y[p], k_x[p], qy, qx, k02)
                 if in_minus == in_plus:
                     continue
                 if in_minus:  # left lobe: −i·exp(iΔ), Δ = χ(k−Q) − χ(k)
-                    d = chi_poly(ym, xm, c) - chi_k[p]
+                    d = chi_poly(k_y[p] - qy, k_x[p] - qx, c) - chi_k[p]
                     w_re, w_im = math.sin(d), -math.cos(d)
                 else:  # right lobe: +i·exp(iΔ), Δ = χ(k) − χ(k+Q)
-                    d = chi_k[p] - chi_poly(yp, xp, c)
+                    d = chi_k[p] - chi_poly(k_y[p] + qy, k_x[p] + qx, c)
                     w_re, w_im = -math.sin(d), math.cos(d)
                 v = g[iy, ix, p]
                 acc_re += v.real * w_re - v.imag * w_im
@@ -136,9 +141,8 @@ def trotter_counts(k_y, k_x, q_y, q_x, k0):
                 continue
             n = 0
             for p in range(npix):
-                ym, xm = k_y[p] - qy, k_x[p] - qx
-                yp, xp = k_y[p] + qy, k_x[p] + qx
-                if (ym * ym + xm * xm < k02) != (yp * yp + xp * xp < k02):
+                in_minus, in_plus = _lobes(k_y[p], k_x[p], qy, qx, k02)
+                if in_minus != in_plus:
                     n += 1
             out[iy, ix] = n
     return out
