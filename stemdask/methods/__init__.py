@@ -50,9 +50,5 @@ def add_option(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
 
 def load_methods() -> dict[str, Method]:
     for mod in METHOD_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # TODO(lead): remove once all method modules exist
-            if e.name != mod:
-                raise
+        importlib.import_module(mod)
     return METHODS

@@ -220,7 +220,9 @@ class SSBResult:
         if field not in {f.name for f in dataclasses.fields(Aberrations)}:
             raise ValueError(f"unknown aberration {field!r}; choose from {[f.name for f in dataclasses.fields(Aberrations)]}")
         phases = [self.refocus(None, **{**fixed, field: float(v)}) for v in values]
-        phase = xr.concat(phases, dim=field, combine_attrs="drop_conflicts").assign_coords({field: values})
+        unit = "deg" if field.startswith("phi") else "Å"
+        phase = xr.concat(phases, dim=field, combine_attrs="drop_conflicts").assign_coords(
+            {field: (field, values, {"units": unit, "long_name": f"aberration {field}"})})
         phase.attrs.pop(f"aberration_{field}", None)
         power = (phase.astype(np.float64) ** 2).sum(("scan_y", "scan_x"))
         power.attrs = {"units": "rad²", "long_name": "Σ phase² (focus criterion)"}
