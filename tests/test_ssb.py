@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from stemdask.methods.ssb import SSBResult, ssb
+from stemdask.methods.ssb import SSBResult, ssb, to_gpu
 from stemdask.optics import Aberrations, chi, detector_to_scan_frame
 from stemdask.simulate import SimulationParams, simulate_dense
 
@@ -355,7 +355,7 @@ def test_cupy_chunks_give_the_numpy_result(tmp_path):
     cupy = pytest.importorskip("cupy")
     counts, _, cal = simulated(-60.0, scan=(24, 20), detector=16, dose=1e4)
     dense = as_dense(counts, cal)
-    on_gpu = dense.copy(data=dense.data.map_blocks(cupy.asarray, meta=cupy.empty((0, 0, 0, 0), np.float32)))
+    on_gpu = to_gpu(dense)
     ab = Aberrations(C10=-60.0, C12=10.0, phi12=20.0)
     for quantitative in (False, True):
         want = ssb(dense, cal, ab, quantitative=quantitative).phase.values

@@ -69,3 +69,17 @@ def test_reconstruct_cli_with_binning(store, tmp_path):
     cal = store.calibration
     truth = band_limited(load_truth(store.path), cal.scan_step_a, 2 * 20e-3 / cal.wavelength_a)
     assert pearson(phase.values, truth) >= 0.78
+
+
+@pytest.mark.gpu
+def test_cli_ssb_on_the_gpu_equals_the_cpu(tmp_path):
+    """Events → COM → SSB with CuPy chunks on a dask-cuda worker equals the CPU path."""
+    pytest.importorskip("dask_cuda")
+    store = simulate(tmp_path / "s.zarr", SimulationParams(scan_shape=(32, 32), detector=32, dose=5e3,
+                                                           aberrations=Aberrations(C10=-50.0)), progress=False)
+    common = ["reconstruct", str(store.path), "--method", "com", "--method", "ssb", "--c10", "-50", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "cpu.zarr")]) == 0
+    assert main([*common, "--gpu", "--cluster", "local-cuda", "--out", str(tmp_path / "gpu.zarr")]) == 0
+    cpu, gpu = xr.open_zarr(tmp_path / "cpu.zarr"), xr.open_zarr(tmp_path / "gpu.zarr")
+    np.testing.assert_allclose(gpu.phase.values, cpu.phase.values, atol=1e-5 * float(abs(cpu.phase).max()))
+    np.testing.assert_array_equal(gpu.com_y.values, cpu.com_y.values)

@@ -388,6 +388,9 @@ def _add_arguments(parser) -> None:
     add_option(parser, "--c23-angle", type=float, default=0.0, metavar="DEG", help="C23 azimuth (deg)")
     add_option(parser, "--c30", type=float, default=0.0, metavar="Å", help="spherical aberration C30 (Å)")
     add_option(parser, "--bin", type=int, default=1, metavar="N", help="detector binning before dense methods")
+    add_option(parser, "--gpu", action="store_true",
+               help="SSB: move the dense patterns to CuPy and run the scan FFT and reduction on the GPU "
+                    "(needs the gpu extra; use with --cluster local-cuda or slurm-gpu)")
     add_option(parser, "--quantitative", action="store_true",
                help="SSB: unit transfer (per-frequency trotter average) instead of the SNR-optimal sum")
 
@@ -400,8 +403,21 @@ def aberrations_from_args(args) -> Aberrations:
     )
 
 
+def to_gpu(dense: xr.DataArray) -> xr.DataArray:
+    """The same lazy patterns with CuPy chunks (each row block moves to the GPU in its task)."""
+    try:
+        import cupy
+    except ImportError:
+        raise ImportError("--gpu needs CuPy: pip install 'stemdask[gpu]'") from None
+    meta = cupy.empty((0,) * dense.ndim, dtype=dense.dtype)
+    return dense.copy(data=dense.data.map_blocks(cupy.asarray, dtype=dense.dtype, meta=meta))
+
+
 @register("ssb", "single-sideband ptychography phase (rad)", _add_arguments)
 def run(ds, args) -> xr.Dataset:
-    result = ssb(ds.densify(bin=args.bin), ds.calibration, aberrations_from_args(args),
-                 quantitative=args.quantitative)
-    return xr.Dataset({"phase": result.phase})
+    dense = ds.densify(bin=args.bin)
+    if getattr(args, "gpu", False):
+        dense = to_gpu(dense)
+    phase = ssb(dense, ds.calibration, aberrations_from_args(args), quantitative=args.quantitative).phase
+    host = phase.data.map_blocks(_to_host, dtype=phase.dtype, meta=np.empty((0, 0), phase.dtype))
+    return xr.Dataset({"phase": phase.copy(data=host)})
