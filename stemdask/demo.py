@@ -57,7 +57,7 @@ def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector
     params = SimulationParams(scan_shape=(scan, scan), detector=detector, dose=dose, max_phase=0.5,
                               aberrations=Aberrations(C10=c10), seed=1)
     say(f"1/5 simulating {scan}×{scan} positions × {detector}×{detector} px, {dose:g} e⁻/position, C10 {c10:g} Å")
-    sim = simulate(out / "simulated.zarr", params, progress=progress)
+    sim = simulate(out / "simulated.zarr", params, rows_per_block=16, progress=progress)
     indices, offsets = sim.to_csr()
     np.savez(out / "events.npz", indices=indices, offsets=offsets,
              scan_shape=np.array(sim.scan_shape), detector_shape=np.array(sim.detector_shape))
