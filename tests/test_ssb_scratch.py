@@ -86,3 +86,17 @@ def test_G_larger_than_the_worker_memory_spills_and_matches(tmp_path):
     with dask.config.set(scheduler="threads"):
         expected = ssb(synthetic_dense(cal), cal, AB, pixel_chunk=48).refocus(C10=-30.0).values
     np.testing.assert_allclose(refocused, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_temporary_scratch_outlives_the_result_object():
+    """A refocused phase built from a temporary G store stays valid after the SSBResult is gone."""
+    import gc
+
+    counts, _, cal = simulated(scan=(16, 16), detector=16, dose=1e3)
+    dense = as_dense(counts, cal)
+    want = ssb(dense, cal).refocus(C10=0.0).values
+    phase = ssb(dense, cal, scratch_threshold=0).refocus(C10=0.0)  # G → a temporary Zarr store
+    gc.collect()
+    got = phase.values
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())

@@ -97,6 +97,21 @@ def _meta(like: da.Array, ndim: int, dtype) -> object:
     return array_module(like._meta).empty((0,) * ndim, dtype=dtype)
 
 
+class _ScratchLease:
+    """Holds a temporary scratch directory while a dask graph refers to it (a graph may outlive
+    the :class:`SSBResult` that made it). Pickles to an empty lease: workers never own it."""
+
+    def __init__(self, tmp: tempfile.TemporaryDirectory | None):
+        self.tmp = tmp
+
+    def __reduce__(self):
+        return (_ScratchLease, (None,))
+
+
+def _held(block, lease: _ScratchLease):
+    return block
+
+
 def _to_host(block):
     return block.get() if array_module(block) is not np else block
 
@@ -186,6 +201,9 @@ class SSBResult:
             host = self.G.map_blocks(_to_host, meta=np.empty((0, 0, 0), np.complex64))
             _, self.bf = dask.compute(host.to_zarr(os.fspath(path), overwrite=True, compute=False), self.bf)
             self.G = da.from_zarr(os.fspath(path))
+            if self._tmp is not None:  # every graph built on G keeps the temporary directory alive
+                self.G = self.G.map_blocks(_held, _ScratchLease(self._tmp), dtype=self.G.dtype,
+                                           meta=np.empty((0, 0, 0), np.complex64))
             if xp is not np:  # pragma: no cover - GPU only: back onto the device chunk by chunk
                 self.G = self.G.map_blocks(xp.asarray, meta=xp.empty((0, 0, 0), np.complex64))
             self.scratch = path
