@@ -264,6 +264,13 @@ class EventStore:
             raise
         except (RuntimeError, ValueError, OSError) as e:  # codec failures on damaged chunks
             raise CorruptStoreError(f"{self.path}: row block {b} (rows {r0}..{r1}) cannot be read: {e}") from e
+        # lz4 carries no checksum: a damaged chunk can decode. Kernels index with these values.
+        n_pix = self.detector_shape[0] * self.detector_shape[1]
+        if indices.size and int(indices.max()) >= n_pix:
+            raise CorruptStoreError(
+                f"{self.path}: row block {b} (rows {r0}..{r1}) holds detector index {int(indices.max())} ≥ "
+                f"{n_pix} (damaged data; `EventStore.validate` checks every block's CRC)"
+            )
         return Block(b, r0, counts, indices, toa)
 
     def iter_blocks(self) -> Iterator[Block]:
@@ -298,9 +305,6 @@ class EventStore:
             crc = block_crc(blk.counts, blk.indices, blk.toa)
             if crc != int(stored_crc[blk.index]):
                 raise CorruptStoreError(f"{self.path}: row block {blk.index} fails its checksum (data changed or damaged)")
-            n_pix = self.detector_shape[0] * self.detector_shape[1]
-            if blk.indices.size and int(blk.indices.max()) >= n_pix:
-                raise CorruptStoreError(f"{self.path}: row block {blk.index} has detector indices ≥ {n_pix}")
             total += int(blk.counts.sum(dtype=np.int64))
         if "n_events" in self.attrs and total != int(self.attrs["n_events"]):
             raise CorruptStoreError(f"{self.path}: {total} events stored but {self.attrs['n_events']} recorded")

@@ -162,3 +162,16 @@ def test_write_block_checks_its_input(tmp_path):
         create_store(tmp_path / "s.zarr", (4, 3), (8, 8))
     with pytest.raises(StoreError, match="opened read-only"):
         open_store(tmp_path / "s.zarr", allow_incomplete=True).write_block(0, np.zeros((2, 3)), [])
+
+
+def test_out_of_range_index_in_a_damaged_store_is_an_error_not_a_crash(tmp_path):
+    """lz4 has no checksum: an index beyond the detector must never reach a kernel."""
+    import stemdask
+
+    store = create_store(tmp_path / "s.zarr", (4, 4), (8, 8), rows_per_block=2)
+    for b in range(store.n_blocks):
+        store.write_block(b, np.ones((2, 4), np.uint32), np.arange(8) + 8 * b)
+    store.finalize()
+    store._indices[3] = 60000  # what a flipped bit could decode to
+    with pytest.raises(CorruptStoreError, match="row block 0 .*detector index 60000"):
+        stemdask.open(store.path).pacbed().values
