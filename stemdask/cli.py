@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="simulate, ingest, calibrate and run every method; write results + a figure")
-    p.add_argument("--out", default="stemdask-demo", help="output folder (replaced; default stemdask-demo)")
+    p.add_argument("--out", default="stemdask-demo", help="output folder (default stemdask-demo; a previous demo's folder is replaced)")
     p.add_argument("--scan", type=int, default=128, metavar="N", help="N×N probe positions (default 128)")
     p.add_argument("--detector", type=int, default=64, metavar="N", help="N×N detector pixels (default 64)")
     p.add_argument("--dose", type=float, default=2000.0, metavar="E", help="electrons per position (default 2000)")
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
             with connect(args.cluster):
                 return args.func(args)
         return args.func(args)
-    except (CLIError, StoreError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError) as e:
+    except (CLIError, StoreError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"stemdask {args.command}: error: {msg}", file=sys.stderr)
         return 2

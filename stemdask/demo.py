@@ -25,6 +25,8 @@ from .reconstruct import build_result, write_result
 from .simulate import SimulationParams, load_truth, simulate
 
 PHASE_METHODS = ["icom", "dpc", "ricom", "ssb"]
+#: A file marking a folder as the demo's own, which a later run may replace.
+MARKER = ".stemdask-demo"
 
 
 def _method_args(**overrides) -> argparse.Namespace:
@@ -45,11 +47,14 @@ def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector
              c10: float = 0.0, cluster: str | None = "local", progress: bool = True, overwrite: bool = True) -> dict:
     """Run the demo into ``out_dir``; returns paths, timings and each phase image's r with the truth."""
     out = Path(out_dir)
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise FileExistsError(f"{out} exists and is not a stemdask demo folder; choose another --out")
         if not overwrite:
             raise FileExistsError(f"{out} already exists")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `stemdask demo`; the next demo run replaces this folder\n")
     say = print if progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
     timings = {}

@@ -16,6 +16,10 @@ import xarray as xr
 
 from .methods import load_methods
 from .progress import compute
+from .store import remove_zarr_output
+
+#: The ``format`` attr of result stores: ``--overwrite`` replaces only these.
+RESULT_FORMAT = "stemdask-result"
 
 
 def build_result(ds, methods: list[str], args: argparse.Namespace) -> xr.Dataset:
@@ -37,7 +41,7 @@ def build_result(ds, methods: list[str], args: argparse.Namespace) -> xr.Dataset
     for m, part in parts.items():
         renamed.append(part.rename({n: f"{m}_{n}" for n in part.data_vars if seen[n] > 1}))
     result = xr.merge(renamed, combine_attrs="drop_conflicts")
-    result.attrs.update({"methods": list(parts), "store": str(ds.store.path)})
+    result.attrs.update({"format": RESULT_FORMAT, "methods": list(parts), "store": str(ds.store.path)})
     return result
 
 
@@ -50,6 +54,8 @@ def write_result(result: xr.Dataset, out: str | os.PathLike, *, overwrite: bool 
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
+    if "store" in result.attrs and out.resolve() == Path(result.attrs["store"]).resolve():
+        raise ValueError(f"{out}: the output is the event store being read; choose another output path")
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -58,7 +64,7 @@ def write_result(result: xr.Dataset, out: str | os.PathLike, *, overwrite: bool 
         delayed = result.to_zarr(tmp, mode="w", compute=False, consolidated=True)
     compute(delayed, progress=progress, desc="reconstruct")
     if out.exists():
-        shutil.rmtree(out)
+        remove_zarr_output(out, RESULT_FORMAT)
     tmp.rename(out)
     return out
 

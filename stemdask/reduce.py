@@ -146,6 +146,7 @@ def com(ds, reference="bf", units: str = "px", vacuum=None) -> xr.Dataset:
         else:
             ref = ds.calibration.bf_center or (0.0, 0.0)
     else:
+        reference = tuple(float(v) for v in np.ravel(reference))
         ref = _bf_center(ds, reference)
     if (reference == "vacuum") != (vacuum is not None):
         raise ValueError("pass vacuum=(iy, ix) or (slice_y, slice_x) exactly when reference='vacuum'")

@@ -367,7 +367,7 @@ def create_store(
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        remove_zarr_output(path, FORMAT_NAME)
     ny, nx = scan_shape
     if rows_per_block is None:
         rows_per_block = default_rows_per_block(scan_shape)
@@ -413,6 +413,21 @@ def create_store(
         }
     )
     return EventStore(path, group, writable=True)
+
+
+def remove_zarr_output(path: Path, expected_format: str | None = None) -> None:
+    """Delete an existing output before it is replaced — only if it is a Zarr group (and, with
+    ``expected_format``, one of that stemdask format), so an --overwrite never deletes input
+    data or an unrelated folder."""
+    path = Path(path)
+    meta = path / "zarr.json"
+    if not (path.is_dir() and meta.is_file()):
+        raise FileExistsError(f"{path} exists and is not a Zarr store; refusing to delete it (remove it yourself)")
+    if expected_format is not None:
+        fmt = json.loads(meta.read_text()).get("attributes", {}).get("format")
+        if fmt != expected_format:
+            raise FileExistsError(f"{path} is a Zarr store but not a {expected_format} store; refusing to replace it")
+    shutil.rmtree(path)
 
 
 def default_rows_per_block(scan_shape) -> int:

@@ -24,3 +24,9 @@ def test_demo_end_to_end(tmp_path, capsys):
 def test_demo_refuses_nothing_but_reports_bad_sizes(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--detector", "31", "--cluster", "none", "--quiet"]) == 2
     assert "detector must be an even number" in capsys.readouterr().err
+
+
+def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path), "--cluster", "none", "--quiet"]) == 2
+    assert "not a stemdask demo folder" in capsys.readouterr().err and (tmp_path / "thesis.tex").exists()

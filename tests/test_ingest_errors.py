@@ -281,3 +281,23 @@ def test_truncated_npz_and_npy(tmp_path, csr_file, capsys):
         ingest(cut, tmp_path / "o.zarr", progress=False)
     cli_fails(["ingest", str(cut), str(tmp_path / "o.zarr")], capsys, cut)
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_stempy_frames_must_be_integers(tmp_path):
+    src = tmp_path / "float.h5"
+    with h5py.File(src, "w") as f:
+        frames = f.create_dataset("electron_events/frames", (4,), dtype=h5py.vlen_dtype(np.float32))
+        for i in range(4):
+            frames[i] = np.array([3.7, 5.9], np.float32)
+        pos = f.create_dataset("electron_events/scan_positions", data=np.arange(4, dtype=np.uint32))
+        pos.attrs["Nx"], pos.attrs["Ny"] = 2, 2
+    with pytest.raises(SourceError, match="variable-length integer arrays"):
+        ingest(src, tmp_path / "s.zarr", format="stempy", detector_shape=(8, 8), progress=False)
+
+
+def test_resume_accepts_rows_per_block_larger_than_the_scan(tmp_path, csr_file):
+    out = tmp_path / "s.zarr"
+    kw = dict(scan_shape=SCAN, detector_shape=DET, rows_per_block=10 * SCAN[0], progress=False)
+    first = ingest(csr_file, out, **kw)
+    again = ingest(csr_file, out, resume=True, **kw)
+    assert again.complete and again.n_events == first.n_events

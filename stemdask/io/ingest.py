@@ -58,7 +58,7 @@ def _check_resumable(store: EventStore, prov: dict, rows_per_block) -> None:
     if before != now:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         raise StoreError(f"{store.path}: cannot resume with different ingest parameters {changed}; use --overwrite")
-    if rows_per_block is not None and int(rows_per_block) != store.rows_per_block:
+    if rows_per_block is not None and min(int(rows_per_block), store.scan_shape[0]) != store.rows_per_block:
         raise StoreError(
             f"{store.path}: cannot resume with rows_per_block {rows_per_block} (store has {store.rows_per_block})"
         )
@@ -98,6 +98,8 @@ def ingest(
         raise ValueError("choose one of overwrite (start again) and resume (finish an interrupted ingest)")
     if out.exists() and not (overwrite or resume):
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it, --resume to finish it)")
+    if out.resolve() == Path(str(input).split(":/")[0]).resolve():
+        raise ValueError(f"{out}: the output is the input file; choose another output path")
     cal = _calibration(calibration)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".stemdask-ingest-", dir=out.resolve().parent))

@@ -56,7 +56,8 @@ class StempySource(Source):
                 )
             frames = f[f"{GROUP}/frames"]
             positions = f[f"{GROUP}/scan_positions"]
-            if frames.dtype.kind != "O" or h5py.check_vlen_dtype(frames.dtype) is None:
+            element = h5py.check_vlen_dtype(frames.dtype) if frames.dtype.kind == "O" else None
+            if element is None or not np.issubdtype(element, np.integer):
                 raise SourceError(f"{path}: /{GROUP}/frames must hold variable-length integer arrays")
             self.frames_2d = frames.ndim == 2
             self._init_shapes(path, frames, positions, scan_shape, detector_shape)
