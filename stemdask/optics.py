@@ -181,3 +181,21 @@ def scan_to_detector_frame(v_y, v_x, rotation_deg: float, flip: bool):
     if flip:
         d_x = -d_x
     return d_y, d_x
+
+
+def check_scan_step(calibration: Calibration, data) -> None:
+    """Raise if ``data``'s scan coordinates (xarray coords ``scan_y``/``scan_x``, Å) are not
+    spaced by ``calibration.scan_step_a``; data without such coords pass.
+
+    Methods take frequencies from the calibration; a calibration from another sampling
+    (e.g. the unbinned dataset's for scan-binned data) would silently scale Q and the phase.
+    """
+    for name, step in zip(("scan_y", "scan_x"), calibration.scan_step_a):
+        if name not in data.coords or data.coords[name].size < 2:
+            continue
+        spacing = float(np.median(np.diff(np.asarray(data.coords[name], dtype=float))))
+        if not math.isclose(spacing, step, rel_tol=1e-6):
+            raise ValueError(
+                f"{name} coordinates are {spacing:.6g} Å apart but the calibration's scan step is {step:.6g} Å; "
+                "pass the calibration of this data (e.g. ds.bin_scan(f).calibration for binned data)"
+            )

@@ -66,3 +66,17 @@ def test_com_reference_may_be_an_array(store):
     a = ds.com(reference=np.array([8.0, 8.0])).compute()
     b = ds.com(reference=(8.0, 8.0)).compute()
     np.testing.assert_array_equal(a.com_y.values, b.com_y.values)
+
+
+def test_methods_refuse_a_calibration_from_another_scan_sampling(store):
+    import stemdask
+    from stemdask.methods.integration import icom
+    from stemdask.methods.ssb import ssb
+
+    ds = stemdask.open(store.path)
+    binned = ds.bin_scan(2)
+    with pytest.raises(ValueError, match="scan_y coordinates are 1 Å apart but the calibration's scan step is 0.5 Å"):
+        ssb(binned.densify(), ds.calibration)
+    with pytest.raises(ValueError, match="calibration's scan step"):
+        icom(binned.com(), ds.calibration)
+    icom(binned.com(), binned.calibration)  # the binned dataset's own calibration is right

@@ -19,7 +19,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..optics import Calibration, detector_to_scan_frame
+from ..optics import Calibration, check_scan_step, detector_to_scan_frame
 from . import add_option, register
 from .dpc import check_dpc_options, dpc_phase
 from .icom import PADS, check_filter, integrate_com
@@ -38,6 +38,7 @@ def scan_frame_com(com: xr.Dataset, calibration: Calibration) -> tuple[xr.DataAr
         raise ValueError(f"COM dataset lacks {missing}; expected the output of EventDataset.com()")
     if com.com_y.dims != DIMS:
         raise ValueError(f"COM must have dims {DIMS}, got {com.com_y.dims}")
+    check_scan_step(calibration, com)
     units = com.com_y.attrs.get("units")
     if units == "px":
         scale = calibration.detector_pixel_inv_a

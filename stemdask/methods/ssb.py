@@ -66,7 +66,7 @@ import xarray as xr
 
 from ..kernels.ssb import chi_coefficients, ssb_partial, trotter_counts
 from ..kernels.ssb_gpu import array_module, ssb_partial_xp
-from ..optics import Aberrations, Calibration, detector_to_scan_frame
+from ..optics import Aberrations, Calibration, check_scan_step, detector_to_scan_frame
 from ..parallel import active_client
 from . import add_option, register
 
@@ -342,6 +342,7 @@ def ssb(
     data = dense.data if isinstance(dense.data, da.Array) else da.from_array(dense.data, chunks=-1)
     if len(data.chunks[1]) != 1 or len(data.chunks[2]) != 1 or len(data.chunks[3]) != 1:
         data = data.rechunk({1: -1, 2: -1, 3: -1})
+    check_scan_step(calibration, dense)
     lam = calibration.wavelength_a
     alpha = semiangle_mrad or calibration.semiangle_mrad
     if alpha is None and calibration.bf_radius is not None:
