@@ -108,7 +108,7 @@ def run_case(scan: int, detector: int, directory: Path, dose: float) -> None:
     with PeakRSS() as mem:
         t = time.perf_counter()
         result = ssb(ds.densify(), cal, ab)
-        phase = result.phase.values
+        result.phase.values  # computed for the timing
         e2e = time.perf_counter() - t
     print(f"  end-to-end events → phase: {e2e:.2f} s, peak +{mem.extra / 2**20:.0f} MiB "
           f"(G {result.G.nbytes / 2**20:.0f} MiB, {len(result.k_y)} BF pixels, crop {ds.densify().shape[2:]})")

@@ -34,6 +34,7 @@ import warnings
 import numpy as np
 from scipy import ndimage, optimize
 
+from .methods.icom import integrate_com, mirror_extend
 from .optics import detector_to_scan_frame
 from .store import open_store
 
@@ -79,14 +80,6 @@ def _clean(field: np.ndarray) -> np.ndarray:
     return f - f.mean()
 
 
-def _mirror_extend(g_y: np.ndarray, g_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Extend a scan-frame gradient field to (2ny, 2nx) as the gradient of the evenly mirrored
-    potential (∂x φ odd in x, even in y; ∂y φ the reverse): no edge jumps, still curl-free."""
-    g_y = np.block([[g_y, g_y[:, ::-1]], [-g_y[::-1, :], -g_y[::-1, ::-1]]])
-    g_x = np.block([[g_x, -g_x[:, ::-1]], [g_x[::-1, :], -g_x[::-1, ::-1]]])
-    return g_y, g_x
-
-
 def _frequencies(shape, step):
     k_y = np.fft.fftfreq(shape[0], d=step[0])[:, None]
     k_x = np.fft.fftfreq(shape[1], d=step[1])[None, :]
@@ -95,7 +88,7 @@ def _frequencies(shape, step):
 
 def _transverse(g_y, g_x, step) -> np.ndarray:
     """Fourier amplitude of the curl (solenoidal) part of a field: (k_x G_y − k_y G_x)/|k|."""
-    g_y, g_x = _mirror_extend(g_y, g_x)
+    g_y, g_x = mirror_extend(g_y, g_x)  # the gradient of the evenly mirrored φ: still curl-free
     k_y, k_x = _frequencies(g_y.shape, step)
     k = np.hypot(k_y, k_x)
     k[0, 0] = 1.0
@@ -136,18 +129,6 @@ def rotation_from_com(com_y: np.ndarray, com_x: np.ndarray, step=(1.0, 1.0)) -> 
     return {"rotation_deg": best[0], "flip": best[1], "curl_fraction": fractions}
 
 
-def icom_fourier(g_y: np.ndarray, g_x: np.ndarray, step=(1.0, 1.0)) -> np.ndarray:
-    """Integrate a scan-frame gradient field (mirror-extended, Fourier division): φ with ∇φ ≈ g."""
-    ny, nx = g_y.shape
-    e_y, e_x = _mirror_extend(g_y, g_x)
-    k_y, k_x = _frequencies(e_y.shape, step)
-    k2 = k_y**2 + k_x**2
-    k2[0, 0] = 1.0
-    spec = (k_y * np.fft.fft2(e_y) + k_x * np.fft.fft2(e_x)) / (2j * np.pi * k2)
-    spec[0, 0] = 0.0
-    return np.fft.ifft2(spec).real[:ny, :nx]
-
-
 def skewness(a: np.ndarray) -> float:
     a = np.asarray(a, dtype=np.float64).ravel()
     a = a - a.mean()
@@ -161,7 +142,7 @@ def resolve_half_turn(com_y, com_x, rotation_deg: float, flip: bool, step=(1.0, 
     Returns {rotation_deg in (−180, 180], phase_skewness (of the chosen phase)}.
     """
     g_y, g_x = detector_to_scan_frame(_clean(com_y), _clean(com_x), rotation_deg, flip)
-    skew = skewness(icom_fourier(g_y, g_x, step))
+    skew = skewness(integrate_com(g_y, g_x, step))  # the skew's sign does not depend on a 2π scale
     theta = rotation_deg if skew >= 0 else rotation_deg + 180.0
     return {"rotation_deg": _wrap180(theta), "phase_skewness": abs(skew)}
 

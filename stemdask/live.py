@@ -230,20 +230,19 @@ def replay_store(store: EventStore | str | os.PathLike, live: LiveRiCOM | None =
 def replay_csr(path, scan_shape, detector_shape, calibration: Calibration, *, live: LiveRiCOM | None = None,
                rows_per_update: int = 1, **kwargs) -> LiveRiCOM:
     """Stream a CSR event list (``.npz`` with ``indices`` and ``offsets``, position p owns
-    ``indices[offsets[p]:offsets[p+1]]``) into live riCOM, ``rows_per_update`` scan rows at a time."""
-    with np.load(path) as z:
-        missing = [k for k in ("indices", "offsets") if k not in z.files]
-        if missing:
-            raise ValueError(f"{path}: not a CSR event list, lacks {missing}")
-        indices, offsets = z["indices"], z["offsets"].astype(np.int64)
-    if live is None:
-        live = LiveRiCOM(scan_shape, detector_shape, calibration, **kwargs)
-    if offsets.size != live.n_positions + 1:
-        raise ValueError(f"{path}: {offsets.size - 1} positions, but the scan has {live.n_positions}")
-    step = max(1, int(rows_per_update)) * live.scan_shape[1]
-    for p0 in range(0, live.n_positions, step):
-        p1 = min(p0 + step, live.n_positions)
-        live.push_events(indices[offsets[p0] : offsets[p1]], np.diff(offsets[p0 : p1 + 1]))
+    ``indices[offsets[p]:offsets[p+1]]``) into live riCOM, ``rows_per_update`` scan rows at a
+    time, read lazily and checked like ``stemdask ingest --format csr`` reads it."""
+    from .io.csr import CSRSource
+
+    with CSRSource(path, scan_shape=scan_shape, detector_shape=detector_shape) as src:
+        if live is None:
+            live = LiveRiCOM(src.scan_shape, src.detector_shape, calibration, **kwargs)
+        if tuple(src.scan_shape) != tuple(live.scan_shape):
+            raise ValueError(f"{path}: scan {src.scan_shape}, but the live image is {live.scan_shape}")
+        ny, step = src.scan_shape[0], max(1, int(rows_per_update))
+        for r0 in range(0, ny, step):
+            counts, indices, _ = src.read_rows(r0, min(r0 + step, ny))
+            live.push_events(indices, counts)
     return live
 
 

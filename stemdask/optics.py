@@ -35,14 +35,6 @@ def wavelength_a(energy_ev: float) -> float:
     return _HC_EV_A / math.sqrt(energy_ev * (2 * _MC2_EV + energy_ev))
 
 
-def interaction_parameter(energy_ev: float) -> float:
-    """σ (rad / (V·Å)): phase shift per projected potential, relativistic."""
-    lam = wavelength_a(energy_ev)
-    gamma = 1 + energy_ev / _MC2_EV
-    # σ = 2π m e λ / h², written with λ in Å and E in eV.
-    return 2 * math.pi * gamma * _MC2_EV * lam / (_HC_EV_A**2)
-
-
 @dataclasses.dataclass
 class Calibration:
     """What turns pixels into physics. Stored in an event store's attrs.

@@ -8,7 +8,6 @@ from stemdask.optics import (
     Calibration,
     chi,
     detector_to_scan_frame,
-    interaction_parameter,
     scan_to_detector_frame,
     wavelength_a,
 )
@@ -19,10 +18,6 @@ def test_wavelength_300kev_matches_reference():
     assert wavelength_a(300e3) == pytest.approx(0.01968748889772767, rel=1e-6)
     # 200 keV textbook value 0.02508 Å
     assert wavelength_a(200e3) == pytest.approx(0.025079, rel=1e-4)
-
-
-def test_interaction_parameter_300kev_matches_abtem():
-    assert interaction_parameter(300e3) == pytest.approx(0.0006526161464700888, rel=1e-4)
 
 
 def test_chi_defocus_matches_abtem_convention():

@@ -13,8 +13,6 @@ local: ``map_overlap`` with depth n // 2 over the COM chunks.
 
 from __future__ import annotations
 
-import argparse
-
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -23,6 +21,7 @@ from ..optics import Calibration, check_scan_step, detector_to_scan_frame
 from . import add_option, register
 from .dpc import check_dpc_options, dpc_phase
 from .icom import PADS, check_filter, integrate_com
+from .reductions import com_options as _com_options
 from .ricom import ricom_dask, ricom_kernel
 
 DIMS = ("scan_y", "scan_x")
@@ -107,11 +106,6 @@ def ricom(com: xr.Dataset, calibration: Calibration, *, kernel_size: int = 61,
 
 
 # ---------------------------------------------------------------------- CLI registration
-def _com_options(p: argparse.ArgumentParser) -> None:
-    add_option(p, "--com-reference", default="bf", choices=["bf", "mean"],
-               help="COM reference: calibrated bright-field centre or the mean COM (default bf)")
-
-
 def _com(ds, args) -> xr.Dataset:
     return ds.com(reference=getattr(args, "com_reference", "bf") or "bf", units="px")
 

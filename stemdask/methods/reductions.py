@@ -16,7 +16,8 @@ def _virtual_options(p) -> None:
                help="virtual detector outer angle (mrad, default: the detector edge)")
 
 
-def _com_options(p) -> None:
+def com_options(p) -> None:
+    """``--com-reference``: shared by every method that starts from the COM."""
     add_option(p, "--com-reference", default="bf", choices=["bf", "mean"],
                help="COM reference: the calibrated BF-disk centre or the mean COM (default bf)")
 
@@ -27,6 +28,6 @@ def run_virtual(ds, args) -> xr.Dataset:
     return image.to_dataset()
 
 
-@register("com", "centre of mass (detector frame, px), variables 'com_y', 'com_x'", _com_options)
+@register("com", "centre of mass (detector frame, px), variables 'com_y', 'com_x'", com_options)
 def run_com(ds, args) -> xr.Dataset:
     return ds.com(reference=args.com_reference, units="px")
