@@ -376,7 +376,7 @@ def create_store(
         raise ValueError(f"rows_per_block must be ≥ 1, got {rows_per_block}")
     rows_per_block = min(rows_per_block, ny)
     n_pix = detector_shape[0] * detector_shape[1]
-    per_pos = int(max_events_per_position or max(4 * n_pix, 1 << 16))
+    per_pos = int(max_events_per_position or default_max_events_per_position(detector_shape))
     chunk_events = int(chunk_events)
     cap = math.ceil(rows_per_block * nx * per_pos / chunk_events) * chunk_events
     n_blocks = math.ceil(ny / rows_per_block)
@@ -428,6 +428,11 @@ def remove_zarr_output(path: Path, expected_format: str | None = None) -> None:
         if fmt != expected_format:
             raise FileExistsError(f"{path} is a Zarr store but not a {expected_format} store; refusing to replace it")
     shutil.rmtree(path)
+
+
+def default_max_events_per_position(detector_shape) -> int:
+    """Slot size per position when none is given: 4 electrons per pixel on average (≥ 65536)."""
+    return max(4 * int(detector_shape[0]) * int(detector_shape[1]), 1 << 16)
 
 
 def default_rows_per_block(scan_shape) -> int:

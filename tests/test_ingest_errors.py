@@ -301,3 +301,12 @@ def test_resume_accepts_rows_per_block_larger_than_the_scan(tmp_path, csr_file):
     first = ingest(csr_file, out, **kw)
     again = ingest(csr_file, out, resume=True, **kw)
     assert again.complete and again.n_events == first.n_events
+
+
+def test_integrated_intensities_in_counts_mode_point_to_threshold_mode(tmp_path, capsys):
+    frames = np.full((2, 2, 8, 8), 5000, np.uint16)  # an integrating detector's analogue values
+    np.save(tmp_path / "analogue.npy", frames)
+    cli_fails(["ingest", str(tmp_path / "analogue.npy"), str(tmp_path / "s.zarr")], capsys,
+              "analogue.npy", "integrated intensities", "--mode threshold")
+    with pytest.raises(IncompleteStoreError):  # what was started stays marked incomplete
+        open_store(tmp_path / "s.zarr")

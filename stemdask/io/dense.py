@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from ..kernels.dense import counted_frames_to_events, thresholded_frames_to_events
+from ..store import default_max_events_per_position
 from .common import Source, SourceError, agree, as_shape
 from .stempy import open_h5
 
@@ -171,6 +172,13 @@ class DenseSource(Source):
     def _events(self, frames: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
         if self.mode == "threshold":
             return thresholded_frames_to_events(frames, self.threshold)
+        most = float(frames.sum(axis=1, dtype=np.float64).max()) if frames.size else 0.0
+        limit = default_max_events_per_position(self.detector_shape)
+        if most > limit:
+            raise SourceError(
+                f"{self.path}: a position ({where}) sums to {most:.4g} counts, more than {limit} electrons — these "
+                "look like integrated intensities, not electron counts: use --mode threshold --threshold T"
+            )
         counts, indices, n_bad = counted_frames_to_events(frames)
         if n_bad:
             raise SourceError(
