@@ -331,7 +331,8 @@ class EventStore:
         )
 
 
-def _check_shape(name: str, shape) -> tuple[int, int]:
+def check_shape(name: str, shape) -> tuple[int, int]:
+    """``shape`` as two positive ints, else a ValueError naming ``name``."""
     try:
         s = tuple(int(v) for v in shape)
     except (TypeError, ValueError):
@@ -361,8 +362,8 @@ def create_store(
     nothing. Refuses an existing path unless ``overwrite``.
     """
     path = Path(path)
-    scan_shape = _check_shape("scan_shape", scan_shape)
-    detector_shape = _check_shape("detector_shape", detector_shape)
+    scan_shape = check_shape("scan_shape", scan_shape)
+    detector_shape = check_shape("detector_shape", detector_shape)
     calibration = calibration or Calibration()
     if path.exists():
         if not overwrite:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..store import check_shape
+
 #: Bytes read per call when streaming a file through SHA-256.
 _HASH_PIECE = 1 << 24
 
@@ -40,12 +42,9 @@ def as_shape(name: str, value, path) -> tuple[int, int] | None:
     if value is None:
         return None
     try:
-        shape = tuple(int(v) for v in np.asarray(value).ravel())
-    except (TypeError, ValueError):
-        raise SourceError(f"{path}: {name} must be two positive integers, got {value!r}") from None
-    if len(shape) != 2 or min(shape) < 1:
-        raise SourceError(f"{path}: {name} must be two positive integers, got {value!r}")
-    return shape
+        return check_shape(name, np.asarray(value).ravel())
+    except ValueError as e:
+        raise SourceError(f"{path}: {e}") from None
 
 
 def agree(name: str, given, found, path, hint: str = "") -> tuple[int, int]:
