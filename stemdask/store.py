@@ -376,7 +376,6 @@ def create_store(
     if not 1 <= rows_per_block:
         raise ValueError(f"rows_per_block must be ≥ 1, got {rows_per_block}")
     rows_per_block = min(rows_per_block, ny)
-    n_pix = detector_shape[0] * detector_shape[1]
     per_pos = int(max_events_per_position or default_max_events_per_position(detector_shape))
     chunk_events = int(chunk_events)
     cap = math.ceil(rows_per_block * nx * per_pos / chunk_events) * chunk_events
