@@ -306,8 +306,8 @@ class LiveView:
         shown = snap[: max(self.live.rows_final, 1)] if self.live.positions_done else snap
         lo, hi = np.percentile(shown, [0.5, 99.5])
         self.image.set_clim(lo, hi if hi > lo else lo + 1e-12)
-        self.ax.set_title(f"riCOM (n = {self.live.kernel_size}): {self.live.positions_done:,} / "
-                          f"{self.live.n_positions:,} positions")
+        self.ax.set_title(f"riCOM (n = {self.live.kernel_size})\n{self.live.positions_done:,} / "
+                          f"{self.live.n_positions:,} positions", fontsize=10)
         self.fig.canvas.draw_idle()
 
     def follow(self, thread: threading.Thread, interval: float = 0.25) -> None:
