@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command in ("simulate", "ingest", "calibrate"):
+        if args.command in ("simulate", "ingest", "calibrate", "reconstruct"):
             with connect(args.cluster):
                 return args.func(args)
         return args.func(args)

@@ -121,11 +121,6 @@ def connect(spec: str | os.PathLike | None):
             cluster.close()
 
 
-def connect_from_args(args):
-    """:func:`connect` for a CLI namespace's ``--cluster`` option."""
-    return connect(getattr(args, "cluster", None))
-
-
 def _peak_rss_bytes() -> int:
     """This process's peak resident memory (bytes): VmHWM, which unlike ``getrusage`` does not
     inherit the peak of the process a worker was forked or spawned from."""

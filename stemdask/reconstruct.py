@@ -70,20 +70,19 @@ def write_result(result: xr.Dataset, out: str | os.PathLike, *, overwrite: bool 
 
 
 def reconstruct_cli(args: argparse.Namespace) -> int:
-    from .cluster import connect_from_args
+    """``stemdask reconstruct``; the CLI has already connected to ``--cluster``."""
     from .events import open as open_dataset
 
-    with connect_from_args(args):
-        ds = open_dataset(args.store)
-        overrides = {}
-        if args.rotation_deg is not None:
-            overrides["rotation_deg"] = args.rotation_deg
-        if args.flip is not None:
-            overrides["flip"] = args.flip
-        if overrides:
-            ds = ds.with_calibration(**overrides)
-        result = build_result(ds, args.method, args)
-        out = write_result(result, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    ds = open_dataset(args.store)
+    overrides = {}
+    if args.rotation_deg is not None:
+        overrides["rotation_deg"] = args.rotation_deg
+    if args.flip is not None:
+        overrides["flip"] = args.flip
+    if overrides:
+        ds = ds.with_calibration(**overrides)
+    result = build_result(ds, args.method, args)
+    out = write_result(result, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {out}: variables {sorted(result.data_vars)}")
     if args.png:
         from .plotting import image_panel
