@@ -177,7 +177,7 @@ def run(store, args):
     block_events = sum(b.indices.size for b in blocks)
     center = ds.calibration.bf_center
     presets = {"bf": "bf", "abf": "abf", "adf": "adf"}
-    masks, _ = reduce.detector_masks(ds, presets)
+    masks, _, _ = reduce.detector_masks(ds, presets)
     labels, table = reduce.mask_groups(masks)
     frames, dense_n = dense_frames(blocks, min(args.dense_rows, store.rows_per_block), nx)
     mask_matrix = masks.reshape(3, -1).T.astype(np.float32)

@@ -94,20 +94,32 @@ class EventDataset:
     """
 
     def __init__(self, store: EventStore, calibration: Calibration | None = None, *,
-                 allow_incomplete: bool = False, _events: _Events | None = None):
+                 allow_incomplete: bool = False, _events: _Events | None = None, _mask=None):
         self.store = store
         self.calibration = calibration if calibration is not None else store.calibration
         self.detector_shape: tuple[int, int] = tuple(store.detector_shape)
         self._events = _events if _events is not None else _store_events(store, allow_incomplete)
         self.scan_shape: tuple[int, int] = self._events.scan_shape
+        self.mask, self.fill = _mask if _mask is not None else store.detector_mask()
 
     # ------------------------------------------------------------------ derived datasets
     def _derived(self, events: _Events, calibration: Calibration | None = None) -> "EventDataset":
-        return EventDataset(self.store, calibration or self.calibration, _events=events)
+        return EventDataset(self.store, calibration or self.calibration, _events=events, _mask=(self.mask, self.fill))
 
     def with_calibration(self, **changes) -> "EventDataset":
         """The same events with calibration fields replaced (e.g. ``rotation_deg=90``)."""
         return self._derived(self._events, self.calibration.replace(**changes))
+
+    def with_mask(self, mask, fill) -> "EventDataset":
+        """The same events with another detector mask (bool (det_y, det_x), True = excluded) and
+        its fill weights (float (det_y, det_x), see :mod:`stemdask.reduce`); ``None, None``: no mask."""
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            fill = np.asarray(fill, dtype=np.float64)
+            if mask.shape != self.detector_shape or fill.shape != self.detector_shape:
+                raise ValueError(f"mask and fill must have the detector's shape {self.detector_shape}, "
+                                 f"got {mask.shape} and {fill.shape}")
+        return EventDataset(self.store, self.calibration, _events=self._events, _mask=(mask, fill))
 
     def fractionate(self, t_max_ns: float, t_min_ns: float = 0.0) -> "EventDataset":
         """Dose fractionation: keep only events with ``t_min_ns ≤ toa < t_max_ns`` (ns within the dwell).

@@ -46,6 +46,14 @@ class Calibration:
     bf_radius: bright-field disk radius (px), or None until calibrated.
     rotation_deg, flip: map detector vectors into the scan frame: first, if ``flip``,
     k_x → −k_x; then rotate by ``rotation_deg`` (counter-clockwise in the (x, y) plane).
+    descan: how the BF-disk centre moves over the scan, or None (it does not):
+    ``{"model": "plane" | "quadratic", "coef_y": [...], "coef_x": [...]}``, see
+    :func:`descan_offsets` — the disk centre at scan position (iy, ix) is
+    ``bf_center + offset(iy, ix)``; ``bf_center`` is the centre at the middle of the scan.
+    c10_estimate_a: the defocus C10 (Å) measured by :mod:`stemdask.calibrate` (parallax), or None.
+    rotation_reliable: whether the stored rotation/flip are supported by the data (None: never
+    measured). origins: how each field was obtained, field name → one of :data:`ORIGINS`.
+    report: the last calibration's measurements and fit qualities (JSON-serialisable).
     """
 
     energy_ev: float = 300e3
@@ -56,6 +64,11 @@ class Calibration:
     bf_radius: float | None = None
     rotation_deg: float = 0.0
     flip: bool = False
+    descan: dict | None = None
+    c10_estimate_a: float | None = None
+    rotation_reliable: bool | None = None
+    origins: dict = dataclasses.field(default_factory=dict)
+    report: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         def positive(name, value):
@@ -85,6 +98,14 @@ class Calibration:
             raise ValueError(f"rotation_deg must be finite, got {self.rotation_deg!r}")
         self.rotation_deg = float(self.rotation_deg)
         self.flip = bool(self.flip)
+        if self.descan is not None:
+            check_descan(self.descan)
+        if self.c10_estimate_a is not None and not math.isfinite(float(self.c10_estimate_a)):
+            raise ValueError(f"c10_estimate_a must be finite, got {self.c10_estimate_a!r}")
+        bad = {k: v for k, v in dict(self.origins).items() if v not in ORIGINS}
+        if bad:
+            raise ValueError(f"calibration origins must be among {ORIGINS}, got {bad}")
+        self.origins = dict(self.origins)
 
     @property
     def wavelength_a(self) -> float:
@@ -109,6 +130,58 @@ class Calibration:
 
     def replace(self, **changes) -> "Calibration":
         return dataclasses.replace(self, **changes)
+
+
+#: How a calibration field was obtained (``Calibration.origins``).
+ORIGINS = ("source metadata", "command line", "assumed", "measured", "set after ingest", "simulation")
+
+#: Polynomial terms of each descan model, in the scan fractions (u, v) of :func:`descan_offsets`.
+DESCAN_TERMS = {"plane": ("u", "v"), "quadratic": ("u", "v", "u2", "uv", "v2")}
+
+
+def check_descan(descan: dict) -> None:
+    """Raise ValueError unless ``descan`` is a valid ``Calibration.descan`` record."""
+    model = descan.get("model") if isinstance(descan, dict) else None
+    if model not in DESCAN_TERMS:
+        raise ValueError(f"descan model must be one of {sorted(DESCAN_TERMS)}, got {descan!r}")
+    for key in ("coef_y", "coef_x"):
+        coef = descan.get(key)
+        if coef is None or len(coef) != len(DESCAN_TERMS[model]) or not all(math.isfinite(float(c)) for c in coef):
+            raise ValueError(f"descan {key} must be {len(DESCAN_TERMS[model])} finite numbers (px), got {coef!r}")
+
+
+def descan_terms(model: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The descan polynomial's terms (n_terms, *u.shape) at scan fractions ``u, v``."""
+    values = {"u": u, "v": v, "u2": u * u, "uv": u * v, "v2": v * v}
+    return np.stack([values[t] for t in DESCAN_TERMS[model]])
+
+
+def scan_fractions(scan_shape, rows=None) -> tuple[np.ndarray, np.ndarray]:
+    """Scan positions as centred fractions of the scan: ``u = (iy − (ny − 1)/2) / ny`` (and
+    ``v`` for ix), (len(rows), nx) each; ``rows`` (default all) selects scan rows."""
+    ny, nx = scan_shape
+    iy = np.arange(ny, dtype=np.float64) if rows is None else np.asarray(rows, dtype=np.float64)
+    ix = np.arange(nx, dtype=np.float64)
+    u = np.broadcast_to(((iy - (ny - 1) / 2) / ny)[:, None], (iy.size, nx))
+    v = np.broadcast_to(((ix - (nx - 1) / 2) / nx)[None, :], (iy.size, nx))
+    return u, v
+
+
+def descan_offsets(descan: dict | None, scan_shape, rows=None) -> tuple[np.ndarray, np.ndarray]:
+    """BF-centre offset (px, detector frame) at every scan position of ``rows``: (dy, dx), each
+    (len(rows), nx) float64; zeros when ``descan`` is None.
+
+    The offset is a polynomial without constant term in the centred scan fractions
+    ``u, v`` (:func:`scan_fractions`), so it does not depend on the scan's sampling: the
+    same record serves a scan-binned dataset (up to the bins' centres).
+    """
+    u, v = scan_fractions(scan_shape, rows)
+    if descan is None:
+        return np.zeros(u.shape), np.zeros(u.shape)
+    terms = descan_terms(descan["model"], u, v)
+    dy = np.tensordot(np.asarray(descan["coef_y"], dtype=np.float64), terms, axes=1)
+    dx = np.tensordot(np.asarray(descan["coef_x"], dtype=np.float64), terms, axes=1)
+    return dy, dx
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,16 @@ per-block read; nothing is read until the result is computed. Conventions:
   the BF centre. Presets, relative to the BF radius R: ``"bf"`` [0, R), ``"abf"`` [R/2, R),
   ``"adf"`` [1.2 R, ∞) (to the detector edge).
 * Images count electrons (``units="electrons"``).
+* **Detector mask** (``ds.mask``, from ``stemdask calibrate``: hot, dead pixels and a user's
+  mask): events on masked pixels are excluded, and each masked pixel is *filled* with its
+  expected share of the position's kept electrons, ``n_kept · fill[j]`` (``ds.fill``: the
+  pixel's value in the PACBED interpolated from its neighbours, over the kept pixels' sum).
+  So a masked pixel neither biases the COM (a dead pixel in the disk would pull it away) nor
+  leaves a hole in virtual images, PACBED or dense patterns. Filled images are float64.
+* **Descan** (``calibration.descan``): the BF-disk centre at position (iy, ix) is
+  ``bf_center + descan_offsets(...)``; the COM reference, the annuli of virtual detectors
+  and the densify crop (sub-pixel, :func:`stemdask.kernels.events.densify_shifted`) follow it
+  per position. Arbitrary boolean virtual-detector masks stay fixed in the detector frame.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import numpy as np
 import xarray as xr
 
 from .kernels import events as kernels
+from .optics import descan_offsets
 
 #: Preset annuli (inner, outer) in units of the BF-disk radius.
 PRESETS = {"bf": (0.0, 1.0), "abf": (0.5, 1.0), "adf": (1.2, math.inf)}
@@ -100,14 +111,63 @@ def _block_counts(block):
     return block.counts.astype(np.uint32, copy=False)
 
 
-def _block_com(block, det_x, ref_y, ref_x):
-    cy, cx = kernels.center_of_mass(block.counts.ravel(), block.indices, det_x, ref_y, ref_x)
+@dataclass(frozen=True)
+class MaskTerms:
+    """The detector mask as kernels take it: ``keep`` (D,) uint8, and for the masked pixels
+    their linear indices ``fill_idx`` and fill weights ``fill_w`` (see the module docstring)."""
+
+    keep: np.ndarray
+    fill_idx: np.ndarray
+    fill_w: np.ndarray
+
+    @classmethod
+    def of(cls, ds) -> "MaskTerms | None":
+        if ds.mask is None or not ds.mask.any():
+            return None
+        flat = ds.mask.ravel()
+        idx = np.flatnonzero(flat).astype(np.int64)
+        return cls((~flat).astype(np.uint8), idx, np.asarray(ds.fill, dtype=np.float64).ravel()[idx])
+
+    @classmethod
+    def none(cls, n_pixels: int) -> "MaskTerms":
+        return cls(np.ones(n_pixels, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.float64))
+
+    def mean_offset(self, det_x: int) -> tuple[float, float, float]:
+        """(Σw, Σw·y, Σw·x): the fill's share of a pattern and its first moments (px)."""
+        y, x = np.divmod(self.fill_idx, det_x)
+        return float(self.fill_w.sum()), float(self.fill_w @ y), float(self.fill_w @ x)
+
+
+def _offsets(block, scan_shape, descan):
+    """(dy, dx) flattened: the descan offset (px) of every position of ``block``."""
+    rows = np.arange(block.row_start, block.row_start + block.counts.shape[0])
+    dy, dx = descan_offsets(descan, scan_shape, rows)
+    return dy.ravel(), dx.ravel()
+
+
+def _block_com(block, det_x, ref_y, ref_x, terms, scan_shape, descan):
+    keep = None if terms is None else terms.keep
+    cy, cx = kernels.center_of_mass(block.counts.ravel(), block.indices, det_x, ref_y, ref_x, keep)
+    if terms is not None:  # masked pixels filled: the mean of kept + expected filled electrons
+        f0, fy, fx = terms.mean_offset(det_x)
+        cy = (cy + ref_y + fy) / (1.0 + f0) - ref_y
+        cx = (cx + ref_x + fx) / (1.0 + f0) - ref_x
+    if descan is not None:
+        dy, dx = _offsets(block, scan_shape, descan)
+        cy, cx = cy - dy, cx - dx
     return np.stack([cy, cx], axis=-1).reshape(block.counts.shape + (2,))
 
 
 def _block_masked(block, labels, table):
     out = kernels.masked_counts(block.counts.ravel(), block.indices, labels, table)
     return out.reshape(block.counts.shape + (table.shape[1],))
+
+
+def _block_annular(block, det_x, center, r2_lo, r2_hi, terms, scan_shape, descan):
+    dy, dx = _offsets(block, scan_shape, descan)
+    out = kernels.annular_counts(block.counts.ravel(), block.indices, det_x, center[0] + dy, center[1] + dx,
+                                 r2_lo, r2_hi, terms.keep, terms.fill_idx, terms.fill_w)
+    return out.reshape(block.counts.shape + (r2_lo.shape[0],))
 
 
 def _block_histogram(block, n_pixels):
@@ -118,6 +178,22 @@ def _block_densify(block, lookup, n):
     out = np.zeros((block.counts.size, n, n), np.float32)  # NumPy: huge pages, see the kernel
     kernels.densify(block.counts.ravel(), block.indices, lookup, out)
     return out.reshape(block.counts.shape + (n, n))
+
+
+def _block_densify_shifted(block, det_x, y0, x0, b, n, terms, scan_shape, descan):
+    dy, dx = _offsets(block, scan_shape, descan)
+    out = np.zeros((block.counts.size, n, n), np.float32)
+    kernels.densify_shifted(block.counts.ravel(), block.indices, det_x, dy, dx, float(y0), float(x0), b,
+                            terms.keep, terms.fill_idx, terms.fill_w, out)
+    return out.reshape(block.counts.shape + (n, n))
+
+
+def _correction_attrs(ds) -> dict:
+    """What a product says about the mask and descan it honoured."""
+    descan = ds.calibration.descan
+    return {"masked_pixels": int(ds.mask.sum()) if ds.mask is not None else 0,
+            "mask_handling": "excluded, filled from the PACBED" if ds.mask is not None and ds.mask.any() else "none",
+            "descan": descan["model"] if descan else "off"}
 
 
 # ---------------------------------------------------------------------- products
@@ -152,8 +228,8 @@ def com(ds, reference="bf", units: str = "px", vacuum=None) -> xr.Dataset:
         raise ValueError("pass vacuum=(iy, ix) or (slice_y, slice_x) exactly when reference='vacuum'")
     nx = ds.scan_shape[1]
     both = ds.map_events(
-        _block_com, ds.detector_shape[1], float(ref[0]), float(ref[1]),
-        dtype=np.float64, chunks=(ds.row_chunks, (nx,), (2,)), new_axis=[2], name="com",
+        _block_com, ds.detector_shape[1], float(ref[0]), float(ref[1]), MaskTerms.of(ds), ds.scan_shape,
+        ds.calibration.descan, dtype=np.float64, chunks=(ds.row_chunks, (nx,), (2,)), new_axis=[2], name="com",
     )
     if reference == "mean":
         both = both - da.nanmean(both, axis=(0, 1))
@@ -168,7 +244,7 @@ def com(ds, reference="bf", units: str = "px", vacuum=None) -> xr.Dataset:
     attrs = {
         "units": units, "frame": "detector", "reference": reference if isinstance(reference, str) else "pixel",
         "reference_px": [] if reference in ("mean", "vacuum") else [float(ref[0]), float(ref[1])],
-        "vacuum": repr(vacuum) if vacuum is not None else "",
+        "vacuum": repr(vacuum) if vacuum is not None else "", **_correction_attrs(ds),
     }
     out = xr.Dataset(
         {
@@ -184,11 +260,13 @@ def _as_slice(v):
     return v if isinstance(v, slice) else slice(int(v), int(v) + 1)
 
 
-def detector_masks(ds, detectors: dict) -> tuple[np.ndarray, dict]:
-    """Boolean masks (n, det_y, det_x) for ``detectors`` and the attrs describing each."""
+def detector_masks(ds, detectors: dict) -> tuple[np.ndarray, dict, list]:
+    """Boolean masks (n, det_y, det_x) for ``detectors`` (annuli around the BF centre at the
+    scan centre), the attrs describing each, and each one's radii (inner, outer) px — None
+    for a boolean-mask detector."""
     if not detectors:
         raise ValueError("no virtual detectors given")
-    masks, described = [], {}
+    masks, described, radii = [], {}, []
     for name, spec in detectors.items():
         if isinstance(spec, str):
             if spec not in PRESETS:
@@ -198,6 +276,7 @@ def detector_masks(ds, detectors: dict) -> tuple[np.ndarray, dict]:
             inner, outer = spec.radii_px(ds)
             r = _radius_of(ds.detector_shape, _bf_center(ds))
             masks.append((r >= inner) & (r < outer))
+            radii.append((inner, outer))
             p = ds.calibration.detector_pixel_mrad
             described[name] = {"detector": "annular", "inner_px": inner, "outer_px": outer,
                                "inner_mrad": inner * p, "outer_mrad": outer * p,
@@ -210,8 +289,9 @@ def detector_masks(ds, detectors: dict) -> tuple[np.ndarray, dict]:
                     f"{ds.detector_shape}, got {m.dtype} {m.shape}"
                 )
             masks.append(m)
+            radii.append(None)
             described[name] = {"detector": "mask", "mask_pixels": int(m.sum())}
-    return np.stack(masks), described
+    return np.stack(masks), described, radii
 
 
 def mask_groups(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,22 +311,61 @@ def mask_groups(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def virtual_detectors(ds, detectors: dict) -> xr.Dataset:
-    """Several virtual detector images in one pass: Dataset {name: (scan_y, scan_x) uint32}.
+    """Several virtual detector images in one pass: Dataset {name: (scan_y, scan_x)}.
 
     ``detectors`` maps a name to a preset ("bf", "abf", "adf"), an :class:`Annulus`, or a
-    boolean mask of the detector's shape. Overlapping detectors are fine.
+    boolean mask of the detector's shape. Overlapping detectors are fine. Images are uint32
+    electron counts; with a detector mask or descan (module docstring) they are float64:
+    annuli follow each position's disk centre, masked pixels are filled.
     """
-    masks, described = detector_masks(ds, detectors)
+    masks, described, radii = detector_masks(ds, detectors)
     n_det = masks.shape[0]
-    labels, table = mask_groups(masks)
     nx = ds.scan_shape[1]
-    stacked = ds.map_events(_block_masked, labels, table, dtype=np.uint32,
-                            chunks=(ds.row_chunks, (nx,), (n_det,)), new_axis=[2], name="virtual")
+    terms = MaskTerms.of(ds)
+    descan = ds.calibration.descan
+    chunks = (ds.row_chunks, (nx,), (n_det,))
+    if terms is None and descan is None:
+        labels, table = mask_groups(masks)
+        stacked = ds.map_events(_block_masked, labels, table, dtype=np.uint32, chunks=chunks,
+                                new_axis=[2], name="virtual")
+        parts = [stacked[..., d] for d in range(n_det)]
+    else:
+        parts = _corrected_detectors(ds, masks, radii, terms or MaskTerms.none(masks[0].size), descan)
     data = {}
     for d, name in enumerate(detectors):
-        attrs = {"units": "electrons", "long_name": f"virtual detector {name}", **described[name]}
-        data[name] = _scan_dataarray(ds, stacked[..., d], name, attrs)
+        attrs = {"units": "electrons", "long_name": f"virtual detector {name}", **described[name],
+                 **_correction_attrs(ds)}
+        data[name] = _scan_dataarray(ds, parts[d], name, attrs)
     return xr.Dataset(data, attrs={"method": "virtual"})
+
+
+def _corrected_detectors(ds, masks, radii, terms, descan) -> list:
+    """Virtual images with descan-following annuli and masked pixels filled (float64)."""
+    nx = ds.scan_shape[1]
+    det_x = ds.detector_shape[1]
+    parts = [None] * len(radii)
+    annuli = [d for d, r in enumerate(radii) if r is not None]
+    if annuli:
+        r2_lo = np.array([radii[d][0] ** 2 for d in annuli], np.float64)
+        r2_hi = np.array([radii[d][1] ** 2 for d in annuli], np.float64)
+        got = ds.map_events(_block_annular, det_x, tuple(_bf_center(ds)), r2_lo, r2_hi, terms, ds.scan_shape,
+                            descan, dtype=np.float64, chunks=(ds.row_chunks, (nx,), (len(annuli),)),
+                            new_axis=[2], name="virtual-annular")
+        for j, d in enumerate(annuli):
+            parts[d] = got[..., j]
+    fixed = [d for d, r in enumerate(radii) if r is None]
+    if fixed:  # detector-frame masks: kept pixels counted, masked ones filled from the kept total
+        keep = terms.keep.astype(bool).reshape(masks[0].shape)
+        stack = np.concatenate([masks[fixed] & keep, keep[None]])
+        labels, table = mask_groups(stack)
+        got = ds.map_events(_block_masked, labels, table, dtype=np.uint32,
+                            chunks=(ds.row_chunks, (nx,), (len(fixed) + 1,)), new_axis=[2], name="virtual-mask")
+        kept = got[..., -1].astype(np.float64)
+        fill = np.zeros(masks[0].size)
+        fill[terms.fill_idx] = terms.fill_w
+        for j, d in enumerate(fixed):
+            parts[d] = got[..., j].astype(np.float64) + kept * float(fill[masks[d].ravel()].sum())
+    return parts
 
 
 def virtual(ds, inner=0.0, outer=math.inf, units: str = "mrad", name: str = "image") -> xr.DataArray:
@@ -265,10 +384,20 @@ def pacbed(ds) -> xr.DataArray:
     per_block = ds.map_events(_block_histogram, dy * dx, dtype=np.uint64,
                               chunks=((1,) * nb, (dy * dx,)), name="pacbed")
     total = per_block.sum(axis=0, dtype=np.uint64).reshape(dy, dx)
+    terms = MaskTerms.of(ds)
+    if terms is not None:
+        total = total.map_blocks(_fill_pattern, ds.mask, ds.fill, dtype=np.float64)
     origin = ds.calibration.bf_center or (dy / 2, dx / 2)
     return xr.DataArray(total, dims=("k_y", "k_x"), coords=_det_coords(ds, origin), name="pacbed",
                         attrs={"units": "electrons", "long_name": "sum of all diffraction patterns",
-                               "k_origin_px": list(origin), "positions": ds.scan_shape[0] * ds.scan_shape[1]})
+                               "k_origin_px": list(origin), "positions": ds.scan_shape[0] * ds.scan_shape[1],
+                               **_correction_attrs(ds)})
+
+
+def _fill_pattern(total, mask, fill):
+    """A summed pattern with its masked pixels replaced by their fill share of the kept sum."""
+    kept = float(total[~mask].sum())
+    return np.where(mask, kept * fill, total.astype(np.float64))
 
 
 def _radial(pattern, center, bin_px, n_bins, n_positions):
@@ -331,9 +460,16 @@ def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
     half = m * b + (b - 1) / 2
     y0, x0 = math.floor(cy - half + 0.5), math.floor(cx - half + 0.5)
     nx = ds.scan_shape[1]
-    lookup = kernels.densify_lookup(*ds.detector_shape, y0, x0, b, n, n)
-    data = ds.map_events(_block_densify, lookup, n, dtype=np.float32,
-                         chunks=(ds.row_chunks, (nx,), (n,), (n,)), new_axis=[2, 3], name="densify")
+    terms, descan = MaskTerms.of(ds), ds.calibration.descan
+    chunks = (ds.row_chunks, (nx,), (n,), (n,))
+    if terms is None and descan is None:
+        lookup = kernels.densify_lookup(*ds.detector_shape, y0, x0, b, n, n)
+        data = ds.map_events(_block_densify, lookup, n, dtype=np.float32, chunks=chunks, new_axis=[2, 3],
+                             name="densify")
+    else:
+        data = ds.map_events(_block_densify_shifted, ds.detector_shape[1], y0, x0, b, n,
+                             terms or MaskTerms.none(ds.detector_shape[0] * ds.detector_shape[1]), ds.scan_shape,
+                             descan, dtype=np.float32, chunks=chunks, new_axis=[2, 3], name="densify")
     p = ds.calibration.detector_pixel_mrad
     centres = np.arange(n) * b + (b - 1) / 2
     what = "output pixel centre relative to the BF centre"
@@ -342,5 +478,5 @@ def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
               "k_x": _k_coord("k_x", x0 + centres, cx, p, what)}
     attrs = {"units": "electrons", "long_name": "electron counts (cropped, binned)",
              "crop_origin_px": [y0, x0], "bin": b, "radius_px": float(radius_px),
-             "bf_center_px": [cy, cx], "pixel_mrad": p * b}
+             "bf_center_px": [cy, cx], "pixel_mrad": p * b, **_correction_attrs(ds)}
     return xr.DataArray(data, dims=("scan_y", "scan_x", "k_y", "k_x"), coords=coords, name="dense", attrs=attrs)

@@ -53,6 +53,8 @@ FORMAT_NAME = "stemdask-events"
 FORMAT_VERSION = 1
 UNWRITTEN = np.uint32(0xFFFFFFFF)
 DEFAULT_CHUNK_EVENTS = 1 << 20
+#: Arrays of the detector mask written by :meth:`EventStore.set_detector_mask`.
+MASK, MASK_FILL = "detector_mask", "mask_fill"
 
 
 class StoreError(Exception):
@@ -236,6 +238,28 @@ class EventStore:
     def set_calibration(self, calibration: Calibration) -> None:
         """Store a new calibration (e.g. after :mod:`stemdask.calibrate`)."""
         self._set_attrs(calibration=calibration.to_dict())
+
+    def set_detector_mask(self, mask: np.ndarray | None, fill: np.ndarray | None) -> None:
+        """Store the detector mask (bool (det_y, det_x), True = excluded pixel) and its fill
+        weights (see :mod:`stemdask.reduce`) as arrays ``detector_mask`` / ``mask_fill``;
+        ``None`` removes them. Part of the calibration: write it with :meth:`set_calibration`."""
+        grp = self._group if self.writable else zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
+        for name in (MASK, MASK_FILL):
+            if name in grp:
+                del grp[name]
+        if mask is not None:
+            shape = self.detector_shape
+            for name, data, dtype in ((MASK, mask, "uint8"), (MASK_FILL, fill, "float64")):
+                arr = grp.create_array(name, shape=shape, chunks=shape, dtype=dtype, fill_value=0)
+                arr[...] = np.asarray(data).astype(dtype)
+        self._set_attrs(has_detector_mask=mask is not None)
+
+    def detector_mask(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(mask bool, fill float64) of :meth:`set_detector_mask`, or (None, None)."""
+        if not self.attrs.get("has_detector_mask", False):
+            return None, None
+        grp = zarr.open_group(str(self.path), mode="r", use_consolidated=False)
+        return grp[MASK][...].astype(bool), grp[MASK_FILL][...]
 
     def _set_attrs(self, **kv) -> None:
         """Update group attrs, then refresh the consolidated metadata readers open."""

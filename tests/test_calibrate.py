@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stemdask
-from stemdask.calibrate import bf_disk, calibrate_store, parallax, resolve_half_turn, rotation_from_com
+from stemdask.calibrate import calibrate_store
+from stemdask.calibrate.disk import find_defects, fit_bf_disk
+from stemdask.calibrate.orientation import half_turn, parallax, probe_otf, rotation_from_com
 from stemdask.cli import main
 from stemdask.optics import Aberrations, scan_to_detector_frame, wavelength_a
 from stemdask.simulate import SimulationParams, simulate
@@ -29,15 +31,39 @@ def disk_image(shape, center, radius, plateau=1000.0, oversample=8):
 
 @given(st.floats(20, 44), st.floats(20, 44), st.floats(5, 15))
 @settings(max_examples=25, deadline=None)
-def test_bf_disk_finds_centre_and_radius_sub_pixel(cy, cx, r):
-    (gy, gx), gr = bf_disk(disk_image((64, 64), (cy, cx), r))
-    assert abs(gy - cy) < 0.02 and abs(gx - cx) < 0.02
-    assert abs(gr - r) < 0.05
+def test_bf_disk_edge_fit_finds_centre_and_radius_sub_pixel(cy, cx, r):
+    # 0.03 px: the edge fit (immune to Bragg disks, below) is a little less precise on an
+    # ideal disk than the former area-weighted centroid (0.02 px), which Bragg disks moved by pixels
+    fit = fit_bf_disk(disk_image((64, 64), (cy, cx), r))
+    assert abs(fit["center"][0] - cy) < 0.03 and abs(fit["center"][1] - cx) < 0.03
+    assert abs(fit["radius"] - r) < 0.06  # 0.05 before; the half-level edge reads ≈ 1 % small at R = 5 px
+
+
+def test_bf_disk_edge_fit_is_not_dragged_by_overlapping_bragg_disks():
+    img = disk_image((96, 96), (47.3, 49.1), 18)
+    for gy, gx, w in [(0, 20, 0.6), (20, 0, 0.45), (20, 20, 0.4), (-20, 20, 0.3), (0, 40, 0.3)]:
+        img += w * disk_image((96, 96), (47.3 + gy, 49.1 + gx), 18)
+    fit = fit_bf_disk(img)
+    assert math.hypot(fit["center"][0] - 47.3, fit["center"][1] - 49.1) < 0.05
+    assert abs(fit["radius"] - 18) < 0.1
+
+
+def test_defects_are_found_and_masked_pixels_do_not_move_the_disk():
+    rng = np.random.default_rng(0)
+    img = rng.poisson(disk_image((64, 64), (31.4, 32.6), 12, plateau=5000.0)).astype(float)
+    img[30, 28] += 80000  # hot, inside the disk
+    img[25, 35] = 0  # dead pixel
+    img[:, 40] = 0  # dead column crossing the disk
+    found = find_defects(img)
+    assert found["hot"][30, 28] and found["dead"][25, 35] and 40 in found["dead_columns"]
+    assert found["mask"].sum() == 64 + 2  # the column, the hot and the dead pixel: nothing else
+    fit = fit_bf_disk(img, found["mask"])
+    assert math.hypot(fit["center"][0] - 31.4, fit["center"][1] - 32.6) < 0.05
 
 
 def test_bf_disk_rejects_empty_pattern():
     with pytest.raises(ValueError, match="PACBED"):
-        bf_disk(np.zeros((8, 8)))
+        fit_bf_disk(np.zeros((8, 8)))
 
 
 def smooth_phase(shape, seed=0, atoms=12):
@@ -61,7 +87,7 @@ def periodic_gradient(phi, step=(1.0, 1.0)):
 
 @given(st.floats(-179.9, 180.0), st.booleans(), st.integers(0, 1000))
 @settings(max_examples=30, deadline=None)
-def test_curl_minimisation_recovers_rotation_and_flip_and_skewness_the_half_turn(theta, flip, seed):
+def test_curl_minimisation_recovers_rotation_modulo_180_and_flip(theta, flip, seed):
     step = (0.5, 0.4)
     g_y, g_x = periodic_gradient(smooth_phase((40, 48), seed), step)
     # COM points along +∇φ in the scan frame; what the detector records is the inverse map
@@ -71,15 +97,18 @@ def test_curl_minimisation_recovers_rotation_and_flip_and_skewness_the_half_turn
     assert rot["curl_fraction"][flip] < 1e-3 < rot["curl_fraction"][not flip]
     # not exact: the mirror extension (for non-periodic scans) puts kinks in the sampled field
     assert abs((rot["rotation_deg"] - theta + 90) % 180 - 90) < 0.25
-    half = resolve_half_turn(com_y, com_x, rot["rotation_deg"], flip, step)
-    assert abs((half["rotation_deg"] - theta + 180) % 360 - 180) < 0.25
 
 
-def test_half_turn_follows_the_sign_of_the_phase():
-    g_y, g_x = periodic_gradient(-smooth_phase((32, 32), 3))  # negative atoms: inverted contrast
-    assert abs(abs(resolve_half_turn(g_y, g_x, 0.0, False)["rotation_deg"]) - 180) < 1e-9
-    g_y, g_x = periodic_gradient(smooth_phase((32, 32), 3))
-    assert resolve_half_turn(g_y, g_x, 0.0, False)["rotation_deg"] == 0.0
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_half_turn_follows_the_adf_image(sign):
+    """The ADF (positive at atoms, blurred by the probe) decides the sign of a candidate phase."""
+    phi = smooth_phase((64, 64), 3, atoms=30)
+    rng = np.random.default_rng(1)
+    adf = 50 + 20 * phi + rng.normal(0, 2, phi.shape)
+    got = half_turn(sign * phi, adf, (0.2, 0.2), lambda q: probe_otf(q, wavelength_a(300e3), 20.0, 0.0), 2.0)
+    assert got["keep"] == (sign > 0) and got["decided"]
+    noise = half_turn(sign * phi, rng.normal(0, 1, phi.shape), (0.2, 0.2), lambda q: np.ones_like(q), 2.0)
+    assert not noise["decided"]
 
 
 def test_rotation_from_com_rejects_constant_fields():
@@ -112,11 +141,13 @@ def test_parallax_recovers_rotation_flip_and_defocus_from_shifted_bf_images(thet
             ramp = np.exp(-2j * np.pi * (q_y * d_y + q_x * d_x))
             dense[:, :, a, b] = 100 * (1 + np.fft.ifft2(T * ramp).real)
     inside = np.hypot(*np.meshgrid(k, k, indexing="ij")) < 0.5
-    got = parallax(dense, k, k, inside, step, lam, band_inv_a=2.0)
+    got = parallax(dense, k, k, inside, step, lam)
     assert got["flip"] == flip
-    assert abs((got["rotation_deg"] - theta + 180) % 360 - 180) < 0.5
-    assert got["c10_a"] == pytest.approx(c10, rel=0.02)
-    assert got["sharpness_gain"] > 4 and got["flip_contrast"] > 1.5
+    # the parallax gives the member of the (θ, θ + 180°) pair that goes with C10 < 0
+    expected = theta if c10 < 0 else theta + 180.0
+    assert abs((got["rotation_deg"] - expected + 180) % 360 - 180) < 0.5
+    assert got["c10_abs_a"] == pytest.approx(abs(c10), rel=0.02)
+    assert got["similarity_error"] < 0.05
 
 
 @pytest.mark.parametrize("quarter_turns, flip, c10", [(2, True, 0.0), (1, False, 0.0), (2, True, -80.0), (3, False, 80.0)])
@@ -131,16 +162,21 @@ def test_calibrate_store_on_the_simulator(tmp_path, quarter_turns, flip, c10):
     truth = p.calibration()
     assert np.allclose(result["bf_center"], truth.bf_center, atol=0.05)
     assert result["bf_radius"] == pytest.approx(truth.bf_radius, abs=0.15)
-    assert result["flip"] == flip and result["rotation_reliable"]
-    error = abs((result["rotation_deg"] - 90 * quarter_turns + 180) % 360 - 180)
+    assert result["flip"] == flip
+    error = abs((result["rotation_deg"] - 90 * quarter_turns + 90) % 180 - 90)  # modulo the half turn
     if c10 == 0:
         assert result["method"] == "com" and error < 3.0  # COM curl: noise-limited at 48×48, 2000 e⁻
     else:
         assert result["method"] == "parallax" and error < 1.0
-        assert result["c10_estimate_a"] == pytest.approx(c10, rel=0.05)
+        assert abs(result["c10_estimate_a"]) == pytest.approx(abs(c10), rel=0.05)
     stored = open_store(path).calibration
-    assert stored.rotation_deg == result["rotation_deg"] and stored.flip == flip
     assert list(stored.bf_center) == result["bf_center"] and stored.bf_radius == result["bf_radius"]
+    if result["rotation_reliable"]:
+        assert abs((result["rotation_deg"] - 90 * quarter_turns + 180) % 360 - 180) < 3.0
+        assert stored.rotation_deg == result["rotation_deg"] and stored.flip == flip
+    else:  # this simulator has almost no dark field to decide the half turn: flagged, and kept
+        assert any("NOT reliable" in m for m in result["messages"])
+        assert stored.rotation_deg == 0.0 and stored.flip is False
 
 
 def test_cli_calibrate_dry_run_prints_json_and_keeps_the_store(tmp_path, capsys):
@@ -199,10 +235,7 @@ def test_calibrate_in_focus_small_detector_and_without_semiangle_uses_the_com(tm
     simulate(path, p, overwrite=True, progress=False)  # BF radius 3.3 px, in focus: no parallax
     result = calibrate_store(path, write=False)
     assert result["method"] == "com" and result["flip"] is False
-    assert abs((result["rotation_deg"] + 90 + 180) % 360 - 180) < 5.0
-    store = open_store(path, mode="r+")
-    store.set_calibration(store.calibration.replace(semiangle_mrad=None))
-    assert calibrate_store(path, write=False)["parallax_gain"] is None
+    assert abs((result["rotation_deg"] + 90 + 90) % 180 - 90) < 5.0
 
 
 def test_abtem_dose_50_rotation_is_flagged_unreliable_and_not_stored(abtem_case, tmp_path):
@@ -215,9 +248,9 @@ def test_abtem_dose_50_rotation_is_flagged_unreliable_and_not_stored(abtem_case,
                    calibration={"energy_ev": params["energy_eV"], "scan_step_a": params["scan"]["step_A"],
                                 "semiangle_mrad": params["semiangle_mrad"],
                                 "detector_pixel_mrad": params["detector"]["pixel_size_mrad"]})
-    with pytest.warns(UserWarning, match="not reliable"):
-        result = calibrate_store(store.path)
+    result = calibrate_store(store.path)
     assert result["rotation_reliable"] is False
+    assert any("NOT reliable" in m for m in result["messages"])
     stored = open_store(store.path).calibration
     assert stored.rotation_deg == 0.0 and stored.flip is False  # kept
     assert math.hypot(stored.bf_center[0] - 48, stored.bf_center[1] - 48) < 0.1  # the BF disk is still found

@@ -22,34 +22,97 @@ def _split(i, det_x, inv_det_x):
     return y, np.int64(i) - y * det_x
 
 
+#: ``keep`` argument meaning "every pixel".
+ALL_PIXELS = np.zeros(0, np.uint8)
+
+
+def center_of_mass(counts, indices, det_x, ref_y, ref_x, keep=None):
+    """:func:`center_of_mass_kept` using every pixel unless ``keep`` (D,) uint8 is given."""
+    return center_of_mass_kept(counts, indices, det_x, ref_y, ref_x, ALL_PIXELS if keep is None else keep)
+
+
 @numba.njit(nogil=True, cache=True)
-def center_of_mass(counts, indices, det_x, ref_y, ref_x):
+def center_of_mass_kept(counts, indices, det_x, ref_y, ref_x, keep):
     """Mean detector position of each position's events, minus a reference (pixels).
 
-    Returns ``(com_y, com_x)``, each (P,) float64; NaN where a position has no events.
-    Pixel (k_y, k_x) sits at coordinate (k_y, k_x) (pixel centres at integers).
+    ``keep`` (D,) uint8: 1 for the detector pixels to use, 0 for masked ones (their events
+    are skipped); an empty array uses every pixel. Returns ``(com_y, com_x)``, each (P,)
+    float64; NaN where a position has no (kept) events. Pixel (k_y, k_x) sits at coordinate
+    (k_y, k_x) (pixel centres at integers).
     """
     n_pos = counts.shape[0]
     com_y = np.empty(n_pos, np.float64)
     com_x = np.empty(n_pos, np.float64)
     inv = 1.0 / det_x
+    masked = keep.shape[0] > 0
     e = 0
     for p in range(n_pos):
         n = np.int64(counts[p])
         sy = np.int64(0)
         sx = np.int64(0)
-        for j in range(e, e + n):
-            y, x = _split(indices[j], det_x, inv)
-            sy += y
-            sx += x
+        used = n
+        if masked:
+            used = 0
+            for j in range(e, e + n):
+                i = indices[j]
+                if keep[i]:
+                    y, x = _split(i, det_x, inv)
+                    sy += y
+                    sx += x
+                    used += 1
+        else:
+            for j in range(e, e + n):
+                y, x = _split(indices[j], det_x, inv)
+                sy += y
+                sx += x
         e += n
-        if n:
-            com_y[p] = sy / n - ref_y
-            com_x[p] = sx / n - ref_x
+        if used:
+            com_y[p] = sy / used - ref_y
+            com_x[p] = sx / used - ref_x
         else:
             com_y[p] = np.nan
             com_x[p] = np.nan
     return com_y, com_x
+
+
+@numba.njit(nogil=True, cache=True)
+def annular_counts(counts, indices, det_x, center_y, center_x, r2_lo, r2_hi, keep, fill_idx, fill_w):
+    """Counts in annuli around a per-position centre (descan), with masked pixels filled.
+
+    ``center_y, center_x`` (P,): each position's BF-disk centre (px); an event at pixel
+    (y, x) counts for annulus d when ``r2_lo[d] ≤ (y − cy)² + (x − cx)² < r2_hi[d]`` (px²).
+    ``keep`` (D,) uint8: events on pixels with 0 are skipped; for each masked pixel
+    ``fill_idx[m]`` the position instead gets ``n_kept · fill_w[m]`` expected electrons in
+    every annulus containing that pixel (``fill_w``: the masked pixel's share of a pattern
+    relative to the kept pixels, from the PACBED). Returns (P, n_det) float64.
+    """
+    n_pos = counts.shape[0]
+    n_det = r2_lo.shape[0]
+    out = np.zeros((n_pos, n_det), np.float64)
+    inv = 1.0 / det_x
+    e = 0
+    for p in range(n_pos):
+        n = np.int64(counts[p])
+        cy = center_y[p]
+        cx = center_x[p]
+        kept = 0
+        for j in range(e, e + n):
+            i = indices[j]
+            if keep[i]:
+                kept += 1
+                y, x = _split(i, det_x, inv)
+                r2 = (y - cy) ** 2 + (x - cx) ** 2
+                for d in range(n_det):
+                    if r2_lo[d] <= r2 < r2_hi[d]:
+                        out[p, d] += 1.0
+        e += n
+        for m in range(fill_idx.shape[0]):
+            y, x = _split(fill_idx[m], det_x, inv)
+            r2 = (y - cy) ** 2 + (x - cx) ** 2
+            for d in range(n_det):
+                if r2_lo[d] <= r2 < r2_hi[d]:
+                    out[p, d] += kept * fill_w[m]
+    return out
 
 
 @numba.njit(nogil=True, cache=True)
@@ -129,6 +192,65 @@ def densify(counts, indices, lookup, out):
             if o >= 0:
                 flat[base + o] += 1.0
         e += n
+    return out
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _box_split(t, b):
+    """A unit box ``[t, t + 1)`` over bins ``[a·b, (a + 1)·b)``: (first bin, its share)."""
+    a = np.int64(np.floor(t / b))
+    edge = (a + 1) * b
+    return a, min(1.0, edge - t)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _splat(flat, base, n_out, ty, tx, b, w):
+    """Add weight ``w`` of a unit box at (ty, tx) (output-origin px) into ``flat[base:]``."""
+    ay, fy = _box_split(ty, b)
+    ax, fx = _box_split(tx, b)
+    for oy, wy in ((ay, fy), (ay + 1, 1.0 - fy)):
+        if wy <= 0.0 or oy < 0 or oy >= n_out:
+            continue
+        for ox, wx in ((ax, fx), (ax + 1, 1.0 - fx)):
+            if wx > 0.0 and 0 <= ox < n_out:
+                flat[base + oy * n_out + ox] += w * wy * wx
+
+
+@numba.njit(nogil=True, cache=True)
+def densify_shifted(counts, indices, det_x, shift_y, shift_x, y0, x0, bin_factor, keep, fill_idx, fill_w, out):
+    """Crop, bin and densify with a per-position sub-pixel shift (descan) and masked pixels filled.
+
+    Each event is a unit box (its detector pixel) moved by ``−(shift_y[p], shift_x[p])``
+    px and shared between the ``bin × bin`` output pixels it overlaps by area, so the k-grid
+    of every position follows its own BF-disk origin; with zero shifts this is exactly
+    :func:`densify`. Output pixel (a, b) covers detector rows ``y0 + a·bin − ½ …
+    y0 + (a + 1)·bin − ½`` (same in x). Events on pixels with ``keep == 0`` are skipped;
+    each masked pixel ``fill_idx[m]`` instead adds ``n_kept · fill_w[m]`` electrons (see
+    :func:`annular_counts`), moved the same way. ``out`` (P, n, n) float32, zeroed by the
+    caller. Returns ``out``.
+    """
+    n_pos = counts.shape[0]
+    n_out = out.shape[1]
+    size = n_out * out.shape[2]
+    flat = out.reshape(n_pos * size)
+    inv = 1.0 / det_x
+    e = 0
+    for p in range(n_pos):
+        n = np.int64(counts[p])
+        base = p * size
+        oy = y0 + shift_y[p] - 0.5
+        ox = x0 + shift_x[p] - 0.5
+        kept = 0
+        for j in range(e, e + n):
+            i = indices[j]
+            if keep[i]:
+                kept += 1
+                y, x = _split(i, det_x, inv)
+                _splat(flat, base, n_out, y - oy, x - ox, bin_factor, 1.0)
+        e += n
+        for m in range(fill_idx.shape[0]):
+            y, x = _split(fill_idx[m], det_x, inv)
+            _splat(flat, base, n_out, y - oy, x - ox, bin_factor, kept * fill_w[m])
     return out
 
 

@@ -1,0 +1,305 @@
+"""Scan rotation, detector flip, the half turn and the defocus, from the data alone.
+
+Pure NumPy functions on in-memory arrays; :mod:`stemdask.calibrate` runs them on a dataset.
+
+* **In focus: COM curl** (:func:`rotation_from_com`). The COM field of a pure phase object is
+  a gradient (∇φ blurred by the probe intensity, at any defocus), so its curl in the scan
+  frame vanishes. The scan-frame field for angle θ is linear in (cos θ, sin θ), so the
+  energy of its solenoidal part is a quadratic form whose smallest eigenvector is the exact
+  minimiser, at any angle; the flip is the choice with the smaller minimum relative to the
+  largest. This fixes θ modulo 180°.
+* **Defocused: parallax** (:func:`parallax`). A wide probe washes the COM signal out, but the
+  bright-field image of detector pixel k is the in-focus image shifted by ``d = M·k`` with
+  ``M = −λ·C10·R(θ)·F`` (R, F of :func:`stemdask.optics.detector_to_scan_frame`). On a crystal
+  the images' cross-correlations have a peak at every lattice vector, and shifts across the
+  whole disk reach half a unit cell, so a shift is only ever measured against a *close*
+  reference inside a window smaller than half the shortest lattice period (found from the
+  mean image's autocorrelation): first between neighbouring pixels (M from the summed
+  cross-power of all neighbour pairs), then each image against the aligned mean within the
+  window around its predicted shift, refitted by least squares. ``det M`` decides the flip
+  (a rotation has det > 0, a reflection det < 0), M's angle θ modulo 180° and its size |C10|.
+* **The half turn** (:func:`half_turn`). θ and θ + 180° give opposite phase images (and, for
+  the parallax, opposite signs of C10), so it needs an independent physical reference
+  measured in the same data: the **annular dark-field** image, bright at atomic columns —
+  where the projected potential, hence the phase, is positive. The candidate phase (iCOM in
+  focus; the CTF-phase-flipped tilt-corrected BF image when defocused) is compared with the
+  ADF image through the probe's incoherent transfer (the ADF image is the object's
+  scattering blurred by the probe intensity, whose transfer changes sign at large defocus):
+  ``r = Σ Re(ADF*·OTF·Φ) / norms`` over the band 2/L < |q| < 2α/λ, with ``z = r·√N`` its
+  significance over N independent Fourier coefficients. Positive r keeps θ, negative flips
+  it by 180°; |z| below :data:`MIN_ADF_Z` leaves the half turn undecided (unreliable). The
+  skewness of the phase (atoms are sparse positive peaks) is reported as a cross-check only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import optimize
+
+from ..methods.icom import integrate_com, mirror_extend
+from ..optics import detector_to_scan_frame
+
+#: The half turn is decided only when the ADF agreement is this significant (standard deviations).
+MIN_ADF_Z = 6.0
+
+
+def _clean(field: np.ndarray) -> np.ndarray:
+    f = np.array(field, dtype=np.float64)
+    bad = ~np.isfinite(f)
+    f[bad] = np.nanmean(f) if (~bad).any() else 0.0
+    return f - f.mean()
+
+
+def _frequencies(shape, step):
+    k_y = np.fft.fftfreq(shape[0], d=step[0])[:, None]
+    k_x = np.fft.fftfreq(shape[1], d=step[1])[None, :]
+    return k_y, k_x
+
+
+def _transverse(g_y, g_x, step) -> np.ndarray:
+    """Fourier amplitude of the curl (solenoidal) part of a field: (k_x G_y − k_y G_x)/|k|."""
+    g_y, g_x = mirror_extend(g_y, g_x)  # the gradient of the evenly mirrored φ: still curl-free
+    k_y, k_x = _frequencies(g_y.shape, step)
+    k = np.hypot(k_y, k_x)
+    k[0, 0] = 1.0
+    t = (k_x * np.fft.fft2(g_y) - k_y * np.fft.fft2(g_x)) / k
+    t[0, 0] = 0.0
+    return t
+
+
+def rotation_from_com(com_y: np.ndarray, com_x: np.ndarray, step=(1.0, 1.0)) -> dict:
+    """Scan rotation (deg, modulo 180, in (−90, 90]) and flip that make the COM field curl-free.
+
+    ``com_y, com_x``: detector-frame COM (ny, nx) (any unit, NaN allowed), ``step``: scan
+    step (y, x). Returns {rotation_deg, flip, curl_fraction: {False: f, True: f}},
+    ``curl_fraction`` = smallest / largest eigenvalue of the solenoidal energy for each flip.
+    """
+    v_y, v_x = _clean(com_y), _clean(com_x)
+    if v_y.shape != v_x.shape or v_y.ndim != 2 or min(v_y.shape) < 3:
+        raise ValueError(f"COM fields must be two 2-D arrays of the same shape ≥ 3×3, got {v_y.shape}, {v_x.shape}")
+    best, fractions = None, {}
+    for flip in (False, True):
+        basis = [_transverse(*detector_to_scan_frame(v_y, v_x, angle, flip), step) for angle in (0.0, 90.0)]
+        m = np.array([[np.vdot(a, b).real for b in basis] for a in basis])
+        evals, evecs = np.linalg.eigh(m)
+        if evals[1] <= 0:
+            raise ValueError("the COM field is constant: no rotation can be estimated from it")
+        fractions[flip] = float(evals[0] / evals[1])
+        c, s = evecs[:, 0]
+        theta = _wrap90(math.degrees(math.atan2(s, c)))
+        if best is None or fractions[flip] < fractions[best[1]]:
+            best = (theta, flip)
+    return {"rotation_deg": best[0], "flip": best[1], "curl_fraction": fractions}
+
+
+def skewness(a: np.ndarray) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    a = a - a.mean()
+    sd = a.std()
+    return float(np.mean(a**3) / sd**3) if sd > 0 else 0.0
+
+
+def _wrap180(theta: float) -> float:
+    """Angle into (−180, 180]."""
+    return -((-theta + 180.0) % 360.0 - 180.0)
+
+
+def _wrap90(theta: float) -> float:
+    """Angle modulo 180 into (−90, 90]."""
+    return -((-theta + 90.0) % 180.0 - 90.0)
+
+
+# ---------------------------------------------------------------------- parallax
+def _peak(cc: np.ndarray, center=(0.0, 0.0), window: float = np.inf) -> np.ndarray:
+    """Position (y, x) px of a periodic correlation's maximum within ``window`` px of
+    ``center``, parabolic sub-pixel, as a shift in [−n/2, n/2)."""
+    ny, nx = cc.shape
+    sy = (np.arange(ny) + ny / 2) % ny - ny / 2
+    sx = (np.arange(nx) + nx / 2) % nx - nx / 2
+    near = (sy[:, None] - center[0]) ** 2 + (sx[None, :] - center[1]) ** 2 <= window**2
+    if not near.any():
+        near[int(round(center[0])) % ny, int(round(center[1])) % nx] = True
+    iy, ix = np.unravel_index(np.argmax(np.where(near, cc, -np.inf)), cc.shape)
+    c0 = cc[iy, ix]
+
+    def sub(a, b):
+        den = a - 2 * c0 + b
+        return float(np.clip(0.5 * (a - b) / den, -0.5, 0.5)) if den < 0 else 0.0
+
+    dy = sy[iy] + sub(cc[iy - 1, ix], cc[(iy + 1) % ny, ix])
+    dx = sx[ix] + sub(cc[iy, ix - 1], cc[iy, (ix + 1) % nx])
+    return np.array([dy, dx])
+
+
+def lattice_window(power: np.ndarray) -> float:
+    """Half the distance (px) from zero to the nearest other peak (above 0.2 of the central
+    one) of the periodic autocorrelation whose power spectrum is ``power`` (e.g. the mean over BF images) — beyond
+    it a shift of a crystal image is ambiguous. At least 2 px."""
+    ac = np.fft.ifft2(power).real
+    ny, nx = ac.shape
+    sy = (np.arange(ny) + ny / 2) % ny - ny / 2
+    sx = (np.arange(nx) + nx / 2) % nx - nx / 2
+    r = np.hypot(sy[:, None], sx[None, :])
+    # the zero lag holds the shot noise: the signal's own peak height is read next to it
+    peak = float(ac[(r >= 1) & (r < 1.5)].max())
+    # local maxima away from the central peak (beyond where the autocorrelation first falls to half)
+    central = r <= max(1.5, float(r[ac < 0.5 * peak].min(initial=1.5)))
+    is_max = np.ones_like(ac, bool)
+    for ay, ax in ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1)):
+        is_max &= ac >= np.roll(ac, (ay, ax), axis=(0, 1))
+    cand = is_max & ~central & (ac > 0.2 * peak)
+    if not cand.any():
+        return max(2.0, 0.25 * min(ny, nx))
+    return max(2.0, 0.5 * float(r[cand].min()))
+
+
+def _tukey(n: int, frac: float = 0.25) -> np.ndarray:
+    w = np.ones(n)
+    m = max(1, int(frac * n / 2))
+    ramp = 0.5 * (1 - np.cos(np.pi * (np.arange(m) + 0.5) / m))
+    w[:m], w[n - m:] = ramp, ramp[::-1]
+    return w
+
+
+def bf_images(dense: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The BF-pixel images of ``dense`` (ny, nx, n, n) at ``inside``: their row/column indices and
+    the windowed, mean-normalised images' spectra (npix, ny, nx)."""
+    iy, ix = np.nonzero(inside)
+    imgs = dense[:, :, iy, ix].transpose(2, 0, 1).astype(np.float64)
+    mean = imgs.mean(axis=(1, 2), keepdims=True)
+    imgs = imgs / np.where(mean > 0, mean, 1.0) - 1.0
+    window = _tukey(imgs.shape[1])[:, None] * _tukey(imgs.shape[2])[None, :]
+    return iy, ix, np.fft.fft2(imgs * window)
+
+
+def _similarity(m: np.ndarray, flip: bool) -> tuple[float, float]:
+    """(p·cos θ, p·sin θ) of the ``p·R(θ)·F`` closest to ``m`` (R, F as in
+    :func:`stemdask.optics.detector_to_scan_frame` acting on (y, x) vectors)."""
+    n = m @ np.diag([1.0, -1.0 if flip else 1.0])
+    return (n[0, 0] + n[1, 1]) / 2, (n[0, 1] - n[1, 0]) / 2
+
+
+def _form(pc: float, ps: float, flip: bool) -> np.ndarray:
+    return np.array([[pc, ps], [-ps, pc]]) @ np.diag([1.0, -1.0 if flip else 1.0])
+
+
+def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.ndarray, step, wavelength: float,
+             iterations: int = 3) -> dict:
+    """Parallax of bright-field images: M, hence flip, θ (mod 180°) and |C10| (defocused data).
+
+    ``dense`` (ny, nx, n, n) counts; ``k_y, k_x`` (n,) detector-frame frequencies of its pixels
+    (Å⁻¹, relative to k = 0); ``inside`` (n, n) the pixels to use (well inside the BF disk);
+    ``step`` scan step (y, x) Å. Returns {flip, rotation_deg (the member of the θ/θ+180 pair
+    that goes with C10 < 0), c10_abs_a, matrix (M, Å per Å⁻¹), similarity_error (‖M − nearest
+    p·R·F‖ / ‖p·R·F‖), fit_rms_a (shift residual), max_shift_a, window_px, tcbf (the aligned
+    mean's spectrum, ny × nx complex)}.
+    """
+    ny, nx = dense.shape[:2]
+    step = np.asarray(step, dtype=np.float64)
+    if np.count_nonzero(inside) < 4:
+        raise ValueError("parallax needs at least 4 bright-field pixels")
+    iy, ix, spec = bf_images(dense, inside)
+    window = lattice_window(np.mean(np.abs(spec) ** 2, axis=0))
+    k = np.stack([k_y[iy], k_x[ix]], axis=1)
+    where = {(a, b): j for j, (a, b) in enumerate(zip(iy, ix))}
+    m0 = np.zeros((2, 2))
+    for axis, (oy, ox) in enumerate([(1, 0), (0, 1)]):
+        cross = np.zeros((ny, nx), complex)
+        for (a, b), j in where.items():
+            j2 = where.get((a + oy, b + ox))
+            if j2 is not None:
+                cross += spec[j2] * spec[j].conj()
+        dk = (k_y[1] - k_y[0]) if axis == 0 else (k_x[1] - k_x[0])
+        m0[:, axis] = _peak(np.fft.ifft2(cross).real, window=window) * step / dk
+    q_y = np.fft.fftfreq(ny)
+    q_x = np.fft.fftfreq(nx)
+
+    def aligned_mean(shifts_a):
+        s = shifts_a / step
+        ramp_y = np.exp(2j * np.pi * s[:, :1] * q_y[None, :])
+        ramp_x = np.exp(2j * np.pi * s[:, 1:] * q_x[None, :])
+        return np.einsum("jyx,jy,jx->yx", spec, ramp_y, ramp_x, optimize=True) / len(s)
+
+    design = np.column_stack([k, np.ones(len(k))])
+    fit = k @ m0.T
+    for _ in range(iterations):
+        ref = aligned_mean(fit)
+        cc = np.fft.ifft2(spec * ref.conj()).real
+        shifts = np.array([_peak(c, f / step, window) for c, f in zip(cc, fit)]) * step
+        coef, *_ = np.linalg.lstsq(design, shifts, rcond=None)
+        fit = design @ coef
+    m = coef[:2].T
+    flip = bool(np.linalg.det(m) < 0)
+    pc, ps = _similarity(m, flip)
+    # refine the similarity locally: the sharpest aligned mean (power within the lattice-safe
+    # neighbourhood of the least-squares M only — a larger move is an alias and is not taken)
+    def power(v):
+        return -float(np.sum(np.abs(aligned_mean(k @ _form(v[0], v[1], flip).T)) ** 2))
+
+    start = np.array([pc, ps])
+    res = optimize.minimize(power, start, method="Nelder-Mead",
+                            options={"xatol": 1e-4 * np.abs(start).max(), "fatol": 0.0, "maxiter": 200})
+    if np.linalg.norm(res.x - start) <= 0.1 * np.linalg.norm(start):
+        pc, ps = res.x
+    size = math.hypot(pc, ps)
+    nearest = _form(pc, ps, flip)
+    return {
+        "flip": flip, "rotation_deg": _wrap180(math.degrees(math.atan2(ps, pc))), "c10_abs_a": size / wavelength,
+        "matrix": m.tolist(), "similarity_error": float(np.linalg.norm(m - nearest) / max(np.linalg.norm(nearest), 1e-30)),
+        "fit_rms_a": float(np.sqrt(np.mean(np.sum((shifts - fit) ** 2, axis=1)))),
+        "max_shift_a": size * float(np.hypot(k[:, 0], k[:, 1]).max()), "window_px": float(window),
+        "tcbf": aligned_mean(k @ nearest.T),
+    }
+
+
+# ---------------------------------------------------------------------- half turn
+def probe_otf(q: np.ndarray, wavelength: float, semiangle_mrad: float, c10_a: float) -> np.ndarray:
+    """Transfer of the probe intensity |ψ(r)|² at spatial frequencies |q| (Å⁻¹): the
+    normalised autocorrelation of the pupil A(k)·exp(−iπλC10k²) (round aperture). Real and
+    the same for ±C10; changes sign at large defocus."""
+    k0 = semiangle_mrad * 1e-3 / wavelength
+    n = 256
+    dk = 4 * k0 / n
+    k = (np.arange(n) - n // 2) * dk
+    ky, kx = np.meshgrid(k, k, indexing="ij")
+    pupil = (np.hypot(ky, kx) < k0) * np.exp(-1j * np.pi * wavelength * c10_a * (ky**2 + kx**2))
+    psf = np.abs(np.fft.ifft2(np.fft.ifftshift(pupil))) ** 2  # period 1/dk, wide enough for |C10|·α
+    otf = np.fft.fftshift(np.fft.fft2(psf)).real
+    otf /= otf[n // 2, n // 2]
+    # radial profile of the OTF on the pupil's k grid (q spacing = dk)
+    r = np.hypot(ky, kx)
+    bins = np.round(r / dk).astype(int).ravel()
+    profile = np.bincount(bins, otf.ravel()) / np.maximum(np.bincount(bins), 1)
+    return np.interp(np.abs(q), np.arange(profile.size) * dk, profile, right=0.0)
+
+
+def half_turn(candidate: np.ndarray, adf: np.ndarray, step, otf, band_inv_a: float) -> dict:
+    """Agreement of a candidate phase image with the ADF image (same grid, scan step ``step`` Å).
+
+    ``otf(q)``: the probe-intensity transfer at |q| Å⁻¹ (:func:`probe_otf`); ``band_inv_a``: the
+    upper frequency limit (2α/λ). Returns {r, z, keep (r > 0), decided (|z| ≥ MIN_ADF_Z)}.
+    """
+    ny, nx = adf.shape
+    window = _tukey(ny)[:, None] * _tukey(nx)[None, :]
+    a = np.fft.rfft2((adf - adf.mean()) * window)
+    b = np.fft.rfft2((candidate - candidate.mean()) * window)
+    q_y = np.fft.fftfreq(ny, step[0])[:, None]
+    q_x = np.fft.rfftfreq(nx, step[1])[None, :]
+    q = np.hypot(q_y, q_x)
+    low = 2.0 / min(ny * step[0], nx * step[1])
+    band = (q > low) & (q < band_inv_a)
+    w = otf(q) * band
+    num = float(np.sum((np.conj(a) * w * b).real))
+    den = math.sqrt(float(np.sum(np.abs(a * w) ** 2)) * float(np.sum(np.abs(b) ** 2 * band)))
+    r = num / den if den > 0 else 0.0
+    n_eff = int(band.sum())
+    z = r * math.sqrt(max(n_eff, 1))
+    return {"r": r, "z": z, "keep": r > 0, "decided": abs(z) >= MIN_ADF_Z}
+
+
+def icom_phase(com_y, com_x, rotation_deg: float, flip: bool, step) -> np.ndarray:
+    """The iCOM phase (arbitrary scale, sign as the method's) of a detector-frame COM field."""
+    g_y, g_x = detector_to_scan_frame(_clean(com_y), _clean(com_x), rotation_deg, flip)
+    return integrate_com(g_y, g_x, step)
