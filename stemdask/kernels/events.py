@@ -238,8 +238,8 @@ def densify_shifted(counts, indices, det_x, shift_y, shift_x, y0, x0, bin_factor
     for p in range(n_pos):
         n = np.int64(counts[p])
         base = p * size
-        oy = y0 + shift_y[p] - 0.5
-        ox = x0 + shift_x[p] - 0.5
+        oy = y0 + shift_y[p]  # a pixel spans [y − ½, y + ½): its box starts at y − oy in bin units
+        ox = x0 + shift_x[p]
         kept = 0
         for j in range(e, e + n):
             i = indices[j]
