@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import tempfile
 import warnings
 
@@ -398,7 +399,8 @@ def ssb(
 
 # ---------------------------------------------------------------------- CLI method
 def _add_arguments(parser) -> None:
-    add_option(parser, "--c10", type=float, default=0.0, metavar="Å", help="defocus C10 (Å); C10 < 0 is underfocus")
+    add_option(parser, "--c10", type=float, default=None, metavar="Å",
+               help="defocus C10 (Å); C10 < 0 is underfocus (default: the estimate `stemdask calibrate` stored, else 0)")
     add_option(parser, "--c12", type=float, default=0.0, metavar="Å", help="two-fold astigmatism C12 (Å)")
     add_option(parser, "--c12-angle", type=float, default=0.0, metavar="DEG", help="C12 azimuth (deg)")
     add_option(parser, "--c21", type=float, default=0.0, metavar="Å", help="axial coma C21 (Å)")
@@ -414,10 +416,21 @@ def _add_arguments(parser) -> None:
                help="SSB: unit transfer (per-frequency trotter average) instead of the SNR-optimal sum")
 
 
-def aberrations_from_args(args) -> Aberrations:
-    """The :class:`~stemdask.optics.Aberrations` of the CLI options ``--c10 … --c30``."""
+def defocus_from_args(args, calibration: Calibration) -> tuple[float, str]:
+    """C10 (Å) for SSB and where it came from: ``--c10``, else the calibration's parallax
+    estimate (``c10_estimate_a``), else 0 (in focus)."""
+    if getattr(args, "c10", None) is not None:
+        return float(args.c10), "command line"
+    if calibration.c10_estimate_a is not None:
+        return float(calibration.c10_estimate_a), "stored estimate (stemdask calibrate, parallax)"
+    return 0.0, "none given or stored: in focus assumed"
+
+
+def aberrations_from_args(args, c10: float | None = None) -> Aberrations:
+    """The :class:`~stemdask.optics.Aberrations` of the CLI options ``--c10 … --c30`` (``c10``
+    replaces ``--c10``, e.g. from :func:`defocus_from_args`)."""
     return Aberrations(
-        C10=args.c10, C12=args.c12, phi12=args.c12_angle, C21=args.c21, phi21=args.c21_angle,
+        C10=(args.c10 or 0.0) if c10 is None else c10, C12=args.c12, phi12=args.c12_angle, C21=args.c21, phi21=args.c21_angle,
         C23=args.c23, phi23=args.c23_angle, C30=args.c30,
     )
 
@@ -437,6 +450,11 @@ def run(ds, args) -> xr.Dataset:
     dense = ds.densify(bin=args.bin)
     if getattr(args, "gpu", False):
         dense = to_gpu(dense)
-    phase = ssb(dense, ds.calibration, aberrations_from_args(args), quantitative=args.quantitative).phase
+    c10, source = defocus_from_args(args, ds.calibration)
+    if source != "command line":
+        print(f"ssb: C10 = {c10:.1f} Å ({source}); pass --c10 to override", file=sys.stderr)
+    phase = ssb(dense, ds.calibration, aberrations_from_args(args, c10), quantitative=args.quantitative).phase
     host = phase.data.map_blocks(_to_host, dtype=phase.dtype, meta=np.empty((0, 0), phase.dtype))
-    return xr.Dataset({"phase": phase.copy(data=host)})
+    out = phase.copy(data=host)
+    out.attrs["c10_source"] = source
+    return xr.Dataset({"phase": out})
