@@ -11,12 +11,28 @@ Layout (``FORMAT_NAME`` version ``FORMAT_VERSION``):
             ``[b*cap, b*cap + n_b)``; ``cap`` is a multiple of the chunk length, so blocks
             never share a chunk and the unwritten rest of a slot costs nothing on disk.
 ``toa``     optional uint32, same slots: arrival time of each event within the dwell (ns).
-``block_crc`` uint32 ``(n_blocks,)``, chunk 1: CRC-32 of each block's counts+indices(+toa),
-            written with the block, recomputed by :meth:`EventStore.validate`.
+``block_crc`` uint32 ``(n_blocks,)``, chunk 1: checksum of each block's decoded
+            counts + indices (+ toa) bytes, written with the block (version 2: CRC-32C;
+            version 1: zlib CRC-32).
 
 Attrs: format name/version, shapes, ``rows_per_block``, ``cap``, calibration
 (:class:`stemdask.optics.Calibration`), provenance (source, its SHA-256, ingest parameters),
 ``n_events`` and ``complete: true`` once :meth:`EventStore.finalize` has checked every block.
+
+Integrity (version 2). Every chunk of ``counts``, ``indices``, ``toa`` and ``block_crc``
+ends with zarr's ``crc32c`` codec, so a flipped bit or a truncated chunk fails *before* the
+Blosc decoder sees it. :meth:`EventStore.read_block` — the one read path of every product —
+then checks the block as a whole: its event total fits its slot, exactly that many indices
+came back, their CRC-32C equals ``block_crc[b]`` (this catches a deleted chunk, which zarr
+reads as its fill value, and a chunk swapped with another block's, which carries a valid
+chunk checksum) and, last, every index lies on the detector (so even a bug cannot make a
+kernel read out of bounds). The attrs that decide how bytes are interpreted
+(:data:`LAYOUT_ATTRS`) are covered by ``layout_sha256``, checked on open together with the
+arrays' own shapes, chunks and dtypes; ``calibration`` and ``provenance`` are not covered
+(``stemdask calibrate`` rewrites the calibration legitimately). Any failure raises
+:class:`CorruptStoreError` naming the store, the array, the chunk and the row block.
+Version-1 stores (no chunk checksums, zlib block CRCs) still open; they get the layout,
+slot and bounds checks on every read and the block CRCs only from :meth:`EventStore.check`.
 
 Why this layout: a task for rows ``[r0, r1)`` reads one ``counts`` chunk and exactly its own
 index chunks — no global offsets table, no lock; parallel writers (threads, processes, or
@@ -33,6 +49,7 @@ writes 2.4× slower.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -43,14 +60,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .optics import Calibration
 
 FORMAT_NAME = "stemdask-events"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Attrs that decide how the stored bytes are read; covered by the ``layout_sha256`` attr.
+LAYOUT_ATTRS = ("format", "format_version", "scan_shape", "detector_shape", "rows_per_block", "cap",
+                "index_dtype", "has_toa", "n_events", "complete")
 UNWRITTEN = np.uint32(0xFFFFFFFF)
 DEFAULT_CHUNK_EVENTS = 1 << 20
 
@@ -65,6 +86,11 @@ class IncompleteStoreError(StoreError):
 
 class CorruptStoreError(StoreError):
     """Stored data disagree with their recorded totals or checksums."""
+
+
+#: What to do about a damaged store; ends every :class:`CorruptStoreError` of a read.
+_REMEDY = ("the store is damaged: re-ingest it from its source (stemdask ingest … --overwrite) or restore "
+           "a backup; `stemdask validate` lists every damaged block")
 
 
 @dataclass
@@ -91,16 +117,28 @@ def index_dtype_for(detector_shape: tuple[int, int]) -> np.dtype:
     return np.dtype(np.uint16) if n <= 1 << 16 else np.dtype(np.uint32)
 
 
-def block_crc(counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None) -> int:
-    crc = zlib.crc32(np.ascontiguousarray(counts, dtype=np.uint32))
-    crc = zlib.crc32(np.ascontiguousarray(indices), crc)
+def block_crc(counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None, version: int = FORMAT_VERSION) -> int:
+    """Checksum of a block's decoded bytes (counts as uint32, indices, toa as uint32), in
+    native byte order: CRC-32C (hardware-accelerated) from format version 2, zlib CRC-32 in 1."""
+    parts = [np.ascontiguousarray(counts, dtype=np.uint32), np.ascontiguousarray(indices)]
     if toa is not None:
-        crc = zlib.crc32(np.ascontiguousarray(toa, dtype=np.uint32), crc)
+        parts.append(np.ascontiguousarray(toa, dtype=np.uint32))
+    crc = 0
+    for part in parts:
+        crc = google_crc32c.extend(crc, part) if version >= 2 else zlib.crc32(part, crc)
     return crc
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+def layout_sha256(attrs: dict) -> str:
+    """SHA-256 of the :data:`LAYOUT_ATTRS` present in ``attrs`` (canonical JSON)."""
+    doc = {k: attrs[k] for k in LAYOUT_ATTRS if k in attrs}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _compressors(version: int) -> list:
+    """Blosc lz4, then (version ≥ 2) a CRC-32C of the compressed bytes, checked before decoding."""
+    blosc = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    return [blosc, Crc32cCodec()] if version >= 2 else [blosc]
 
 
 class EventStore:
@@ -112,16 +150,54 @@ class EventStore:
         self.writable = writable
         attrs = dict(group.attrs)
         self.attrs = attrs
-        self.scan_shape: tuple[int, int] = tuple(attrs["scan_shape"])
-        self.detector_shape: tuple[int, int] = tuple(attrs["detector_shape"])
-        self.rows_per_block: int = int(attrs["rows_per_block"])
-        self.cap: int = int(attrs["cap"])
-        self.index_dtype = np.dtype(attrs["index_dtype"])
+        self.version = int(attrs.get("format_version", 1))
+        try:
+            self.scan_shape: tuple[int, int] = check_shape("scan_shape", attrs["scan_shape"])
+            self.detector_shape: tuple[int, int] = check_shape("detector_shape", attrs["detector_shape"])
+            self.rows_per_block: int = int(attrs["rows_per_block"])
+            self.cap: int = int(attrs["cap"])
+            self.index_dtype = np.dtype(attrs["index_dtype"])
+            self._counts = group["counts"]
+            self._indices = group["indices"]
+            self._crc = group["block_crc"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptStoreError(f"{self.path}: damaged store metadata ({type(e).__name__}: {e}); "
+                                    f"{_REMEDY}") from None
         self.has_toa: bool = bool(attrs.get("has_toa", False))
-        self._counts = group["counts"]
-        self._indices = group["indices"]
-        self._crc = group["block_crc"]
-        self._toa = group["toa"] if self.has_toa else None
+        self._toa = group["toa"] if self.has_toa and "toa" in group else None
+        self._check_layout()
+
+    def _corrupt(self, what: str) -> CorruptStoreError:
+        return CorruptStoreError(f"{self.path}: {what}; {_REMEDY}")
+
+    def _check_layout(self) -> None:
+        """The layout attrs against their checksum (version ≥ 2) and against the arrays'
+        own metadata (every version): a mismatch would make reads land in the wrong slots."""
+        recorded = self.attrs.get("layout_sha256")
+        if self.version >= 2 and recorded != layout_sha256(self.attrs):
+            changed = "missing" if recorded is None else "does not match"
+            raise self._corrupt(f"the layout attrs {list(LAYOUT_ATTRS)} were edited or damaged "
+                                f"(their checksum layout_sha256 {changed})")
+        ny, nx = self.scan_shape
+        rpb, cap = self.rows_per_block, self.cap
+        if not 1 <= rpb <= ny:
+            raise self._corrupt(f"rows_per_block {rpb} outside 1..{ny}")
+        expect = {"counts": ((ny, nx), (rpb, nx), np.dtype(np.uint32)),
+                  "indices": ((self.n_blocks * cap,), None, index_dtype_for(self.detector_shape)),
+                  "block_crc": ((self.n_blocks,), (1,), np.dtype(np.uint32))}
+        if self.has_toa:
+            if self._toa is None:
+                raise self._corrupt("attrs say has_toa but the array toa is missing")
+            expect["toa"] = ((self.n_blocks * cap,), None, np.dtype(np.uint32))
+        if self.index_dtype != expect["indices"][2]:
+            raise self._corrupt(f"index_dtype {self.index_dtype} is not the one for a {self.detector_shape} detector")
+        for name, (shape, chunks, dtype) in expect.items():
+            arr = self._group[name]
+            if arr.shape != shape or (chunks and arr.chunks != chunks) or arr.dtype != dtype:
+                raise self._corrupt(f"array {name} is {arr.dtype} shape {arr.shape} chunks {arr.chunks}, but the "
+                                    f"attrs (scan, detector, rows_per_block, cap) imply {dtype} shape {shape}")
+            if name in ("indices", "toa") and cap % arr.chunks[0]:
+                raise self._corrupt(f"cap {cap} is not a multiple of the {name} chunk length {arr.chunks[0]}")
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -211,7 +287,7 @@ class EventStore:
             self._indices[start : start + n] = indices
             if toa is not None:
                 self._toa[start : start + n] = toa
-        self._crc[b : b + 1] = np.array([block_crc(counts, indices, toa)], dtype=np.uint32)
+        self._crc[b : b + 1] = np.array([block_crc(counts, indices, toa, self.version)], dtype=np.uint32)
         self._counts[r0:r1] = counts  # commit mark: last
         return n
 
@@ -229,8 +305,9 @@ class EventStore:
         counts = self._counts[...]
         prov = dict(self.attrs.get("provenance", {}))
         prov.update(provenance)
-        self._set_attrs(n_events=int(counts.sum(dtype=np.int64)), provenance=prov)
-        self._set_attrs(complete=True)
+        layout = {**self.attrs, "n_events": int(counts.sum(dtype=np.int64)), "complete": True}
+        self._set_attrs(n_events=layout["n_events"], provenance=prov, complete=True,
+                        layout_sha256=layout_sha256(layout))
         return self
 
     def set_calibration(self, calibration: Calibration) -> None:
@@ -248,30 +325,79 @@ class EventStore:
 
     # ------------------------------------------------------------------ reading
     def read_block(self, b: int) -> Block:
-        """Events of row block ``b``. Raises if the block is not committed or unreadable."""
+        """Events of row block ``b``, verified (see the module docstring, "Integrity").
+
+        Raises :class:`IncompleteStoreError` if the block is not committed (in an incomplete
+        store) and :class:`CorruptStoreError` naming the array and chunk if anything fails.
+        """
         r0, r1 = self.block_rows(b)
-        try:
-            counts = self._counts[r0:r1]
-            if np.any(counts == UNWRITTEN):
-                raise IncompleteStoreError(f"{self.path}: row block {b} (rows {r0}..{r1}) was never written")
-            n = int(counts.sum(dtype=np.int64))
-            start = b * self.cap
-            indices = self._indices[start : start + n] if n else np.empty(0, self.index_dtype)
-            toa = None
-            if self.has_toa:
-                toa = self._toa[start : start + n] if n else np.empty(0, np.uint32)
-        except StoreError:
-            raise
-        except (RuntimeError, ValueError, OSError) as e:  # codec failures on damaged chunks
-            raise CorruptStoreError(f"{self.path}: row block {b} (rows {r0}..{r1}) cannot be read: {e}") from e
-        # lz4 carries no checksum: a damaged chunk can decode. Kernels index with these values.
+        where = f"row block {b} (rows {r0}..{r1 - 1})"
+        counts = self._read(self._counts, b, slice(r0, r1))
+        if np.any(counts == UNWRITTEN):
+            if not self.complete:
+                raise IncompleteStoreError(f"{self.path}: {where} was never written")
+            raise self._corrupt(f"counts chunk {self._chunk_key('counts', b)} ({where}) is missing "
+                                f"from a complete store")
+        n = int(counts.sum(dtype=np.int64))
+        if n > self.cap:
+            raise self._corrupt(f"counts chunk {self._chunk_key('counts', b)} ({where}) sums to {n} events, "
+                                f"more than the block's slot of {self.cap}")
+        start = b * self.cap
+        indices = self._read(self._indices, b, slice(start, start + n))
+        toa = self._read(self._toa, b, slice(start, start + n)) if self.has_toa else None
+        if indices.size != n or (toa is not None and toa.size != n):
+            raise self._corrupt(f"{where}: counts sum to {n} events but only {indices.size} indices are stored")
+        if self.version >= 2:
+            stored = int(self._read(self._crc, b, slice(b, b + 1))[0])
+            if block_crc(counts, indices, toa, self.version) != stored:
+                raise self._corrupt(self._explain_crc_mismatch(b, n))
+        # The last guard: kernels index detector arrays with these values.
         n_pix = self.detector_shape[0] * self.detector_shape[1]
-        if indices.size and int(indices.max()) >= n_pix:
-            raise CorruptStoreError(
-                f"{self.path}: row block {b} (rows {r0}..{r1}) holds detector index {int(indices.max())} ≥ "
-                f"{n_pix} (damaged data; `EventStore.validate` checks every block's CRC)"
-            )
+        if n and int(indices.max()) >= n_pix:
+            raise self._corrupt(f"{where} holds detector index {int(indices.max())} ≥ {n_pix} (damaged data)")
         return Block(b, r0, counts, indices, toa)
+
+    def _chunk_key(self, name: str, i: int) -> str:
+        """``array/c/...`` key of chunk ``i`` (along the first axis) of array ``name``."""
+        return f"{name}/c/{i}/0" if name == "counts" else f"{name}/c/{i}"
+
+    def _block_chunks(self, b: int, n: int) -> list[tuple[str, int]]:
+        """(array, chunk number) of every chunk row block ``b`` with ``n`` events reads."""
+        chunks = [("counts", b), ("block_crc", b)]
+        length = self._indices.chunks[0]
+        first, last = b * self.cap // length, (b * self.cap + n - 1) // length
+        for name in ("indices", "toa") if self.has_toa else ("indices",):
+            chunks += [(name, i) for i in range(first, last + 1)] if n else []
+        return chunks
+
+    def _read(self, arr, b: int, sel: slice) -> np.ndarray:
+        """``arr[sel]`` for row block ``b``; a codec failure names the chunk that failed."""
+        try:
+            return arr[sel]
+        except (RuntimeError, ValueError, OSError) as e:  # a chunk's checksum or decoder failed
+            name = arr.basename
+            length = arr.chunks[0]
+            bad = sel.start // length
+            for i in range(sel.start // length, max(sel.start, sel.stop - 1) // length + 1):
+                try:
+                    arr[i * length : (i + 1) * length]
+                except (RuntimeError, ValueError, OSError):
+                    bad = i
+                    break
+            r0, r1 = self.block_rows(b)
+            reason = ("its CRC-32C does not match its bytes (damaged or truncated)" if "checksum" in str(e)
+                      else f"{type(e).__name__}: {e}")
+            raise self._corrupt(f"{name} chunk {self._chunk_key(name, bad)} of row block {b} (rows {r0}..{r1 - 1}) "
+                                f"cannot be read: {reason}") from e
+
+    def _explain_crc_mismatch(self, b: int, n: int) -> str:
+        r0, r1 = self.block_rows(b)
+        keys = [self._chunk_key(name, i) for name, i in self._block_chunks(b, n)]
+        missing = [k for k in keys if not (self.path / k).is_file()]
+        if missing:
+            return f"chunk {', '.join(missing)} of row block {b} (rows {r0}..{r1 - 1}) is missing (deleted?)"
+        return (f"row block {b} (rows {r0}..{r1 - 1}) fails its checksum: one of its chunks "
+                f"{', '.join(keys)} was replaced, swapped with another block's or changed")
 
     def iter_blocks(self) -> Iterator[Block]:
         for b in range(self.n_blocks):
@@ -292,31 +418,47 @@ class EventStore:
         np.cumsum(np.concatenate([blk.counts.ravel() for blk in blocks]), out=offsets[1:])
         return indices, offsets
 
-    def validate(self, source_checksum: str | None = None) -> dict:
-        """Recompute every block's CRC and the event total; compare with what ingest recorded.
+    def check(self, source_checksum: str | None = None) -> tuple[list[str], int]:
+        """Every problem of the store, one line each, and the total of the readable blocks.
 
-        ``source_checksum``: the SHA-256 of the source, recomputed by the caller (see
-        :func:`stemdask.io.common.file_sha256`), compared with the recorded one.
-        Raises :class:`CorruptStoreError` on any mismatch, returns a summary dict.
+        Reads every block through :meth:`read_block`, recomputes version-1 block CRCs,
+        compares the total with ``n_events`` and the provenance's ``source_events`` and, with
+        ``source_checksum`` (the source's SHA-256, see
+        :func:`stemdask.io.common.file_sha256`), the recorded source checksum.
         """
-        stored_crc = self._crc[...]
-        total = 0
-        for blk in self.iter_blocks():
-            crc = block_crc(blk.counts, blk.indices, blk.toa)
-            if crc != int(stored_crc[blk.index]):
-                raise CorruptStoreError(f"{self.path}: row block {blk.index} fails its checksum (data changed or damaged)")
+        problems, total = [], 0
+        stored_crc = None
+        for b in range(self.n_blocks):
+            try:
+                blk = self.read_block(b)
+                if self.version < 2:
+                    if stored_crc is None:
+                        stored_crc = self._crc[...]
+                    if block_crc(blk.counts, blk.indices, blk.toa, self.version) != int(stored_crc[b]):
+                        raise self._corrupt(self._explain_crc_mismatch(b, blk.indices.size))
+            except StoreError as e:
+                problems.append(str(e))
+                continue
             total += int(blk.counts.sum(dtype=np.int64))
-        if "n_events" in self.attrs and total != int(self.attrs["n_events"]):
-            raise CorruptStoreError(f"{self.path}: {total} events stored but {self.attrs['n_events']} recorded")
+        if not problems and "n_events" in self.attrs and total != int(self.attrs["n_events"]):
+            problems.append(f"{self.path}: {total} events stored but {self.attrs['n_events']} recorded")
         prov = self.provenance
         if source_checksum is not None and prov.get("source_sha256") not in (None, source_checksum):
-            raise CorruptStoreError(
+            problems.append(
                 f"{self.path}: source checksum {source_checksum[:12]}… differs from the recorded "
                 f"{prov['source_sha256'][:12]}… (not the file this store was made from, or it changed)"
             )
         source_total = prov.get("source_events")
-        if source_total is not None and int(source_total) != total:
-            raise CorruptStoreError(f"{self.path}: source had {source_total} events, store holds {total}")
+        if not problems and source_total is not None and int(source_total) != total:
+            problems.append(f"{self.path}: source had {source_total} events, store holds {total}")
+        return problems, total
+
+    def validate(self, source_checksum: str | None = None) -> dict:
+        """:meth:`check`, raising :class:`CorruptStoreError` with every problem (one per line)
+        if there is any; else a summary dict ``{n_events, blocks, ok}``."""
+        problems, total = self.check(source_checksum)
+        if problems:
+            raise CorruptStoreError("\n".join(problems))
         return {"n_events": total, "blocks": self.n_blocks, "ok": True}
 
     def nbytes_stored(self) -> int:
@@ -354,8 +496,12 @@ def create_store(
     chunk_events: int = DEFAULT_CHUNK_EVENTS,
     provenance: dict | None = None,
     overwrite: bool = False,
+    format_version: int = FORMAT_VERSION,
 ) -> EventStore:
     """Create an empty, writable (incomplete) store.
+
+    ``format_version=1`` writes the old layout without chunk checksums (what older stemdask
+    wrote: for compatibility tests and the no-verification baseline of the benchmarks).
 
     ``rows_per_block`` defaults to :func:`default_rows_per_block`. ``max_events_per_position`` sizes each block's slot
     (default ``max(4 · detector pixels, 65536)``); slots are virtual, unwritten space costs
@@ -385,22 +531,22 @@ def create_store(
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     group.create_array(
         "counts", shape=(ny, nx), chunks=(rows_per_block, nx), dtype="uint32",
-        fill_value=int(UNWRITTEN), compressors=[_compressor()],
+        fill_value=int(UNWRITTEN), compressors=_compressors(format_version),
     )
     group.create_array(
         "indices", shape=(n_blocks * cap,), chunks=(chunk_events,), dtype=idx_dtype,
-        fill_value=0, compressors=[_compressor()],
+        fill_value=0, compressors=_compressors(format_version),
     )
     if has_toa:
         group.create_array(
             "toa", shape=(n_blocks * cap,), chunks=(chunk_events,), dtype="uint32",
-            fill_value=0, compressors=[_compressor()],
+            fill_value=0, compressors=_compressors(format_version),
         )
-    group.create_array("block_crc", shape=(n_blocks,), chunks=(1,), dtype="uint32", fill_value=0)
-    group.attrs.update(
-        {
+    group.create_array("block_crc", shape=(n_blocks,), chunks=(1,), dtype="uint32", fill_value=0,
+                       compressors=[Crc32cCodec()] if format_version >= 2 else "auto")
+    attrs = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": int(format_version),
             "scan_shape": list(scan_shape),
             "detector_shape": list(detector_shape),
             "rows_per_block": rows_per_block,
@@ -410,8 +556,10 @@ def create_store(
             "calibration": calibration.to_dict(),
             "provenance": dict(provenance or {}),
             "complete": False,
-        }
-    )
+    }
+    if format_version >= 2:
+        attrs["layout_sha256"] = layout_sha256(attrs)
+    group.attrs.update(attrs)
     return EventStore(path, group, writable=True)
 
 
