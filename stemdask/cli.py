@@ -1,4 +1,4 @@
-"""The ``stemdask`` command: simulate, ingest, info, calibrate, reconstruct."""
+"""The ``stemdask`` command: simulate, ingest, info, validate, calibrate, reconstruct."""
 
 from __future__ import annotations
 
@@ -68,6 +68,8 @@ def store_info(path) -> dict:
     return {
         "path": str(store.path),
         "format_version": store.attrs["format_version"],
+        "checksums": "every chunk and block, verified on each read" if store.version >= 2 else
+                     "block CRCs only, checked by validate (format 1: no per-chunk checksums)",
         "complete": store.complete,
         "n_events": n_events,
         "scan_shape": list(store.scan_shape),
@@ -106,8 +108,37 @@ def cmd_info(args) -> int:
         f"calibration  BF centre {cal.get('bf_center')}, radius {cal.get('bf_radius')} px, "
         f"rotation {cal['rotation_deg']:g}°, flip {cal['flip']}",
         f"row blocks   {info['n_blocks']} × {info['rows_per_block']} rows",
+        f"format       version {info['format_version']}; checksums: {info['checksums']}",
     ]
     print("\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------- validate
+def cmd_validate(args) -> int:
+    """Read and verify every block; one line per problem on stderr and exit 2, or one OK line."""
+    from .io import check_against_source
+
+    try:
+        store = open_store(args.store, allow_incomplete=True)
+        if not store.complete:
+            raise StoreError(f"{store.path}: store is incomplete (its ingest was interrupted or is still running); "
+                             f"finish it with stemdask ingest … --resume")
+        if args.against:
+            problems, summary = check_against_source(store, args.against)
+        else:
+            problems, total = store.check()
+            summary = {"n_events": total}
+    except StoreError as e:
+        problems = [str(e)]
+    for line in problems:
+        print(f"stemdask validate: error: {line}", file=sys.stderr)
+    if problems:
+        return 2
+    against = f", matches {summary['source']} (SHA-256 and {summary['source_events']:,} events)" if args.against else ""
+    scope = ("every chunk's and block's checksum verified" if store.version >= 2 else
+             "format version 1: block CRCs verified, no per-chunk checksums (re-ingest for them)")
+    print(f"OK {store.path}: {store.n_blocks} row blocks, {summary['n_events']:,} events, {scope}{against}")
     return 0
 
 
@@ -197,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("validate", help="verify every chunk, block and total of an event store (exit 2 on any problem)")
+    p.add_argument("store")
+    p.add_argument("--against", metavar="SOURCE", help="also recompute the source file's SHA-256 and event total")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("calibrate", help="find BF centre/radius and scan rotation/flip; store them")
     p.add_argument("store")

@@ -563,18 +563,26 @@ def create_store(
     return EventStore(path, group, writable=True)
 
 
-def remove_zarr_output(path: Path, expected_format: str | None = None) -> None:
-    """Delete an existing output before it is replaced — only if it is a Zarr group (and, with
-    ``expected_format``, one of that stemdask format), so an --overwrite never deletes input
-    data or an unrelated folder."""
+def check_replaceable(path: Path, expected_format: str | None = None) -> None:
+    """Refuse to replace ``path`` unless it is a Zarr group (and, with ``expected_format``,
+    one of that stemdask format), so an --overwrite never deletes input data or an unrelated
+    folder."""
     path = Path(path)
     meta = path / "zarr.json"
     if not (path.is_dir() and meta.is_file()):
         raise FileExistsError(f"{path} exists and is not a Zarr store; refusing to delete it (remove it yourself)")
     if expected_format is not None:
-        fmt = json.loads(meta.read_text()).get("attributes", {}).get("format")
+        try:
+            fmt = json.loads(meta.read_text()).get("attributes", {}).get("format")
+        except ValueError:
+            fmt = None
         if fmt != expected_format:
             raise FileExistsError(f"{path} is a Zarr store but not a {expected_format} store; refusing to replace it")
+
+
+def remove_zarr_output(path: Path, expected_format: str | None = None) -> None:
+    """Delete an existing output before it is replaced, after :func:`check_replaceable`."""
+    check_replaceable(path, expected_format)
     shutil.rmtree(path)
 
 

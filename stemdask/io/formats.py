@@ -65,7 +65,7 @@ def sniff_format(spec) -> str:
 def open_source(spec, format: str = "auto", **options) -> Source:
     """Open ``spec`` as an ingest source.
 
-    ``options``: ``scan_shape``, ``detector_shape``, ``mode``, ``threshold``, ``dwell_ns``,
+    ``options``: ``scan_shape``, ``detector_shape``, ``mode``, ``threshold``, ``dwell_ns``, ``frames_range``,
     ``scratch`` (folder for decompressed npz members) — each reader takes what it uses.
     """
     if format not in FORMATS:
@@ -76,6 +76,8 @@ def open_source(spec, format: str = "auto", **options) -> Source:
     used = {k: v for k, v in options.items() if v is not None}
     if fmt not in ("dense", "mib") and ("threshold" in used or used.get("mode", "counts") != "counts"):
         raise SourceError(f"{spec}: mode/threshold apply to dense frames only, not to {fmt} input")
+    if fmt not in ("dense", "mib") and "frames_range" in used:
+        raise SourceError(f"{spec}: frames_range applies to dense frame stacks only, not to {fmt} input")
     if fmt != "events" and "dwell_ns" in used:
         raise SourceError(f"{spec}: dwell_ns applies to time-stamped event lists only, not to {fmt} input")
     return READERS[fmt](spec, format=fmt, **used)
