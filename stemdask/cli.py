@@ -8,7 +8,8 @@ import sys
 
 from . import __version__
 from .optics import Aberrations
-from .store import StoreError, open_store
+from .outputs import OutputSlot
+from .store import FORMAT_NAME, StoreError, open_store
 
 
 CLUSTER_HELP = "run on a Dask cluster: a profile name (local, local-lowmem, local-cuda, slurm, slurm-gpu, pbs), " \
@@ -37,8 +38,10 @@ def cmd_simulate(args) -> int:
         scan_shape=tuple(args.scan), detector=args.detector, dose=args.dose,
         aberrations=Aberrations(C10=args.c10), seed=args.seed, max_phase=args.max_phase,
     )
-    store = simulate(args.out, params, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {store.path}: {store.n_events:,} events, scan {params.scan_shape}, "
+    with OutputSlot(args.out, kind=FORMAT_NAME, overwrite=args.overwrite) as slot:
+        store = simulate(slot.target, params, progress=not args.quiet)
+        out = slot.commit()
+    print(f"wrote {out}: {store.n_events:,} events, scan {params.scan_shape}, "
           f"detector {params.detector}×{params.detector}, step {params.scan_step:.4f} Å, "
           f"C10 {params.aberrations.C10:g} Å; true phase in array 'phase_truth'")
     return 0
@@ -52,7 +55,7 @@ def cmd_ingest(args) -> int:
         args.input, args.out, format=args.format, mode=args.mode,
         scan_shape=args.scan_shape, detector_shape=args.detector_shape,
         rows_per_block=args.rows_per_block, calibration=_calibration_overrides(args),
-        threshold=args.threshold, dwell_ns=args.dwell_ns,
+        threshold=args.threshold, dwell_ns=args.dwell_ns, frames_range=args.frames_range,
         overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
     )
     print(f"wrote {store.path}: {store.n_events:,} events, scan {store.scan_shape}, detector {store.detector_shape}")
@@ -214,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector-shape", nargs=2, type=int, metavar=("DY", "DX"))
     p.add_argument("--rows-per-block", type=int, metavar="R")
     p.add_argument("--dwell-ns", type=float, help="events input: dwell time per position (ns)")
+    p.add_argument("--frames-range", nargs=2, type=int, metavar=("START", "STOP"),
+                   help="dense stack / .mib: take frames [START, STOP) (must be NY·NX of them); without it a "
+                        "file with more or fewer frames than the scan is refused")
     p.add_argument("--energy-kev", type=float, metavar="E")
     p.add_argument("--scan-step", type=float, metavar="Å")
     p.add_argument("--semiangle-mrad", type=float, metavar="A")

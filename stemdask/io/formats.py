@@ -70,6 +70,9 @@ def open_source(spec, format: str = "auto", **options) -> Source:
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; one of {FORMATS}")
+    path = split_h5_path(spec)[0]
+    if path.is_file() and path.stat().st_size == 0:
+        raise SourceError(f"{path}: is empty (0 bytes)")
     fmt = sniff_format(spec) if format == "auto" else format
     if fmt != "dense" and not Path(spec).exists():
         raise FileNotFoundError(f"{spec}: no such file")
