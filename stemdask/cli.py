@@ -8,7 +8,7 @@ import sys
 
 from . import __version__
 from .optics import Aberrations
-from .outputs import OutputSlot
+from .outputs import OutputSlot, leftovers
 from .store import FORMAT_NAME, StoreError, open_store
 
 
@@ -119,7 +119,8 @@ def cmd_info(args) -> int:
 
 # ---------------------------------------------------------------------- validate
 def cmd_validate(args) -> int:
-    """Read and verify every block; one line per problem on stderr and exit 2, or one OK line."""
+    """Read and verify every block; one line per problem on stderr and exit 2, or one OK line.
+    What interrupted runs left beside the store (locks, partials, asides) is reported, not removed."""
     from .io import check_against_source
 
     try:
@@ -136,6 +137,10 @@ def cmd_validate(args) -> int:
         problems = [str(e)]
     for line in problems:
         print(f"stemdask validate: error: {line}", file=sys.stderr)
+    for path, stale in leftovers(args.store):
+        state = "stale, its run is gone; the next run on this output removes it" if stale else \
+            "not stale or not ours: left alone"
+        print(f"stemdask validate: warning: {path} left beside the store ({state})", file=sys.stderr)
     if problems:
         return 2
     against = f", matches {summary['source']} (SHA-256 and {summary['source_events']:,} events)" if args.against else ""
