@@ -42,6 +42,10 @@ HOST = socket.gethostname()
 SCRATCH_PREFIX = ".stemdask-scratch"
 
 
+#: Seconds a removed partial must stay absent before a failed run gives up its output.
+_QUIET_S = 0.5
+
+
 class OutputBusyError(FileExistsError):
     """Another live run holds the output's lock."""
 
@@ -153,18 +157,26 @@ class OutputSlot:
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            self._remove_partial()
+            if self.target == self.partial and (exc_type is not None or self.partial.exists()):
+                self._remove_partial()
         finally:
             self._release()
 
     def _remove_partial(self) -> None:
         """Remove this run's uncommitted partial. After a failed compute, tasks already running
-        may still write into it for a moment, so retry briefly; never mask the run's own error."""
-        for _ in range(50):
-            shutil.rmtree(self.partial, ignore_errors=True)
-            if not self.partial.exists():
+        may still write into it for a moment (dask does not wait for them), so it must stay
+        gone for :data:`_QUIET_S` before we trust it; never mask the run's own error. What
+        cannot be removed is stale once this process ends, and the next run removes it."""
+        deadline, quiet_since = time.monotonic() + 10 * _QUIET_S, None
+        while time.monotonic() < deadline:
+            if self.partial.exists():
+                shutil.rmtree(self.partial, ignore_errors=True)
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= _QUIET_S:
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
         print(f"stemdask: could not remove {self.partial}; the next run on {self.out} will", file=sys.stderr)
 
     def commit(self) -> Path:
