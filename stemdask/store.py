@@ -11,9 +11,11 @@ Layout (``FORMAT_NAME`` version ``FORMAT_VERSION``):
             ``[b*cap, b*cap + n_b)``; ``cap`` is a multiple of the chunk length, so blocks
             never share a chunk and the unwritten rest of a slot costs nothing on disk.
 ``toa``     optional uint32, same slots: arrival time of each event within the dwell (ns).
-``block_crc`` uint32 ``(n_blocks,)``, chunk 1: checksum of each block's decoded
-            counts + indices (+ toa) bytes, written with the block (version 2: CRC-32C;
-            version 1: zlib CRC-32).
+``block_crc`` uint32 ``(n_blocks,)``, chunk 1: each block's record, written with the block
+            just before its commit mark. Version 2: CRC-32C of the block's decoded counts,
+            extended with the 4-byte CRC-32C trailers of its ``indices`` (then ``toa``)
+            chunk files in order (see :meth:`EventStore.block_record`). Version 1: zlib
+            CRC-32 of the decoded counts + indices (+ toa).
 
 Attrs: format name/version, shapes, ``rows_per_block``, ``cap``, calibration
 (:class:`stemdask.optics.Calibration`), provenance (source, its SHA-256, ingest parameters),
@@ -22,11 +24,14 @@ Attrs: format name/version, shapes, ``rows_per_block``, ``cap``, calibration
 Integrity (version 2). Every chunk of ``counts``, ``indices``, ``toa`` and ``block_crc``
 ends with zarr's ``crc32c`` codec, so a flipped bit or a truncated chunk fails *before* the
 Blosc decoder sees it. :meth:`EventStore.read_block` — the one read path of every product —
-then checks the block as a whole: its event total fits its slot, exactly that many indices
-came back, their CRC-32C equals ``block_crc[b]`` (this catches a deleted chunk, which zarr
-reads as its fill value, and a chunk swapped with another block's, which carries a valid
-chunk checksum) and, last, every index lies on the detector (so even a bug cannot make a
-kernel read out of bounds). The attrs that decide how bytes are interpreted
+checks the block as a whole before decoding its events: its event total fits its slot and
+its record (decoded counts + the trailers of its event chunks) equals ``block_crc[b]`` —
+this catches a deleted chunk (zarr would read its fill value) and a chunk swapped with
+another block's (it carries a valid chunk checksum, but not this block's). Then exactly that
+many events must come back and, last, every index must lie on the detector (so even a bug
+cannot make a kernel read out of bounds). Binding chunks to blocks by their trailers, rather
+than by a second CRC over the decoded events, is what keeps verification cheap: every byte
+is checksummed once (``python benchmarks/reductions.py --checksum-cost``). The attrs that decide how bytes are interpreted
 (:data:`LAYOUT_ATTRS`) are covered by ``layout_sha256``, checked on open together with the
 arrays' own shapes, chunks and dtypes; ``calibration`` and ``provenance`` are not covered
 (``stemdask calibrate`` rewrites the calibration legitimately). Any failure raises
@@ -117,15 +122,13 @@ def index_dtype_for(detector_shape: tuple[int, int]) -> np.dtype:
     return np.dtype(np.uint16) if n <= 1 << 16 else np.dtype(np.uint32)
 
 
-def block_crc(counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None, version: int = FORMAT_VERSION) -> int:
-    """Checksum of a block's decoded bytes (counts as uint32, indices, toa as uint32), in
-    native byte order: CRC-32C (hardware-accelerated) from format version 2, zlib CRC-32 in 1."""
-    parts = [np.ascontiguousarray(counts, dtype=np.uint32), np.ascontiguousarray(indices)]
+def block_crc(counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None) -> int:
+    """The version-1 block record: zlib CRC-32 of the decoded counts (uint32), indices and toa
+    (uint32), native byte order."""
+    crc = zlib.crc32(np.ascontiguousarray(counts, dtype=np.uint32))
+    crc = zlib.crc32(np.ascontiguousarray(indices), crc)
     if toa is not None:
-        parts.append(np.ascontiguousarray(toa, dtype=np.uint32))
-    crc = 0
-    for part in parts:
-        crc = google_crc32c.extend(crc, part) if version >= 2 else zlib.crc32(part, crc)
+        crc = zlib.crc32(np.ascontiguousarray(toa, dtype=np.uint32), crc)
     return crc
 
 
@@ -287,7 +290,8 @@ class EventStore:
             self._indices[start : start + n] = indices
             if toa is not None:
                 self._toa[start : start + n] = toa
-        self._crc[b : b + 1] = np.array([block_crc(counts, indices, toa, self.version)], dtype=np.uint32)
+        record = self.block_record(b, counts, n) if self.version >= 2 else block_crc(counts, indices, toa)
+        self._crc[b : b + 1] = np.array([record], dtype=np.uint32)
         self._counts[r0:r1] = counts  # commit mark: last
         return n
 
@@ -342,15 +346,15 @@ class EventStore:
         if n > self.cap:
             raise self._corrupt(f"counts chunk {self._chunk_key('counts', b)} ({where}) sums to {n} events, "
                                 f"more than the block's slot of {self.cap}")
+        if self.version >= 2:
+            stored = int(self._read(self._crc, b, slice(b, b + 1))[0])
+            if self.block_record(b, counts, n) != stored:
+                raise self._corrupt(self._explain_crc_mismatch(b, n))
         start = b * self.cap
         indices = self._read(self._indices, b, slice(start, start + n))
         toa = self._read(self._toa, b, slice(start, start + n)) if self.has_toa else None
         if indices.size != n or (toa is not None and toa.size != n):
             raise self._corrupt(f"{where}: counts sum to {n} events but only {indices.size} indices are stored")
-        if self.version >= 2:
-            stored = int(self._read(self._crc, b, slice(b, b + 1))[0])
-            if block_crc(counts, indices, toa, self.version) != stored:
-                raise self._corrupt(self._explain_crc_mismatch(b, n))
         # The last guard: kernels index detector arrays with these values.
         n_pix = self.detector_shape[0] * self.detector_shape[1]
         if n and int(indices.max()) >= n_pix:
@@ -361,14 +365,33 @@ class EventStore:
         """``array/c/...`` key of chunk ``i`` (along the first axis) of array ``name``."""
         return f"{name}/c/{i}/0" if name == "counts" else f"{name}/c/{i}"
 
-    def _block_chunks(self, b: int, n: int) -> list[tuple[str, int]]:
-        """(array, chunk number) of every chunk row block ``b`` with ``n`` events reads."""
-        chunks = [("counts", b), ("block_crc", b)]
+    def _event_chunks(self, b: int, n: int) -> list[tuple[str, int]]:
+        """(array, chunk number) of the ``indices`` (then ``toa``) chunks holding the ``n``
+        events of row block ``b``, in order."""
+        if not n:
+            return []
         length = self._indices.chunks[0]
         first, last = b * self.cap // length, (b * self.cap + n - 1) // length
-        for name in ("indices", "toa") if self.has_toa else ("indices",):
-            chunks += [(name, i) for i in range(first, last + 1)] if n else []
-        return chunks
+        names = ("indices", "toa") if self.has_toa else ("indices",)
+        return [(name, i) for name in names for i in range(first, last + 1)]
+
+    def block_record(self, b: int, counts: np.ndarray, n: int) -> int:
+        """Version-2 record of row block ``b``: CRC-32C of its ``counts`` (uint32, native
+        order) extended with the last 4 bytes — zarr's CRC-32C of the chunk — of each of its
+        event chunk files. Reads only those trailers; a missing or truncated chunk file raises."""
+        r0, r1 = self.block_rows(b)
+        crc = google_crc32c.value(np.ascontiguousarray(counts, dtype=np.uint32))
+        for name, i in self._event_chunks(b, n):
+            key = self._chunk_key(name, i)
+            try:
+                with open(self.path / key, "rb") as f:
+                    f.seek(-4, os.SEEK_END)
+                    crc = google_crc32c.extend(crc, f.read(4))
+            except FileNotFoundError:
+                raise self._corrupt(f"chunk {key} of row block {b} (rows {r0}..{r1 - 1}) is missing (deleted?)") from None
+            except OSError:
+                raise self._corrupt(f"chunk {key} of row block {b} (rows {r0}..{r1 - 1}) is truncated") from None
+        return crc
 
     def _read(self, arr, b: int, sel: slice) -> np.ndarray:
         """``arr[sel]`` for row block ``b``; a codec failure names the chunk that failed."""
@@ -391,11 +414,17 @@ class EventStore:
                                 f"cannot be read: {reason}") from e
 
     def _explain_crc_mismatch(self, b: int, n: int) -> str:
+        """Why block ``b``'s record does not match (the failure path only): a missing record
+        chunk, else the first chunk that fails its own checksum (raised from :meth:`_read`),
+        else a chunk replaced by another valid one."""
         r0, r1 = self.block_rows(b)
-        keys = [self._chunk_key(name, i) for name, i in self._block_chunks(b, n)]
-        missing = [k for k in keys if not (self.path / k).is_file()]
-        if missing:
-            return f"chunk {', '.join(missing)} of row block {b} (rows {r0}..{r1 - 1}) is missing (deleted?)"
+        record = self._chunk_key("block_crc", b)
+        if not (self.path / record).is_file():
+            return f"chunk {record} (the record of row block {b}, rows {r0}..{r1 - 1}) is missing (deleted?)"
+        start = b * self.cap
+        for arr in (self._indices, self._toa) if self.has_toa else (self._indices,):
+            self._read(arr, b, slice(start, start + n))
+        keys = [self._chunk_key(name, i) for name, i in [("counts", b), ("block_crc", b), *self._event_chunks(b, n)]]
         return (f"row block {b} (rows {r0}..{r1 - 1}) fails its checksum: one of its chunks "
                 f"{', '.join(keys)} was replaced, swapped with another block's or changed")
 
@@ -434,7 +463,7 @@ class EventStore:
                 if self.version < 2:
                     if stored_crc is None:
                         stored_crc = self._crc[...]
-                    if block_crc(blk.counts, blk.indices, blk.toa, self.version) != int(stored_crc[b]):
+                    if block_crc(blk.counts, blk.indices, blk.toa) != int(stored_crc[b]):
                         raise self._corrupt(self._explain_crc_mismatch(b, blk.indices.size))
             except StoreError as e:
                 problems.append(str(e))

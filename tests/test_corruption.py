@@ -59,7 +59,7 @@ CASES = {
     "block_crc bit flipped": (lambda s: _flip(s / "block_crc/c/0", bit=True), "block_crc chunk block_crc/c/0"),
     "indices chunk deleted": (lambda s: (s / "indices/c/1").unlink(), "chunk indices/c/1 of row block 1 (rows 4..7) is missing"),
     "counts chunk deleted": (lambda s: (s / "counts/c/0/0").unlink(), "counts chunk counts/c/0/0 (row block 0"),
-    "block_crc chunk deleted": (lambda s: (s / "block_crc/c/2").unlink(), "chunk block_crc/c/2 of row block 2"),
+    "block_crc chunk deleted": (lambda s: (s / "block_crc/c/2").unlink(), "chunk block_crc/c/2 (the record of row block 2"),
     "indices chunk truncated": (lambda s: _truncate(s / "indices/c/0"), "indices chunk indices/c/0 of row block 0"),
     "counts chunk truncated": (lambda s: _truncate(s / "counts/c/1/0"), "counts chunk counts/c/1/0 of row block 1"),
     "indices chunks of two blocks swapped": (lambda s: _swap(s / "indices/c/0", s / "indices/c/2"),
