@@ -103,3 +103,49 @@ def test_empty_and_random_files_are_one_line(tmp_path, capsys, kind, content):
     if content == "empty":
         assert "is empty (0 bytes)" in err
     assert not (tmp_path / "o.zarr").exists()
+
+
+# ---------------------------------------------------------------- data from elsewhere
+def test_hdf5_external_links_and_virtual_datasets_are_refused(tmp_path, capsys):
+    import h5py
+
+    frames = dense_from_csr(*random_csr()).astype(np.uint16)
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["frames"] = frames
+    with h5py.File(tmp_path / "linked.h5", "w") as f:
+        f["data"] = h5py.ExternalLink("other.h5", "/frames")
+    with h5py.File(tmp_path / "virtual.h5", "w") as f:
+        layout = h5py.VirtualLayout(shape=frames.shape, dtype=frames.dtype)
+        layout[...] = h5py.VirtualSource(str(tmp_path / "other.h5"), "frames", shape=frames.shape)
+        f.create_virtual_dataset("data", layout)
+    for name, what in (("linked.h5", "/data is an external link to other.h5:/frames"),
+                       ("virtual.h5", "dataset /data is a virtual dataset")):
+        _fails(["ingest", f"{tmp_path / name}:/data", str(tmp_path / "o.zarr"), "--quiet"], capsys,
+               f"{tmp_path / name}: {what}", "not covered by its checksum")
+    assert main(["ingest", f"{tmp_path / 'other.h5'}:/frames", str(tmp_path / "o.zarr"), "--quiet"]) == 0
+
+
+def test_a_zip_bomb_is_refused_before_writing(tmp_path, capsys):
+    """A ~1 MB .npz whose member inflates to 1 GiB: refused by its declared size, nothing extracted."""
+    bomb = tmp_path / "bomb.npz"
+    n = 1 << 30
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        z.writestr("offsets.npy", _npy(np.zeros(3, np.int64)))
+        with z.open("indices.npy", "w", force_zip64=True) as f:
+            header = {"descr": "<u4", "fortran_order": False, "shape": (n // 4,)}
+            np.lib.format.write_array_header_1_0(f, header)
+            zeros = bytes(1 << 24)
+            for _ in range(n >> 24):
+                f.write(zeros)
+    assert bomb.stat().st_size < 2 << 20
+    _fails(["ingest", str(bomb), str(tmp_path / "o.zarr"), "--scan-shape", "1", "2", "--detector-shape", "4", "4",
+            "--quiet"], capsys, f"{bomb}: member 'indices' would expand from", "refusing to extract it")
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) < 4 << 20
+
+
+def _npy(arr) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
