@@ -271,6 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def worker_death_message(e, client) -> str:
+    """One line for a ``distributed.KilledWorker``: which task, the workers' memory limit (the
+    usual cause: the kernel's memory use passed it and the nanny restarted the worker)."""
+    worker = e.last_worker
+    limit = getattr(worker, "memory_limit", None)
+    if not limit and client is not None:
+        limits = {w.get("memory_limit") for w in client.scheduler_info().get("workers", {}).values()}
+        limit = max((v for v in limits if v), default=None)
+    from dask.utils import format_bytes
+
+    shown = format_bytes(limit) if limit else "unknown"
+    return (f"Dask workers died {e.allowed_failures + 1} times running task {e.task!r} (last on "
+            f"{getattr(worker, 'address', worker)}), most likely out of memory: worker memory limit {shown}; "
+            f"use a cluster profile with more memory per worker, or a store with fewer --rows-per-block")
+
+
 def main(argv=None) -> int:
     from .cluster import connect
 
@@ -278,8 +294,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command in ("simulate", "ingest", "calibrate", "reconstruct"):
-            with connect(args.cluster):
-                return args.func(args)
+            with connect(args.cluster) as client:
+                try:
+                    return args.func(args)
+                except Exception as e:
+                    if type(e).__name__ != "KilledWorker":
+                        raise
+                    raise CLIError(worker_death_message(e, client)) from None
         return args.func(args)
     except (CLIError, StoreError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

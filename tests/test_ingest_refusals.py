@@ -149,3 +149,17 @@ def _npy(arr) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr)
     return buf.getvalue()
+
+
+def test_a_compressed_member_larger_than_the_free_space_is_refused(tmp_path, capsys, monkeypatch):
+    from collections import namedtuple
+
+    import stemdask.io.npzfile as npzfile
+
+    indices, offsets = random_csr()
+    src = tmp_path / "e.npz"
+    np.savez_compressed(src, indices=indices, offsets=offsets)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(npzfile.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 100))
+    _fails(["ingest", str(src), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN), "--detector-shape",
+            *map(str, DET), "--quiet"], capsys, f"{src}: member 'indices' needs", "more than is free")
