@@ -9,6 +9,7 @@ import sys
 from . import __version__
 from .optics import Aberrations
 from .outputs import OutputSlot, leftovers
+from .progress import StalledError
 from .store import FORMAT_NAME, StoreError, open_store
 
 
@@ -302,7 +303,8 @@ def main(argv=None) -> int:
                         raise
                     raise CLIError(worker_death_message(e, client)) from None
         return args.func(args)
-    except (CLIError, StoreError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError, ImportError) as e:
+    except (CLIError, StoreError, StalledError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError,
+            ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"stemdask {args.command}: error: {msg}", file=sys.stderr)
         return 2

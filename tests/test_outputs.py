@@ -251,20 +251,3 @@ def test_simulate_overwrite_replaces_atomically(tmp_path, capsys):
                      "--quiet"]) == 0
     assert open_store(out).attrs["format"] == FORMAT_NAME and leftovers(out) == []
 
-
-def test_a_worker_memory_death_is_one_line_naming_the_limit(store, tmp_path, capsys, monkeypatch):
-    from distributed import KilledWorker
-
-    import stemdask.reconstruct
-
-    class Worker:
-        address, memory_limit = "tcp://127.0.0.1:4321", 300 * 2**20
-
-    def die(args):
-        raise KilledWorker(("com-abc", 1, 0), Worker(), 3)
-
-    monkeypatch.setattr(stemdask.reconstruct, "reconstruct_cli", die)
-    assert _reconstruct(store, tmp_path / "r.zarr", "com") == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "died 4 times running task ('com-abc', 1, 0)" in err and "worker memory limit 300.00 MiB" in err
