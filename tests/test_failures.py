@@ -50,3 +50,14 @@ def test_the_watchdog_stops_a_computation_that_makes_no_progress(progress):
         with pytest.raises(StalledError, match="no task made progress for 1 s .*memory limit"):
             compute(dask.delayed(time.sleep)(6), progress=progress)
         assert time.monotonic() - t < 5
+
+
+def test_a_stalled_computation_is_one_line_from_the_cli(store, tmp_path, capsys, monkeypatch):
+    import stemdask.reconstruct
+
+    def stall(args):
+        raise StalledError("no task made progress for 600 s")
+
+    monkeypatch.setattr(stemdask.reconstruct, "reconstruct_cli", stall)
+    assert _reconstruct(store, tmp_path / "r.zarr", "com") == 2
+    assert capsys.readouterr().err == "stemdask reconstruct: error: no task made progress for 600 s\n"

@@ -216,7 +216,8 @@ def test_ingest_overwrite_never_destroys_the_old_store_on_a_bad_input(tmp_path, 
     bad = tmp_path / "bad.npz"
     np.savez(bad, indices=np.array([99]), offsets=np.array([0] + [1] * 16))
     assert main(["ingest", str(bad), str(out), *opts, "--overwrite"]) == 2
-    assert "detector index 99" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "detector index 99" in err and f"nothing was replaced: {out} is as it was" in err
     assert open_store(out).complete and [p.name for p in tmp_path.glob("i.zarr*")] == ["i.zarr"]
     assert not list(tmp_path.glob(".stemdask-scratch-*"))
 

@@ -127,7 +127,7 @@ def ingest(
                     store = create_store(slot.target, src.scan_shape, src.detector_shape, cal,
                                          rows_per_block=rows_per_block, has_toa=src.has_toa, provenance=prov)
                     todo = np.arange(store.n_blocks)
-                _run(store, src, todo, progress)
+                _run(store, src, todo, progress, replacing=slot.out if slot.target != slot.out else None)
                 stored = store.n_events
                 source_events = src.count_events() if src.cheap_count else stored
                 if source_events != stored:
@@ -139,7 +139,9 @@ def ingest(
         return open_store(slot.commit())
 
 
-def _run(store: EventStore, src: Source, todo, progress: bool) -> None:
+def _run(store: EventStore, src: Source, todo, progress: bool, replacing: Path | None = None) -> None:
+    """Write blocks ``todo``; a failure's message says what is left: an incomplete store to
+    resume, or (``replacing`` an existing store) the old store untouched."""
     def job(b: int) -> int:
         r0, r1 = store.block_rows(b)
         counts, indices, toa = src.read_rows(r0, r1)
@@ -150,7 +152,8 @@ def _run(store: EventStore, src: Source, todo, progress: bool) -> None:
     except Exception as e:
         done = int(store.committed_blocks().sum())
         note = (f"{store.path} is left incomplete ({done} of {store.n_blocks} row blocks written); "
-                f"fix the cause and re-run with --resume, or --overwrite")
+                f"fix the cause and re-run with --resume, or --overwrite") if replacing is None else \
+            f"nothing was replaced: {replacing} is as it was"
         if isinstance(e, (ValueError, OSError, StoreError)) and len(e.args) == 1:
             raise type(e)(f"{e}\n{note}") from e  # the CLI prints the message: keep the note in it
         e.add_note(note)
