@@ -93,6 +93,9 @@ class CorruptStoreError(StoreError):
     """Stored data disagree with their recorded totals or checksums."""
 
 
+#: What a block record takes for an event chunk that has no file (all fill value).
+_NO_CHUNK = bytes(4)
+
 #: What to do about a damaged store; ends every :class:`CorruptStoreError` of a read.
 _REMEDY = ("the store is damaged: re-ingest it from its source (stemdask ingest … --overwrite) or restore "
            "a backup; `stemdask validate` lists every damaged block")
@@ -199,6 +202,8 @@ class EventStore:
             if arr.shape != shape or (chunks and arr.chunks != chunks) or arr.dtype != dtype:
                 raise self._corrupt(f"array {name} is {arr.dtype} shape {arr.shape} chunks {arr.chunks}, but the "
                                     f"attrs (scan, detector, rows_per_block, cap) imply {dtype} shape {shape}")
+            if self.version >= 2 and not any(isinstance(c, Crc32cCodec) for c in arr.metadata.codecs):
+                raise self._corrupt(f"array {name} has lost its crc32c codec (its metadata were edited)")
             if name in ("indices", "toa") and cap % arr.chunks[0]:
                 raise self._corrupt(f"cap {cap} is not a multiple of the {name} chunk length {arr.chunks[0]}")
 
@@ -378,7 +383,9 @@ class EventStore:
     def block_record(self, b: int, counts: np.ndarray, n: int) -> int:
         """Version-2 record of row block ``b``: CRC-32C of its ``counts`` (uint32, native
         order) extended with the last 4 bytes — zarr's CRC-32C of the chunk — of each of its
-        event chunk files. Reads only those trailers; a missing or truncated chunk file raises."""
+        event chunk files, or 4 zero bytes for a chunk with no file (zarr does not write a
+        chunk that is all fill value, and reading it gives exactly that). Reads only those
+        trailers; a truncated chunk file raises."""
         r0, r1 = self.block_rows(b)
         crc = google_crc32c.value(np.ascontiguousarray(counts, dtype=np.uint32))
         for name, i in self._event_chunks(b, n):
@@ -386,11 +393,12 @@ class EventStore:
             try:
                 with open(self.path / key, "rb") as f:
                     f.seek(-4, os.SEEK_END)
-                    crc = google_crc32c.extend(crc, f.read(4))
+                    trailer = f.read(4)
             except FileNotFoundError:
-                raise self._corrupt(f"chunk {key} of row block {b} (rows {r0}..{r1 - 1}) is missing (deleted?)") from None
+                trailer = _NO_CHUNK
             except OSError:
                 raise self._corrupt(f"chunk {key} of row block {b} (rows {r0}..{r1 - 1}) is truncated") from None
+            crc = google_crc32c.extend(crc, trailer)
         return crc
 
     def _read(self, arr, b: int, sel: slice) -> np.ndarray:
@@ -415,12 +423,16 @@ class EventStore:
 
     def _explain_crc_mismatch(self, b: int, n: int) -> str:
         """Why block ``b``'s record does not match (the failure path only): a missing record
-        chunk, else the first chunk that fails its own checksum (raised from :meth:`_read`),
-        else a chunk replaced by another valid one."""
+        chunk, a missing event chunk, else the first chunk that fails its own checksum (raised
+        from :meth:`_read`), else a chunk replaced by another valid one."""
         r0, r1 = self.block_rows(b)
         record = self._chunk_key("block_crc", b)
         if not (self.path / record).is_file():
             return f"chunk {record} (the record of row block {b}, rows {r0}..{r1 - 1}) is missing (deleted?)"
+        missing = [self._chunk_key(name, i) for name, i in self._event_chunks(b, n)
+                   if not (self.path / self._chunk_key(name, i)).is_file()]
+        if missing:
+            return f"chunk {', '.join(missing)} of row block {b} (rows {r0}..{r1 - 1}) is missing (deleted?)"
         start = b * self.cap
         for arr in (self._indices, self._toa) if self.has_toa else (self._indices,):
             self._read(arr, b, slice(start, start + n))

@@ -51,6 +51,16 @@ def _edit_attr(store, key, fn):
     meta.write_text(json.dumps(doc))
 
 
+def _drop_crc32c(store, name):
+    """Remove the crc32c codec from an array's metadata (its own and the consolidated copy)."""
+    for meta, get in ((store / name / "zarr.json", lambda d: d),
+                      (store / "zarr.json", lambda d: d["consolidated_metadata"]["metadata"][name])):
+        doc = json.loads(meta.read_text())
+        node = get(doc)
+        node["codecs"] = [c for c in node["codecs"] if c["name"] != "crc32c"]
+        meta.write_text(json.dumps(doc))
+
+
 CASES = {
     "indices byte flipped": (lambda s: _flip(s / "indices/c/1", bit=False), "indices chunk indices/c/1 of row block 1"),
     "indices bit flipped": (lambda s: _flip(s / "indices/c/1", bit=True), "indices chunk indices/c/1 of row block 1"),
@@ -72,6 +82,7 @@ CASES = {
     "cap attr edited": (lambda s: _edit_attr(s, "cap", lambda v: v // 2), "layout attrs"),
     "n_events attr edited": (lambda s: _edit_attr(s, "n_events", lambda v: v + 1), "layout attrs"),
     "index_dtype attr edited": (lambda s: _edit_attr(s, "index_dtype", lambda v: "uint32"), "layout attrs"),
+    "crc32c codec removed from indices": (lambda s: _drop_crc32c(s, "indices"), "array indices has lost its crc32c codec"),
 }
 
 
@@ -153,3 +164,16 @@ def test_version_1_guards_count_bit_30_and_edited_rows_per_block(v1_store, tmp_p
     _edit_attr(v1_store.path, "rows_per_block", lambda v: 1)
     with pytest.raises(CorruptStoreError, match=r"array counts is .* chunks \(2, 4\)"):
         open_store(v1_store.path)
+
+
+def test_a_block_whose_chunk_is_all_fill_value_reads_back(tmp_path):
+    """zarr writes no file for a chunk equal to the fill value (all indices 0): the block record
+    accounts for it, and a deleted chunk with data still fails."""
+    store = create_store(tmp_path / "z.zarr", (4, 4), (8, 8), rows_per_block=2, chunk_events=8)
+    store.write_block(0, np.ones((2, 4)), np.zeros(8, np.uint16))
+    store.write_block(1, np.ones((2, 4)), np.arange(8, dtype=np.uint16))
+    store.finalize()
+    assert not (store.path / "indices/c/0").exists() and open_store(store.path).read_block(0).indices.sum() == 0
+    (store.path / f"indices/c/{store.cap // 8}").unlink()
+    with pytest.raises(CorruptStoreError, match=r"chunk indices/c/\d+ of row block 1 \(rows 2..3\) is missing"):
+        open_store(store.path).read_block(1)
