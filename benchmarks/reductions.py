@@ -27,6 +27,7 @@ is large compared with the events).
     python benchmarks/reductions.py --scan 128 --epp 200 # quick
     python benchmarks/reductions.py --out-of-core 600MB  # COM on 3× the workers' memory
     python benchmarks/reductions.py --codec lz4:5:shuffle  # the same with another store codec
+    python benchmarks/reductions.py --checksum-cost --repeat 5  # COM with / without read verification
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from stemdask import reduce  # noqa: E402
 from stemdask.kernels import events as K  # noqa: E402
 from stemdask.optics import Calibration  # noqa: E402
 from stemdask.parallel import run_jobs  # noqa: E402
-from stemdask.store import create_store  # noqa: E402
+from stemdask.store import FORMAT_VERSION, create_store  # noqa: E402
 
 DET = 576
 
@@ -78,10 +79,11 @@ def _events(counts, seed, center, radius, det):
     return out
 
 
-def make_store(path: Path, scan: int, epp: float, bf_radius: float):
+def make_store(path: Path, scan: int, epp: float, bf_radius: float, format_version: int = FORMAT_VERSION):
     cal = Calibration(scan_step_a=0.5, detector_pixel_mrad=0.25, semiangle_mrad=bf_radius * 0.25,
                       bf_center=(DET / 2, DET / 2), bf_radius=bf_radius)
-    store = create_store(path, (scan, scan), (DET, DET), cal, max_events_per_position=int(epp * 2 + 64), overwrite=True)
+    store = create_store(path, (scan, scan), (DET, DET), cal, max_events_per_position=int(epp * 2 + 64),
+                         overwrite=True, format_version=format_version)
 
     def one(b):
         r0, r1 = store.block_rows(b)
@@ -131,14 +133,18 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--codec", metavar="CNAME:CLEVEL:SHUFFLE",
                     help="an experiment: write the store with this Blosc codec instead of the store's own "
-                         "(e.g. lz4:5:shuffle; patches stemdask.store._compressor in this process only)")
+                         "(e.g. lz4:5:shuffle; patches stemdask.store._compressors in this process only)")
+    ap.add_argument("--checksum-cost", action="store_true",
+                    help="instead: COM events per CPU-second on the same events stored with verification "
+                         "(format 2: chunk and block CRC-32C on every read) and without (format 1)")
     args = ap.parse_args(argv)
     if args.codec:
         import stemdask.store
-        from zarr.codecs import BloscCodec
+        from zarr.codecs import BloscCodec, Crc32cCodec
 
         cname, clevel, shuffle = args.codec.split(":")
-        stemdask.store._compressor = lambda: BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle)
+        stemdask.store._compressors = lambda version: [BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle)] + (
+            [Crc32cCodec()] if version >= 2 else [])
     if args.out_of_core:
         from dask.utils import parse_bytes
 
@@ -160,6 +166,8 @@ def main(argv=None):
               f"{store.nbytes_stored() / n_events:.2f} B/event on disk, generated in {time.perf_counter() - t:.1f} s")
         if args.out_of_core:
             out_of_core(store, args, limit)
+        elif args.checksum_cost:
+            checksum_cost(store, make_store(path.with_name("v1.zarr"), args.scan, args.epp, args.bf_radius, 1), args)
         else:
             run(store, args)
     finally:
@@ -229,6 +237,26 @@ def run(store, args):
         print(f"densify bin {b}: allocating one block's float32 output ({per_block}×{n_out}×{n_out}, "
               f"{per_block * n_out * n_out * 4 / 1e6:.0f} MB) alone: {t * 1e3:.0f} ms "
               f"= {blocks[0].indices.size / t / 1e6:.0f} M events/s ceiling")
+
+
+def checksum_cost(verified, unverified, args):
+    """COM end to end (read + verify + decode + kernel) per CPU-second, the same events with and
+    without the read checks, timed alternately (the machine is shared) and the best of each kept."""
+    cores = os.cpu_count() or 1
+    assert verified.version >= 2 and unverified.version == 1
+    datasets = {"with verification": stemdask.open(verified.path), "without (format 1)": stemdask.open(unverified.path)}
+    best = dict.fromkeys(datasets, float("inf"))
+    with dask.config.set(scheduler="threads", num_workers=cores):
+        for ds in datasets.values():
+            ds.com().to_array().compute()  # warm up
+        for _ in range(args.repeat):
+            for name, ds in datasets.items():
+                best[name] = min(best[name], best_of(lambda: ds.com().to_array().compute(), 1)[1])
+    rates = {name: verified.n_events / t for name, t in best.items()}
+    for name, rate in rates.items():
+        print(f"COM e2e {name:20s} {rate / 1e6:6.0f} M events per CPU-second")
+    slower = 1 - rates["with verification"] / rates["without (format 1)"]
+    print(f"verification costs {100 * slower:.1f} % of COM throughput ({cores} cores, best of {args.repeat})")
 
 
 def out_of_core(store, args, limit):

@@ -1,4 +1,4 @@
-"""The ``stemdask`` command: simulate, ingest, info, calibrate, reconstruct."""
+"""The ``stemdask`` command: simulate, ingest, info, validate, calibrate, reconstruct."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import sys
 
 from . import __version__
 from .optics import Aberrations
-from .store import StoreError, open_store
+from .outputs import OutputSlot, leftovers
+from .progress import StalledError
+from .store import FORMAT_NAME, StoreError, open_store
 
 
 CLUSTER_HELP = "run on a Dask cluster: a profile name (local, local-lowmem, local-cuda, slurm, slurm-gpu, pbs), " \
@@ -37,8 +39,10 @@ def cmd_simulate(args) -> int:
         scan_shape=tuple(args.scan), detector=args.detector, dose=args.dose,
         aberrations=Aberrations(C10=args.c10), seed=args.seed, max_phase=args.max_phase,
     )
-    store = simulate(args.out, params, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {store.path}: {store.n_events:,} events, scan {params.scan_shape}, "
+    with OutputSlot(args.out, kind=FORMAT_NAME, overwrite=args.overwrite) as slot:
+        store = simulate(slot.target, params, progress=not args.quiet)
+        out = slot.commit()
+    print(f"wrote {out}: {store.n_events:,} events, scan {params.scan_shape}, "
           f"detector {params.detector}×{params.detector}, step {params.scan_step:.4f} Å, "
           f"C10 {params.aberrations.C10:g} Å; true phase in array 'phase_truth'")
     return 0
@@ -52,7 +56,7 @@ def cmd_ingest(args) -> int:
         args.input, args.out, format=args.format, mode=args.mode,
         scan_shape=args.scan_shape, detector_shape=args.detector_shape,
         rows_per_block=args.rows_per_block, calibration=_calibration_overrides(args),
-        threshold=args.threshold, dwell_ns=args.dwell_ns,
+        threshold=args.threshold, dwell_ns=args.dwell_ns, frames_range=args.frames_range,
         overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
     )
     print(f"wrote {store.path}: {store.n_events:,} events, scan {store.scan_shape}, detector {store.detector_shape}")
@@ -68,6 +72,8 @@ def store_info(path) -> dict:
     return {
         "path": str(store.path),
         "format_version": store.attrs["format_version"],
+        "checksums": "every chunk and block, verified on each read" if store.version >= 2 else
+                     "block CRCs only, checked by validate (format 1: no per-chunk checksums)",
         "complete": store.complete,
         "n_events": n_events,
         "scan_shape": list(store.scan_shape),
@@ -106,8 +112,42 @@ def cmd_info(args) -> int:
         f"calibration  BF centre {cal.get('bf_center')}, radius {cal.get('bf_radius')} px, "
         f"rotation {cal['rotation_deg']:g}°, flip {cal['flip']}",
         f"row blocks   {info['n_blocks']} × {info['rows_per_block']} rows",
+        f"format       version {info['format_version']}; checksums: {info['checksums']}",
     ]
     print("\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------- validate
+def cmd_validate(args) -> int:
+    """Read and verify every block; one line per problem on stderr and exit 2, or one OK line.
+    What interrupted runs left beside the store (locks, partials, asides) is reported, not removed."""
+    from .io import check_against_source
+
+    try:
+        store = open_store(args.store, allow_incomplete=True)
+        if not store.complete:
+            raise StoreError(f"{store.path}: store is incomplete (its ingest was interrupted or is still running); "
+                             f"finish it with stemdask ingest … --resume")
+        if args.against:
+            problems, summary = check_against_source(store, args.against)
+        else:
+            problems, total = store.check()
+            summary = {"n_events": total}
+    except StoreError as e:
+        problems = [str(e)]
+    for line in problems:
+        print(f"stemdask validate: error: {line}", file=sys.stderr)
+    for path, stale in leftovers(args.store):
+        state = "stale, its run is gone; the next run on this output removes it" if stale else \
+            "not stale or not ours: left alone"
+        print(f"stemdask validate: warning: {path} left beside the store ({state})", file=sys.stderr)
+    if problems:
+        return 2
+    against = f", matches {summary['source']} (SHA-256 and {summary['source_events']:,} events)" if args.against else ""
+    scope = ("every chunk's and block's checksum verified" if store.version >= 2 else
+             "format version 1: block CRCs verified, no per-chunk checksums (re-ingest for them)")
+    print(f"OK {store.path}: {store.n_blocks} row blocks, {summary['n_events']:,} events, {scope}{against}")
     return 0
 
 
@@ -183,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector-shape", nargs=2, type=int, metavar=("DY", "DX"))
     p.add_argument("--rows-per-block", type=int, metavar="R")
     p.add_argument("--dwell-ns", type=float, help="events input: dwell time per position (ns)")
+    p.add_argument("--frames-range", nargs=2, type=int, metavar=("START", "STOP"),
+                   help="dense stack / .mib: take frames [START, STOP) (must be NY·NX of them); without it a "
+                        "file with more or fewer frames than the scan is refused")
     p.add_argument("--energy-kev", type=float, metavar="E")
     p.add_argument("--scan-step", type=float, metavar="Å")
     p.add_argument("--semiangle-mrad", type=float, metavar="A")
@@ -197,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("validate", help="verify every chunk, block and total of an event store (exit 2 on any problem)")
+    p.add_argument("store")
+    p.add_argument("--against", metavar="SOURCE", help="also recompute the source file's SHA-256 and event total")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("calibrate", help="find BF centre/radius and scan rotation/flip; store them")
     p.add_argument("store")
@@ -224,6 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def worker_death_message(e, client) -> str:
+    """One line for a ``distributed.KilledWorker``: which task, the workers' memory limit (the
+    usual cause: the kernel's memory use passed it and the nanny restarted the worker)."""
+    worker = e.last_worker
+    limit = getattr(worker, "memory_limit", None)
+    if not limit and client is not None:
+        limits = {w.get("memory_limit") for w in client.scheduler_info().get("workers", {}).values()}
+        limit = max((v for v in limits if v), default=None)
+    from dask.utils import format_bytes
+
+    shown = format_bytes(limit) if limit else "unknown"
+    return (f"Dask workers died {e.allowed_failures + 1} times running task {e.task!r} (last on "
+            f"{getattr(worker, 'address', worker)}), most likely out of memory: worker memory limit {shown}; "
+            f"use a cluster profile with more memory per worker, or a store with fewer --rows-per-block")
+
+
 def main(argv=None) -> int:
     from .cluster import connect
 
@@ -231,10 +295,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command in ("simulate", "ingest", "calibrate", "reconstruct"):
-            with connect(args.cluster):
-                return args.func(args)
+            with connect(args.cluster) as client:
+                try:
+                    return args.func(args)
+                except Exception as e:
+                    if type(e).__name__ != "KilledWorker":
+                        raise
+                    raise CLIError(worker_death_message(e, client)) from None
         return args.func(args)
-    except (CLIError, StoreError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError, ImportError) as e:
+    except (CLIError, StoreError, StalledError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError,
+            ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"stemdask {args.command}: error: {msg}", file=sys.stderr)
         return 2

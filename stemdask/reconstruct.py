@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import warnings
 from pathlib import Path
 
 import xarray as xr
 
 from .methods import load_methods
+from .outputs import OutputSlot
 from .progress import compute
-from .store import remove_zarr_output
 
 #: The ``format`` attr of result stores: ``--overwrite`` replaces only these.
 RESULT_FORMAT = "stemdask-result"
@@ -48,25 +47,18 @@ def build_result(ds, methods: list[str], args: argparse.Namespace) -> xr.Dataset
 def write_result(result: xr.Dataset, out: str | os.PathLike, *, overwrite: bool = False, progress: bool = True) -> Path:
     """Write ``result`` to a Zarr store, computing its dask graph once with a progress bar.
 
-    The store is written under a temporary name and moved into place when complete, so a
-    failed or interrupted run never leaves a half-written result at ``out``.
+    Written through :class:`stemdask.outputs.OutputSlot`: the target is checked (never the
+    event store read, nor inside one) and locked before anything is computed; the result is
+    written under this run's own partial name and moved into place when complete, so a failed,
+    interrupted or concurrent run never leaves a half-written result at ``out``.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (use --overwrite to replace it)")
-    if "store" in result.attrs and out.resolve() == Path(result.attrs["store"]).resolve():
-        raise ValueError(f"{out}: the output is the event store being read; choose another output path")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        delayed = result.to_zarr(tmp, mode="w", compute=False, consolidated=True)
-    compute(delayed, progress=progress, desc="reconstruct")
-    if out.exists():
-        remove_zarr_output(out, RESULT_FORMAT)
-    tmp.rename(out)
-    return out
+    inputs = [result.attrs["store"]] if "store" in result.attrs else []
+    with OutputSlot(out, kind=RESULT_FORMAT, overwrite=overwrite, inputs=inputs) as slot:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            delayed = result.to_zarr(slot.target, mode="w", compute=False, consolidated=True)
+        compute(delayed, progress=progress, desc="reconstruct")
+        return slot.commit()
 
 
 def reconstruct_cli(args: argparse.Namespace) -> int:

@@ -11,12 +11,33 @@ Layout (``FORMAT_NAME`` version ``FORMAT_VERSION``):
             ``[b*cap, b*cap + n_b)``; ``cap`` is a multiple of the chunk length, so blocks
             never share a chunk and the unwritten rest of a slot costs nothing on disk.
 ``toa``     optional uint32, same slots: arrival time of each event within the dwell (ns).
-``block_crc`` uint32 ``(n_blocks,)``, chunk 1: CRC-32 of each block's counts+indices(+toa),
-            written with the block, recomputed by :meth:`EventStore.validate`.
+``block_crc`` uint32 ``(n_blocks,)``, chunk 1: each block's record, written with the block
+            just before its commit mark. Version 2: CRC-32C of the block's decoded counts,
+            extended with the 4-byte CRC-32C trailers of its ``indices`` (then ``toa``)
+            chunk files in order (see :meth:`EventStore.block_record`). Version 1: zlib
+            CRC-32 of the decoded counts + indices (+ toa).
 
 Attrs: format name/version, shapes, ``rows_per_block``, ``cap``, calibration
 (:class:`stemdask.optics.Calibration`), provenance (source, its SHA-256, ingest parameters),
 ``n_events`` and ``complete: true`` once :meth:`EventStore.finalize` has checked every block.
+
+Integrity (version 2). Every chunk of ``counts``, ``indices``, ``toa`` and ``block_crc``
+ends with zarr's ``crc32c`` codec, so a flipped bit or a truncated chunk fails *before* the
+Blosc decoder sees it. :meth:`EventStore.read_block` — the one read path of every product —
+checks the block as a whole before decoding its events: its event total fits its slot and
+its record (decoded counts + the trailers of its event chunks) equals ``block_crc[b]`` —
+this catches a deleted chunk (zarr would read its fill value) and a chunk swapped with
+another block's (it carries a valid chunk checksum, but not this block's). Then exactly that
+many events must come back and, last, every index must lie on the detector (so even a bug
+cannot make a kernel read out of bounds). Binding chunks to blocks by their trailers, rather
+than by a second CRC over the decoded events, is what keeps verification cheap: every byte
+is checksummed once (``python benchmarks/reductions.py --checksum-cost``). The attrs that decide how bytes are interpreted
+(:data:`LAYOUT_ATTRS`) are covered by ``layout_sha256``, checked on open together with the
+arrays' own shapes, chunks and dtypes; ``calibration`` and ``provenance`` are not covered
+(``stemdask calibrate`` rewrites the calibration legitimately). Any failure raises
+:class:`CorruptStoreError` naming the store, the array, the chunk and the row block.
+Version-1 stores (no chunk checksums, zlib block CRCs) still open; they get the layout,
+slot and bounds checks on every read and the block CRCs only from :meth:`EventStore.check`.
 
 Why this layout: a task for rows ``[r0, r1)`` reads one ``counts`` chunk and exactly its own
 index chunks — no global offsets table, no lock; parallel writers (threads, processes, or
@@ -33,6 +54,7 @@ writes 2.4× slower.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -43,14 +65,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .optics import Calibration
 
 FORMAT_NAME = "stemdask-events"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Attrs that decide how the stored bytes are read; covered by the ``layout_sha256`` attr.
+LAYOUT_ATTRS = ("format", "format_version", "scan_shape", "detector_shape", "rows_per_block", "cap",
+                "index_dtype", "has_toa", "n_events", "complete")
 UNWRITTEN = np.uint32(0xFFFFFFFF)
 DEFAULT_CHUNK_EVENTS = 1 << 20
 #: Arrays of the detector mask written by :meth:`EventStore.set_detector_mask`.
@@ -67,6 +93,14 @@ class IncompleteStoreError(StoreError):
 
 class CorruptStoreError(StoreError):
     """Stored data disagree with their recorded totals or checksums."""
+
+
+#: What a block record takes for an event chunk that has no file (all fill value).
+_NO_CHUNK = bytes(4)
+
+#: What to do about a damaged store; ends every :class:`CorruptStoreError` of a read.
+_REMEDY = ("the store is damaged: re-ingest it from its source (stemdask ingest … --overwrite) or restore "
+           "a backup; `stemdask validate` lists every damaged block")
 
 
 @dataclass
@@ -94,6 +128,8 @@ def index_dtype_for(detector_shape: tuple[int, int]) -> np.dtype:
 
 
 def block_crc(counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None) -> int:
+    """The version-1 block record: zlib CRC-32 of the decoded counts (uint32), indices and toa
+    (uint32), native byte order."""
     crc = zlib.crc32(np.ascontiguousarray(counts, dtype=np.uint32))
     crc = zlib.crc32(np.ascontiguousarray(indices), crc)
     if toa is not None:
@@ -101,8 +137,16 @@ def block_crc(counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None) -
     return crc
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+def layout_sha256(attrs: dict) -> str:
+    """SHA-256 of the :data:`LAYOUT_ATTRS` present in ``attrs`` (canonical JSON)."""
+    doc = {k: attrs[k] for k in LAYOUT_ATTRS if k in attrs}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _compressors(version: int) -> list:
+    """Blosc lz4, then (version ≥ 2) a CRC-32C of the compressed bytes, checked before decoding."""
+    blosc = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    return [blosc, Crc32cCodec()] if version >= 2 else [blosc]
 
 
 class EventStore:
@@ -114,16 +158,56 @@ class EventStore:
         self.writable = writable
         attrs = dict(group.attrs)
         self.attrs = attrs
-        self.scan_shape: tuple[int, int] = tuple(attrs["scan_shape"])
-        self.detector_shape: tuple[int, int] = tuple(attrs["detector_shape"])
-        self.rows_per_block: int = int(attrs["rows_per_block"])
-        self.cap: int = int(attrs["cap"])
-        self.index_dtype = np.dtype(attrs["index_dtype"])
+        self.version = int(attrs.get("format_version", 1))
+        try:
+            self.scan_shape: tuple[int, int] = check_shape("scan_shape", attrs["scan_shape"])
+            self.detector_shape: tuple[int, int] = check_shape("detector_shape", attrs["detector_shape"])
+            self.rows_per_block: int = int(attrs["rows_per_block"])
+            self.cap: int = int(attrs["cap"])
+            self.index_dtype = np.dtype(attrs["index_dtype"])
+            self._counts = group["counts"]
+            self._indices = group["indices"]
+            self._crc = group["block_crc"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptStoreError(f"{self.path}: damaged store metadata ({type(e).__name__}: {e}); "
+                                    f"{_REMEDY}") from None
         self.has_toa: bool = bool(attrs.get("has_toa", False))
-        self._counts = group["counts"]
-        self._indices = group["indices"]
-        self._crc = group["block_crc"]
-        self._toa = group["toa"] if self.has_toa else None
+        self._toa = group["toa"] if self.has_toa and "toa" in group else None
+        self._check_layout()
+
+    def _corrupt(self, what: str) -> CorruptStoreError:
+        return CorruptStoreError(f"{self.path}: {what}; {_REMEDY}")
+
+    def _check_layout(self) -> None:
+        """The layout attrs against their checksum (version ≥ 2) and against the arrays'
+        own metadata (every version): a mismatch would make reads land in the wrong slots."""
+        recorded = self.attrs.get("layout_sha256")
+        if self.version >= 2 and recorded != layout_sha256(self.attrs):
+            changed = "missing" if recorded is None else "does not match"
+            raise self._corrupt(f"the layout attrs {list(LAYOUT_ATTRS)} were edited or damaged "
+                                f"(their checksum layout_sha256 {changed})")
+        ny, nx = self.scan_shape
+        rpb, cap = self.rows_per_block, self.cap
+        if not 1 <= rpb <= ny:
+            raise self._corrupt(f"rows_per_block {rpb} outside 1..{ny}")
+        expect = {"counts": ((ny, nx), (rpb, nx), np.dtype(np.uint32)),
+                  "indices": ((self.n_blocks * cap,), None, index_dtype_for(self.detector_shape)),
+                  "block_crc": ((self.n_blocks,), (1,), np.dtype(np.uint32))}
+        if self.has_toa:
+            if self._toa is None:
+                raise self._corrupt("attrs say has_toa but the array toa is missing")
+            expect["toa"] = ((self.n_blocks * cap,), None, np.dtype(np.uint32))
+        if self.index_dtype != expect["indices"][2]:
+            raise self._corrupt(f"index_dtype {self.index_dtype} is not the one for a {self.detector_shape} detector")
+        for name, (shape, chunks, dtype) in expect.items():
+            arr = self._group[name]
+            if arr.shape != shape or (chunks and arr.chunks != chunks) or arr.dtype != dtype:
+                raise self._corrupt(f"array {name} is {arr.dtype} shape {arr.shape} chunks {arr.chunks}, but the "
+                                    f"attrs (scan, detector, rows_per_block, cap) imply {dtype} shape {shape}")
+            if self.version >= 2 and not any(isinstance(c, Crc32cCodec) for c in arr.metadata.codecs):
+                raise self._corrupt(f"array {name} has lost its crc32c codec (its metadata were edited)")
+            if name in ("indices", "toa") and cap % arr.chunks[0]:
+                raise self._corrupt(f"cap {cap} is not a multiple of the {name} chunk length {arr.chunks[0]}")
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -213,7 +297,8 @@ class EventStore:
             self._indices[start : start + n] = indices
             if toa is not None:
                 self._toa[start : start + n] = toa
-        self._crc[b : b + 1] = np.array([block_crc(counts, indices, toa)], dtype=np.uint32)
+        record = self.block_record(b, counts, n) if self.version >= 2 else block_crc(counts, indices, toa)
+        self._crc[b : b + 1] = np.array([record], dtype=np.uint32)
         self._counts[r0:r1] = counts  # commit mark: last
         return n
 
@@ -231,8 +316,9 @@ class EventStore:
         counts = self._counts[...]
         prov = dict(self.attrs.get("provenance", {}))
         prov.update(provenance)
-        self._set_attrs(n_events=int(counts.sum(dtype=np.int64)), provenance=prov)
-        self._set_attrs(complete=True)
+        layout = {**self.attrs, "n_events": int(counts.sum(dtype=np.int64)), "complete": True}
+        self._set_attrs(n_events=layout["n_events"], provenance=prov, complete=True,
+                        layout_sha256=layout_sha256(layout))
         return self
 
     def set_calibration(self, calibration: Calibration) -> None:
@@ -272,30 +358,111 @@ class EventStore:
 
     # ------------------------------------------------------------------ reading
     def read_block(self, b: int) -> Block:
-        """Events of row block ``b``. Raises if the block is not committed or unreadable."""
+        """Events of row block ``b``, verified (see the module docstring, "Integrity").
+
+        Raises :class:`IncompleteStoreError` if the block is not committed (in an incomplete
+        store) and :class:`CorruptStoreError` naming the array and chunk if anything fails.
+        """
         r0, r1 = self.block_rows(b)
-        try:
-            counts = self._counts[r0:r1]
-            if np.any(counts == UNWRITTEN):
-                raise IncompleteStoreError(f"{self.path}: row block {b} (rows {r0}..{r1}) was never written")
-            n = int(counts.sum(dtype=np.int64))
-            start = b * self.cap
-            indices = self._indices[start : start + n] if n else np.empty(0, self.index_dtype)
-            toa = None
-            if self.has_toa:
-                toa = self._toa[start : start + n] if n else np.empty(0, np.uint32)
-        except StoreError:
-            raise
-        except (RuntimeError, ValueError, OSError) as e:  # codec failures on damaged chunks
-            raise CorruptStoreError(f"{self.path}: row block {b} (rows {r0}..{r1}) cannot be read: {e}") from e
-        # lz4 carries no checksum: a damaged chunk can decode. Kernels index with these values.
+        where = f"row block {b} (rows {r0}..{r1 - 1})"
+        counts = self._read(self._counts, b, slice(r0, r1))
+        if np.any(counts == UNWRITTEN):
+            if not self.complete:
+                raise IncompleteStoreError(f"{self.path}: {where} was never written")
+            raise self._corrupt(f"counts chunk {self._chunk_key('counts', b)} ({where}) is missing "
+                                f"from a complete store")
+        n = int(counts.sum(dtype=np.int64))
+        if n > self.cap:
+            raise self._corrupt(f"counts chunk {self._chunk_key('counts', b)} ({where}) sums to {n} events, "
+                                f"more than the block's slot of {self.cap}")
+        if self.version >= 2:
+            stored = int(self._read(self._crc, b, slice(b, b + 1))[0])
+            if self.block_record(b, counts, n) != stored:
+                raise self._corrupt(self._explain_crc_mismatch(b, n))
+        start = b * self.cap
+        indices = self._read(self._indices, b, slice(start, start + n))
+        toa = self._read(self._toa, b, slice(start, start + n)) if self.has_toa else None
+        if indices.size != n or (toa is not None and toa.size != n):
+            raise self._corrupt(f"{where}: counts sum to {n} events but only {indices.size} indices are stored")
+        # The last guard: kernels index detector arrays with these values.
         n_pix = self.detector_shape[0] * self.detector_shape[1]
-        if indices.size and int(indices.max()) >= n_pix:
-            raise CorruptStoreError(
-                f"{self.path}: row block {b} (rows {r0}..{r1}) holds detector index {int(indices.max())} ≥ "
-                f"{n_pix} (damaged data; `EventStore.validate` checks every block's CRC)"
-            )
+        if n and int(indices.max()) >= n_pix:
+            raise self._corrupt(f"{where} holds detector index {int(indices.max())} ≥ {n_pix} (damaged data)")
         return Block(b, r0, counts, indices, toa)
+
+    def _chunk_key(self, name: str, i: int) -> str:
+        """``array/c/...`` key of chunk ``i`` (along the first axis) of array ``name``."""
+        return f"{name}/c/{i}/0" if name == "counts" else f"{name}/c/{i}"
+
+    def _event_chunks(self, b: int, n: int) -> list[tuple[str, int]]:
+        """(array, chunk number) of the ``indices`` (then ``toa``) chunks holding the ``n``
+        events of row block ``b``, in order."""
+        if not n:
+            return []
+        length = self._indices.chunks[0]
+        first, last = b * self.cap // length, (b * self.cap + n - 1) // length
+        names = ("indices", "toa") if self.has_toa else ("indices",)
+        return [(name, i) for name in names for i in range(first, last + 1)]
+
+    def block_record(self, b: int, counts: np.ndarray, n: int) -> int:
+        """Version-2 record of row block ``b``: CRC-32C of its ``counts`` (uint32, native
+        order) extended with the last 4 bytes — zarr's CRC-32C of the chunk — of each of its
+        event chunk files, or 4 zero bytes for a chunk with no file (zarr does not write a
+        chunk that is all fill value, and reading it gives exactly that). Reads only those
+        trailers; a truncated chunk file raises."""
+        r0, r1 = self.block_rows(b)
+        crc = google_crc32c.value(np.ascontiguousarray(counts, dtype=np.uint32))
+        for name, i in self._event_chunks(b, n):
+            key = self._chunk_key(name, i)
+            try:
+                with open(self.path / key, "rb") as f:
+                    f.seek(-4, os.SEEK_END)
+                    trailer = f.read(4)
+            except FileNotFoundError:
+                trailer = _NO_CHUNK
+            except OSError:
+                raise self._corrupt(f"chunk {key} of row block {b} (rows {r0}..{r1 - 1}) is truncated") from None
+            crc = google_crc32c.extend(crc, trailer)
+        return crc
+
+    def _read(self, arr, b: int, sel: slice) -> np.ndarray:
+        """``arr[sel]`` for row block ``b``; a codec failure names the chunk that failed."""
+        try:
+            return arr[sel]
+        except (RuntimeError, ValueError, OSError) as e:  # a chunk's checksum or decoder failed
+            name = arr.basename
+            length = arr.chunks[0]
+            bad = sel.start // length
+            for i in range(sel.start // length, max(sel.start, sel.stop - 1) // length + 1):
+                try:
+                    arr[i * length : (i + 1) * length]
+                except (RuntimeError, ValueError, OSError):
+                    bad = i
+                    break
+            r0, r1 = self.block_rows(b)
+            reason = ("its CRC-32C does not match its bytes (damaged or truncated)" if "checksum" in str(e)
+                      else f"{type(e).__name__}: {e}")
+            raise self._corrupt(f"{name} chunk {self._chunk_key(name, bad)} of row block {b} (rows {r0}..{r1 - 1}) "
+                                f"cannot be read: {reason}") from e
+
+    def _explain_crc_mismatch(self, b: int, n: int) -> str:
+        """Why block ``b``'s record does not match (the failure path only): a missing record
+        chunk, a missing event chunk, else the first chunk that fails its own checksum (raised
+        from :meth:`_read`), else a chunk replaced by another valid one."""
+        r0, r1 = self.block_rows(b)
+        record = self._chunk_key("block_crc", b)
+        if not (self.path / record).is_file():
+            return f"chunk {record} (the record of row block {b}, rows {r0}..{r1 - 1}) is missing (deleted?)"
+        missing = [self._chunk_key(name, i) for name, i in self._event_chunks(b, n)
+                   if not (self.path / self._chunk_key(name, i)).is_file()]
+        if missing:
+            return f"chunk {', '.join(missing)} of row block {b} (rows {r0}..{r1 - 1}) is missing (deleted?)"
+        start = b * self.cap
+        for arr in (self._indices, self._toa) if self.has_toa else (self._indices,):
+            self._read(arr, b, slice(start, start + n))
+        keys = [self._chunk_key(name, i) for name, i in [("counts", b), ("block_crc", b), *self._event_chunks(b, n)]]
+        return (f"row block {b} (rows {r0}..{r1 - 1}) fails its checksum: one of its chunks "
+                f"{', '.join(keys)} was replaced, swapped with another block's or changed")
 
     def iter_blocks(self) -> Iterator[Block]:
         for b in range(self.n_blocks):
@@ -316,31 +483,47 @@ class EventStore:
         np.cumsum(np.concatenate([blk.counts.ravel() for blk in blocks]), out=offsets[1:])
         return indices, offsets
 
-    def validate(self, source_checksum: str | None = None) -> dict:
-        """Recompute every block's CRC and the event total; compare with what ingest recorded.
+    def check(self, source_checksum: str | None = None) -> tuple[list[str], int]:
+        """Every problem of the store, one line each, and the total of the readable blocks.
 
-        ``source_checksum``: the SHA-256 of the source, recomputed by the caller (see
-        :func:`stemdask.io.common.file_sha256`), compared with the recorded one.
-        Raises :class:`CorruptStoreError` on any mismatch, returns a summary dict.
+        Reads every block through :meth:`read_block`, recomputes version-1 block CRCs,
+        compares the total with ``n_events`` and the provenance's ``source_events`` and, with
+        ``source_checksum`` (the source's SHA-256, see
+        :func:`stemdask.io.common.file_sha256`), the recorded source checksum.
         """
-        stored_crc = self._crc[...]
-        total = 0
-        for blk in self.iter_blocks():
-            crc = block_crc(blk.counts, blk.indices, blk.toa)
-            if crc != int(stored_crc[blk.index]):
-                raise CorruptStoreError(f"{self.path}: row block {blk.index} fails its checksum (data changed or damaged)")
+        problems, total = [], 0
+        stored_crc = None
+        for b in range(self.n_blocks):
+            try:
+                blk = self.read_block(b)
+                if self.version < 2:
+                    if stored_crc is None:
+                        stored_crc = self._crc[...]
+                    if block_crc(blk.counts, blk.indices, blk.toa) != int(stored_crc[b]):
+                        raise self._corrupt(self._explain_crc_mismatch(b, blk.indices.size))
+            except StoreError as e:
+                problems.append(str(e))
+                continue
             total += int(blk.counts.sum(dtype=np.int64))
-        if "n_events" in self.attrs and total != int(self.attrs["n_events"]):
-            raise CorruptStoreError(f"{self.path}: {total} events stored but {self.attrs['n_events']} recorded")
+        if not problems and "n_events" in self.attrs and total != int(self.attrs["n_events"]):
+            problems.append(f"{self.path}: {total} events stored but {self.attrs['n_events']} recorded")
         prov = self.provenance
         if source_checksum is not None and prov.get("source_sha256") not in (None, source_checksum):
-            raise CorruptStoreError(
+            problems.append(
                 f"{self.path}: source checksum {source_checksum[:12]}… differs from the recorded "
                 f"{prov['source_sha256'][:12]}… (not the file this store was made from, or it changed)"
             )
         source_total = prov.get("source_events")
-        if source_total is not None and int(source_total) != total:
-            raise CorruptStoreError(f"{self.path}: source had {source_total} events, store holds {total}")
+        if not problems and source_total is not None and int(source_total) != total:
+            problems.append(f"{self.path}: source had {source_total} events, store holds {total}")
+        return problems, total
+
+    def validate(self, source_checksum: str | None = None) -> dict:
+        """:meth:`check`, raising :class:`CorruptStoreError` with every problem (one per line)
+        if there is any; else a summary dict ``{n_events, blocks, ok}``."""
+        problems, total = self.check(source_checksum)
+        if problems:
+            raise CorruptStoreError("\n".join(problems))
         return {"n_events": total, "blocks": self.n_blocks, "ok": True}
 
     def nbytes_stored(self) -> int:
@@ -378,8 +561,12 @@ def create_store(
     chunk_events: int = DEFAULT_CHUNK_EVENTS,
     provenance: dict | None = None,
     overwrite: bool = False,
+    format_version: int = FORMAT_VERSION,
 ) -> EventStore:
     """Create an empty, writable (incomplete) store.
+
+    ``format_version=1`` writes the old layout without chunk checksums (what older stemdask
+    wrote: for compatibility tests and the no-verification baseline of the benchmarks).
 
     ``rows_per_block`` defaults to :func:`default_rows_per_block`. ``max_events_per_position`` sizes each block's slot
     (default ``max(4 · detector pixels, 65536)``); slots are virtual, unwritten space costs
@@ -409,22 +596,22 @@ def create_store(
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
     group.create_array(
         "counts", shape=(ny, nx), chunks=(rows_per_block, nx), dtype="uint32",
-        fill_value=int(UNWRITTEN), compressors=[_compressor()],
+        fill_value=int(UNWRITTEN), compressors=_compressors(format_version),
     )
     group.create_array(
         "indices", shape=(n_blocks * cap,), chunks=(chunk_events,), dtype=idx_dtype,
-        fill_value=0, compressors=[_compressor()],
+        fill_value=0, compressors=_compressors(format_version),
     )
     if has_toa:
         group.create_array(
             "toa", shape=(n_blocks * cap,), chunks=(chunk_events,), dtype="uint32",
-            fill_value=0, compressors=[_compressor()],
+            fill_value=0, compressors=_compressors(format_version),
         )
-    group.create_array("block_crc", shape=(n_blocks,), chunks=(1,), dtype="uint32", fill_value=0)
-    group.attrs.update(
-        {
+    group.create_array("block_crc", shape=(n_blocks,), chunks=(1,), dtype="uint32", fill_value=0,
+                       compressors=[Crc32cCodec()] if format_version >= 2 else "auto")
+    attrs = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": int(format_version),
             "scan_shape": list(scan_shape),
             "detector_shape": list(detector_shape),
             "rows_per_block": rows_per_block,
@@ -434,23 +621,33 @@ def create_store(
             "calibration": calibration.to_dict(),
             "provenance": dict(provenance or {}),
             "complete": False,
-        }
-    )
+    }
+    if format_version >= 2:
+        attrs["layout_sha256"] = layout_sha256(attrs)
+    group.attrs.update(attrs)
     return EventStore(path, group, writable=True)
 
 
-def remove_zarr_output(path: Path, expected_format: str | None = None) -> None:
-    """Delete an existing output before it is replaced — only if it is a Zarr group (and, with
-    ``expected_format``, one of that stemdask format), so an --overwrite never deletes input
-    data or an unrelated folder."""
+def check_replaceable(path: Path, expected_format: str | None = None) -> None:
+    """Refuse to replace ``path`` unless it is a Zarr group (and, with ``expected_format``,
+    one of that stemdask format), so an --overwrite never deletes input data or an unrelated
+    folder."""
     path = Path(path)
     meta = path / "zarr.json"
     if not (path.is_dir() and meta.is_file()):
         raise FileExistsError(f"{path} exists and is not a Zarr store; refusing to delete it (remove it yourself)")
     if expected_format is not None:
-        fmt = json.loads(meta.read_text()).get("attributes", {}).get("format")
+        try:
+            fmt = json.loads(meta.read_text()).get("attributes", {}).get("format")
+        except ValueError:
+            fmt = None
         if fmt != expected_format:
             raise FileExistsError(f"{path} is a Zarr store but not a {expected_format} store; refusing to replace it")
+
+
+def remove_zarr_output(path: Path, expected_format: str | None = None) -> None:
+    """Delete an existing output before it is replaced, after :func:`check_replaceable`."""
+    check_replaceable(path, expected_format)
     shutil.rmtree(path)
 
 

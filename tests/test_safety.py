@@ -32,7 +32,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_store(tmp_path, capsys):
 def test_reconstruct_refuses_to_replace_its_event_store(store, capsys):
     assert main(["reconstruct", str(store.path), "--method", "com", "--out", str(store.path), "--overwrite",
                  "--quiet"]) == 2
-    assert "output is the event store" in capsys.readouterr().err
+    assert "the output is the input" in capsys.readouterr().err
     assert store.path.joinpath("indices").exists()
 
 

@@ -8,11 +8,12 @@ source's checksum and event total. One small module per format; :mod:`.formats` 
 
 from .common import Source, SourceError, file_sha256
 from .formats import FORMATS, open_source, sniff_format
-from .ingest import ingest, validate_against_source
+from .ingest import check_against_source, ingest, validate_against_source
 
 __all__ = [
     "FORMATS",
     "Source",
+    "check_against_source",
     "SourceError",
     "file_sha256",
     "ingest",

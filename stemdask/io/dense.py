@@ -4,7 +4,10 @@ rosettasciio reads lazily, chosen by file extension (Merlin ``.mib`` through its
 ``quantumdetector`` reader, ``.hspy``, ``.dm4``, ``.emd``, ``.tvips``, ``.prz``, …: any
 extension that names exactly one rosettasciio plugin).
 
-Frames are ``(ny, nx, dy, dx)``, or ``(n, dy, dx)`` with ``scan_shape`` given. ``mode``:
+Frames are ``(ny, nx, dy, dx)``, or a stack ``(n, dy, dx)`` with ``scan_shape`` given (a
+``.mib`` is always read as a stack). A stack must hold exactly ``ny·nx`` frames unless
+``frames_range=(start, stop)`` names the ``ny·nx`` frames to take; provenance records the
+file's frame count and the range taken. ``mode``:
 ``"counts"`` (a pixel value is a number of electrons: exact, values must be non-negative
 integers) or ``"threshold"`` (a value above ``threshold`` is one electron). Frames are read
 in pieces of at most :data:`PIECE_BYTES`, so memory stays bounded however large a row
@@ -68,7 +71,7 @@ class DenseSource(Source):
     format = "dense"
 
     def __init__(self, path, *, mode="counts", threshold=None, scan_shape=None, detector_shape=None,
-                 format="dense", **_):
+                 frames_range=None, format="dense", **_):
         if mode not in MODES:
             raise SourceError(f"{path}: mode must be one of {MODES}, got {mode!r}")
         if mode == "threshold":
@@ -87,7 +90,6 @@ class DenseSource(Source):
                 raise SourceError(f"{self.path}: reading Merlin .mib needs rosettasciio (pip install rosettasciio)")
             self.plugin, self.format = "rsciio.quantumdetector", "mib"
         scan = as_shape("scan_shape", scan_shape, path)
-        self._scan_arg = scan
         self._lazy = None
         with self._frames() as arr:
             shape, dtype = arr.shape, np.dtype(arr.dtype)
@@ -95,17 +97,42 @@ class DenseSource(Source):
             raise SourceError(f"{path}: expected numeric frames (ny, nx, dy, dx) or (n, dy, dx), got {dtype} {shape}")
         self.detector_shape = agree("detector_shape", as_shape("detector_shape", detector_shape, path),
                                     tuple(shape[-2:]), path)
+        self.source_frames = int(np.prod(shape[:-2]))
         if len(shape) == 4:
+            if frames_range is not None:
+                raise SourceError(f"{path}: frames_range applies to a stack of frames, not to {shape} data")
             self.scan_shape = agree("scan_shape", scan, tuple(shape[:2]), path)
+            self.frames_range = None
         else:
             if scan is None:
                 raise SourceError(f"{path}: {shape[0]} frames in a stack; pass scan_shape (ny, nx)")
-            if scan[0] * scan[1] != shape[0]:
-                raise SourceError(f"{path}: scan_shape {scan} ({scan[0] * scan[1]} positions) does not "
-                                  f"match the data, which has {shape[0]} frames")
             self.scan_shape = scan
+            self.frames_range = self._check_frames_range(path, frames_range, shape[0])
         self.frame_bytes = int(np.prod(self.detector_shape)) * dtype.itemsize
         self.ndim = len(shape)
+
+    def _check_frames_range(self, path, frames_range, n: int) -> tuple[int, int] | None:
+        """The frames ``[start, stop)`` of an ``n``-frame stack that make the scan: all of them
+        unless ``frames_range`` says otherwise; never silently fewer or more."""
+        positions = self.scan_shape[0] * self.scan_shape[1]
+        if frames_range is None:
+            if n != positions:
+                raise SourceError(
+                    f"{path}: scan_shape {self.scan_shape} does not match the data: {positions} positions, but "
+                    f"the file has {n} frames; give the right scan shape, or --frames-range START STOP to take "
+                    f"{positions} of them on purpose"
+                )
+            return None
+        try:
+            start, stop = (int(v) for v in frames_range)
+        except (TypeError, ValueError):
+            raise SourceError(f"{path}: frames_range must be two integers START STOP, got {frames_range!r}") from None
+        if not 0 <= start < stop <= n:
+            raise SourceError(f"{path}: frames_range {start}..{stop} is outside the file's {n} frames (0..{n})")
+        if stop - start != positions:
+            raise SourceError(f"{path}: frames_range {start}..{stop} holds {stop - start} frames but scan_shape "
+                              f"{self.scan_shape} has {positions} positions")
+        return start, stop
 
     # ---------------------------------------------------------------- access
     @contextlib.contextmanager
@@ -116,8 +143,8 @@ class DenseSource(Source):
         elif self.path.suffix.lower() == ".npy":
             try:
                 arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError) as e:
-                raise SourceError(f"{self.path}: not a readable .npy file ({e})") from None
+            except (ValueError, OSError, EOFError) as e:
+                raise SourceError(f"{self.path}: not a readable .npy file ({type(e).__name__}: {e})") from None
             yield arr
         else:
             with open_h5(self.path) as f:
@@ -133,9 +160,13 @@ class DenseSource(Source):
 
             reader = importlib.import_module(self.plugin).file_reader
             kwargs = {}
-            if self.plugin == "rsciio.quantumdetector" and self._scan_arg is not None:
-                kwargs["navigation_shape"] = self._scan_arg[::-1]  # HyperSpy order (nx, ny)
             try:
+                if self.plugin == "rsciio.quantumdetector":
+                    # Every frame, as a stack: without navigation_shape rosettasciio guesses a scan
+                    # from the timestamps and silently drops the frames that do not fill it.
+                    from rsciio.quantumdetector import load_mib_data
+
+                    kwargs["navigation_shape"] = (len(load_mib_data(str(self.path), return_headers=True)[1]),)
                 signals = reader(str(self.path), lazy=True, **kwargs)
             except Exception as e:  # readers raise many kinds for a malformed file
                 raise SourceError(f"{self.path}: {self.plugin} cannot read it ({type(e).__name__}: {e})") from None
@@ -161,7 +192,8 @@ class DenseSource(Source):
         """Frames of positions [a, b) as a C-contiguous native-endian (b - a, D) array."""
         nx = self.scan_shape[1]
         if self.ndim == 3:
-            got = arr[a:b]
+            first = self.frames_range[0] if self.frames_range else 0
+            got = arr[first + a : first + b]
         elif a % nx == 0 and b % nx == 0:
             got = arr[a // nx : b // nx]
         else:
@@ -215,7 +247,8 @@ class DenseSource(Source):
 
     def params(self) -> dict:
         return {**super().params(), "dataset": self.dataset, "reader": self.plugin, "mode": self.mode,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "source_frames": self.source_frames,
+                "frames_range": list(self.frames_range) if self.frames_range else None}
 
     def __getstate__(self):
         return {**self.__dict__, "_lazy": None}  # the reader's dask graph is rebuilt where it runs

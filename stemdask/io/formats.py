@@ -65,17 +65,22 @@ def sniff_format(spec) -> str:
 def open_source(spec, format: str = "auto", **options) -> Source:
     """Open ``spec`` as an ingest source.
 
-    ``options``: ``scan_shape``, ``detector_shape``, ``mode``, ``threshold``, ``dwell_ns``,
+    ``options``: ``scan_shape``, ``detector_shape``, ``mode``, ``threshold``, ``dwell_ns``, ``frames_range``,
     ``scratch`` (folder for decompressed npz members) — each reader takes what it uses.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; one of {FORMATS}")
+    path = split_h5_path(spec)[0]
+    if path.is_file() and path.stat().st_size == 0:
+        raise SourceError(f"{path}: is empty (0 bytes)")
     fmt = sniff_format(spec) if format == "auto" else format
     if fmt != "dense" and not Path(spec).exists():
         raise FileNotFoundError(f"{spec}: no such file")
     used = {k: v for k, v in options.items() if v is not None}
     if fmt not in ("dense", "mib") and ("threshold" in used or used.get("mode", "counts") != "counts"):
         raise SourceError(f"{spec}: mode/threshold apply to dense frames only, not to {fmt} input")
+    if fmt not in ("dense", "mib") and "frames_range" in used:
+        raise SourceError(f"{spec}: frames_range applies to dense frame stacks only, not to {fmt} input")
     if fmt != "events" and "dwell_ns" in used:
         raise SourceError(f"{spec}: dwell_ns applies to time-stamped event lists only, not to {fmt} input")
     return READERS[fmt](spec, format=fmt, **used)

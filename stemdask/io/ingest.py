@@ -2,7 +2,8 @@
 
 Order of work, so that a bad input never leaves a store behind and an interrupted ingest
 always leaves one marked incomplete: refuse an existing output (unless ``overwrite`` or
-``resume``); validate the calibration; open and check the source (shapes, indices layout);
+``resume``); validate the calibration; take the output's lock and refuse an unsafe target
+(:class:`stemdask.outputs.OutputSlot`); open and check the source (shapes, indices layout);
 stream the source through SHA-256; create the store (provenance already holds the source's
 checksum and the ingest parameters); run the block jobs (each reads only its rows and
 writes with :meth:`EventStore.write_block`, idempotent, commit mark last); finalize.
@@ -20,7 +21,8 @@ import numpy as np
 from .. import __version__
 from ..optics import Calibration
 from ..parallel import run_jobs
-from ..store import CorruptStoreError, EventStore, StoreError, create_store, open_store
+from ..outputs import SCRATCH_PREFIX, OutputSlot, run_tag
+from ..store import FORMAT_NAME, CorruptStoreError, EventStore, StoreError, create_store, open_store
 from .common import Source, file_sha256
 from .formats import open_source
 
@@ -75,6 +77,7 @@ def ingest(
     calibration: dict | None = None,
     threshold: float | None = None,
     dwell_ns: float | None = None,
+    frames_range: tuple[int, int] | None = None,
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
@@ -86,51 +89,59 @@ def ingest(
     (dy, dx), required where the file does not record them, checked where it does.
     ``mode`` / ``threshold``: dense frames only (``counts``: value = electrons; ``threshold``:
     value > threshold = one electron). ``dwell_ns``: event lists only (ns per position).
+    ``frames_range``: dense frame stacks only, ``(start, stop)``: ingest frames
+    ``[start, stop)`` — a stack with more or fewer frames than the scan has positions is
+    refused without it (recorded in provenance).
     ``calibration``: :class:`~stemdask.optics.Calibration` fields (``energy_ev`` in eV,
     ``scan_step_a`` Å, ``semiangle_mrad``, ``detector_pixel_mrad``, or any other field);
     the rest keep their defaults (``stemdask calibrate`` finds BF centre and rotation).
     ``resume``: finish an interrupted ingest of the same source into ``out`` (checked by the
     recorded SHA-256 and parameters), skipping committed blocks; the result is identical to
-    an uninterrupted ingest. Without ``overwrite``/``resume`` an existing ``out`` is refused.
+    an uninterrupted ingest. Without ``overwrite``/``resume`` an existing ``out`` is refused;
+    ``overwrite`` writes the new store beside ``out`` and swaps it in when complete (see
+    :mod:`stemdask.outputs`: one writer per output, the old store intact until then).
     """
     out = Path(out)
     if overwrite and resume:
         raise ValueError("choose one of overwrite (start again) and resume (finish an interrupted ingest)")
     if out.exists() and not (overwrite or resume):
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it, --resume to finish it)")
-    if out.resolve() == Path(str(input).split(":/")[0]).resolve():
-        raise ValueError(f"{out}: the output is the input file; choose another output path")
     cal = _calibration(calibration)
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".stemdask-ingest-", dir=out.resolve().parent))
-    try:
-        with open_source(input, format, mode=mode, scan_shape=scan_shape, detector_shape=detector_shape,
-                         threshold=threshold, dwell_ns=dwell_ns, scratch=scratch) as src:
-            prov = _provenance(src, file_sha256(src.path), rows_per_block)
-            if resume and out.exists():
-                store = open_store(out, allow_incomplete=True, mode="r+")
-                _check_resumable(store, prov, rows_per_block)
-                if calibration:
-                    store.set_calibration(store.calibration.replace(**calibration))
-                if store.complete:
-                    return store
-                todo = np.flatnonzero(~store.committed_blocks())
-            else:
-                store = create_store(out, src.scan_shape, src.detector_shape, cal, rows_per_block=rows_per_block,
-                                     has_toa=src.has_toa, provenance=prov, overwrite=overwrite)
-                todo = np.arange(store.n_blocks)
-            _run(store, src, todo, progress)
-            stored = store.n_events
-            source_events = src.count_events() if src.cheap_count else stored
-            if source_events != stored:
-                raise CorruptStoreError(f"{store.path}: source {src.path} holds {source_events} events, "
-                                        f"{stored} were stored; the store stays incomplete")
-            return store.finalize(source_events=source_events)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with OutputSlot(out, kind=FORMAT_NAME, overwrite=overwrite, inputs=[str(input).split(":/")[0]],
+                    in_place=True) as slot:
+        scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}-{run_tag()}-", dir=out.resolve().parent))
+        try:
+            with open_source(input, format, mode=mode, scan_shape=scan_shape, detector_shape=detector_shape,
+                             threshold=threshold, dwell_ns=dwell_ns, frames_range=frames_range,
+                             scratch=scratch) as src:
+                prov = _provenance(src, file_sha256(src.path), rows_per_block)
+                if resume and out.exists():
+                    store = open_store(out, allow_incomplete=True, mode="r+")
+                    _check_resumable(store, prov, rows_per_block)
+                    if calibration:
+                        store.set_calibration(store.calibration.replace(**calibration))
+                    if store.complete:
+                        return store
+                    todo = np.flatnonzero(~store.committed_blocks())
+                else:
+                    store = create_store(slot.target, src.scan_shape, src.detector_shape, cal,
+                                         rows_per_block=rows_per_block, has_toa=src.has_toa, provenance=prov)
+                    todo = np.arange(store.n_blocks)
+                _run(store, src, todo, progress, replacing=slot.out if slot.target != slot.out else None)
+                stored = store.n_events
+                source_events = src.count_events() if src.cheap_count else stored
+                if source_events != stored:
+                    raise CorruptStoreError(f"{store.path}: source {src.path} holds {source_events} events, "
+                                            f"{stored} were stored; the store stays incomplete")
+                store.finalize(source_events=source_events)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return open_store(slot.commit())
 
 
-def _run(store: EventStore, src: Source, todo, progress: bool) -> None:
+def _run(store: EventStore, src: Source, todo, progress: bool, replacing: Path | None = None) -> None:
+    """Write blocks ``todo``; a failure's message says what is left: an incomplete store to
+    resume, or (``replacing`` an existing store) the old store untouched."""
     def job(b: int) -> int:
         r0, r1 = store.block_rows(b)
         counts, indices, toa = src.read_rows(r0, r1)
@@ -141,20 +152,22 @@ def _run(store: EventStore, src: Source, todo, progress: bool) -> None:
     except Exception as e:
         done = int(store.committed_blocks().sum())
         note = (f"{store.path} is left incomplete ({done} of {store.n_blocks} row blocks written); "
-                f"fix the cause and re-run with --resume, or --overwrite")
+                f"fix the cause and re-run with --resume, or --overwrite") if replacing is None else \
+            f"nothing was replaced: {replacing} is as it was"
         if isinstance(e, (ValueError, OSError, StoreError)) and len(e.args) == 1:
             raise type(e)(f"{e}\n{note}") from e  # the CLI prints the message: keep the note in it
         e.add_note(note)
         raise
 
 
-def validate_against_source(store, source=None, *, progress: bool = False) -> dict:
-    """Check a store against the file it was made from: recompute the source's SHA-256 and its
-    event total (by a pass independent of the ingest path where the format allows) and
-    compare both, and every block's CRC, with what ingest recorded.
+def check_against_source(store, source=None) -> tuple[list[str], dict]:
+    """Every problem of a store checked against the file it was made from, one line each,
+    and a summary: :meth:`EventStore.check` with the source's recomputed SHA-256, and the
+    source's event total (recounted by a pass independent of the ingest path where the
+    format allows) compared with the store's.
 
     ``store``: an :class:`EventStore` or a path; ``source``: the source file (default: the
-    recorded one). Raises :class:`~stemdask.store.CorruptStoreError` on any mismatch.
+    recorded one).
     """
     if not isinstance(store, EventStore):
         store = open_store(store)
@@ -165,12 +178,24 @@ def validate_against_source(store, source=None, *, progress: bool = False) -> di
         raise StoreError(f"{store.path}: records no source file; pass it")
     if params.get("dataset"):
         spec = f"{spec}:{params['dataset']}"
-    opts = {k: params.get(k) for k in ("scan_shape", "detector_shape", "mode", "threshold", "dwell_ns")}
+    opts = {k: params.get(k) for k in ("scan_shape", "detector_shape", "mode", "threshold", "dwell_ns",
+                                       "frames_range")}
     with tempfile.TemporaryDirectory(prefix=".stemdask-validate-") as scratch, \
             open_source(spec, params.get("format", "auto"), scratch=scratch, **opts) as src:
         sha = file_sha256(src.path)
         total = src.count_events()
-    summary = store.validate(source_checksum=sha)
-    if total != summary["n_events"]:
-        raise CorruptStoreError(f"{store.path}: source {spec} holds {total} events, the store {summary['n_events']}")
-    return {**summary, "source": str(spec), "source_sha256": sha, "source_events": total}
+    problems, stored = store.check(source_checksum=sha)
+    if not problems and total != stored:
+        problems.append(f"{store.path}: source {spec} holds {total} events, the store {stored}")
+    summary = {"n_events": stored, "blocks": store.n_blocks, "ok": not problems, "source": str(spec),
+               "source_sha256": sha, "source_events": total}
+    return problems, summary
+
+
+def validate_against_source(store, source=None, *, progress: bool = False) -> dict:
+    """:func:`check_against_source`, raising :class:`~stemdask.store.CorruptStoreError` with
+    every problem (one per line) if there is any; else its summary."""
+    problems, summary = check_against_source(store, source)
+    if problems:
+        raise CorruptStoreError("\n".join(problems))
+    return summary

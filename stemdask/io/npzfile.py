@@ -7,6 +7,13 @@ we find them through the zip local header and memory-map them. A member written 
 into an uncompressed ``.npy`` in a scratch folder and memory-mapped there — one sequential
 pass, instead of decompressing from the start for every row block (measured in
 ``benchmarks/ingest.py``).
+
+Size limit (zip bombs): a deflated member is extracted (or, by :meth:`NpzArrays.small`,
+loaded) only if its declared size is at most ``max(EXTRACT_FLOOR, EXTRACT_RATIO ×
+its compressed size)`` and fits the scratch folder's free space; :mod:`zipfile` never yields
+more than the declared size (a member that inflates further fails its CRC). Event data compress 2–4×; a member that
+claims 100× more is refused with a hint to save it uncompressed (``np.savez``), which is
+memory-mapped and never extracted.
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ from .common import SourceError
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
 _PIECE = 1 << 24
+#: A deflated member may expand to at most this many times its compressed size …
+EXTRACT_RATIO = 100
+#: … or to this many bytes, whichever is larger.
+EXTRACT_FLOOR = 256 << 20
 
 
 class NpzArrays:
@@ -51,9 +62,26 @@ class NpzArrays:
         return name in self._members
 
     def small(self, name: str) -> np.ndarray:
-        """Load a (small) member fully."""
-        with zipfile.ZipFile(self.path) as z, z.open(self._members[name]) as f:
+        """Load a (small) member fully (within the size limit)."""
+        info = self._members[name]
+        self._check_size(name, info, None)
+        with zipfile.ZipFile(self.path) as z, z.open(info) as f:
             return np.lib.format.read_array(f, allow_pickle=False)
+
+    def _check_size(self, name: str, info: zipfile.ZipInfo, folder: Path | None) -> None:
+        """Refuse a deflated member whose declared size passes the limit or ``folder``'s free space."""
+        if info.compress_type == zipfile.ZIP_STORED:
+            return
+        limit = max(EXTRACT_FLOOR, EXTRACT_RATIO * info.compress_size)
+        if info.file_size > limit:
+            raise SourceError(
+                f"{self.path}: member {name!r} would expand from {info.compress_size:,} to {info.file_size:,} bytes, "
+                f"more than the limit of {limit:,} ({EXTRACT_RATIO}× its compressed size, at least "
+                f"{EXTRACT_FLOOR >> 20} MiB); refusing to extract it — save it uncompressed (np.savez)"
+            )
+        if folder is not None and info.file_size > shutil.disk_usage(folder).free:
+            raise SourceError(f"{self.path}: member {name!r} needs {info.file_size:,} bytes to extract, more than "
+                              f"is free in {folder}; save it uncompressed (np.savez)")
 
     def array(self, name: str) -> np.ndarray:
         """A read-only memory map of member ``name`` (extracting it first if deflated)."""
@@ -77,6 +105,7 @@ class NpzArrays:
                 f.seek(fields[9] + fields[10], os.SEEK_CUR)  # name + extra field
                 return (*_read_npy_header(f, self.path, name), self.path)
         target = self._scratch_dir() / f"{name}.npy"
+        self._check_size(name, info, target.parent)
         try:
             with zipfile.ZipFile(self.path) as z, z.open(info) as src, open(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, _PIECE)

@@ -1,0 +1,63 @@
+"""Cluster failures end in one line: a worker killed for memory, a computation that stalls."""
+
+from __future__ import annotations
+
+import time
+
+import dask
+import pytest
+
+from stemdask.cli import main
+from stemdask.progress import StalledError, compute
+from stemdask.simulate import random_event_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    return random_event_store(tmp_path / "s.zarr", (8, 8), 16, 20, rows_per_block=4)
+
+
+def _reconstruct(store, out, method, *extra):
+    return main(["reconstruct", str(store.path), "--method", method, "--out", str(out), "--quiet", *extra])
+
+
+def test_a_worker_memory_death_is_one_line_naming_the_limit(store, tmp_path, capsys, monkeypatch):
+    from distributed import KilledWorker
+
+    import stemdask.reconstruct
+
+    class Worker:
+        address, memory_limit = "tcp://127.0.0.1:4321", 300 * 2**20
+
+    def die(args):
+        raise KilledWorker(("com-abc", 1, 0), Worker(), 3)
+
+    monkeypatch.setattr(stemdask.reconstruct, "reconstruct_cli", die)
+    assert _reconstruct(store, tmp_path / "r.zarr", "com") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "died 4 times running task ('com-abc', 1, 0)" in err and "worker memory limit 300.00 MiB" in err
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_watchdog_stops_a_computation_that_makes_no_progress(progress):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster), dask.config.set({"stemdask.watchdog-s": 1.0}):
+        assert compute(dask.delayed(sum)([1, 2]), progress=progress) == (3,)  # progressing: untouched
+        t = time.monotonic()
+        with pytest.raises(StalledError, match="no task made progress for 1 s .*memory limit"):
+            compute(dask.delayed(time.sleep)(6), progress=progress)
+        assert time.monotonic() - t < 5
+
+
+def test_a_stalled_computation_is_one_line_from_the_cli(store, tmp_path, capsys, monkeypatch):
+    import stemdask.reconstruct
+
+    def stall(args):
+        raise StalledError("no task made progress for 600 s")
+
+    monkeypatch.setattr(stemdask.reconstruct, "reconstruct_cli", stall)
+    assert _reconstruct(store, tmp_path / "r.zarr", "com") == 2
+    assert capsys.readouterr().err == "stemdask reconstruct: error: no task made progress for 600 s\n"
