@@ -336,7 +336,8 @@ class EventStore:
         if mask is not None:
             shape = self.detector_shape
             for name, data, dtype in ((MASK, mask, "uint8"), (MASK_FILL, fill, "float64")):
-                arr = grp.create_array(name, shape=shape, chunks=shape, dtype=dtype, fill_value=0)
+                arr = grp.create_array(name, shape=shape, chunks=shape, dtype=dtype, fill_value=0,
+                                       compressors=_compressors(self.version))
                 arr[...] = np.asarray(data).astype(dtype)
         self._set_attrs(has_detector_mask=mask is not None)
 
