@@ -32,10 +32,11 @@ def disk_image(shape, center, radius, plateau=1000.0, oversample=8):
 @given(st.floats(20, 44), st.floats(20, 44), st.floats(5, 15))
 @settings(max_examples=25, deadline=None)
 def test_bf_disk_edge_fit_finds_centre_and_radius_sub_pixel(cy, cx, r):
-    # 0.03 px: the edge fit (immune to Bragg disks, below) is a little less precise on an
-    # ideal disk than the former area-weighted centroid (0.02 px), which Bragg disks moved by pixels
+    # 0.05 px: the edge fit (immune to Bragg disks, below) is less precise on an ideal disk than
+    # the former area-weighted centroid (0.02 px), which Bragg disks moved by pixels; measured
+    # worst over 300 random disks of 5–15 px: 0.035 px centre, 0.043 px radius (0.052 at R = 5)
     fit = fit_bf_disk(disk_image((64, 64), (cy, cx), r))
-    assert abs(fit["center"][0] - cy) < 0.03 and abs(fit["center"][1] - cx) < 0.03
+    assert abs(fit["center"][0] - cy) < 0.05 and abs(fit["center"][1] - cx) < 0.05
     assert abs(fit["radius"] - r) < 0.06  # 0.05 before; the half-level edge reads ≈ 1 % small at R = 5 px
 
 
