@@ -86,6 +86,7 @@ class LiveRiCOM:
         self._final = 0  # rows [0, _final) are finished and written to ``out``
         self._lock = threading.Lock()
         self.positions_done = 0
+        self.feed_error: BaseException | None = None  # what stopped a background feed
 
     @property
     def n_positions(self) -> int:
@@ -172,6 +173,8 @@ class LiveRiCOM:
 
         Finished rows are read back from ``out``, rows in progress from the ring buffer.
         """
+        if self.feed_error is not None:
+            raise self.feed_error
         ny, nx = self.scan_shape
         image = np.zeros((ny, nx))
         with self._lock:
@@ -195,29 +198,61 @@ class LiveRiCOM:
                    "method": "ricom-live", "positions_done": self.positions_done},
         )
 
-    def run_in_background(self, feed, *args, **kwargs) -> threading.Thread:
-        """Run ``feed(*args, live=self, **kwargs)`` (e.g. :func:`consume`) in a daemon thread.
+    def run_in_background(self, feed, *args, **kwargs) -> "LiveThread":
+        """Run ``feed(*args, live=self, **kwargs)`` in a daemon thread and return it.
 
-        The thread's ``exception`` attribute holds what stopped it early, if anything.
+        ``feed`` is a replay made by :func:`replay_store` (called with the store only) or any
+        function taking ``live=`` (e.g. :func:`consume`). An exception
+        that stops the feed is raised again to the caller: by :meth:`LiveThread.join` and by
+        every later :meth:`snapshot` / :meth:`result` (it is also kept in ``thread.exception``).
         """
-
-        def target():
-            try:
-                feed(*args, live=self, **kwargs)
-            except BaseException as e:  # reported to whoever watches the thread
-                thread.exception = e
-
-        thread = threading.Thread(target=target, daemon=True, name="live-ricom")
-        thread.exception = None
+        thread = LiveThread(self, feed, args, kwargs)
         thread.start()
         return thread
 
 
-def replay_store(store: EventStore | str | os.PathLike, live: LiveRiCOM | None = None, **kwargs) -> LiveRiCOM:
-    """Stream an event store into live riCOM, one row block per update; returns the LiveRiCOM.
+class LiveThread(threading.Thread):
+    """The daemon thread of :meth:`LiveRiCOM.run_in_background`; ``join`` re-raises its error."""
 
-    ``kwargs`` (kernel_size, kmin, kmax, reference, out) build a new one when ``live`` is None.
+    def __init__(self, live: LiveRiCOM, feed, args, kwargs):
+        super().__init__(daemon=True, name="live-ricom")
+        self.live, self._call = live, (feed, args, kwargs)
+        self.exception: BaseException | None = None
+
+    def run(self) -> None:
+        feed, args, kwargs = self._call
+        try:
+            feed(*args, live=self.live, **kwargs)
+        except BaseException as e:  # handed to the caller by join() and snapshot()
+            self.exception = self.live.feed_error = e
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait like :meth:`threading.Thread.join`, then raise what stopped the feed, if anything."""
+        super().join(timeout)
+        if self.exception is not None:
+            raise self.exception
+
+
+class _Replay:
+    """A replay not yet run: ``source(live=…)`` streams it into ``live`` and returns it."""
+
+    def __init__(self, run, *args):
+        self._run, self._args = run, args
+
+    def __call__(self, live: LiveRiCOM | None = None, **kwargs) -> LiveRiCOM:
+        return self._run(*self._args, live=live, **kwargs)
+
+
+def replay_store(store: EventStore | str | os.PathLike, live: LiveRiCOM | None = None, **kwargs):
+    """Stream an event store into live riCOM, one row block per update.
+
+    With the store alone: a replay not yet run, for :meth:`LiveRiCOM.run_in_background`
+    (``live.run_in_background(replay_store("sto.zarr"))``); calling it with ``live=`` runs it.
+    With ``live`` or LiveRiCOM arguments (kernel_size, kmin, kmax, reference, out; a new
+    LiveRiCOM is built when ``live`` is None): replays now and returns the LiveRiCOM.
     """
+    if live is None and not kwargs:
+        return _Replay(replay_store, store)
     if not isinstance(store, EventStore):
         store = open_store(store)
     if live is None:
@@ -311,7 +346,8 @@ class LiveView:
         self.fig.canvas.draw_idle()
 
     def follow(self, thread: threading.Thread, interval: float = 0.25) -> None:
-        """Update every ``interval`` s while ``thread`` runs, then once more; re-raise its error.
+        """Update every ``interval`` s while ``thread`` runs, then once more; ``thread.join()``
+        re-raises what stopped it.
 
         Interactive backends (``%matplotlib widget``, Qt…) redraw in place; with the
         notebook's default inline backend the figure is shown once and its output cell is
@@ -323,8 +359,6 @@ class LiveView:
             time.sleep(interval)
         thread.join()
         self._refresh(handle)
-        if getattr(thread, "exception", None) is not None:
-            raise thread.exception
 
     def _inline_display(self):
         import matplotlib

@@ -19,6 +19,7 @@ from stemdask.live import LiveRiCOM, LiveView, consume, replay_csr, replay_store
 from stemdask.methods.integration import ricom
 from stemdask.methods.ricom import correlate_zero_padded, ricom_kernel
 from stemdask.optics import Calibration
+from stemdask.store import StoreError
 from stemdask.simulate import SimulationParams, simulate
 
 KW = dict(kernel_size=21, kmin=0.05, kmax=2.0)
@@ -102,12 +103,29 @@ def test_queue_fed_by_an_acquisition_thread_with_concurrent_snapshots(store, bat
     assert live.snapshot().any()
 
 
-def test_background_errors_are_kept_for_the_watcher(store):
+def test_background_errors_are_raised_to_the_caller(store):
     live = LiveRiCOM(store.scan_shape, store.detector_shape, store.calibration, **KW)
     bad = [np.array([store.detector_shape[0] * store.detector_shape[1]])]  # index beyond the detector
     worker = live.run_in_background(consume, iter(bad))
-    worker.join(timeout=30)
-    assert isinstance(worker.exception, ValueError) and "detector" in str(worker.exception)
+    with pytest.raises(ValueError, match="detector"):
+        worker.join(timeout=30)
+    assert isinstance(worker.exception, ValueError)
+    with pytest.raises(ValueError, match="detector"):  # and on every later snapshot: never swallowed
+        live.snapshot()
+
+
+def test_readme_snippet_replays_a_store_in_the_background(store, batch):
+    """README: ``thread = live.run_in_background(replay_store("sto.zarr"))``, then snapshots."""
+    live = LiveRiCOM(store.scan_shape, store.detector_shape, store.calibration, **KW)
+    thread = live.run_in_background(replay_store(str(store.path)))
+    assert thread.name == "live-ricom" and thread.daemon
+    live.snapshot()  # any time, thread-safe
+    thread.join(timeout=60)
+    assert live.done and thread.exception is None
+    assert_matches(live.snapshot(), batch)
+    with pytest.raises(StoreError, match="no such store"):  # a failing replay says so to the caller
+        live2 = LiveRiCOM(store.scan_shape, store.detector_shape, store.calibration, **KW)
+        live2.run_in_background(replay_store(store.path.parent / "missing.zarr")).join(timeout=30)
 
 
 def test_dense_frames_equal_their_events(store):
