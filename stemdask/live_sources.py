@@ -157,17 +157,31 @@ class MerlinSocket:
         while self.frames_received < n_frames:
             want = min(per, n_frames - self.frames_received) * step
             arrival = time.perf_counter() if have >= step else None
+            ended = None
             while have < step or (have < want and self._ready()):
-                have += self._recv_into(view[have:want], f"frame {self.frames_received + have // step}")
+                try:
+                    have += self._recv_into(view[have:want], f"frame {self.frames_received + have // step}")
+                except StreamEnded as e:  # hand on the whole frames received before, then stop
+                    if have < step:
+                        raise
+                    ended = e
+                    break
                 if arrival is None and have >= step:
                     arrival = time.perf_counter()
             self.batch_arrival = arrival  # when the batch's first frame was complete (perf_counter s)
             m = have // step
             msgs = buf[: m * step].reshape(m, step)
-            self._check(msgs, ref_prefix, ref_fixed, fixed)
-            data = msgs[:, MPX_PREFIX_BYTES + header.header_bytes :]
-            yield "frames", to_store_orientation(decode_frames(data, header))
-            self.frames_received += m
+            bad = self._first_bad(msgs, ref_prefix, ref_fixed, fixed)
+            good = m if bad is None else bad
+            if good:
+                data = msgs[:good, MPX_PREFIX_BYTES + header.header_bytes :]
+                yield "frames", to_store_orientation(decode_frames(data, header))
+                self.frames_received += good
+            if bad is not None:
+                raise self._disagreement(msgs[bad], ref_prefix)
+            if ended is not None:
+                raise StreamEnded(f"{self.url}: connection closed while waiting for frame {self.frames_received} "
+                                  f"({self.frames_received} frames received)")
             rest = have - m * step
             buf[:rest] = buf[m * step : have]
             have = rest
@@ -175,25 +189,24 @@ class MerlinSocket:
     def _ready(self) -> bool:
         return bool(select.select([self._sock], [], [], 0)[0])
 
-    def _check(self, msgs, ref_prefix, ref_fixed, fixed) -> None:
-        """Every message must be framed like the first frame and carry the same frame format."""
+    def _first_bad(self, msgs, ref_prefix, ref_fixed, fixed) -> int | None:
+        """The first message not framed like the first frame or of another frame format, if any."""
         bad_prefix = np.any(msgs[:, :MPX_PREFIX_BYTES] != ref_prefix, axis=1)
         head = msgs[:, MPX_PREFIX_BYTES : MPX_PREFIX_BYTES + fixed.stop]
-        bad_header = np.any(head[:, fixed] != ref_fixed, axis=1)
-        bad = np.flatnonzero(bad_prefix | bad_header)
-        if not bad.size:
-            return
-        i = int(bad[0])
-        n = self.frames_received + i
-        if bad_prefix[i]:
-            raise StreamError(f"{self.url}: frame {n}: expected 'MPX,{int(ref_prefix[4:14].tobytes()):010d},' "
-                              f"(frames of one size), got {msgs[i, :MPX_PREFIX_BYTES].tobytes()!r}")
+        bad = np.flatnonzero(bad_prefix | np.any(head[:, fixed] != ref_fixed, axis=1))
+        return int(bad[0]) if bad.size else None
+
+    def _disagreement(self, msg, ref_prefix) -> StreamError:
+        n = self.frames_received
+        if np.any(msg[:MPX_PREFIX_BYTES] != ref_prefix):
+            return StreamError(f"{self.url}: frame {n}: expected '{ref_prefix.tobytes().decode()}' "
+                               f"(frames of one size), got {msg[:MPX_PREFIX_BYTES].tobytes()!r}")
         try:
-            got = parse_frame_header(msgs[i, MPX_PREFIX_BYTES:].tobytes(), f"{self.url}: frame {n}").describe()
+            got = parse_frame_header(msg[MPX_PREFIX_BYTES:].tobytes(), f"{self.url}: frame {n}").describe()
         except MerlinError as e:
             got = str(e)
-        raise StreamError(f"{self.url}: frame {n}'s header ({got}) disagrees with the acquisition's first frame "
-                          f"({self.frame_header.describe()})")
+        return StreamError(f"{self.url}: frame {n}'s header ({got}) disagrees with the acquisition's first frame "
+                           f"({self.frame_header.describe()})")
 
 
 def _fixed_header_span(header: np.ndarray) -> slice:
