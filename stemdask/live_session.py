@@ -102,14 +102,13 @@ class LiveSession:
             geometry = SimpleNamespace(detector_shape=self.detector_shape, calibration=self.calibration,
                                        store=SimpleNamespace(path="live session"))  # what detector_masks reads
             masks, self.detector_attrs = detector_masks(geometry, self.detectors)
-            labels, table = mask_groups(masks)
         else:
-            labels = np.zeros(self.detector_shape[0] * self.detector_shape[1], np.uint8)
-            table = np.zeros((1, 0), np.uint32)
-            self.detector_attrs = {}
-        self._labels_flat = labels
-        self._labels = labels.reshape(self.detector_shape)
-        self._table = table
+            masks, self.detector_attrs = np.zeros((0,) + self.detector_shape, bool), {}
+        self._masks = masks.astype(np.uint8)  # frames: multiplied in (kernels.live.frame_sums)
+        if len(masks):  # events: pixel groups for kernels.events.masked_counts
+            self._labels, self._table = mask_groups(masks)
+        else:
+            self._labels, self._table = np.zeros(int(np.prod(self.detector_shape)), np.uint8), np.zeros((1, 0), np.uint32)
         self.virtual = np.zeros((len(self.detectors),) + self.scan_shape)
 
     def _new_ricom(self) -> LiveRiCOM:
@@ -139,8 +138,7 @@ class LiveSession:
         frames = np.asarray(frames)
         if frames.ndim != 3 or frames.shape[1:] != self.detector_shape:
             raise ValueError(f"frames of shape {frames.shape[1:]} do not match the detector {self.detector_shape}")
-        total, sum_y, sum_x, groups = frame_sums(frames, self._labels, self._table.shape[0],
-                                                 accumulator_zero(frames.dtype))
+        total, sum_y, sum_x, virtual = frame_sums(frames, self._masks, accumulator_zero(frames.dtype))
         with np.errstate(invalid="ignore", divide="ignore"):
             com_y, com_x = sum_y / total, sum_x / total
         events = None
@@ -149,7 +147,7 @@ class LiveSession:
             if n_bad:
                 raise ValueError(f"{n_bad} pixels are negative or not whole numbers: cannot store them as electron counts")
             events = (counts, indices)
-        self._push(com_y, com_x, total, groups @ self._table, events, arrival)
+        self._push(com_y, com_x, total, virtual, events, arrival)
 
     def push_events(self, counts, indices, arrival: float | None = None) -> None:
         """The next ``len(counts)`` positions as electron events (``indices``: linear detector pixels)."""
@@ -161,7 +159,7 @@ class LiveSession:
         if indices.size and int(indices.max()) >= n_pix:
             raise ValueError(f"detector index {int(indices.max())} outside the {self.detector_shape} detector")
         com_y, com_x = center_of_mass(counts, indices, self.detector_shape[1], 0.0, 0.0)
-        virtual = masked_counts(counts, indices, self._labels_flat, self._table)
+        virtual = masked_counts(counts, indices, self._labels, self._table)
         self._push(com_y, com_x, counts, virtual, (counts, indices), arrival)
 
     def _push(self, com_y, com_x, counts, virtual, events, arrival) -> None:

@@ -164,13 +164,14 @@ class MerlinReplayServer(threading.Thread):
         conn.sendall(self.garbage + mpx_prefix(len(self.hdr)) + self.hdr)
         n, fb = self.frames.shape
         last = min(x for x in (self.n_frames, self.drop_after, self.stall_after) if x is not None)
-        buf = np.empty((self.chunk_frames, MPX_PREFIX_BYTES + fb), np.uint8)
-        buf[:, :MPX_PREFIX_BYTES] = np.frombuffer(mpx_prefix(fb), np.uint8)
+        messages = np.empty((n, MPX_PREFIX_BYTES + fb), np.uint8)  # built once: sending is one copy
+        messages[:, :MPX_PREFIX_BYTES] = np.frombuffer(mpx_prefix(fb), np.uint8)
+        messages[:, MPX_PREFIX_BYTES:] = self.frames
         t0 = time.perf_counter()
         while self.sent < last and not self._halt.is_set():
-            k = min(self.chunk_frames, last - self.sent)
-            buf[:k, MPX_PREFIX_BYTES:] = self.frames[np.arange(self.sent, self.sent + k) % n]
+            i = self.sent % n
+            k = min(self.chunk_frames, last - self.sent, n - i)
             if self.rate:
                 time.sleep(max(0.0, t0 + self.sent / self.rate - time.perf_counter()))
-            conn.sendall(buf[:k])
+            conn.sendall(messages[i : i + k])
             self.sent += k
