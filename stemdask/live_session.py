@@ -40,7 +40,7 @@ from .kernels.dense import counted_frames_to_events
 from .kernels.events import center_of_mass, masked_counts
 from .kernels.live import frame_sums
 from .kernels.ricom import accumulator_zero
-from .live import LiveRiCOM
+from .live import LiveRiCOM, ScanProgress
 from .optics import Calibration
 from .reduce import Annulus, detector_masks, mask_groups
 from .store import create_store
@@ -49,7 +49,7 @@ METHODS = ("ricom", "virtual", "com")
 _KEEP = object()
 
 
-class LiveSession:
+class LiveSession(ScanProgress):
     """Live products of a ``scan_shape`` scan on a ``detector_shape`` detector (see module docstring).
 
     methods: any of ``ricom``, ``virtual``, ``com`` (COM is always kept: riCOM needs it).
@@ -114,14 +114,6 @@ class LiveSession:
     def _new_ricom(self) -> LiveRiCOM:
         return LiveRiCOM(self.scan_shape, self.detector_shape, self.calibration, kernel_size=self.kernel_size,
                          kmin=self.kmin, kmax=self.kmax, reference=self.reference)
-
-    @property
-    def n_positions(self) -> int:
-        return self.scan_shape[0] * self.scan_shape[1]
-
-    @property
-    def done(self) -> bool:
-        return self.positions_done == self.n_positions
 
     # ------------------------------------------------------------------ pushing
     def _claim(self, m: int) -> slice:

@@ -62,23 +62,11 @@ class MerlinSocket:
 
     # ------------------------------------------------------------------ low level
     def _recv_exact(self, n: int, what: str) -> bytes:
-        parts, got = [], 0
+        out = bytearray(n)
+        view, got = memoryview(out), 0
         while got < n:
-            piece = self._recv(min(n - got, 1 << 20), what)
-            parts.append(piece)
-            got += len(piece)
-        return b"".join(parts)
-
-    def _recv(self, n: int, what: str) -> bytes:
-        try:
-            piece = self._sock.recv(n)
-        except socket.timeout:
-            raise StreamError(f"{self.url}: no data for {self.timeout:g} s while waiting for {what} "
-                              f"({self.frames_received} frames received; detector slower than --timeout?)") from None
-        if not piece:
-            raise StreamEnded(f"{self.url}: connection closed while waiting for {what} "
-                              f"({self.frames_received} frames received)")
-        return piece
+            got += self._recv_into(view[got:], what)
+        return bytes(out)
 
     def _recv_into(self, view: memoryview, what: str) -> int:
         try:
