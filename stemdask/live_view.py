@@ -16,6 +16,7 @@ scripts and tests: ``status`` (the counter), ``kernel_size``, ``band_pass``, ``r
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import threading
 
 import numpy as np
@@ -143,8 +144,6 @@ class ViewServer:
 
 def serve(session, port: int = 5006, interval_ms: int = 250) -> ViewServer:
     """Serve the view of ``session`` on ``http://127.0.0.1:port/`` (port 0: any free one) in a thread."""
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        raise ImportError("the live view needs bokeh: pip install 'stemdask[live]'") from None
+    if importlib.util.find_spec("bokeh") is None:
+        raise ImportError("the live view needs bokeh: pip install 'stemdask[live]'")
     return ViewServer(session, port, interval_ms)
