@@ -141,8 +141,10 @@ class LiveSession(ScanProgress):
             events = (counts, indices)
         self._push(com_y, com_x, total, virtual, events, arrival)
 
-    def push_events(self, counts, indices, arrival: float | None = None) -> None:
-        """The next ``len(counts)`` positions as electron events (``indices``: linear detector pixels)."""
+    def push_events(self, indices, counts, arrival: float | None = None) -> None:
+        """The next ``len(counts)`` positions as electron events (``indices``: linear detector pixels,
+        in scan order) — the signature of :meth:`stemdask.live.LiveRiCOM.push_events`, so
+        :func:`stemdask.live.consume` feeds a session from a queue of per-position arrays."""
         counts = np.ascontiguousarray(counts).ravel()
         indices = np.ascontiguousarray(indices).ravel()
         n_pix = self.detector_shape[0] * self.detector_shape[1]
@@ -254,7 +256,8 @@ class LiveSession(ScanProgress):
             if kind == "frames":
                 self.push_frames(payload, arrival)
             else:
-                self.push_events(*payload, arrival=arrival)
+                counts, indices = payload
+                self.push_events(indices, counts, arrival=arrival)
             if stop is not None and stop.is_set():
                 break
         return self

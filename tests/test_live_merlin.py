@@ -91,6 +91,27 @@ def test_replayed_event_store_at_a_rate_with_the_view_equals_batch(scan, capsys)
     assert_same_images(scan["batch"], xr.open_zarr(out))
 
 
+def test_consume_a_queue_of_positions_into_a_session(scan):
+    """Acquisition software with events already: ``consume(queue, session)`` (``None`` ends it)."""
+    import queue
+
+    from stemdask.live import consume
+
+    ingested = open_store(scan["store"])
+    indices, offsets = ingested.to_csr()
+    q: queue.Queue = queue.Queue()
+    for p in range(offsets.size - 1):
+        q.put(indices[offsets[p]:offsets[p + 1]])
+    q.put(None)
+    session = LiveSession(SCAN, (DET, DET), scan["calibration"], kernel_size=11, save=scan["tmp"] / "q.zarr",
+                          overwrite=True)
+    consume(q, session, batch=37)
+    session.finish()
+    result = session.result()
+    assert_same_images(scan["batch"], result)
+    assert_same_store(scan["store"], scan["tmp"] / "q.zarr")
+
+
 def test_kernel_size_changed_mid_scan_ends_at_batch_with_the_new_kernel(scan):
     session = LiveSession(SCAN, (DET, DET), scan["calibration"], kernel_size=11)
     frames = scan["frames"]
