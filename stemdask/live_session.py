@@ -246,7 +246,7 @@ class LiveSession(ScanProgress):
         return xr.Dataset({k: xr.Variable(*v) for k, v in data.items()}, coords=coords, attrs=attrs)
 
     # ------------------------------------------------------------------ running
-    def run(self, source, stop: threading.Event | None = None) -> "LiveSession":
+    def run(self, source) -> "LiveSession":
         """Consume an opened source (:mod:`stemdask.live_sources`) until the scan is complete."""
         if tuple(source.detector_shape) != self.detector_shape:
             raise ValueError(f"{source.url}: detector {tuple(source.detector_shape)}, the session expects "
@@ -258,8 +258,6 @@ class LiveSession(ScanProgress):
             else:
                 counts, indices = payload
                 self.push_events(indices, counts, arrival=arrival)
-            if stop is not None and stop.is_set():
-                break
         return self
 
     @property
