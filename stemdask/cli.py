@@ -171,6 +171,48 @@ def cmd_reconstruct(args) -> int:
     return reconstruct_cli(args)
 
 
+# ---------------------------------------------------------------------- live
+def cmd_live(args) -> int:
+    from .live_session import run_live
+
+    return run_live(args)
+
+
+def add_live_parser(sub) -> None:
+    """``stemdask live SOURCE --scan-shape NY NX``: images while a scan arrives (its own block)."""
+    import math
+
+    p = sub.add_parser("live", help="riCOM, virtual images and COM while a scan arrives (Merlin socket or replay)")
+    p.add_argument("source", help="merlin://HOST:PORT (the MerlinEM data socket), or a .mib file / event store "
+                                  "to replay (--rate)")
+    p.add_argument("--scan-shape", nargs=2, type=int, required=True, metavar=("NY", "NX"))
+    p.add_argument("--method", action="append", choices=["ricom", "virtual", "com"],
+                   help="repeat for several (default all three)")
+    p.add_argument("--out", help="write the final images here (.zarr, the variables of `reconstruct`)")
+    p.add_argument("--save", metavar="STORE", help="save the events to this event store as they arrive")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out / --save outputs")
+    p.add_argument("--rows-per-block", type=int, metavar="R", help="row block height of --save")
+    p.add_argument("--rate", type=float, metavar="HZ", help="replay a file at this many frames/s (default: at once)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="longest wait for the detector's next data (s, default 10)")
+    p.add_argument("--view", action="store_true", help="serve a live view on http://127.0.0.1:PORT")
+    p.add_argument("--port", type=int, default=5006, help="port of --view (default 5006)")
+    p.add_argument("--kernel-size", type=int, default=61, metavar="N", help="riCOM kernel full width, odd (default 61)")
+    p.add_argument("--kmin", type=float, metavar="K", help="riCOM band-pass lower cut-off (Å⁻¹)")
+    p.add_argument("--kmax", type=float, metavar="K", help="riCOM band-pass upper cut-off (Å⁻¹)")
+    p.add_argument("--inner-mrad", type=float, default=0.0, metavar="MRAD", help="virtual detector inner angle")
+    p.add_argument("--outer-mrad", type=float, default=math.inf, metavar="MRAD", help="virtual detector outer angle")
+    p.add_argument("--calibration-from", metavar="STORE", help="take the calibration of this (calibrated) store")
+    p.add_argument("--bf-center", nargs=2, type=float, metavar=("Y", "X"), help="BF-disk centre (detector px)")
+    p.add_argument("--bf-radius", type=float, metavar="R", help="BF-disk radius (px)")
+    p.add_argument("--rotation-deg", type=float, help="scan rotation (deg)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="detector flip")
+    p.add_argument("--energy-kev", type=float, metavar="E")
+    p.add_argument("--scan-step", type=float, metavar="Å")
+    p.add_argument("--detector-pixel-mrad", type=float, metavar="P")
+    p.set_defaults(func=cmd_live)
+
+
 # ---------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from .demo import run_demo
@@ -269,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         m.add_arguments(p)
     add_option(p, "--cluster", help=CLUSTER_HELP)
     p.set_defaults(func=cmd_reconstruct)
+
+    add_live_parser(sub)
     return parser
 
 

@@ -45,7 +45,22 @@ from .optics import Calibration, scan_to_detector_frame
 from .store import EventStore, open_store
 
 
-class LiveRiCOM:
+class ScanProgress:
+    """Positions done of a ``scan_shape`` scan fed in scan order (``positions_done``)."""
+
+    scan_shape: tuple[int, int]
+    positions_done: int
+
+    @property
+    def n_positions(self) -> int:
+        return self.scan_shape[0] * self.scan_shape[1]
+
+    @property
+    def done(self) -> bool:
+        return self.positions_done == self.n_positions
+
+
+class LiveRiCOM(ScanProgress):
     """Incremental riCOM of a scan fed position by position, in scan order.
 
     scan_shape: (ny, nx); detector_shape: (det_y, det_x) pixels; calibration: scan step,
@@ -87,14 +102,6 @@ class LiveRiCOM:
         self._lock = threading.Lock()
         self.positions_done = 0
         self.feed_error: BaseException | None = None  # what stopped a background feed
-
-    @property
-    def n_positions(self) -> int:
-        return self.scan_shape[0] * self.scan_shape[1]
-
-    @property
-    def done(self) -> bool:
-        return self.positions_done == self.n_positions
 
     @property
     def rows_final(self) -> int:

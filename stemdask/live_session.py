@@ -1,0 +1,378 @@
+"""A live session: riCOM, virtual images and COM of a scan while it arrives, retunable, optionally saved.
+
+:class:`LiveSession` takes batches of positions in scan order (dense frames or events, see
+:mod:`stemdask.live_sources`) and keeps, per position, only what the products need:
+
+* the COM as measured — ``Σ I·k / Σ I`` in detector pixels (2 numbers a position, NaN
+  without electrons) — so riCOM can be re-rendered for every position seen so far when the
+  kernel size, band-pass, rotation/flip or COM reference changes (:meth:`LiveSession.retune`);
+* electrons per position and the virtual detector images (annuli around the calibrated BF
+  centre: ``image`` for ``inner_mrad ≤ θ < outer_mrad`` like ``reconstruct --method virtual``,
+  and ``bf``/``adf`` (the presets of :mod:`stemdask.reduce`) when a BF radius is calibrated);
+* riCOM through :class:`stemdask.live.LiveRiCOM` (rad; the same kernel as batch riCOM, so the
+  finished image equals ``reconstruct --method ricom``).
+
+Conventions are the batch ones: COM in the detector frame, px, relative to the reference
+(default the calibrated BF centre); virtual images in electrons; riCOM in rad.
+
+Saving (``save=``): the events go to an event store row block by row block with the
+store's commit marks (:meth:`stemdask.store.EventStore.write_block`), each block as soon
+as its last position has arrived; :meth:`LiveSession.finish` finalizes it. A session that
+dies leaves its committed blocks readable with ``open_store(..., allow_incomplete=True)``.
+Dense frames are stored as counted electrons (a pixel value of v is v events), exactly as
+``stemdask ingest FILE --mode counts`` stores the same frames.
+
+Thread safety: pushes, :meth:`snapshot` and :meth:`retune` share one lock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import xarray as xr
+
+from . import __version__
+from .kernels.dense import counted_frames_to_events
+from .kernels.events import center_of_mass, masked_counts
+from .kernels.live import frame_sums
+from .kernels.ricom import accumulator_zero
+from .live import LiveRiCOM, ScanProgress
+from .optics import Calibration
+from .reduce import Annulus, detector_masks, mask_groups
+from .store import create_store
+
+METHODS = ("ricom", "virtual", "com")
+_KEEP = object()
+
+
+class LiveSession(ScanProgress):
+    """Live products of a ``scan_shape`` scan on a ``detector_shape`` detector (see module docstring).
+
+    methods: any of ``ricom``, ``virtual``, ``com`` (COM is always kept: riCOM needs it).
+    kernel_size, kmin, kmax: riCOM kernel full width (odd) and band-pass (Å⁻¹).
+    reference: COM reference (y, x) px; default the calibration's BF centre.
+    inner_mrad, outer_mrad: the ``image`` virtual detector (mrad around the BF centre).
+    save: path of an event store to write as the data arrive (``overwrite`` to replace one).
+    """
+
+    def __init__(self, scan_shape, detector_shape, calibration: Calibration, *, methods=METHODS,
+                 kernel_size: int = 61, kmin: float | None = None, kmax: float | None = None, reference=None,
+                 inner_mrad: float = 0.0, outer_mrad: float = math.inf, save=None, overwrite: bool = False,
+                 rows_per_block: int | None = None, provenance: dict | None = None):
+        self.scan_shape = tuple(int(v) for v in scan_shape)
+        self.detector_shape = tuple(int(v) for v in detector_shape)
+        unknown = set(methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown live method(s) {sorted(unknown)}; choose from {list(METHODS)}")
+        self.methods = tuple(dict.fromkeys(methods))
+        self.calibration = calibration
+        reference = calibration.bf_center if reference is None else reference
+        if reference is None:
+            raise ValueError("a live session needs a COM reference: give the BF centre (--bf-center Y X, "
+                             "or --calibration-from a calibrated store) or reference=(y, x) px")
+        self.reference = (float(reference[0]), float(reference[1]))
+        ny, nx = self.scan_shape
+        self.com = np.full((2, ny, nx), np.nan)  # Σ I·k / Σ I (px), not yet minus the reference
+        self.counts = np.zeros((ny, nx), np.int64)
+        self._setup_virtual(inner_mrad, outer_mrad)
+        self.kernel_size, self.kmin, self.kmax = int(kernel_size), kmin, kmax
+        self.ricom = self._new_ricom() if "ricom" in self.methods else None
+        self.positions_done = 0
+        self._lock = threading.Lock()
+        self._writer = None if save is None else _StoreWriter(
+            save, self.scan_shape, self.detector_shape, calibration, rows_per_block, provenance, overwrite)
+        self.started = time.perf_counter()
+        self.latencies: list[float] = []  # s, from a batch's first frame arriving to its contribution
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_virtual(self, inner_mrad, outer_mrad) -> None:
+        self.detectors: dict = {}
+        if "virtual" in self.methods:
+            self.detectors["image"] = Annulus(inner_mrad, outer_mrad, "mrad")
+            if self.calibration.bf_radius is not None:
+                self.detectors.update({"bf": "bf", "adf": "adf"})
+        if self.detectors:
+            if self.calibration.bf_center is None:
+                raise ValueError("virtual detectors are annuli around the BF centre: calibrate it first "
+                                 "(--bf-center Y X or --calibration-from STORE)")
+            geometry = SimpleNamespace(detector_shape=self.detector_shape, calibration=self.calibration,
+                                       store=SimpleNamespace(path="live session"))  # what detector_masks reads
+            masks, self.detector_attrs = detector_masks(geometry, self.detectors)
+        else:
+            masks, self.detector_attrs = np.zeros((0,) + self.detector_shape, bool), {}
+        self._masks = masks.astype(np.uint8)  # frames: multiplied in (kernels.live.frame_sums)
+        if len(masks):  # events: pixel groups for kernels.events.masked_counts
+            self._labels, self._table = mask_groups(masks)
+        else:
+            self._labels, self._table = np.zeros(int(np.prod(self.detector_shape)), np.uint8), np.zeros((1, 0), np.uint32)
+        self.virtual = np.zeros((len(self.detectors),) + self.scan_shape)
+
+    def _new_ricom(self) -> LiveRiCOM:
+        return LiveRiCOM(self.scan_shape, self.detector_shape, self.calibration, kernel_size=self.kernel_size,
+                         kmin=self.kmin, kmax=self.kmax, reference=self.reference)
+
+    # ------------------------------------------------------------------ pushing
+    def _claim(self, m: int) -> slice:
+        p0 = self.positions_done
+        if p0 + m > self.n_positions:
+            raise ValueError(f"{m} more positions after {p0} overrun the {self.scan_shape[0]}×{self.scan_shape[1]} scan")
+        return slice(p0, p0 + m)
+
+    def push_frames(self, frames, arrival: float | None = None) -> None:
+        """The next positions as dense frames (m, det_y, det_x) of counts, store orientation.
+
+        ``arrival``: ``time.perf_counter()`` when the first of them arrived (for the latency figure).
+        """
+        frames = np.asarray(frames)
+        if frames.ndim != 3 or frames.shape[1:] != self.detector_shape:
+            raise ValueError(f"frames of shape {frames.shape[1:]} do not match the detector {self.detector_shape}")
+        total, sum_y, sum_x, virtual = frame_sums(frames, self._masks, accumulator_zero(frames.dtype))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            com_y, com_x = sum_y / total, sum_x / total
+        events = None
+        if self._writer is not None:
+            counts, indices, n_bad = counted_frames_to_events(np.ascontiguousarray(frames).reshape(frames.shape[0], -1))
+            if n_bad:
+                raise ValueError(f"{n_bad} pixels are negative or not whole numbers: cannot store them as electron counts")
+            events = (counts, indices)
+        self._push(com_y, com_x, total, virtual, events, arrival)
+
+    def push_events(self, indices, counts, arrival: float | None = None) -> None:
+        """The next ``len(counts)`` positions as electron events (``indices``: linear detector pixels,
+        in scan order) — the signature of :meth:`stemdask.live.LiveRiCOM.push_events`, so
+        :func:`stemdask.live.consume` feeds a session from a queue of per-position arrays."""
+        counts = np.ascontiguousarray(counts).ravel()
+        indices = np.ascontiguousarray(indices).ravel()
+        n_pix = self.detector_shape[0] * self.detector_shape[1]
+        if int(counts.sum(dtype=np.int64)) != indices.size:
+            raise ValueError(f"{indices.size} event indices but counts sum to {int(counts.sum(dtype=np.int64))}")
+        if indices.size and int(indices.max()) >= n_pix:
+            raise ValueError(f"detector index {int(indices.max())} outside the {self.detector_shape} detector")
+        com_y, com_x = center_of_mass(counts, indices, self.detector_shape[1], 0.0, 0.0)
+        virtual = masked_counts(counts, indices, self._labels, self._table)
+        self._push(com_y, com_x, counts, virtual, (counts, indices), arrival)
+
+    def _push(self, com_y, com_x, counts, virtual, events, arrival) -> None:
+        with self._lock:
+            where = self._claim(com_y.size)
+            self.com[0].reshape(-1)[where] = com_y
+            self.com[1].reshape(-1)[where] = com_x
+            self.counts.reshape(-1)[where] = counts
+            for d in range(self.virtual.shape[0]):
+                self.virtual[d].reshape(-1)[where] = virtual[:, d]
+            if self.ricom is not None:
+                self.ricom.push_com(com_y - self.reference[0], com_x - self.reference[1])
+            self.positions_done = where.stop
+            if arrival is not None:
+                self.latencies.append(time.perf_counter() - arrival)
+        if self._writer is not None:
+            self._writer.add(*events)
+
+    # ------------------------------------------------------------------ tuning
+    def retune(self, *, kernel_size=_KEEP, kmin=_KEEP, kmax=_KEEP, rotation_deg=_KEEP, flip=_KEEP,
+               reference=_KEEP) -> None:
+        """Change riCOM's kernel size, band-pass (Å⁻¹; None: none), rotation (deg) / flip or the
+        COM reference ((y, x) px) mid-scan: riCOM is re-rendered from the kept COM of every
+        position so far, then continues. Nothing measured is lost."""
+        with self._lock:
+            changes = {k: v for k, v in (("rotation_deg", rotation_deg), ("flip", flip)) if v is not _KEEP}
+            calibration = self.calibration.replace(**changes) if changes else self.calibration
+            old = (self.calibration, self.kernel_size, self.kmin, self.kmax, self.reference)
+            self.calibration = calibration
+            if kernel_size is not _KEEP:
+                self.kernel_size = int(kernel_size)
+            if kmin is not _KEEP:
+                self.kmin = kmin
+            if kmax is not _KEEP:
+                self.kmax = kmax
+            if reference is not _KEEP:
+                self.reference = (float(reference[0]), float(reference[1]))
+            if self.ricom is None:
+                return
+            try:
+                ricom = self._new_ricom()
+            except ValueError:
+                self.calibration, self.kernel_size, self.kmin, self.kmax, self.reference = old
+                raise
+            p = self.positions_done
+            ricom.push_com(self.com[0].reshape(-1)[:p] - self.reference[0], self.com[1].reshape(-1)[:p] - self.reference[1])
+            self.ricom = ricom
+
+    # ------------------------------------------------------------------ results
+    @property
+    def frames_per_second(self) -> float:
+        dt = time.perf_counter() - self.started
+        return self.positions_done / dt if dt > 0 else 0.0
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Copies of the current images: ``phase`` (riCOM, rad), ``com_y``/``com_x`` (px from the
+        reference), each virtual detector (electrons) and ``counts``; NaN/0 where not yet measured."""
+        with self._lock:
+            out = {"counts": self.counts.copy()}
+            if self.ricom is not None:
+                out["phase"] = self.ricom.snapshot()
+            if "com" in self.methods:
+                out["com_y"] = self.com[0] - self.reference[0]
+                out["com_x"] = self.com[1] - self.reference[1]
+            for d, name in enumerate(self.detectors):
+                out[name] = self.virtual[d].copy()
+        return out
+
+    def result(self) -> xr.Dataset:
+        """The products as an xarray Dataset with the variable names of ``stemdask reconstruct``."""
+        snap = self.snapshot()
+        (ny, nx), (sy, sx) = self.scan_shape, self.calibration.scan_step_a
+        coords = {"scan_y": ("scan_y", np.arange(ny) * sy, {"units": "Å", "long_name": "scan position y"}),
+                  "scan_x": ("scan_x", np.arange(nx) * sx, {"units": "Å", "long_name": "scan position x"})}
+        dims = ("scan_y", "scan_x")
+        data = {}
+        if "phase" in snap:
+            data["phase"] = (dims, snap["phase"], {"units": "rad", "long_name": f"riCOM phase (kernel {self.kernel_size})",
+                                                   "kernel_size": self.kernel_size,
+                                                   "kmin_inv_a": self.kmin, "kmax_inv_a": self.kmax})
+        for c in ("com_y", "com_x"):
+            if c in snap:
+                data[c] = (dims, snap[c], {"units": "px", "frame": "detector", "reference_px": list(self.reference),
+                                          "long_name": f"centre of mass k_{c[-1]} (detector frame)"})
+        for name in self.detectors:
+            data[name] = (dims, snap[name].astype(np.uint32),
+                          {"units": "electrons", "long_name": f"virtual detector {name}", **self.detector_attrs[name]})
+        attrs = {"methods": list(self.methods), "positions_done": self.positions_done,
+                 "n_positions": self.n_positions, "complete": self.done}
+        return xr.Dataset({k: xr.Variable(*v) for k, v in data.items()}, coords=coords, attrs=attrs)
+
+    # ------------------------------------------------------------------ running
+    def run(self, source) -> "LiveSession":
+        """Consume an opened source (:mod:`stemdask.live_sources`) until the scan is complete."""
+        if tuple(source.detector_shape) != self.detector_shape:
+            raise ValueError(f"{source.url}: detector {tuple(source.detector_shape)}, the session expects "
+                             f"{self.detector_shape}")
+        for kind, payload in source.batches(self.n_positions - self.positions_done):
+            arrival = getattr(source, "batch_arrival", None) or time.perf_counter()
+            if kind == "frames":
+                self.push_frames(payload, arrival)
+            else:
+                counts, indices = payload
+                self.push_events(indices, counts, arrival=arrival)
+        return self
+
+    @property
+    def saved(self) -> str:
+        """What the store holds so far, in words (for the end-of-session report)."""
+        return "nothing saved" if self._writer is None else self._writer.describe()
+
+    def finish(self):
+        """Finalize the saved store (only a complete scan); returns it, or None without ``save``."""
+        if self._writer is None:
+            return None
+        return self._writer.finish() if self.done else None
+
+
+class _StoreWriter:
+    """Event store written as the positions arrive: a row block as soon as it is complete."""
+
+    def __init__(self, path, scan_shape, detector_shape, calibration, rows_per_block, provenance, overwrite):
+        prov = {"source": "live", "stemdask_version": __version__, **(provenance or {})}
+        self.store = create_store(path, scan_shape, detector_shape, calibration, rows_per_block=rows_per_block,
+                                  provenance=prov, overwrite=overwrite)
+        self.nx = scan_shape[1]
+        self.block = 0
+        self._counts: list[np.ndarray] = []
+        self._indices: list[np.ndarray] = []
+        self._have = 0
+        self.events = 0
+
+    def add(self, counts, indices) -> None:
+        counts = np.asarray(counts).ravel()
+        indices = np.asarray(indices).ravel()
+        e = 0
+        while counts.size:
+            r0, r1 = self.store.block_rows(self.block)
+            need = (r1 - r0) * self.nx - self._have
+            take = min(need, counts.size)
+            n = int(counts[:take].sum(dtype=np.int64))
+            self._counts.append(counts[:take])
+            self._indices.append(indices[e : e + n])
+            self._have += take
+            counts, e = counts[take:], e + n
+            if self._have == (r1 - r0) * self.nx:
+                self.store.write_block(self.block, np.concatenate(self._counts).reshape(r1 - r0, self.nx),
+                                       np.concatenate(self._indices))
+                self.events += sum(a.size for a in self._indices)
+                self.block += 1
+                self._counts, self._indices, self._have = [], [], 0
+
+    def describe(self) -> str:
+        rows = self.store.block_rows(self.block - 1)[1] if self.block else 0
+        return (f"{self.store.path}: {self.block} of {self.store.n_blocks} row blocks saved "
+                f"(scan rows 0..{rows - 1}, {self.events:,} events)" if self.block else
+                f"{self.store.path}: no complete row block yet (nothing saved)")
+
+    def finish(self):
+        return self.store.finalize(source_events=self.events)
+
+
+def live_calibration(args, source) -> Calibration:
+    """The session's calibration: ``--calibration-from STORE`` (or a replayed store's own), then
+    the explicit options (--bf-center, --bf-radius, --rotation-deg, --flip, --scan-step, …)."""
+    from .store import open_store
+
+    if args.calibration_from:
+        calibration = open_store(args.calibration_from, allow_incomplete=True).calibration
+    else:
+        calibration = getattr(source, "calibration", None) or Calibration()
+    changes = {"energy_ev": None if args.energy_kev is None else args.energy_kev * 1e3,
+               "scan_step_a": args.scan_step, "detector_pixel_mrad": args.detector_pixel_mrad,
+               "bf_center": None if args.bf_center is None else tuple(args.bf_center), "bf_radius": args.bf_radius,
+               "rotation_deg": args.rotation_deg, "flip": args.flip}
+    return calibration.replace(**{k: v for k, v in changes.items() if v is not None})
+
+
+def run_live(args) -> int:
+    """``stemdask live``: open the source, run the session (and its view), save, report."""
+    from .live_sources import StreamError, open_source
+    from .reconstruct import RESULT_FORMAT, write_result
+
+    ny, nx = args.scan_shape
+    source = open_source(args.source, timeout=args.timeout, rate=args.rate, batch_frames=nx)
+    with source:
+        if source.n_frames is not None and source.n_frames < ny * nx:
+            raise StreamError(f"{args.source}: the acquisition has {source.n_frames} frames, "
+                              f"the {ny}×{nx} scan needs {ny * nx}")
+        session = LiveSession(
+            (ny, nx), source.detector_shape, live_calibration(args, source), methods=args.method or METHODS,
+            kernel_size=args.kernel_size, kmin=args.kmin, kmax=args.kmax, inner_mrad=args.inner_mrad,
+            outer_mrad=args.outer_mrad, save=args.save, overwrite=args.overwrite, rows_per_block=args.rows_per_block,
+            provenance={"source": str(args.source), "format": "live"},
+        )
+        view = None
+        if args.view:
+            from .live_view import serve
+
+            view = serve(session, port=args.port)
+            print(f"live view on {view.url}", flush=True)
+        failure = None
+        try:
+            session.run(source)
+        except StreamError as e:
+            failure = e
+    store = session.finish()
+    if args.out:
+        result = session.result()
+        result.attrs.update({"format": RESULT_FORMAT, "source": str(args.source)})
+        write_result(result, args.out, overwrite=args.overwrite, progress=False)
+    lat = np.array(session.latencies) * 1e3
+    summary = (f"{session.positions_done:,} of {session.n_positions:,} positions, "
+               f"{session.frames_per_second:,.0f} frames/s; latency to the snapshot median "
+               f"{np.median(lat) if lat.size else 0:.1f} ms, max {lat.max(initial=0):.1f} ms")
+    if failure is not None:
+        raise StreamError(f"{failure}; {session.saved}{'; partial images in ' + str(args.out) if args.out else ''}")
+    print(summary + (f"; wrote {store.path}" if store is not None else "")
+          + (f"; images in {args.out}" if args.out else ""))
+    if view is not None:
+        view.stop()
+    return 0

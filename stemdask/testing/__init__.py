@@ -1,0 +1,1 @@
+"""Test helpers shipped with stemdask: Merlin ``.mib`` writing and a replaying Merlin data socket."""
