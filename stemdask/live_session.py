@@ -101,7 +101,7 @@ class LiveSession(ScanProgress):
                                  "(--bf-center Y X or --calibration-from STORE)")
             geometry = SimpleNamespace(detector_shape=self.detector_shape, calibration=self.calibration,
                                        store=SimpleNamespace(path="live session"))  # what detector_masks reads
-            masks, self.detector_attrs = detector_masks(geometry, self.detectors)
+            masks, self.detector_attrs, _ = detector_masks(geometry, self.detectors)
         else:
             masks, self.detector_attrs = np.zeros((0,) + self.detector_shape, bool), {}
         self._masks = masks.astype(np.uint8)  # frames: multiplied in (kernels.live.frame_sums)
