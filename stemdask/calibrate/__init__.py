@@ -233,7 +233,10 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
         c10 = -c10_abs if (ht is None or ht["keep"]) else c10_abs
     out.update({
         "rotation_deg": float(_wrap180(theta)), "flip": bool(flip), "method": method,
-        "rotation_reliable": bool(measured and decided), "c10_estimate_a": None if c10 is None else float(c10),
+        # C10's sign comes with the half turn: an estimate is only given when the orientation holds
+        "rotation_reliable": bool(measured and decided),
+        "c10_estimate_a": float(c10) if c10 is not None and measured and decided else None,
+        "c10_magnitude_a": None if c10_abs is None else float(c10_abs),
         "adf_agreement": None if ht is None else {"r": ht["r"], "z": ht["z"]}, "phase_skewness": skew,
         "notes": notes,
     })
