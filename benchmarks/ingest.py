@@ -195,7 +195,7 @@ def main():
                             detector_shape=DET)
         runs = [("CSR npz → store", csr), ("stempy HDF5 v1 → store", stempy), ("CSR npz (deflated) → store", deflated)]
         for name, src in runs:
-            store, t, cpu = best_of(lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False),
+            store, t, cpu = best_of(lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False, assume_defaults=True),
                                     args.repeat)
             assert store.n_events == n
             report(name, n, t, cpu, store.nbytes_stored(), base_rate)
@@ -206,7 +206,7 @@ def main():
             cname, clevel, shuffle = codec.split(":")
             stemdask.store._compressor = lambda: BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle)
             for name, src in runs[:2]:
-                store, t, cpu = best_of(lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False),
+                store, t, cpu = best_of(lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False, assume_defaults=True),
                                         args.repeat)
                 report(f"{name} [{codec}]", n, t, cpu, store.nbytes_stored(), base_rate)
         del indices

@@ -12,7 +12,6 @@ from .outputs import OutputSlot, leftovers
 from .progress import StalledError
 from .store import FORMAT_NAME, StoreError, open_store
 
-
 CLUSTER_HELP = "run on a Dask cluster: a profile name (local, local-lowmem, local-cuda, slurm, slurm-gpu, pbs), " \
     "a profile YAML, or a scheduler address tcp://host:port (default: threads in this process)"
 
@@ -58,8 +57,14 @@ def cmd_ingest(args) -> int:
         rows_per_block=args.rows_per_block, calibration=_calibration_overrides(args),
         threshold=args.threshold, dwell_ns=args.dwell_ns, frames_range=args.frames_range,
         overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+        assume_defaults=args.assume_defaults,
     )
     print(f"wrote {store.path}: {store.n_events:,} events, scan {store.scan_shape}, detector {store.detector_shape}")
+    origins = store.calibration.origins
+    assumed = [_FIELD_LABELS[k] for k in ("energy_ev", "scan_step_a", "detector_pixel_mrad") if origins.get(k) == "assumed"]
+    if assumed:
+        print(f"ASSUMED (neither in the source nor given): {', '.join(assumed)} — set the real values with "
+              f"`stemdask calibrate {store.path} --set energy-kev=… --set scan-step=… --set detector-pixel-mrad=…`")
     return 0
 
 
@@ -91,7 +96,106 @@ def store_info(path) -> dict:
     }
 
 
+#: How ``info`` names each calibration field (and ``calibrate --set`` spells it).
+_FIELD_LABELS = {"energy_ev": "energy", "scan_step_a": "scan step", "semiangle_mrad": "semi-angle",
+                 "detector_pixel_mrad": "detector pixel size", "rotation_deg": "rotation", "flip": "flip",
+                 "bf_center": "BF centre", "bf_radius": "BF radius", "descan": "descan",
+                 "c10_estimate_a": "C10 estimate"}
+
+
+def _origin(cal: dict, field: str) -> str:
+    """`` [origin]`` for a field, in capitals when it is an assumption."""
+    origin = (cal.get("origins") or {}).get(field)
+    if origin is None:
+        return ""
+    return " [ASSUMED]" if origin == "assumed" else f" [{origin}]"
+
+
+def _assumed(cal: dict) -> list[str]:
+    return [_FIELD_LABELS.get(k, k) for k, v in (cal.get("origins") or {}).items() if v == "assumed"]
+
+
+def _fmt_centre(c) -> str:
+    return "None (never calibrated)" if c is None else f"({c[0]:.2f}, {c[1]:.2f})"
+
+
+def _calibration_lines(cal: dict, sampling: bool = True) -> list[str]:
+    def o(field):
+        return _origin(cal, field)
+
+    semi = "unknown" if cal.get("semiangle_mrad") is None else f"{cal['semiangle_mrad']:g} mrad"
+    radius = "None" if cal.get("bf_radius") is None else f"{cal['bf_radius']:.2f}"
+    reliable = ("" if cal.get("rotation_reliable") is None
+                else f" ({'reliable' if cal['rotation_reliable'] else 'NOT reliable'})")
+    lines = [f"beam         {cal['energy_ev'] / 1e3:g} keV{o('energy_ev')}, semi-angle {semi}{o('semiangle_mrad')}"]
+    if sampling:
+        lines.append(f"sampling     scan step {cal['scan_step_a'][0]:.4g} × {cal['scan_step_a'][1]:.4g} Å"
+                     f"{o('scan_step_a')}, detector {cal['detector_pixel_mrad']:.4g} mrad/px{o('detector_pixel_mrad')}")
+    lines.append(f"calibration  BF centre {_fmt_centre(cal.get('bf_center'))}, radius {radius} px{o('bf_center')}, "
+                 f"rotation {cal['rotation_deg']:g}°{o('rotation_deg')}, flip {cal['flip']}{o('flip')}{reliable}")
+    extra = []
+    if cal.get("descan"):
+        extra.append(f"descan {cal['descan'].get('model')}{o('descan')}")
+    if cal.get("c10_estimate_a") is not None:
+        extra.append(f"C10 estimate {cal['c10_estimate_a']:.1f} Å{o('c10_estimate_a')}")
+    if extra:
+        lines.append("             " + ", ".join(extra))
+    assumed = _assumed(cal)
+    if assumed:
+        lines.append(f"ASSUMED      {', '.join(assumed)}: nobody measured or gave these; set them with "
+                     "`stemdask calibrate STORE --set FIELD=VALUE` (or measure: `stemdask calibrate STORE`)")
+    return lines
+
+
+def result_info(path) -> dict | None:
+    """A result store's description, or None when ``path`` is not one."""
+    from pathlib import Path
+
+    from .reconstruct import RESULT_FORMAT, result_record
+
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        return None
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except ValueError:
+        return None
+    if attrs.get("format") != RESULT_FORMAT:
+        return None
+    import xarray as xr
+
+    saved = xr.open_zarr(path)
+    variables = {name: {"dims": list(v.dims), "shape": list(v.shape), "units": v.attrs.get("units"),
+                        "long_name": v.attrs.get("long_name")} for name, v in saved.data_vars.items()}
+    return {"path": str(path.resolve()), "kind": "result", "variables": variables, **result_record(dict(saved.attrs))}
+
+
+def _print_result_info(info: dict) -> None:
+    cal = info.get("calibration") if isinstance(info.get("calibration"), dict) else None
+    lines = [f"result       {info['path']}  (made by stemdask {info.get('stemdask_version', '?')})",
+             f"methods      {', '.join(info.get('methods', []))}"]
+    for m, opts in (info.get("method_options") or {}).items():
+        if opts:
+            lines.append(f"  {m:10s} " + ", ".join(f"{k}={v}" for k, v in opts.items()))
+    lines.append("variables")
+    for name, v in info["variables"].items():
+        lines.append(f"  {name:16s} {' × '.join(map(str, v['shape']))} ({', '.join(v['dims'])})"
+                     f"  {v['units'] or 'no units'}" + (f"  {v['long_name']}" if v["long_name"] else ""))
+    lines.append(f"source store {info.get('store')}  ({info.get('store_n_events', 0):,} events, "
+                 f"source SHA-256 {str(info.get('source_sha256'))[:16]}…)")
+    if cal is not None:
+        lines += _calibration_lines(cal)
+    print("\n".join(lines))
+
+
 def cmd_info(args) -> int:
+    result = result_info(args.store)
+    if result is not None:
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            _print_result_info(result)
+        return 0
     info = store_info(args.store)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -101,16 +205,13 @@ def cmd_info(args) -> int:
     lines = [
         f"store        {info['path']}  ({'complete' if info['complete'] else 'INCOMPLETE — ingest interrupted?'})",
         f"scan         {info['scan_shape'][0]} × {info['scan_shape'][1]} positions, step "
-        f"{cal['scan_step_a'][0]:.4g} × {cal['scan_step_a'][1]:.4g} Å",
+        f"{cal['scan_step_a'][0]:.4g} × {cal['scan_step_a'][1]:.4g} Å{_origin(cal, 'scan_step_a')}",
         f"detector     {info['detector_shape'][0]} × {info['detector_shape'][1]} px, "
-        f"{cal['detector_pixel_mrad']:.4g} mrad/px",
+        f"{cal['detector_pixel_mrad']:.4g} mrad/px{_origin(cal, 'detector_pixel_mrad')}",
         f"events       {info['n_events']:,}  ({info['events_per_position']:.1f} per position)",
         f"on disk      {info['stored_bytes'] / 1e6:.2f} MB, {info['bytes_per_event'] or 0:.2f} B/event, "
         f"{ratio:.0f}× smaller than dense uint16",
-        f"beam         {cal['energy_ev'] / 1e3:g} keV"
-        + (f", semi-angle {cal['semiangle_mrad']:g} mrad" if cal.get("semiangle_mrad") else ""),
-        f"calibration  BF centre {cal.get('bf_center')}, radius {cal.get('bf_radius')} px, "
-        f"rotation {cal['rotation_deg']:g}°, flip {cal['flip']}",
+        *_calibration_lines(cal, sampling=False),
         f"row blocks   {info['n_blocks']} × {info['rows_per_block']} rows",
         f"format       version {info['format_version']}; checksums: {info['checksums']}",
     ]
@@ -152,15 +253,117 @@ def cmd_validate(args) -> int:
 
 
 # ---------------------------------------------------------------------- calibrate
+#: ``calibrate --set NAME=VALUE``: name → (Calibration field, parser, unit for messages).
+SETTABLE = {
+    "energy-kev": ("energy_ev", "keV"),
+    "scan-step": ("scan_step_a", "Å"),
+    "semiangle-mrad": ("semiangle_mrad", "mrad"),
+    "detector-pixel-mrad": ("detector_pixel_mrad", "mrad/px"),
+    "rotation-deg": ("rotation_deg", "°"),
+    "flip": ("flip", ""),
+}
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _number(name: str, text: str, positive: bool = True) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise CLIError(f"--set {name}={text}: not a number") from None
+    if not math.isfinite(v) or (positive and v <= 0):
+        raise CLIError(f"--set {name}={text}: must be a {'positive ' if positive else ''}finite number")
+    return v
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``["scan-step=0.2", "flip=true", …]`` → Calibration field changes; CLIError on any bad one."""
+    changes = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name, text = name.strip().lower().replace("_", "-"), text.strip()
+        if not sep or name not in SETTABLE:
+            raise CLIError(f"--set {item}: unknown field {name!r} (expected NAME=VALUE); "
+                           f"settable: {', '.join(SETTABLE)}")
+        field = SETTABLE[name][0]
+        if name == "energy-kev":
+            changes[field] = _number(name, text) * 1e3
+        elif name == "scan-step":
+            parts = text.split(",")
+            if len(parts) not in (1, 2):
+                raise CLIError(f"--set {item}: give one step or 'y,x' in Å")
+            steps = [_number(name, t) for t in parts]
+            changes[field] = (steps[0], steps[-1])
+        elif name == "rotation-deg":
+            changes[field] = _number(name, text, positive=False)
+        elif name == "flip":
+            if text.lower() not in _TRUE + _FALSE:
+                raise CLIError(f"--set {item}: flip must be true or false")
+            changes[field] = text.lower() in _TRUE
+        else:
+            changes[field] = _number(name, text)
+    return changes
+
+
+def _set_calibration(args) -> int:
+    from .optics import Calibration
+
+    if args.mask is not None or args.descan is not None:
+        raise CLIError("--set only sets values; run `stemdask calibrate STORE` without --set to measure "
+                       "(with --mask / --descan)")
+    changes = parse_settings(args.set)
+    store = open_store(args.store, mode="r" if args.dry_run else "r+")
+    old = store.calibration
+    d = old.to_dict()
+    d.update(changes)
+    origins = {**old.origins, **{k: "set after ingest" for k in changes}}
+    if {"rotation_deg", "flip"} & set(changes):
+        d["rotation_reliable"] = None  # the user's word, not evidence in the data
+    d["origins"] = origins
+    new = Calibration.from_dict(d)  # validates every field before anything is written
+    def shown(field, v):
+        unit = next(u for f, u in SETTABLE.values() if f == field)
+        if v is None:
+            return "unknown"
+        if field == "energy_ev":
+            return f"{v / 1e3:g} {unit}"
+        if field == "scan_step_a":
+            return f"{v[0]:g} × {v[1]:g} {unit}"
+        return f"{v:g} {unit}".strip() if isinstance(v, float) else f"{v}"
+
+    for field in changes:
+        print(f"{_FIELD_LABELS[field]:20s} {shown(field, getattr(new, field))}  "
+              f"(was {shown(field, getattr(old, field))}, {old.origins.get(field, 'origin not recorded')})")
+    optics = {"energy_ev", "scan_step_a", "detector_pixel_mrad"} & set(changes)
+    if optics and old.c10_estimate_a is not None:
+        print(f"note: the stored C10 estimate ({old.c10_estimate_a:.1f} Å) was measured with the old "
+              f"{', '.join(_FIELD_LABELS[f] for f in sorted(optics))}; run `stemdask calibrate {args.store}` to re-measure")
+    if args.dry_run:
+        print("dry run: nothing stored")
+        return 0
+    store.set_calibration(new)
+    print(f"stored in {store.path} (origin: set after ingest)")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate_store
+    from .io.mask import load_mask
+    from .reconstruct import calibration_lines
 
-    result = calibrate_store(args.store, write=not args.dry_run)
+    if args.set:
+        return _set_calibration(args)
+    store = open_store(args.store)
+    mask = load_mask(args.mask, store.detector_shape) if args.mask is not None else None
+    result = calibrate_store(args.store, write=not args.dry_run, mask=mask, descan=args.descan or "plane")
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        for k, v in result.items():
-            print(f"{k:14s} {v}")
+        return 0
+    for line in calibration_lines(result):
+        print(line)
+    if args.dry_run:
+        print("dry run: nothing stored")
     return 0
 
 
@@ -268,19 +471,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames-range", nargs=2, type=int, metavar=("START", "STOP"),
                    help="dense stack / .mib: take frames [START, STOP) (must be NY·NX of them); without it a "
                         "file with more or fewer frames than the scan is refused")
-    p.add_argument("--energy-kev", type=float, metavar="E")
-    p.add_argument("--scan-step", type=float, metavar="Å")
-    p.add_argument("--semiangle-mrad", type=float, metavar="A")
-    p.add_argument("--detector-pixel-mrad", type=float, metavar="P")
+    p.add_argument("--energy-kev", type=float, metavar="E",
+                   help="beam energy (keV; default: from the source's metadata, else required)")
+    p.add_argument("--scan-step", type=float, metavar="Å",
+                   help="scan step (Å per position; default: from the source's metadata, else required)")
+    p.add_argument("--semiangle-mrad", type=float, metavar="A",
+                   help="probe convergence semi-angle (mrad; default: from the source's metadata, else required)")
+    p.add_argument("--detector-pixel-mrad", type=float, metavar="P",
+                   help="detector sampling (mrad per pixel; default: from the source's metadata, else required)")
+    p.add_argument("--assume-defaults", action="store_true",
+                   help="fill optics neither the source nor the flags give with 300 keV, 1 Å, 1 mrad/px "
+                        "(semi-angle: unknown) and record them as ASSUMED (default: refuse and list what is missing)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--resume", action="store_true", help="finish an interrupted ingest into OUT")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--cluster", help=CLUSTER_HELP)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("info", help="describe an event store")
-    p.add_argument("store")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("info", help="describe an event store or a result store (where each optics value came from)")
+    p.add_argument("store", help="an event store (.zarr) or a `reconstruct`/`demo` result (.zarr)")
+    p.add_argument("--json", action="store_true", help="print everything as JSON (default: a summary)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("validate", help="verify every chunk, block and total of an event store (exit 2 on any problem)")
@@ -288,10 +498,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", metavar="SOURCE", help="also recompute the source file's SHA-256 and event total")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("calibrate", help="find BF centre/radius and scan rotation/flip; store them")
+    p = sub.add_parser(
+        "calibrate", help="measure BF disk, defects, descan, rotation/flip, C10 and store them; or --set optics",
+        description="Without --set: measure (BF disk, detector defects + --mask, descan, rotation/flip, C10) and "
+                    "store it. With --set: only set the given values (origin 'set after ingest'), measure nothing.")
     p.add_argument("store")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--dry-run", action="store_true", help="print, do not store")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a value without measuring (repeatable): energy-kev (keV), scan-step (Å, or 'y,x'), "
+                        "semiangle-mrad (mrad), detector-pixel-mrad (mrad/px), rotation-deg (°), flip (true/false)")
+    p.add_argument("--mask", metavar="FILE",
+                   help="detector pixels to exclude: .npy or .tif/.tiff of the detector's shape, bool or 0/1 "
+                        "(1 = exclude), joined with the defects found (default: only the defects found)")
+    p.add_argument("--descan", choices=["off", "plane", "quadratic"], default=None,
+                   help="model of the BF-disk drift over the scan (default plane)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON (default: summary lines)")
+    p.add_argument("--dry-run", action="store_true", help="print, do not store (default: store)")
     p.add_argument("--cluster", help=CLUSTER_HELP)
     p.set_defaults(func=cmd_calibrate)
 
@@ -302,9 +523,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat for several methods in one pass over the events")
     p.add_argument("--out", required=True, help="result store (.zarr, an xarray Dataset)")
     p.add_argument("--png", help="also write a figure")
-    p.add_argument("--rotation-deg", type=float, help="override the calibrated scan rotation (deg)")
+    p.add_argument("--rotation-deg", type=float, metavar="DEG",
+                   help="override the calibrated scan rotation (degrees; default: the stored one); "
+                        "recorded in the result as 'command line'")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="override the calibrated detector flip")
+                   help="override the calibrated detector flip (default: the stored one); recorded as 'command line'")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     for m in methods.values():

@@ -8,6 +8,7 @@ events on a local Dask cluster → ``results.zarr`` (xarray) + ``results.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from .events import open as open_dataset
 from .io import ingest
 from .optics import Aberrations
 from .plotting import image_panel
-from .reconstruct import build_result, write_result
+from .reconstruct import build_result, calibration_lines, run_record, write_result
 from .simulate import SimulationParams, load_truth, simulate
 
 PHASE_METHODS = ["icom", "dpc", "ricom", "ssb"]
@@ -72,17 +73,19 @@ def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector
     say("2/5 ingesting events.npz → events.zarr")
     t = time.perf_counter()
     cal = params.calibration()
+    optics = {"energy_ev": cal.energy_ev, "scan_step_a": cal.scan_step_a,
+              "semiangle_mrad": cal.semiangle_mrad, "detector_pixel_mrad": cal.detector_pixel_mrad}
+    # the simulation's own optics, given explicitly (ingest assumes nothing) and recorded as such
     store = ingest(out / "events.npz", out / "events.zarr", format="csr", progress=progress,
-                   calibration={"energy_ev": cal.energy_ev, "scan_step_a": cal.scan_step_a,
-                                "semiangle_mrad": cal.semiangle_mrad, "detector_pixel_mrad": cal.detector_pixel_mrad})
+                   calibration={**optics, "origins": {k: "simulation" for k in optics}})
     shutil.rmtree(sim.path)
     timings["ingest"] = time.perf_counter() - t
 
     say("3/5 calibrating (BF disk, scan rotation/flip)")
     t = time.perf_counter()
     found = calibrate_store(store.path)
-    say(f"    BF centre {found['bf_center'][0]:.2f}, {found['bf_center'][1]:.2f} px, radius {found['bf_radius']:.2f} px, "
-        f"rotation {found['rotation_deg']:.1f}°, flip {found['flip']}")
+    for line in calibration_lines(found):
+        say(f"    {line}")
     timings["calibrate"] = time.perf_counter() - t
 
     say(f"4/5 reconstructing on a {'local Dask cluster' if cluster else 'threaded scheduler'}: "
@@ -90,9 +93,12 @@ def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector
     t = time.perf_counter()
     with connect(cluster):
         ds = open_dataset(store.path)
-        result = build_result(ds, ["com", *PHASE_METHODS], _method_args(c10=c10))
+        method_args = _method_args(c10=c10)
+        result = build_result(ds, ["com", *PHASE_METHODS], method_args)
         result = xr.merge([ds.virtual_detectors({"bf": "bf", "adf": "adf"}).rename(bf="virtual_bf", adf="virtual_adf"),
                            result], combine_attrs="drop_conflicts")
+        result.attrs = {**run_record(ds, ["com", *PHASE_METHODS], method_args),
+                        "demo": json.dumps({"scan": scan, "detector": detector, "dose": dose, "c10": c10, "seed": 1})}
         result["phase_truth"] = xr.DataArray(truth, dims=("scan_y", "scan_x"),
                                              attrs={"units": "rad", "long_name": "true phase (simulation)"})
         path = write_result(result, out / "results.zarr", overwrite=True, progress=progress)

@@ -260,6 +260,8 @@ class SimulationParams:
             rotation_deg=self.total_rotation_deg,
             flip=self.flip,
             descan=self.descan,
+            origins={f: "simulation" for f in ("energy_ev", "scan_step_a", "detector_pixel_mrad", "semiangle_mrad",
+                                               "bf_center", "bf_radius", "rotation_deg", "flip", "descan")},
         )
 
     def faults(self) -> dict:

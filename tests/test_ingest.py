@@ -126,7 +126,7 @@ def test_csr_round_trip(tmp_path, compressed):
     indices, offsets = random_csr()
     src = tmp_path / "ev.npz"
     (np.savez_compressed if compressed else np.savez)(src, indices=indices, offsets=offsets)
-    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, detector_shape=DET, rows_per_block=5, progress=False)
+    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, detector_shape=DET, rows_per_block=5, progress=False, assume_defaults=True)
     assert store.complete and store.n_blocks == 3
     assert_store_equals(store, indices, offsets)
     prov = store.provenance
@@ -163,7 +163,7 @@ def test_stempy_round_trip(tmp_path, version, F, two_d, split, shuffle):
                                             two_d=two_d, split=split, shuffle=shuffle)
     np.testing.assert_array_equal(exp_offsets, offsets)
     assert sniff_format(src) == "stempy"
-    store = ingest(src, tmp_path / "s.zarr", rows_per_block=4, progress=False)
+    store = ingest(src, tmp_path / "s.zarr", rows_per_block=4, progress=False, assume_defaults=True)
     assert store.scan_shape == SCAN and store.detector_shape == DET
     assert_store_equals(store, exp_indices, exp_offsets)  # frames of a position merged in file order
     assert store.provenance["ingest"]["stempy_version"] == version
@@ -176,7 +176,7 @@ def test_stempy_flyback_column_dropped(tmp_path):
     events = per_position(indices, offsets)
     src = tmp_path / "fly.h5"
     write_stempy(src, events, scan_file, DET, version=3)
-    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, rows_per_block=5, progress=False)
+    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, rows_per_block=5, progress=False, assume_defaults=True)
     kept = [ev for p, ev in enumerate(events) if p % scan_file[1] != 0]  # column ix = 0 is the flyback
     exp_off = np.concatenate([[0], np.cumsum([e.size for e in kept])])
     assert_store_equals(store, np.concatenate(kept), exp_off)
@@ -192,7 +192,7 @@ def test_stempy_written_by_stempy(tmp_path):
         data[p, 0] = ev
     src = tmp_path / "by_stempy.h5"
     stio.SparseArray(data, SCAN, DET).write_to_hdf5(str(src))
-    store = ingest(src, tmp_path / "s.zarr", progress=False)
+    store = ingest(src, tmp_path / "s.zarr", progress=False, assume_defaults=True)
     assert_store_equals(store, indices, offsets)
 
 
@@ -202,7 +202,7 @@ def test_dense_npy_counts_round_trip(tmp_path):
     frames = dense_from_csr(indices, offsets)
     assert frames.max() > 1  # several electrons in a pixel: counted exactly
     np.save(tmp_path / "d.npy", frames)
-    store = ingest(tmp_path / "d.npy", tmp_path / "s.zarr", rows_per_block=5, progress=False)
+    store = ingest(tmp_path / "d.npy", tmp_path / "s.zarr", rows_per_block=5, progress=False, assume_defaults=True)
     assert_store_equals(store, indices, offsets)
     assert validate_against_source(store)["source_events"] == offsets[-1]
 
@@ -211,7 +211,7 @@ def test_dense_stack_needs_and_uses_scan_shape(tmp_path):
     indices, offsets = random_csr(seed=3)
     frames = dense_from_csr(indices, offsets).reshape(-1, *DET).astype(np.float32)
     np.save(tmp_path / "d.npy", frames)
-    store = ingest(tmp_path / "d.npy", tmp_path / "s.zarr", scan_shape=SCAN, progress=False)
+    store = ingest(tmp_path / "d.npy", tmp_path / "s.zarr", scan_shape=SCAN, progress=False, assume_defaults=True)
     assert_store_equals(store, indices, offsets)
 
 
@@ -221,7 +221,7 @@ def test_dense_threshold_mode(tmp_path):
     noise = np.random.default_rng(0).uniform(0, 0.4, counts.shape)
     analogue = (counts * 3.0 + noise).astype(np.float32)  # ~3 units per electron, noise below 0.5
     np.save(tmp_path / "a.npy", analogue)
-    store = ingest(tmp_path / "a.npy", tmp_path / "s.zarr", mode="threshold", threshold=0.5, progress=False)
+    store = ingest(tmp_path / "a.npy", tmp_path / "s.zarr", mode="threshold", threshold=0.5, progress=False, assume_defaults=True)
     hit = counts.reshape(SCAN[0] * SCAN[1], -1) > 0  # one event per lit pixel
     exp_idx = np.concatenate([np.flatnonzero(h) for h in hit]).astype(np.uint32)
     exp_off = np.concatenate([[0], np.cumsum(hit.sum(1))])
@@ -238,15 +238,15 @@ def test_dense_hdf5_dataset_path_and_single_dataset(tmp_path):
         f.create_dataset("entry/data", data=frames, chunks=(1, 5, *DET), compression="gzip")
         f.create_dataset("other/frames", data=frames[:, :, :2])  # a second 4-D dataset
     with pytest.raises(ValueError, match="several"):
-        ingest(src, tmp_path / "x.zarr", progress=False)
-    store = ingest(f"{src}:/entry/data", tmp_path / "s.zarr", progress=False)
+        ingest(src, tmp_path / "x.zarr", progress=False, assume_defaults=True)
+    store = ingest(f"{src}:/entry/data", tmp_path / "s.zarr", progress=False, assume_defaults=True)
     assert_store_equals(store, indices, offsets)
     assert store.provenance["ingest"]["dataset"] == "/entry/data"
     assert validate_against_source(store)["source_events"] == offsets[-1]
     single = tmp_path / "one.h5"
     with h5py.File(single, "w") as f:
         f["data"] = frames
-    assert_store_equals(ingest(single, tmp_path / "t.zarr", progress=False), indices, offsets)
+    assert_store_equals(ingest(single, tmp_path / "t.zarr", progress=False, assume_defaults=True), indices, offsets)
 
 
 def test_dense_pieces_bound_memory(tmp_path, monkeypatch):
@@ -260,7 +260,7 @@ def test_dense_pieces_bound_memory(tmp_path, monkeypatch):
         monkeypatch.setattr(dense, "PIECE_BYTES", piece)
         src = open_source(tmp_path / "d.npy")
         assert max(b - a for a, b in src._pieces(0, SCAN[0] * SCAN[1])) <= piece // frame_bytes
-        store = ingest(tmp_path / "d.npy", tmp_path / f"s{piece}.zarr", progress=False)
+        store = ingest(tmp_path / "d.npy", tmp_path / f"s{piece}.zarr", progress=False, assume_defaults=True)
         assert_store_equals(store, indices, offsets)
 
 
@@ -271,7 +271,7 @@ def test_mib_round_trip(tmp_path):
     src = tmp_path / "scan.mib"
     write_mib(src, raw)
     assert sniff_format(src) == "mib"
-    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, rows_per_block=5, progress=False)
+    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, rows_per_block=5, progress=False, assume_defaults=True)
     # rosettasciio's orientation: frames flipped vertically with respect to the file
     shown = rsciio_qd.file_reader(str(src), navigation_shape=SCAN[::-1])[0]["data"]
     np.testing.assert_array_equal(shown, raw.reshape(*SCAN, *DET)[..., ::-1, :])
@@ -296,7 +296,7 @@ def test_other_rosettasciio_format_hspy(tmp_path):
         "package_info": {"name": "stemdask-tests", "version": "0"}, "learning_results": {}, "models": {},
     })
     assert sniff_format(src) == "dense"
-    store = ingest(src, tmp_path / "s.zarr", rows_per_block=5, progress=False)
+    store = ingest(src, tmp_path / "s.zarr", rows_per_block=5, progress=False, assume_defaults=True)
     assert store.provenance["ingest"]["reader"] == "rsciio.hspy"
     assert_store_equals(store, indices, offsets)
     assert validate_against_source(store)["source_events"] == offsets[-1]
@@ -324,7 +324,7 @@ def test_timestamped_round_trip(tmp_path, container):
             f["index"], f["toa_ns"] = index, toa
     assert sniff_format(src) == "events"
     store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=dwell,
-                   rows_per_block=5, progress=False)
+                   rows_per_block=5, progress=False, assume_defaults=True)
     assert store.has_toa
     # events of a position keep their arrival order (toa sorted); toa stored within the dwell
     order = np.argsort(pos, kind="stable")
@@ -339,7 +339,7 @@ def test_timestamped_metadata_in_file(tmp_path):
     with h5py.File(src, "w") as f:
         f["index"], f["toa_ns"] = index, toa
         f.attrs["scan_shape"], f.attrs["detector_shape"], f.attrs["dwell_ns"] = SCAN, DET, 500.0
-    store = ingest(src, tmp_path / "s.zarr", progress=False)
+    store = ingest(src, tmp_path / "s.zarr", progress=False, assume_defaults=True)
     assert store.provenance["ingest"]["dwell_ns"] == 500.0
     assert store.n_events == offsets[-1]
 
@@ -349,9 +349,9 @@ def test_resume_complete_store_is_a_no_op_and_resume_from_scratch_works(tmp_path
     indices, offsets = random_csr()
     np.savez(tmp_path / "ev.npz", indices=indices, offsets=offsets)
     kw = dict(scan_shape=SCAN, detector_shape=DET, progress=False)
-    store = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, **kw)  # nothing to resume: ingests
+    store = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, **kw, assume_defaults=True)  # nothing to resume: ingests
     assert store.complete
-    again = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, calibration={"energy_ev": 60e3}, **kw)
+    again = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, calibration={"energy_ev": 60e3}, **kw, assume_defaults=True)
     assert again.complete and again.n_events == offsets[-1]
     assert open_store(tmp_path / "s.zarr").calibration.energy_ev == 60e3  # a resume may add calibration
 
@@ -361,7 +361,7 @@ def test_cli_ingest_and_info(tmp_path, capsys):
     np.savez(tmp_path / "ev.npz", indices=indices, offsets=offsets)
     out = tmp_path / "s.zarr"
     argv = ["ingest", str(tmp_path / "ev.npz"), str(out), "--scan-shape", *map(str, SCAN),
-            "--detector-shape", *map(str, DET), "--energy-kev", "80", "--scan-step", "0.3", "--quiet"]
+            "--detector-shape", *map(str, DET), "--energy-kev", "80", "--scan-step", "0.3", "--quiet", "--assume-defaults"]
     assert main(argv) == 0
     capsys.readouterr()
     assert main(["info", str(out), "--json"]) == 0
@@ -404,7 +404,7 @@ def test_any_block_layout_round_trips(ny, nx, rows, mean, fmt):
             pos = np.repeat(np.arange(ny * nx), np.diff(offsets))
             np.savez(src, index=indices, toa_ns=pos * 10.0 + 3.0)
             kw = dict(scan_shape=(ny, nx), detector_shape=(5, 7), dwell_ns=10.0)
-        store = ingest(src, Path(d) / "s.zarr", rows_per_block=rows, progress=False, **kw)
+        store = ingest(src, Path(d) / "s.zarr", rows_per_block=rows, progress=False, **kw, assume_defaults=True)
         assert store.n_blocks == -(-ny // min(rows, ny))
         assert_store_equals(store, indices, offsets)
 

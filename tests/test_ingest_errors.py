@@ -46,17 +46,17 @@ def test_truncated_hdf5(tmp_path, stempy_file, capsys):
     bad = tmp_path / "truncated.h5"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(SourceError, match="truncated.h5.*not a readable HDF5"):
-        ingest(bad, tmp_path / "o.zarr", progress=False)
+        ingest(bad, tmp_path / "o.zarr", progress=False, assume_defaults=True)
     assert not (tmp_path / "o.zarr").exists()
-    cli_fails(["ingest", str(bad), str(tmp_path / "o.zarr")], capsys, bad, "HDF5")
+    cli_fails(["ingest", str(bad), str(tmp_path / "o.zarr"), "--assume-defaults"], capsys, bad, "HDF5")
 
 
 def test_corrupt_hdf5(tmp_path, capsys):
     bad = tmp_path / "garbage.h5"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(SourceError, match="garbage.h5.*not a readable HDF5"):
-        ingest(bad, tmp_path / "o.zarr", progress=False)
-    cli_fails(["ingest", str(bad), str(tmp_path / "o.zarr")], capsys, bad)
+        ingest(bad, tmp_path / "o.zarr", progress=False, assume_defaults=True)
+    cli_fails(["ingest", str(bad), str(tmp_path / "o.zarr"), "--assume-defaults"], capsys, bad)
     assert not (tmp_path / "o.zarr").exists()
 
 
@@ -67,14 +67,14 @@ def test_detector_index_outside_detector(tmp_path, capsys):
     np.savez(src, indices=indices, offsets=offsets)
     out = tmp_path / "o.zarr"
     with pytest.raises(SourceError, match=r"bad.npz: detector index 256 .*scan rows 7..7.*16×16") as e:
-        ingest(src, out, scan_shape=SCAN, detector_shape=DET, rows_per_block=1, progress=False)
+        ingest(src, out, scan_shape=SCAN, detector_shape=DET, rows_per_block=1, progress=False, assume_defaults=True)
     assert "left incomplete" in str(e.value)
     # what was written before the failure is marked incomplete, never complete
     assert open_store(out, allow_incomplete=True).complete is False
     with pytest.raises(IncompleteStoreError):
         open_store(out)
     cli_fails(["ingest", str(src), str(tmp_path / "c.zarr"), "--scan-shape", *map(str, SCAN),
-               "--detector-shape", *map(str, DET)], capsys, src, "detector index 256")
+               "--detector-shape", *map(str, DET), "--assume-defaults"], capsys, src, "detector index 256")
 
 
 def test_detector_index_outside_detector_stempy(tmp_path):
@@ -83,26 +83,26 @@ def test_detector_index_outside_detector_stempy(tmp_path):
     src = tmp_path / "bad.h5"
     write_stempy(src, per_position(indices, offsets), SCAN, DET)
     with pytest.raises(SourceError, match="bad.h5: detector index 10000"):
-        ingest(src, tmp_path / "o.zarr", progress=False)
+        ingest(src, tmp_path / "o.zarr", progress=False, assume_defaults=True)
 
 
 @pytest.mark.parametrize("scan", [(12, 8), (11, 10)])  # (12, 9) would drop a flyback column
 def test_scan_shape_does_not_match(tmp_path, csr_file, stempy_file, capsys, scan):
     with pytest.raises(SourceError, match=r"ev.npz: scan shape .* does not match the data: 'offsets' has 121"):
-        ingest(csr_file, tmp_path / "o.zarr", scan_shape=scan, detector_shape=DET, progress=False)
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=scan, detector_shape=DET, progress=False, assume_defaults=True)
     with pytest.raises(SourceError, match=r"real.h5: scan_shape .* does not match the file's scan \(12, 10\)"):
-        ingest(stempy_file, tmp_path / "o.zarr", scan_shape=scan, progress=False)
+        ingest(stempy_file, tmp_path / "o.zarr", scan_shape=scan, progress=False, assume_defaults=True)
     np.save(tmp_path / "d.npy", np.zeros((*SCAN, *DET), np.uint8))
     with pytest.raises(SourceError, match=r"d.npy: scan_shape .* does not match the data"):
-        ingest(tmp_path / "d.npy", tmp_path / "o.zarr", scan_shape=scan, progress=False)
+        ingest(tmp_path / "d.npy", tmp_path / "o.zarr", scan_shape=scan, progress=False, assume_defaults=True)
     assert not (tmp_path / "o.zarr").exists()
     cli_fails(["ingest", str(csr_file), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, scan),
-               "--detector-shape", *map(str, DET)], capsys, csr_file, "does not match")
+               "--detector-shape", *map(str, DET), "--assume-defaults"], capsys, csr_file, "does not match")
 
 
 def test_missing_shapes_are_asked_for(tmp_path, csr_file):
     with pytest.raises(SourceError, match="ev.npz: the file does not record the detector_shape"):
-        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, progress=False)
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, progress=False, assume_defaults=True)
 
 
 @pytest.mark.parametrize("field, value", [("energy_ev", -300e3), ("scan_step_a", float("nan")),
@@ -110,41 +110,41 @@ def test_missing_shapes_are_asked_for(tmp_path, csr_file):
 def test_bad_calibration(tmp_path, csr_file, field, value):
     with pytest.raises(ValueError, match=field):
         ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET,
-               calibration={field: value}, progress=False)
+               calibration={field: value}, progress=False, assume_defaults=True)
     assert not (tmp_path / "o.zarr").exists()
 
 
 def test_unknown_calibration_field(tmp_path, csr_file):
     with pytest.raises(ValueError, match=r"unknown calibration fields \['voltage'\]"):
         ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET,
-               calibration={"voltage": 300}, progress=False)
+               calibration={"voltage": 300}, progress=False, assume_defaults=True)
 
 
 def test_bad_calibration_cli(tmp_path, csr_file, capsys):
     cli_fails(["ingest", str(csr_file), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN),
-               "--detector-shape", *map(str, DET), "--energy-kev", "-300"], capsys, "energy_ev")
+               "--detector-shape", *map(str, DET), "--energy-kev", "-300", "--assume-defaults"], capsys, "energy_ev")
     cli_fails(["ingest", str(csr_file), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN),
-               "--detector-shape", *map(str, DET), "--scan-step", "nan"], capsys, "scan_step_a")
+               "--detector-shape", *map(str, DET), "--scan-step", "nan", "--assume-defaults"], capsys, "scan_step_a")
 
 
 def test_output_exists_refused_unless_overwrite(tmp_path, csr_file, capsys):
     out = tmp_path / "o.zarr"
     kw = dict(scan_shape=SCAN, detector_shape=DET, progress=False)
-    ingest(csr_file, out, **kw)
+    ingest(csr_file, out, **kw, assume_defaults=True)
     with pytest.raises(FileExistsError, match="o.zarr already exists"):
-        ingest(csr_file, out, **kw)
-    argv = ["ingest", str(csr_file), str(out), "--scan-shape", *map(str, SCAN), "--detector-shape", *map(str, DET)]
+        ingest(csr_file, out, **kw, assume_defaults=True)
+    argv = ["ingest", str(csr_file), str(out), "--scan-shape", *map(str, SCAN), "--detector-shape", *map(str, DET), "--assume-defaults"]
     cli_fails(argv, capsys, out, "already exists")
     assert main([*argv, "--overwrite", "--quiet"]) == 0
     with pytest.raises(ValueError, match="overwrite.*resume"):
-        ingest(csr_file, out, overwrite=True, resume=True, **kw)
+        ingest(csr_file, out, overwrite=True, resume=True, **kw, assume_defaults=True)
 
 
 def test_overwrite_keeps_old_output_when_the_source_is_bad(tmp_path, csr_file):
     out = tmp_path / "o.zarr"
-    ingest(csr_file, out, scan_shape=SCAN, detector_shape=DET, progress=False)
+    ingest(csr_file, out, scan_shape=SCAN, detector_shape=DET, progress=False, assume_defaults=True)
     with pytest.raises(SourceError):
-        ingest(csr_file, out, scan_shape=(5, 5), detector_shape=DET, overwrite=True, progress=False)
+        ingest(csr_file, out, scan_shape=(5, 5), detector_shape=DET, overwrite=True, progress=False, assume_defaults=True)
     assert open_store(out).complete
 
 
@@ -159,7 +159,7 @@ def test_incomplete_store_refused(tmp_path, csr_file, monkeypatch, capsys):
 
     monkeypatch.setattr(CSRSource, "read_rows", fail_late)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        ingest(csr_file, out, scan_shape=SCAN, detector_shape=DET, rows_per_block=4, progress=False)
+        ingest(csr_file, out, scan_shape=SCAN, detector_shape=DET, rows_per_block=4, progress=False, assume_defaults=True)
     with pytest.raises(IncompleteStoreError, match=r"o.zarr: store is incomplete"):
         open_store(out)
     assert main(["info", str(out), "--json"]) == 0  # info still describes it, as INCOMPLETE
@@ -173,21 +173,21 @@ def test_resume_refuses_a_different_source_or_parameters(tmp_path, csr_file, mon
     kw = dict(scan_shape=SCAN, detector_shape=DET, progress=False)
     monkeypatch.setattr(CSRSource, "read_rows", lambda self, r0, r1: (_ for _ in ()).throw(RuntimeError("x")))
     with pytest.raises(RuntimeError):
-        ingest(csr_file, out, rows_per_block=4, **kw)
+        ingest(csr_file, out, rows_per_block=4, **kw, assume_defaults=True)
     monkeypatch.undo()
     other = tmp_path / "other.npz"
     indices, offsets = random_csr(seed=1)
     np.savez(other, indices=indices, offsets=offsets)
     with pytest.raises(StoreError, match="o.zarr: cannot resume: it was made from a different source"):
-        ingest(other, out, resume=True, **kw)
+        ingest(other, out, resume=True, **kw, assume_defaults=True)
     with pytest.raises(StoreError, match="rows_per_block 3"):
-        ingest(csr_file, out, resume=True, rows_per_block=3, **kw)
-    assert ingest(csr_file, out, resume=True, **kw).complete
+        ingest(csr_file, out, resume=True, rows_per_block=3, **kw, assume_defaults=True)
+    assert ingest(csr_file, out, resume=True, **kw, assume_defaults=True).complete
 
 
 def test_newer_store_format_refused(tmp_path, csr_file, capsys):
     out = tmp_path / "o.zarr"
-    ingest(csr_file, out, scan_shape=SCAN, detector_shape=DET, progress=False)
+    ingest(csr_file, out, scan_shape=SCAN, detector_shape=DET, progress=False, assume_defaults=True)
     meta = out / "zarr.json"
     doc = json.loads(meta.read_text())
     doc["attributes"]["format_version"] = 99
@@ -200,12 +200,12 @@ def test_newer_store_format_refused(tmp_path, csr_file, capsys):
 def test_mode_and_dwell_only_where_they_apply(tmp_path, csr_file):
     with pytest.raises(SourceError, match="mode/threshold apply to dense frames only"):
         ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, mode="threshold",
-               threshold=1, progress=False)
+               threshold=1, progress=False, assume_defaults=True)
     with pytest.raises(SourceError, match="dwell_ns applies to time-stamped"):
-        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=10, progress=False)
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=10, progress=False, assume_defaults=True)
     np.save(tmp_path / "d.npy", np.zeros((*SCAN, *DET), np.uint8))
     with pytest.raises(SourceError, match="d.npy: mode 'threshold' needs a finite threshold"):
-        ingest(tmp_path / "d.npy", tmp_path / "o.zarr", mode="threshold", progress=False)
+        ingest(tmp_path / "d.npy", tmp_path / "o.zarr", mode="threshold", progress=False, assume_defaults=True)
 
 
 def test_dense_counts_must_be_whole_non_negative(tmp_path):
@@ -214,7 +214,7 @@ def test_dense_counts_must_be_whole_non_negative(tmp_path):
     frames[7, 1, 0, 0] = -1
     np.save(tmp_path / "d.npy", frames)
     with pytest.raises(SourceError, match=r"d.npy: 1 pixels \(positions 20..39\) are negative or not whole"):
-        ingest(tmp_path / "d.npy", tmp_path / "o.zarr", rows_per_block=2, progress=False)
+        ingest(tmp_path / "d.npy", tmp_path / "o.zarr", rows_per_block=2, progress=False, assume_defaults=True)
 
 
 def test_events_beyond_the_scan_or_unsorted(tmp_path):
@@ -224,13 +224,13 @@ def test_events_beyond_the_scan_or_unsorted(tmp_path):
         f["index"] = np.arange(5, dtype=np.uint16)
         f["toa_ns"] = np.array([0.0, 10.0, 20.0, n * 100.0 - 1, n * 100.0 + 5])
     with pytest.raises(SourceError, match=r"ev.h5: 1 events arrive after the scan ends"):
-        ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=100, progress=False)
+        ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=100, progress=False, assume_defaults=True)
     with h5py.File(src, "w") as f:
         f["index"] = np.arange(4, dtype=np.uint16)
         f["toa_ns"] = np.array([0.0, 5000.0, 10.0, 9000.0])
     with pytest.raises(SourceError, match=r"ev.h5: events of scan rows .* not grouped in time"):
         ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=100,
-               rows_per_block=1, progress=False)
+               rows_per_block=1, progress=False, assume_defaults=True)
 
 
 @pytest.mark.parametrize("dwell", [0.0, -5.0, float("nan"), 2.0**33])
@@ -239,7 +239,7 @@ def test_bad_dwell(tmp_path, dwell):
     with h5py.File(src, "w") as f:
         f["index"], f["toa_ns"] = np.arange(3, dtype=np.uint16), np.array([0.0, 1.0, 2.0])
     with pytest.raises(SourceError, match="ev.h5: dwell_ns must be a positive number"):
-        ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=dwell, progress=False)
+        ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=dwell, progress=False, assume_defaults=True)
 
 
 def test_corrupt_and_truncated_mib(tmp_path, capsys):
@@ -247,39 +247,39 @@ def test_corrupt_and_truncated_mib(tmp_path, capsys):
     garbage = tmp_path / "garbage.mib"
     garbage.write_bytes(np.random.default_rng(1).bytes(5000))
     with pytest.raises(SourceError, match="garbage.mib: rsciio.quantumdetector cannot read it"):
-        ingest(garbage, tmp_path / "o.zarr", scan_shape=SCAN, progress=False)
+        ingest(garbage, tmp_path / "o.zarr", scan_shape=SCAN, progress=False, assume_defaults=True)
     indices, offsets = random_csr()
     good = tmp_path / "scan.mib"
     write_mib(good, dense_from_csr(indices, offsets).reshape(-1, *DET))
     cut = tmp_path / "cut.mib"
     cut.write_bytes(good.read_bytes()[: (384 + 2 * DET[0] * DET[1]) * 55])  # 5.5 of 12 scan rows
     with pytest.raises(SourceError, match=r"cut.mib: scan_shape \(12, 10\) does not match the data"):
-        ingest(cut, tmp_path / "o.zarr", scan_shape=SCAN, progress=False)
-    cli_fails(["ingest", str(cut), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN)], capsys, cut)
+        ingest(cut, tmp_path / "o.zarr", scan_shape=SCAN, progress=False, assume_defaults=True)
+    cli_fails(["ingest", str(cut), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN), "--assume-defaults"], capsys, cut)
     assert not (tmp_path / "o.zarr").exists()
 
 
 def test_unknown_and_missing_input(tmp_path, capsys):
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(SourceError, match="x.txt: unknown format"):
-        ingest(tmp_path / "x.txt", tmp_path / "o.zarr", progress=False)
-    cli_fails(["ingest", str(tmp_path / "nope.npz"), str(tmp_path / "o.zarr")], capsys, "nope.npz", "no such file")
+        ingest(tmp_path / "x.txt", tmp_path / "o.zarr", progress=False, assume_defaults=True)
+    cli_fails(["ingest", str(tmp_path / "nope.npz"), str(tmp_path / "o.zarr"), "--assume-defaults"], capsys, "nope.npz", "no such file")
     np.savez(tmp_path / "w.npz", a=np.zeros(3))
     with pytest.raises(SourceError, match="w.npz: .npz has neither"):
-        ingest(tmp_path / "w.npz", tmp_path / "o.zarr", progress=False)
+        ingest(tmp_path / "w.npz", tmp_path / "o.zarr", progress=False, assume_defaults=True)
 
 
 def test_truncated_npz_and_npy(tmp_path, csr_file, capsys):
     bad = tmp_path / "cut.npz"
     bad.write_bytes(csr_file.read_bytes()[:-200])
     with pytest.raises(SourceError, match="cut.npz: not a readable .npz"):
-        ingest(bad, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, progress=False)
+        ingest(bad, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, progress=False, assume_defaults=True)
     np.save(tmp_path / "d.npy", np.ones((*SCAN, *DET), np.uint8))
     cut = tmp_path / "cut.npy"
     cut.write_bytes((tmp_path / "d.npy").read_bytes()[:5000])
     with pytest.raises(SourceError, match="cut.npy: not a readable .npy"):
-        ingest(cut, tmp_path / "o.zarr", progress=False)
-    cli_fails(["ingest", str(cut), str(tmp_path / "o.zarr")], capsys, cut)
+        ingest(cut, tmp_path / "o.zarr", progress=False, assume_defaults=True)
+    cli_fails(["ingest", str(cut), str(tmp_path / "o.zarr"), "--assume-defaults"], capsys, cut)
     assert not (tmp_path / "o.zarr").exists()
 
 
@@ -292,21 +292,21 @@ def test_stempy_frames_must_be_integers(tmp_path):
         pos = f.create_dataset("electron_events/scan_positions", data=np.arange(4, dtype=np.uint32))
         pos.attrs["Nx"], pos.attrs["Ny"] = 2, 2
     with pytest.raises(SourceError, match="variable-length integer arrays"):
-        ingest(src, tmp_path / "s.zarr", format="stempy", detector_shape=(8, 8), progress=False)
+        ingest(src, tmp_path / "s.zarr", format="stempy", detector_shape=(8, 8), progress=False, assume_defaults=True)
 
 
 def test_resume_accepts_rows_per_block_larger_than_the_scan(tmp_path, csr_file):
     out = tmp_path / "s.zarr"
     kw = dict(scan_shape=SCAN, detector_shape=DET, rows_per_block=10 * SCAN[0], progress=False)
-    first = ingest(csr_file, out, **kw)
-    again = ingest(csr_file, out, resume=True, **kw)
+    first = ingest(csr_file, out, **kw, assume_defaults=True)
+    again = ingest(csr_file, out, resume=True, **kw, assume_defaults=True)
     assert again.complete and again.n_events == first.n_events
 
 
 def test_integrated_intensities_in_counts_mode_point_to_threshold_mode(tmp_path, capsys):
     frames = np.full((2, 2, 8, 8), 5000, np.uint16)  # an integrating detector's analogue values
     np.save(tmp_path / "analogue.npy", frames)
-    cli_fails(["ingest", str(tmp_path / "analogue.npy"), str(tmp_path / "s.zarr")], capsys,
+    cli_fails(["ingest", str(tmp_path / "analogue.npy"), str(tmp_path / "s.zarr"), "--assume-defaults"], capsys,
               "analogue.npy", "integrated intensities", "--mode threshold")
     with pytest.raises(IncompleteStoreError):  # what was started stays marked incomplete
         open_store(tmp_path / "s.zarr")

@@ -35,7 +35,10 @@ def scan(tmp_path_factory):
     frames = np.stack([np.bincount(indices[offsets[i]:offsets[i + 1]], minlength=DET * DET)
                        for i in range(offsets.size - 1)]).reshape(-1, DET, DET)
     mib = write_mib(tmp / "scan.mib", frames[:, ::-1], counter_depth=6)  # ingest flips .mib rows back
-    assert main(["ingest", str(mib), str(tmp / "ingested.zarr"), "--scan-shape", *map(str, SCAN), "--quiet"]) == 0
+    optics = ["--energy-kev", str(p.energy_ev / 1e3), "--scan-step", str(p.scan_step),
+              "--semiangle-mrad", str(p.semiangle_mrad), "--detector-pixel-mrad", str(p.pixel_mrad)]
+    assert main(["ingest", str(mib), str(tmp / "ingested.zarr"), "--scan-shape", *map(str, SCAN), *optics,
+                 "--quiet"]) == 0
     open_store(tmp / "ingested.zarr", mode="r+").set_calibration(sim.calibration)  # as `stemdask calibrate` would
     assert main(["reconstruct", str(tmp / "ingested.zarr"), "--method", "ricom", "--method", "virtual",
                  "--method", "com", "--out", str(tmp / "batch.zarr"), "--quiet", *KERNEL]) == 0

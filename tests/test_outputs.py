@@ -54,7 +54,7 @@ def _csr_source(tmp_path):
     rng = np.random.default_rng(0)
     counts = rng.poisson(5, 16)
     np.savez(src, indices=rng.integers(0, 16, counts.sum()), offsets=np.concatenate([[0], np.cumsum(counts)]))
-    return src, ["--scan-shape", "4", "4", "--detector-shape", "4", "4", "--quiet"]
+    return src, ["--scan-shape", "4", "4", "--detector-shape", "4", "4", "--assume-defaults", "--quiet"]
 
 
 def test_a_live_writer_locks_the_output_for_reconstruct_and_ingest(store, tmp_path, capsys, live_pid):

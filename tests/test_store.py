@@ -66,7 +66,7 @@ def test_resume_after_failed_block_is_identical(tmp_path, monkeypatch):
     indices, offsets = random_csr(seed=4, scan=scan, mean=300)
     src = tmp_path / "ev.npz"
     np.savez(src, indices=indices, offsets=offsets)
-    kw = dict(scan_shape=scan, detector_shape=(16, 16), rows_per_block=3, progress=False)
+    kw = dict(scan_shape=scan, detector_shape=(16, 16), rows_per_block=3, progress=False, assume_defaults=True)
     clean = ingest(src, tmp_path / "clean.zarr", **kw)
 
     real = CSRSource.read_rows
@@ -103,7 +103,7 @@ def small_store(tmp_path):
     src = tmp_path / "ev.npz"
     np.savez(src, indices=indices, offsets=offsets)
     return ingest(src, tmp_path / "s.zarr", scan_shape=(12, 10), detector_shape=(16, 16),
-                  rows_per_block=4, progress=False)
+                  rows_per_block=4, progress=False, assume_defaults=True)
 
 
 def test_validate_catches_changed_data(small_store):

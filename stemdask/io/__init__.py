@@ -8,13 +8,21 @@ source's checksum and event total. One small module per format; :mod:`.formats` 
 
 from .common import Source, SourceError, file_sha256
 from .formats import FORMATS, open_source, sniff_format
-from .ingest import check_against_source, ingest, validate_against_source
+from .ingest import (
+    ASSUMED_DEFAULTS,
+    MissingOpticsError,
+    check_against_source,
+    ingest,
+    validate_against_source,
+)
 
 __all__ = [
+    "ASSUMED_DEFAULTS",
     "FORMATS",
+    "MissingOpticsError",
     "Source",
-    "check_against_source",
     "SourceError",
+    "check_against_source",
     "file_sha256",
     "ingest",
     "open_source",

@@ -10,6 +10,7 @@ each read opens what it needs.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -19,6 +20,13 @@ from ..store import check_shape
 
 #: Bytes read per call when streaming a file through SHA-256.
 _HASH_PIECE = 1 << 24
+
+#: The optics every store needs (:class:`~stemdask.optics.Calibration` field names and units:
+#: eV, Å, mrad, mrad per pixel). Each comes from the source's metadata, the caller, or an
+#: explicit assumption (``--assume-defaults``); never silently.
+OPTICS_FIELDS = ("energy_ev", "scan_step_a", "semiangle_mrad", "detector_pixel_mrad")
+#: The names a file may record them under (:func:`optics_from_mapping`).
+OPTICS_NAMES = (*OPTICS_FIELDS, "energy_kev")
 
 
 class SourceError(ValueError):
@@ -57,6 +65,29 @@ def agree(name: str, given, found, path, hint: str = "") -> tuple[int, int]:
     if shape is None:
         raise SourceError(f"{path}: the file does not record the {name}; pass it (--{name.replace('_', '-')})")
     return tuple(shape)
+
+
+def optics_from_mapping(mapping, path) -> dict:
+    """The optics a file records under stemdask's own names — the :data:`OPTICS_FIELDS`
+    (``energy_ev`` eV, ``scan_step_a`` Å, one value or (y, x), ``semiangle_mrad`` mrad,
+    ``detector_pixel_mrad`` mrad/px) and ``energy_kev`` (keV) — picked from ``mapping``
+    (npz arrays, HDF5 attrs). Other keys are ignored; a recorded value that is not positive
+    and finite is a :class:`SourceError` naming ``path``."""
+    found = {}
+    names = {**{k: (k, 1.0) for k in OPTICS_FIELDS}, "energy_kev": ("energy_ev", 1e3)}
+    for key, (field, scale) in names.items():
+        if key not in mapping or field in found:
+            continue
+        raw = mapping[key]
+        try:
+            values = [float(v) * scale for v in np.asarray(raw, dtype=float).ravel()]
+        except (TypeError, ValueError):
+            values = []
+        n_ok = (1, 2) if field == "scan_step_a" else (1,)
+        if len(values) not in n_ok or not all(math.isfinite(v) and v > 0 for v in values):
+            raise SourceError(f"{path}: records {key} = {raw!r}; it must be a positive finite number")
+        found[field] = (tuple(values * (3 - len(values)))[:2] if field == "scan_step_a" else values[0])
+    return found
 
 
 def check_indices(indices: np.ndarray, detector_shape, path, where: str) -> None:
@@ -98,6 +129,11 @@ class Source:
         """Event total of the source, recounted by a pass independent of :meth:`read_rows`
         where the format allows (used by :func:`stemdask.io.validate_against_source`)."""
         raise NotImplementedError
+
+    def optics(self) -> dict:
+        """The optics (:data:`OPTICS_FIELDS` → value) the file itself records; ``{}`` when it
+        records none. Each reader documents where it looks."""
+        return dict(getattr(self, "_optics", {}) or {})
 
     def params(self) -> dict:
         """Everything that decides the ingest result; recorded in provenance, compared on resume."""

@@ -3,7 +3,8 @@
 ``indices[offsets[p]:offsets[p+1]]``.
 
 Scan and detector shape come from the arguments or from ``scan_shape`` / ``detector_shape``
-arrays in the npz (both given → they must agree). ``offsets`` is loaded (8 bytes per
+arrays in the npz (both given → they must agree). Optics: small arrays named as
+:data:`~stemdask.io.common.OPTICS_NAMES` (``energy_ev``, ``scan_step_a``, …), if present. ``offsets`` is loaded (8 bytes per
 position); ``indices`` is memory-mapped (see :mod:`stemdask.io.npzfile`), so a row block
 reads only its own slice.
 """
@@ -12,7 +13,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import Source, SourceError, agree, as_shape, check_indices, counts_from_offsets
+from .common import (
+    OPTICS_NAMES,
+    Source,
+    SourceError,
+    agree,
+    as_shape,
+    check_indices,
+    counts_from_offsets,
+    optics_from_mapping,
+)
 from .npzfile import NpzArrays
 
 
@@ -31,6 +41,7 @@ class CSRSource(Source):
         self.detector_shape = agree(
             "detector_shape", as_shape("detector_shape", detector_shape, path), recorded.get("detector_shape"), path
         )
+        self._optics = optics_from_mapping({k: self.npz.small(k) for k in OPTICS_NAMES if k in self.npz}, path)
         offsets = self.npz.small("offsets")
         n_pos = self.scan_shape[0] * self.scan_shape[1]
         if offsets.ndim != 1 or offsets.size != n_pos + 1:

@@ -13,6 +13,15 @@ integers) or ``"threshold"`` (a value above ``threshold`` is one electron). Fram
 in pieces of at most :data:`PIECE_BYTES`, so memory stays bounded however large a row
 block is.
 
+Optics (see :meth:`DenseSource.optics`): from rosettasciio's metadata and axes — HyperSpy's
+``Acquisition_instrument.TEM.beam_energy`` (keV) and ``convergence_angle`` (mrad), the scan
+step from the navigation axes' scale when their units are a length (pm … m), the detector
+pixel size from the signal axes' scale when their units are an angle (mrad, rad) or, with a
+known energy, a spatial frequency (1/nm, 1/Å). Merlin ``.mib`` records none of them: its
+``.hdr`` holds detector settings (counter depth, thresholds, frame counts), and rosettasciio
+gives its axes scale 1 without units. HDF5 datasets: attrs of the dataset or of the root
+named as :data:`~stemdask.io.common.OPTICS_NAMES`. ``.npy``: none.
+
 Orientation: frames are taken as the reader returns them. rosettasciio flips Merlin frames
 vertically (``np.flip(data, axis=-2)``, its convention for the Merlin readout order), so a
 ``.mib`` store's detector row 0 is the file's last row — the orientation HyperSpy shows.
@@ -21,6 +30,7 @@ vertically (``np.flip(data, axis=-2)``, its convention for the Merlin readout or
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import h5py
@@ -28,7 +38,14 @@ import numpy as np
 
 from ..kernels.dense import counted_frames_to_events, thresholded_frames_to_events
 from ..store import default_max_events_per_position
-from .common import Source, SourceError, agree, as_shape
+from .common import (
+    OPTICS_NAMES,
+    Source,
+    SourceError,
+    agree,
+    as_shape,
+    optics_from_mapping,
+)
 from .stempy import open_h5
 
 #: Largest piece of frames read at once (bytes).
@@ -56,6 +73,66 @@ def rsciio_plugin(path: Path) -> str | None:
         return None
     apis = {p["api"] for p in IO_PLUGINS if ext in (e.lower() for e in p["file_extensions"])}
     return apis.pop() if len(apis) == 1 else None
+
+
+#: Length units of rosettasciio axes, in Å.
+_LENGTH_A = {"pm": 1e-2, "Å": 1.0, "A": 1.0, "angstrom": 1.0, "nm": 10.0, "µm": 1e4, "um": 1e4, "mm": 1e7, "m": 1e10}
+#: Angle units, in mrad; spatial-frequency units, in Å⁻¹.
+_ANGLE_MRAD = {"mrad": 1.0, "rad": 1e3, "µrad": 1e-3, "urad": 1e-3}
+_FREQ_INV_A = {"1/nm": 0.1, "nm^-1": 0.1, "nm⁻¹": 0.1, "1/Å": 1.0, "1/A": 1.0, "Å^-1": 1.0, "Å⁻¹": 1.0}
+
+
+def rsciio_optics(signal: dict | None, ndim: int) -> dict:
+    """The optics a rosettasciio signal dict records (module docstring); ``{}`` for none."""
+    if not signal:
+        return {}
+    from ..optics import wavelength_a
+
+    found = {}
+    tem = ((signal.get("metadata") or {}).get("Acquisition_instrument") or {}).get("TEM") or {}
+
+    def positive(v):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return None
+        return v if np.isfinite(v) and v > 0 else None
+
+    if positive(tem.get("beam_energy")):
+        found["energy_ev"] = positive(tem["beam_energy"]) * 1e3
+    if positive(tem.get("convergence_angle")):
+        found["semiangle_mrad"] = positive(tem["convergence_angle"])
+    axes = sorted(signal.get("axes") or [], key=lambda a: a.get("index_in_array", 0))
+    if len(axes) != ndim:
+        return found
+    nav, sig = axes[:-2], axes[-2:]
+    if ndim == 4:
+        steps = [positive(a.get("scale")) and _LENGTH_A.get(str(a.get("units", "")).strip()) for a in nav]
+        if all(steps):
+            found["scan_step_a"] = tuple(float(a["scale"]) * u for a, u in zip(nav, steps))
+    units = {str(a.get("units", "")).strip() for a in sig}
+    scales = [positive(a.get("scale")) for a in sig]
+    if len(units) == 1 and all(scales) and np.isclose(scales[0], scales[1], rtol=1e-6):
+        u = units.pop()
+        if u in _ANGLE_MRAD:
+            found["detector_pixel_mrad"] = scales[0] * _ANGLE_MRAD[u]
+        elif u in _FREQ_INV_A and "energy_ev" in found:
+            found["detector_pixel_mrad"] = scales[0] * _FREQ_INV_A[u] * wavelength_a(found["energy_ev"]) * 1e3
+    return found
+
+
+@contextlib.contextmanager
+def _quiet_rsciio():
+    """Keep rosettasciio's reader warnings (e.g. "`hdr` file couldn't be found." for a .mib
+    without its header, which stemdask does not need) off stderr, so that every CLI error
+    stays one line; errors still raise."""
+    log = logging.getLogger("rsciio")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _only_frames_dataset(f: h5py.File, path) -> str:
@@ -91,8 +168,12 @@ class DenseSource(Source):
             self.plugin, self.format = "rsciio.quantumdetector", "mib"
         scan = as_shape("scan_shape", scan_shape, path)
         self._lazy = None
+        self._signal = None
         with self._frames() as arr:
             shape, dtype = arr.shape, np.dtype(arr.dtype)
+            recorded = dict(arr.attrs) if isinstance(arr, h5py.Dataset) else {}
+            if isinstance(arr, h5py.Dataset):
+                recorded = {**{k: arr.file.attrs[k] for k in OPTICS_NAMES if k in arr.file.attrs}, **recorded}
         if dtype.kind not in "uif" or len(shape) not in (3, 4):
             raise SourceError(f"{path}: expected numeric frames (ny, nx, dy, dx) or (n, dy, dx), got {dtype} {shape}")
         self.detector_shape = agree("detector_shape", as_shape("detector_shape", detector_shape, path),
@@ -110,6 +191,9 @@ class DenseSource(Source):
             self.frames_range = self._check_frames_range(path, frames_range, shape[0])
         self.frame_bytes = int(np.prod(self.detector_shape)) * dtype.itemsize
         self.ndim = len(shape)
+        recorded = {k: v for k, v in recorded.items() if k in OPTICS_NAMES}
+        self._optics = {**rsciio_optics(self._signal, len(shape)), **optics_from_mapping(recorded, self.path)}
+        self._signal = None
 
     def _check_frames_range(self, path, frames_range, n: int) -> tuple[int, int] | None:
         """The frames ``[start, stop)`` of an ``n``-frame stack that make the scan: all of them
@@ -167,7 +251,8 @@ class DenseSource(Source):
                     from rsciio.quantumdetector import load_mib_data
 
                     kwargs["navigation_shape"] = (len(load_mib_data(str(self.path), return_headers=True)[1]),)
-                signals = reader(str(self.path), lazy=True, **kwargs)
+                with _quiet_rsciio():
+                    signals = reader(str(self.path), lazy=True, **kwargs)
             except Exception as e:  # readers raise many kinds for a malformed file
                 raise SourceError(f"{self.path}: {self.plugin} cannot read it ({type(e).__name__}: {e})") from None
             frames = [s["data"] for s in signals if np.ndim(s["data"]) in (3, 4)]
@@ -175,6 +260,7 @@ class DenseSource(Source):
                 raise SourceError(f"{self.path}: expected one 3-D/4-D signal, found {len(frames)} "
                                   f"(shapes {[np.shape(s['data']) for s in signals]})")
             self._lazy = frames[0]
+            self._signal = next(s for s in signals if np.ndim(s["data"]) in (3, 4))
         return self._lazy
 
     def _pieces(self, p0: int, p1: int):

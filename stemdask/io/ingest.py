@@ -4,8 +4,9 @@ Order of work, so that a bad input never leaves a store behind and an interrupte
 always leaves one marked incomplete: refuse an existing output (unless ``overwrite`` or
 ``resume``); validate the calibration; take the output's lock and refuse an unsafe target
 (:class:`stemdask.outputs.OutputSlot`); open and check the source (shapes, indices layout);
-stream the source through SHA-256; create the store (provenance already holds the source's
-checksum and the ingest parameters); run the block jobs (each reads only its rows and
+settle the optics (:func:`resolve_optics`: refuse, before any store is created, when the
+source and the caller leave one unknown); stream the source through SHA-256; create the
+store (provenance already holds the source's checksum and the ingest parameters); run the block jobs (each reads only its rows and
 writes with :meth:`EventStore.write_block`, idempotent, commit mark last); finalize.
 """
 
@@ -20,13 +21,82 @@ import numpy as np
 
 from .. import __version__
 from ..optics import Calibration
-from ..parallel import run_jobs
 from ..outputs import SCRATCH_PREFIX, OutputSlot, run_tag
-from ..store import FORMAT_NAME, CorruptStoreError, EventStore, StoreError, create_store, open_store
-from .common import Source, file_sha256
+from ..parallel import run_jobs
+from ..store import (
+    FORMAT_NAME,
+    CorruptStoreError,
+    EventStore,
+    StoreError,
+    create_store,
+    open_store,
+)
+from .common import OPTICS_FIELDS, Source, SourceError, file_sha256
 from .formats import open_source
 
 _CALIBRATION_KEYS = tuple(f.name for f in dataclasses.fields(Calibration))
+
+#: What ``assume_defaults`` / ``--assume-defaults`` fills in for optics nobody gave, each
+#: recorded as "assumed" in ``Calibration.origins``. The semi-angle stays None (unknown).
+ASSUMED_DEFAULTS = {"energy_ev": 300e3, "scan_step_a": (1.0, 1.0), "detector_pixel_mrad": 1.0, "semiangle_mrad": None}
+
+#: For each optics field: what it is, and the CLI flag that gives it.
+OPTICS_FLAGS = {
+    "energy_ev": ("beam energy", "--energy-kev E"),
+    "scan_step_a": ("scan step", "--scan-step Å"),
+    "semiangle_mrad": ("probe semi-angle", "--semiangle-mrad A"),
+    "detector_pixel_mrad": ("detector pixel size", "--detector-pixel-mrad P"),
+}
+
+
+class MissingOpticsError(SourceError):
+    """Neither the source nor the caller gives some optics (``.missing``: field names)."""
+
+    def __init__(self, path, missing):
+        self.missing = list(missing)
+        what = ", ".join(OPTICS_FLAGS[m][0] for m in self.missing)
+        flags = " ".join(OPTICS_FLAGS[m][1] for m in self.missing)
+        super().__init__(f"{path}: the source does not record the {what}; give {flags} "
+                         "or --assume-defaults (300 keV, 1 Å, 1 mrad/px, semi-angle unknown; recorded as assumed)")
+
+
+def resolve_optics(given: dict, recorded: dict, assume_defaults: bool, path) -> dict:
+    """Calibration fields for a new store, with ``origins``: each optics field from ``given``
+    (the caller: "command line"), else ``recorded`` (the source: "source metadata"), else —
+    only with ``assume_defaults`` — :data:`ASSUMED_DEFAULTS` ("assumed"); otherwise raise
+    :class:`MissingOpticsError` listing every one missing. ``given`` may hold any other
+    Calibration field ("command line" too) and ``origins`` of its own, which win. Rotation
+    and flip nobody gave are recorded as "assumed" (0°, no flip) until ``stemdask calibrate``
+    measures them. A given ``semiangle_mrad=None`` means "unknown" and is not asked for.
+    """
+    given = dict(given)
+    caller_origins = dict(given.pop("origins", None) or {})
+    fields, origins = {}, {}
+    missing = []
+    for name in OPTICS_FIELDS:
+        if name in given and (given[name] is not None or name == "semiangle_mrad"):
+            fields[name] = given[name]
+            if given[name] is not None:
+                origins[name] = "command line"
+        elif recorded.get(name) is not None:
+            fields[name], origins[name] = recorded[name], "source metadata"
+        elif assume_defaults:
+            fields[name] = ASSUMED_DEFAULTS[name]
+            if fields[name] is not None:
+                origins[name] = "assumed"
+        else:
+            missing.append(name)
+    if missing:
+        raise MissingOpticsError(path, missing)
+    for name, value in given.items():
+        if name not in OPTICS_FIELDS:
+            fields[name] = value
+            origins[name] = "command line"
+    for name in ("rotation_deg", "flip"):
+        origins.setdefault(name, "assumed")
+    origins.update(caller_origins)
+    fields["origins"] = origins
+    return fields
 
 
 def _calibration(overrides: dict | None) -> Calibration:
@@ -81,6 +151,7 @@ def ingest(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    assume_defaults: bool = False,
 ) -> EventStore:
     """Convert ``input`` into a finalized event store at ``out`` and return it.
 
@@ -93,8 +164,17 @@ def ingest(
     ``[start, stop)`` — a stack with more or fewer frames than the scan has positions is
     refused without it (recorded in provenance).
     ``calibration``: :class:`~stemdask.optics.Calibration` fields (``energy_ev`` in eV,
-    ``scan_step_a`` Å, ``semiangle_mrad``, ``detector_pixel_mrad``, or any other field);
-    the rest keep their defaults (``stemdask calibrate`` finds BF centre and rotation).
+    ``scan_step_a`` Å, ``semiangle_mrad`` mrad, ``detector_pixel_mrad`` mrad/px, or any other
+    field, and optionally ``origins``), recorded as given by the caller ("command line").
+
+    No silent defaults: energy, scan step, semi-angle and detector pixel size come from
+    ``calibration`` or, where it leaves one out, from the source's own metadata (each
+    reader's docstring says what it reads); if neither gives one, ingest raises
+    :class:`MissingOpticsError` (a ValueError listing the missing ones) before creating
+    anything — unless ``assume_defaults=True``, which fills in :data:`ASSUMED_DEFAULTS` and
+    records them as "assumed" in ``Calibration.origins`` (``stemdask info`` flags them; fix
+    them later with ``stemdask calibrate STORE --set …``). BF centre and rotation are found
+    by ``stemdask calibrate``.
     ``resume``: finish an interrupted ingest of the same source into ``out`` (checked by the
     recorded SHA-256 and parameters), skipping committed blocks; the result is identical to
     an uninterrupted ingest. Without ``overwrite``/``resume`` an existing ``out`` is refused;
@@ -106,7 +186,22 @@ def ingest(
         raise ValueError("choose one of overwrite (start again) and resume (finish an interrupted ingest)")
     if out.exists() and not (overwrite or resume):
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it, --resume to finish it)")
-    cal = _calibration(calibration)
+    given = dict(calibration or {})
+    _calibration(given)  # unknown / negative / NaN fields: refused before reading anything
+    parent = out.resolve().parent
+    new_dirs = [p for p in (parent, *parent.parents) if not p.exists()]
+    try:
+        return _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_per_block, given,
+                               threshold, dwell_ns, frames_range, overwrite, resume, progress, assume_defaults)
+    except MissingOpticsError:
+        for d in new_dirs:  # leave nothing behind, not even the output's folder
+            if d.exists() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+
+
+def _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_per_block, given, threshold,
+                    dwell_ns, frames_range, overwrite, resume, progress, assume_defaults) -> EventStore:
     with OutputSlot(out, kind=FORMAT_NAME, overwrite=overwrite, inputs=[str(input).split(":/")[0]],
                     in_place=True) as slot:
         scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}-{run_tag()}-", dir=out.resolve().parent))
@@ -114,12 +209,18 @@ def ingest(
             with open_source(input, format, mode=mode, scan_shape=scan_shape, detector_shape=detector_shape,
                              threshold=threshold, dwell_ns=dwell_ns, frames_range=frames_range,
                              scratch=scratch) as src:
+                resuming = resume and out.exists()
+                if not resuming:
+                    cal = _calibration(resolve_optics(given, src.optics(), assume_defaults, src.path))
                 prov = _provenance(src, file_sha256(src.path), rows_per_block)
-                if resume and out.exists():
+                if resuming:
                     store = open_store(out, allow_incomplete=True, mode="r+")
                     _check_resumable(store, prov, rows_per_block)
-                    if calibration:
-                        store.set_calibration(store.calibration.replace(**calibration))
+                    if given:
+                        old = store.calibration
+                        origins = {**old.origins, **{k: "command line" for k in given if k != "origins"},
+                                   **given.get("origins", {})}
+                        store.set_calibration(old.replace(**{**given, "origins": origins}))
                     if store.complete:
                         return store
                     todo = np.flatnonzero(~store.committed_blocks())

@@ -20,6 +20,13 @@ order.
 Flyback: when the scan recorded a flyback column, the file's ``Nx`` includes it. Pass
 ``scan_shape=(Ny, Nx - 1)`` and the first column (``ix = 0``) of every row is dropped — the
 column stempy's ``from_hdf5(keep_flyback=False)`` drops.
+
+Optics: stempy itself records none (its writers store only the frame and scan shapes; its
+``SparseArray.metadata`` dict goes to a free-form ``/metadata`` group). The optics are taken
+from root attributes or ``/metadata`` attributes/scalar datasets named as
+:data:`~stemdask.io.common.OPTICS_NAMES` (``energy_ev``, ``energy_kev``, ``scan_step_a``,
+``semiangle_mrad``, ``detector_pixel_mrad``) where a file carries them; any other metadata
+is ignored rather than guessed at.
 """
 
 from __future__ import annotations
@@ -27,7 +34,14 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from .common import Source, SourceError, as_shape, check_indices
+from .common import (
+    OPTICS_NAMES,
+    Source,
+    SourceError,
+    as_shape,
+    check_indices,
+    optics_from_mapping,
+)
 
 GROUP = "electron_events"
 SUPPORTED_VERSIONS = (1, 2, 3)
@@ -89,6 +103,7 @@ class StempySource(Source):
                 raise SourceError(f"{path}: /{GROUP}/frames must hold variable-length integer arrays")
             self.frames_2d = frames.ndim == 2
             self._init_shapes(path, frames, positions, scan_shape, detector_shape)
+            self._optics = optics_from_mapping(_recorded_optics(f), path)
             row_pos = positions[()].astype(np.int64).ravel()
             self._init_rows(path, frames, row_pos)
 
@@ -209,6 +224,21 @@ class StempySource(Source):
             "frames_per_row": self.frames_per_row,
             "drop_flyback": self.drop_flyback,
         }
+
+
+def _recorded_optics(f: h5py.File) -> dict:
+    """Root attrs, then ``/metadata`` attrs and scalar datasets, named as :data:`OPTICS_NAMES`."""
+    found = {k: f.attrs[k] for k in OPTICS_NAMES if k in f.attrs}
+    meta = f.get("metadata")
+    if isinstance(meta, h5py.Group):
+        for k in OPTICS_NAMES:
+            if k in found:
+                continue
+            if k in meta.attrs:
+                found[k] = meta.attrs[k]
+            elif isinstance(meta.get(k), h5py.Dataset) and meta[k].size <= 2:
+                found[k] = meta[k][()]
+    return found
 
 
 def _lengths(pieces) -> np.ndarray:

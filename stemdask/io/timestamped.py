@@ -10,7 +10,8 @@ are found by binary search on ``toa_ns`` and checked to lie inside the block's t
 Events before 0 or after the last position are an error.
 
 ``scan_shape``, ``detector_shape`` and ``dwell_ns`` come from the arguments or from arrays
-(npz) / root attributes (HDF5) of those names.
+(npz) / root attributes (HDF5) of those names; so do the optics, under the names of
+:data:`~stemdask.io.common.OPTICS_NAMES` (``energy_ev``, ``scan_step_a``, …), if present.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import math
 
 import numpy as np
 
-from .common import Source, SourceError, agree, as_shape, check_indices
+from .common import (
+    OPTICS_NAMES,
+    Source,
+    SourceError,
+    agree,
+    as_shape,
+    check_indices,
+    optics_from_mapping,
+)
 from .npzfile import NpzArrays
 from .stempy import open_h5
 
@@ -53,11 +62,14 @@ class TimestampedSource(Source):
             self.path = self.npz.path
             names = set(self.npz.keys())
             meta = {k: self.npz.small(k) for k in ("scan_shape", "detector_shape", "dwell_ns") if k in names}
+            optics = {k: self.npz.small(k) for k in OPTICS_NAMES if k in names}
         else:
             self.path = path
             with open_h5(path) as f:
                 names = set(f.keys())
                 meta = {k: f.attrs[k] for k in ("scan_shape", "detector_shape", "dwell_ns") if k in f.attrs}
+                optics = {k: f.attrs[k] for k in OPTICS_NAMES if k in f.attrs}
+        self._optics = optics_from_mapping(optics, path)
         if not set(FIELDS) <= names:
             raise SourceError(f"{path}: an event list needs arrays {FIELDS}; found {sorted(names)}")
         self.scan_shape = agree("scan_shape", as_shape("scan_shape", scan_shape, path),
