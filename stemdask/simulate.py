@@ -95,6 +95,9 @@ class SimulationParams:
     position. dead_pixels: ((y, x), …); dead_columns: (x, …); dead_rows: (y, …).
     bragg: peak weight of the Bragg-disk pattern relative to the BF plateau (0: none);
     bragg_tilt: (y, x) Laue-circle centre in units of α/λ (see :func:`bragg_pattern`).
+    tds: thermal diffuse scattering, the fraction of the electrons a column of phase
+    ``max_phase`` scatters incoherently into the dark field (0: none; see :func:`tds_fraction`):
+    what makes a real ADF image bright at the atom columns, where the phase is positive.
     seed: random seed.
     """
 
@@ -119,6 +122,7 @@ class SimulationParams:
     dead_rows: tuple = ()
     bragg: float = 0.0
     bragg_tilt: tuple[float, float] = (0.6, 0.3)
+    tds: float = 0.0
 
     def __post_init__(self):
         n = self.detector
@@ -160,6 +164,8 @@ class SimulationParams:
             raise ValueError("hot pixels need dose > 0 (their rate is stored relative to the dose)")
         if not (math.isfinite(self.bragg) and self.bragg >= 0):
             raise ValueError(f"bragg must be ≥ 0, got {self.bragg!r}")
+        if not (math.isfinite(self.tds) and 0 <= self.tds < 1):
+            raise ValueError(f"tds must be a fraction in [0, 1), got {self.tds!r}")
         descan = None
         if self.descan is not None:
             check_descan(self.descan)
@@ -176,6 +182,7 @@ class SimulationParams:
             "dead_columns": line("dead_columns", self.dead_columns),
             "dead_rows": line("dead_rows", self.dead_rows),
             "bragg": float(self.bragg),
+            "tds": float(self.tds),
             "bragg_tilt": pair("bragg_tilt", self.bragg_tilt),
         }.items():
             object.__setattr__(self, name, value)
@@ -188,7 +195,8 @@ class SimulationParams:
         """The faults every real dataset has: a 17° scan rotation, an off-centre BF disk
         ((2.6, −3.3) px), a plane descan of a few px across the field, a hot pixel inside the
         BF disk (20× a BF pixel's mean counts), two dead pixels, a dead column crossing the BF
-        disk and a tilted-crystal Bragg pattern (``bragg=0.6``). ``overrides`` replace any
+        disk and a tilted-crystal Bragg pattern (``bragg=0.6``); and, as every real sample has,
+        thermal diffuse scattering into the dark field (``tds=0.05``). ``overrides`` replace any
         field, the faults included; the fault pixels follow the (overridden) geometry."""
         faults = ("bf_offset_px", "hot_pixels", "dead_pixels", "dead_columns")
         base = cls(**{k: v for k, v in overrides.items() if k not in faults})
@@ -204,6 +212,7 @@ class SimulationParams:
             "dead_pixels": ((round(cy - 0.5 * r), round(cx + 0.2 * r)), (2, n - 3)),
             "dead_columns": (round(cx + 0.6 * r),),
             "bragg": 0.6,
+            "tds": 0.05,
         }
         return dataclasses.replace(base, **{**preset, **overrides})
 
@@ -563,6 +572,8 @@ def _rows(setup: _Setup, p: SimulationParams, rows: range) -> np.ndarray:
     k_y, k_x = _far_field_shifts(p, rows)  # detector px
     window_r = (np.arange(m) - m // 2) / n  # r / (N dx): the far-field ramp's cycles per detector px
     out = np.empty((len(rows), p.scan_shape[1], n, n))
+    weight = np.abs(setup.probe) ** 2 / (np.abs(setup.probe) ** 2).sum() if p.tds else None
+    mean_phase = np.empty((len(rows), p.scan_shape[1]))
     for i in range(len(rows)):
         windows = views[w_y[i] - setup.origin[0], w_x[i] - setup.origin[1]]
         sub_pixel, far_shift = np.any(r_y[i]) or np.any(r_x[i]), np.any(k_y[i]) or np.any(k_x[i])
@@ -576,7 +587,38 @@ def _rows(setup: _Setup, p: SimulationParams, rows: range) -> np.ndarray:
                 exit_waves *= np.exp(2j * np.pi * k_x[i][:, None] * window_r).astype(np.complex64)[:, None, :]
         far = scipy.fft.fft2(exit_waves, norm="ortho", workers=1)
         out[i] = _detector_frame(np.abs(far) ** 2, p)
+        if weight is not None:
+            mean_phase[i] = np.einsum("xij,ij->x", np.angle(windows), weight)
+    if weight is not None:
+        t = tds_fraction(mean_phase, p)[..., None, None]
+        out = (1.0 - t) * out + t * tds_pattern(p, rows)
     return _apply_faults(out, setup, p, rows)
+
+
+def tds_fraction(mean_phase: np.ndarray, p: SimulationParams) -> np.ndarray:
+    """Fraction of the electrons scattered incoherently into the dark field at each position:
+    ``tds · ⟨φ⟩ / max_phase``, ⟨φ⟩ the object phase (rad) averaged over the probe intensity.
+
+    The incoherent-imaging approximation of ADF-STEM: the thermal diffuse intensity grows
+    with the projected potential under the probe (≈ Z^1.7 per column; linear in φ here).
+    Its electrons come out of the coherent pattern, so each pattern still sums to 1.
+    """
+    return p.tds * np.clip(mean_phase, 0.0, None) / p.max_phase
+
+
+def tds_pattern(p: SimulationParams, rows) -> np.ndarray:
+    """Where the thermal diffuse electrons land (detector frame; each (N, N) sums to 1), for
+    every position of ``rows``: (len(rows), nx, N, N). A smooth annulus around the position's
+    BF-disk centre (the disk's offset and descan move it with the disk): zero inside 1.1 α,
+    peaking at 1.7 α with a 0.6 α Gaussian width, cut by the detector's edge."""
+    n, r = p.detector, p.bf_radius_px
+    dy, dx = descan_offsets(p.descan, p.scan_shape, rows)
+    cy = n / 2 + p.bf_offset_px[0] + np.broadcast_to(dy, (len(rows), p.scan_shape[1]))
+    cx = n / 2 + p.bf_offset_px[1] + np.broadcast_to(dx, (len(rows), p.scan_shape[1]))
+    pix = np.arange(n, dtype=np.float64)
+    k = np.hypot(pix[:, None] - cy[..., None, None], pix[None, :] - cx[..., None, None])
+    ring = np.where(k > 1.1 * r, np.exp(-(((k - 1.7 * r) / (0.6 * r)) ** 2)), 0.0)
+    return ring / ring.sum(axis=(-2, -1), keepdims=True)
 
 
 def diffraction_rows(p: SimulationParams, rows: range, obj: np.ndarray | None = None,

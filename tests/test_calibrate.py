@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stemdask
-from stemdask.calibrate import calibrate_store
+from stemdask.calibrate import calibrate, calibrate_store
 from stemdask.calibrate.disk import find_defects, fit_bf_disk
 from stemdask.calibrate.orientation import half_turn, parallax, probe_otf, rotation_from_com
 from stemdask.cli import main
@@ -179,6 +179,46 @@ def test_calibrate_store_on_the_simulator(tmp_path, quarter_turns, flip, c10):
         assert any("NOT reliable" in m for m in result["messages"])
         assert result["c10_estimate_a"] is None and stored.c10_estimate_a is None  # its sign is undecided
         assert stored.rotation_deg == 0.0 and stored.flip is False
+
+
+@pytest.mark.parametrize("rotation, flip, c10", [(241.0, False, -100.0), (17.0, True, 100.0), (163.0, True, 0.0)])
+def test_defocused_or_not_the_orientation_and_the_sign_of_c10_come_from_the_adf(tmp_path, rotation, flip, c10):
+    """With a dark field (thermal diffuse scattering) the half turn is decided — and with it the
+    sign of C10 — at any angle; in focus the ~1 Å DPC-like BF-image 'shifts' are no parallax."""
+    p = SimulationParams(scan_shape=(64, 64), detector=64, dose=2000, rotation_deg=rotation, flip=flip, seed=1,
+                         tds=0.05, aberrations=Aberrations(C10=c10))
+    simulate(tmp_path / "s.zarr", p, overwrite=True, progress=False)
+    result, _, _ = calibrate(stemdask.open(tmp_path / "s.zarr"))
+    error = abs((result["rotation_deg"] - rotation + 180) % 360 - 180)
+    if c10 == 0:
+        assert result["parallax"]["alignment_gain"] < 1.2 and result["method"] == "com"
+        assert result["c10_estimate_a"] is None
+        assert result["flip"] == flip and error < 3 * result["com_rotation_sigma_deg"]
+    else:
+        assert result["rotation_reliable"] and result["method"].startswith("parallax")
+        assert result["flip"] == flip and error < 1.0
+        assert result["c10_estimate_a"] == pytest.approx(c10, rel=0.05)  # the sign too
+    if result["rotation_reliable"]:
+        assert result["flip"] == flip and error < 1.0
+
+
+def test_com_rotation_standard_error_matches_the_scatter():
+    """rotation_sigma_deg of the COM curl fit against the actual scatter of θ over noise draws."""
+    from stemdask.calibrate.orientation import rotation_from_com
+
+    rng = np.random.default_rng(3)
+    ny = nx = 48
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    phi = np.sin(2 * np.pi * yy / 12) * np.cos(2 * np.pi * xx / 9)
+    g_y, g_x = np.gradient(phi)
+    errors, sigmas = [], []
+    for _ in range(40):
+        got = rotation_from_com(g_y + rng.normal(0, 0.5, g_y.shape), g_x + rng.normal(0, 0.5, g_x.shape))
+        if got["flip"] is False:  # a draw that picks the other flip has no θ to compare
+            errors.append(got["rotation_deg"])
+            sigmas.append(got["rotation_sigma_deg"])
+    assert len(errors) >= 30
+    assert np.std(errors) == pytest.approx(np.mean(sigmas), rel=0.3)
 
 
 def test_cli_calibrate_dry_run_prints_json_and_keeps_the_store(tmp_path, capsys):

@@ -219,3 +219,29 @@ def test_bad_fault_parameters():
         SimulationParams(descan={"model": "plane", "coef_y": [1.0], "coef_x": [0.0, 0.0]})
     with pytest.raises(ValueError, match="bf_offset_px"):
         SimulationParams(bf_offset_px=(float("nan"), 0.0))
+
+
+def test_thermal_diffuse_scattering_makes_the_adf_image_follow_the_phase():
+    """With ``tds`` the dark field carries tds·⟨φ⟩/max_phase of the electrons, in an annulus
+    outside the BF disk; each pattern still sums to 1 and the BF disk is unchanged in shape."""
+    from stemdask.simulate import tds_pattern
+
+    p = SimulationParams(**SMALL, bf_offset_px=(1.5, -2.0), descan=DESCAN, tds=0.1)
+    ring = tds_pattern(p, range(p.scan_shape[0]))
+    assert np.allclose(ring.sum(axis=(-2, -1)), 1.0)
+    n, r = p.detector, p.bf_radius_px
+    yy, xx = np.indices((n, n))
+    centre = np.hypot(yy - (n / 2 + 1.5), xx - (n / 2 - 2.0))
+    assert ring[:, :, centre < 1.1 * r - 2.5].max() == 0.0  # the descan moves the disk ≤ 2.5 px
+    intensity, truth = simulate_dense(p)
+    plain, _ = simulate_dense(dataclasses.replace(p, tds=0.0))
+    assert np.allclose(intensity.sum(axis=(-2, -1)), 1.0, atol=1e-6)
+    far = np.hypot(yy - n / 2, xx - n / 2) > 1.5 * r
+    extra = intensity[..., far].sum(-1) - plain[..., far].sum(-1)
+    assert extra.max() <= 0.1 + 1e-9 and extra.min() >= -1e-9
+    assert np.corrcoef(extra.ravel(), truth.ravel())[0, 1] > 0.9  # ADF bright where the phase is positive
+
+
+def test_tds_must_be_a_fraction():
+    with pytest.raises(ValueError, match="tds"):
+        SimulationParams(**SMALL, tds=1.5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -13,6 +15,7 @@ from stemdask.methods.ssb import aberrations_from_args, ssb
 from stemdask.optics import Aberrations
 from stemdask.simulate import SimulationParams, load_truth, simulate
 from test_ssb import as_dense, band_limited, pearson
+from test_ssb_abtem import r_detrended
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +115,17 @@ def test_ssb_without_c10_uses_the_stored_estimate_and_says_so(abtem_case, tmp_pa
     r_auto = pearson(auto.values, truth)
     r_focus = pearson(in_focus.values, truth)
     assert r_auto > r_focus + 0.3, (r_auto, r_focus)
+    # --c10 auto: the focus criterion, searched around the stored estimate.
+    assert main(["reconstruct", str(store.path), "--method", "ssb", "--out", str(tmp_path / "f.zarr"), "--c10", "auto",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    line = re.search(r"ssb: C10 = (-?[\d.]+) Å \(auto: focus criterion over (-?[\d.]+)…(-?[\d.]+) Å, start "
+                     r"(-?[\d.]+) Å from the stored estimate \(stemdask calibrate, parallax\)\)", err)
+    assert line and "warning" not in err, err
+    _, lo, hi, start = map(float, line.groups())
+    assert start == pytest.approx(found["c10_estimate_a"], abs=0.05)
+    assert lo < start - 99 and hi > start + 99 and hi - lo < 250  # ±100 Å (2 λ/α² here: 100.2 Å)
+    focused = xr.open_zarr(tmp_path / "f.zarr").phase
+    assert focused.attrs["c10_source"].startswith("auto (focus criterion Σphase²")
+    assert abs(focused.attrs["aberration_C10"] - params["C10_A"]) <= 10.0  # measured −146.0 Å
+    assert r_detrended(focused.values, truth) >= 0.9  # the abTEM SSB test's comparison; measured 0.912

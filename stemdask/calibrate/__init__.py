@@ -9,21 +9,33 @@
 
 From the PACBED: hot and dead pixels and lines (:func:`~stemdask.calibrate.disk.find_defects`),
 joined with a user mask, then the BF disk from its edge
-(:func:`~stemdask.calibrate.disk.fit_bf_disk`). From the COM: the descan
-(:func:`~stemdask.calibrate.descan.fit_descan`), then, with it removed, the COM curl test.
+(:func:`~stemdask.calibrate.disk.fit_bf_disk`). From the COM of the whole pattern (all of it
+moves with the disk): the descan (:func:`~stemdask.calibrate.descan.fit_descan`). From the COM
+inside the BF disk (plus :data:`COM_MARGIN_PX` and the drift; the dark field's electrons —
+Bragg disks, thermal diffuse scattering — carry no phase-gradient signal but most of the COM's
+noise, and a detector edge that cuts them asymmetrically adds a curl), its own drift removed:
+the COM curl test.
 From the dense patterns: the parallax of the BF images and the annular dark-field image that
 decides the half turn (:mod:`stemdask.calibrate.orientation` explains the physics).
 
-Which evidence decides (the rules are in :func:`_orientation`):
+Two routes to the orientation, each checked against the ADF image (rules in :func:`_orientation`):
 
+* **COM curl** (any defocus: the COM field is ∇φ blurred by the probe intensity): θ mod 180°
+  and the flip; its iCOM image against the ADF image gives the half turn;
 * **parallax** when the BF images are measurably shifted (defocused data): flip from det M,
-  θ mod 180° and |C10| from M, the half turn and the sign of C10 from the ADF;
-* otherwise the **COM curl**: θ mod 180° and the flip, the half turn from the ADF.
+  θ mod 180° and |C10| from M; the iCOM image in that orientation against the ADF image gives
+  the half turn and with it the sign of C10.
 
-``rotation_reliable`` is true only when every step was decided by its evidence (thresholds
-below, each measured on the simulator and the abTEM case), and when COM and parallax both
-measured an orientation they agree. Otherwise the stored rotation and flip are kept and the
-result says why.
+A route is *confirmed* when its own evidence measured θ and the flip — the COM's θ to a
+standard error ≤ :data:`COM_MAX_SIGMA_DEG`; the parallax only where aligning the BF images
+sharpens them (:data:`PARALLAX_MIN_GAIN`: in-focus crystals show DPC-like BF-image "shifts"
+of about an ångström that are no parallax) — and the ADF image decides its half turn at
+z ≥ 6. The ADF agreement decides only the half turn: on a crystal a candidate rotated by a
+symmetry of the lattice resembles the ADF image too, so θ and the flip rest on the COM and
+the parallax alone, and ``rotation_reliable`` is true only when a route is confirmed and no
+two measured orientations disagree. C10 is estimated only with a reliable orientation that
+agrees with the parallax. Otherwise the stored rotation and flip are kept and the result
+says why.
 """
 
 from __future__ import annotations
@@ -38,18 +50,25 @@ from ..optics import descan_offsets
 from ..store import open_store
 from .descan import descan_span_px, fit_descan
 from .disk import find_defects, fit_bf_disk, inpaint
-from .orientation import (half_turn, icom_phase, parallax, probe_otf, rotation_from_com, skewness,
+from .orientation import (half_turn, icom_phase, parallax, probe_otf, rotation_from_com,
                           _wrap180, _wrap90)
 
 #: Parallax is used when the shifts across the BF disk reach this many (binned) scan steps …
 PARALLAX_MIN_SHIFT_STEPS = 2.0
-#: … and M is this close to a scaled rotation or reflection (‖M − p·R·F‖ / ‖p·R·F‖).
+#: … and M is this close to a scaled rotation or reflection (‖M − p·R·F‖ / ‖p·R·F‖) …
 PARALLAX_MAX_SIMILARITY_ERROR = 0.2
+#: … and aligning the BF images by M sharpens their mean this much (contrast power; in-focus
+#: BF images are DPC-like and show apparent shifts of ~1 Å that align to nothing: ≤ 1.06 on
+#: the simulator, against ≥ 4 at |C10| = 100 Å without a Bragg background, 1.3–1.8 with one).
+PARALLAX_MIN_GAIN = 1.5
 #: The COM rotation is measured when even the best angle leaves at most this fraction of the
 #: field's solenoidal energy (noise-dominated COM: ≥ 0.95), and the flip when the other
 #: flip leaves at least this factor more.
 COM_MAX_CURL_FRACTION = 0.8
 COM_MIN_FLIP_RATIO = 1.25
+#: … and its θ is trusted when its standard error (:func:`rotation_from_com`) is at most this:
+#: 3σ within 1°.
+COM_MAX_SIGMA_DEG = 1.0 / 3.0
 #: COM and parallax must agree to this many degrees (θ mod 180°) when both measured one.
 MAX_DISAGREEMENT_DEG = 3.0
 #: A fitted descan is applied only when it moves the disk by at least this much (px): below it
@@ -57,6 +76,9 @@ MAX_DISAGREEMENT_DEG = 3.0
 #: simulation with none), and subtracting that plane from the COM adds a quadratic ramp to
 #: every integrated phase (iCOM r 0.96 → 0.79 there).
 DESCAN_MIN_SPAN_PX = 0.1
+#: The calibration's COM uses the detector pixels within the BF radius plus this many pixels of
+#: the disk centre (room for the descan: a larger fitted drift repeats the pass with more room).
+COM_MARGIN_PX = 4.0
 #: Nominal semi-angle and measured radius × pixel size: warn above this relative difference.
 RADIUS_TOLERANCE = 0.02
 #: Pass-1 binning targets: detector ≤ this many binned pixels a side, scan ≤ this many positions.
@@ -122,15 +144,24 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True)
     filled = inpaint(pacbed, full_mask) if full_mask.any() else pacbed
     fill = np.where(full_mask, filled / filled[~full_mask].sum(), 0.0)
 
-    com = raw.with_mask(full_mask, fill).com(reference=(0.0, 0.0)).compute()
-    com_y, com_x = com.com_y.values, com.com_x.values
-    record, c0 = fit_descan(com_y, com_x, descan)
+    # the descan from the whole pattern's COM (it all moves with the disk); the orientation from
+    # the COM inside the disk (a fixed region: its background dilutes the drift, not the direction)
+    whole_com = raw.with_mask(full_mask, fill).com(reference=(0.0, 0.0))
+    margin = COM_MARGIN_PX
+    whole_com, bf_com = dask.compute(whole_com, _bf_com(raw, full_mask, filled, disk, disk["radius"] + margin))
+    record, _ = fit_descan(whole_com.com_y.values, whole_com.com_x.values, descan)
+    drift = _max_drift_px(record, ds.scan_shape)
+    if drift > margin - 1.0:  # the disk leaves the region somewhere: again with room for it
+        bf_com = _bf_com(raw, full_mask, filled, disk, disk["radius"] + drift + 2.0).compute()
+    com_y, com_x = bf_com.com_y.values, bf_com.com_x.values
+    own, c0 = fit_descan(com_y, com_x, descan)
     fitted_span = descan_span_px(record, ds.scan_shape)
     if record is not None and fitted_span < DESCAN_MIN_SPAN_PX:
-        record = None  # below what the COM can tell from phase contrast: applying it would only add a ramp
+        record = own = None  # below what the COM can tell from phase contrast: applying it would only add a ramp
     off_y, off_x = descan_offsets(record, ds.scan_shape)
     center = (disk["center"][0] - float(off_y.mean()), disk["center"][1] - float(off_x.mean()))
-    res_y, res_x = com_y - c0[0] - off_y, com_x - c0[1] - off_x
+    own_y, own_x = descan_offsets(own, ds.scan_shape)
+    res_y, res_x = com_y - c0[0] - own_y, com_x - c0[1] - own_x
 
     result = {
         "bf_center": [float(center[0]), float(center[1])], "bf_radius": float(disk["radius"]),
@@ -157,6 +188,30 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True)
                 "annuli); every reciprocal length (Å⁻¹) comes from the pixel size")
     result["summary"] = _summary(result)
     return result, full_mask, fill
+
+
+def _bf_com(raw, mask, filled, disk, radius):
+    """COM (lazy; px, detector frame, no reference) of the pixels within ``radius`` of the
+    PACBED's disk centre, the masked ones among them filled from the PACBED (``filled``)."""
+    yy, xx = np.indices(mask.shape)
+    outside = np.hypot(yy - disk["center"][0], xx - disk["center"][1]) > radius
+    kept = ~(mask | outside)
+    fill = np.where(mask & ~outside, filled / filled[kept].sum(), 0.0)
+    return raw.with_mask(mask | outside, fill).com(reference=(0.0, 0.0))
+
+
+def _max_drift_px(record, scan_shape) -> float:
+    """Largest distance (px) of the disk from its scan-mean position under the descan ``record``."""
+    if record is None:
+        return 0.0
+    dy, dx = descan_offsets(record, scan_shape)
+    return float(np.hypot(dy - dy.mean(), dx - dx.mean()).max())
+
+
+def _agree(a: tuple[float, bool], b: tuple[float, bool], modulo: float = 360.0) -> bool:
+    """Whether two (θ degrees, flip) orientations agree (θ within MAX_DISAGREEMENT_DEG, mod ``modulo``)."""
+    d = (a[0] - b[0] + modulo / 2) % modulo - modulo / 2
+    return a[1] == b[1] and abs(d) <= MAX_DISAGREEMENT_DEG
 
 
 def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, res_y, res_x) -> dict:
@@ -192,52 +247,82 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
         px_result = parallax(dense, k_y, k_x, inside, small_step, lam)
     defocused = (px_result is not None
                  and px_result["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(small_step)
-                 and px_result["similarity_error"] <= PARALLAX_MAX_SIMILARITY_ERROR)
+                 and px_result["similarity_error"] <= PARALLAX_MAX_SIMILARITY_ERROR
+                 and px_result["alignment_gain"] >= PARALLAX_MIN_GAIN)
     out = {"curl_fraction": {str(k).lower(): float(v) for k, v in curl.items()},
-           "parallax": None if px_result is None else {k: v for k, v in px_result.items() if k != "tcbf"}}
-    if defocused:
-        method, flip, c10_abs = "parallax", px_result["flip"], px_result["c10_abs_a"]
-        theta = px_result["rotation_deg"]  # the member that goes with C10 < 0
-        q2 = np.fft.fftfreq(dense.shape[0], small_step[0])[:, None] ** 2 + np.fft.fftfreq(dense.shape[1], small_step[1])[None, :] ** 2
-        ctf = np.sin(np.pi * lam * (-c10_abs) * q2)
-        keep = (np.abs(ctf) > 0.3) & (q2 < band**2)
-        candidate = np.fft.ifft2(px_result["tcbf"] * np.sign(ctf) * keep).real
-        otf_c10 = c10_abs
-        measured = True
-        if com_measured and (rot["flip"] != flip or abs(_wrap90(rot["rotation_deg"] - theta)) > MAX_DISAGREEMENT_DEG):
-            measured = False
-            notes.append(f"the COM curl ({rot['rotation_deg']:.1f}° mod 180, flip {rot['flip']}) and the parallax "
-                         f"({_wrap90(theta):.1f}° mod 180, flip {flip}) disagree")
-    else:
-        method, flip, theta, c10_abs = "com", rot["flip"], rot["rotation_deg"], None
+           "com_rotation_deg": float(rot["rotation_deg"]), "com_rotation_sigma_deg": float(rot["rotation_sigma_deg"]),
+           "parallax": px_result}
+
+    def checked(theta, flip):
+        """(θ after the half turn, the ADF agreement or None) of the iCOM image for (θ, flip):
+        iCOM and ADF are both the object blurred by the probe intensity, at any defocus, so
+        the in-focus probe transfer weights their agreement."""
+        if adf is None:
+            return theta, None
         candidate = _bin_image(icom_phase(res_y, res_x, theta, flip, step), f)
-        otf_c10 = 0.0
-        measured = com_measured and com_flip_ok
-        if not com_measured:
-            notes.append(f"no measurable parallax and the COM field is dominated by noise (curl fraction "
-                         f"{curl[rot['flip']]:.2f} > {COM_MAX_CURL_FRACTION})")
-        elif not com_flip_ok:
-            notes.append(f"the COM curl does not tell the flip apart (curl fractions {curl[False]:.2f} / {curl[True]:.2f})")
-    decided, ht = False, None
-    if adf is not None:
-        candidate = candidate[: adf.shape[0], : adf.shape[1]]
-        ht = half_turn(candidate, adf, small_step, lambda q: probe_otf(q, lam, semiangle, otf_c10), band)
-        decided = ht["decided"]
-        if not ht["keep"]:
-            theta, candidate = theta + 180.0, -candidate
-        if not decided:
-            notes.append(f"the ADF image does not decide the half turn (agreement z = {ht['z']:.1f}, need ≥ 6)")
-    skew = skewness(candidate)
+        ht = half_turn(candidate[: adf.shape[0], : adf.shape[1]], adf, small_step,
+                       lambda q: probe_otf(q, lam, semiangle, 0.0), band)
+        return (theta if ht["keep"] else theta + 180.0), ht
+
+    # route 1: the COM curl
+    com_precise = rot["rotation_sigma_deg"] <= COM_MAX_SIGMA_DEG
+    com_ok = com_measured and com_flip_ok and com_precise
+    com_theta, com_ht = checked(rot["rotation_deg"], rot["flip"])
+    com_confirmed = com_ok and com_ht is not None and com_ht["decided"]
+    if not com_measured:
+        notes.append(f"the COM field is dominated by noise (curl fraction {curl[rot['flip']]:.2f} > {COM_MAX_CURL_FRACTION})")
+    elif not com_flip_ok:
+        notes.append(f"the COM curl does not tell the flip apart (curl fractions {curl[False]:.2f} / {curl[True]:.2f})")
+    elif not com_precise:
+        notes.append(f"the COM rotation {rot['rotation_deg']:.1f}° (mod 180) is uncertain by ±{rot['rotation_sigma_deg']:.1f}° "
+                     f"(1σ; trusted at ≤ {COM_MAX_SIGMA_DEG:.2f}°): more dose or positions would tell")
+    # route 2: the parallax (θ mod 180° and flip from M; the half turn from the iCOM image
+    # with that orientation; the parallax member θ_p goes with C10 < 0)
+    px_theta = px_ht = None
+    if defocused:
+        c10_abs = px_result["c10_abs_a"]
+        px_theta, px_ht = checked(px_result["rotation_deg"], px_result["flip"])
+    px_confirmed = px_ht is not None and px_ht["decided"]
+
+    com_o = (com_theta, rot["flip"])
+    px_o = None if px_theta is None else (px_theta, px_result["flip"])
+    # every orientation measured (θ mod 180° and flip) must agree with each confirmed one
+    conflict = com_measured and px_o is not None and not _agree(com_o, px_o, 180.0)
+    if conflict:
+        notes.append(f"the COM curl ({_wrap90(com_theta):.1f}° mod 180, flip {rot['flip']}) and the parallax "
+                     f"({_wrap90(px_theta):.1f}° mod 180, flip {px_result['flip']}) disagree")
+    if px_confirmed and com_confirmed and not _agree(com_o, px_o):
+        conflict = True
+        notes.append("the COM and the parallax images agree with the ADF image only at opposite half turns")
+    if px_confirmed and not (conflict and com_confirmed):
+        method, (theta, flip), ht = ("parallax+com" if com_confirmed else "parallax"), px_o, px_ht
+    elif com_confirmed:
+        method, (theta, flip), ht = "com", com_o, com_ht
+    else:
+        method, (theta, flip), ht = ("parallax", px_o, px_ht) if defocused else ("com", com_o, com_ht)
+    reliable = (px_confirmed or com_confirmed) and not conflict
+    if adf is not None and not reliable and not conflict:
+        z = [f"{name} z = {h['z']:.1f}" for name, h in (("COM", com_ht), ("parallax", px_ht)) if h is not None]
+        notes.append(f"the ADF image confirms no orientation ({', '.join(z)}; need ≥ 6)")
+
     c10 = None
-    if c10_abs is not None:
-        c10 = -c10_abs if (ht is None or ht["keep"]) else c10_abs
+    if defocused and reliable:
+        if px_confirmed or _agree((theta, flip), px_o, 180.0):
+            # the parallax member θ_p goes with C10 < 0; the opposite half turn with C10 > 0
+            c10 = -c10_abs if _agree((theta, flip), (px_result["rotation_deg"], px_result["flip"])) else c10_abs
+    if defocused and c10 is None:
+        notes.append(f"BF-image shifts up to {px_result['max_shift_a']:.2f} Å (|C10| {c10_abs:.0f} Å if parallax) are "
+                     "not confirmed as a defocus: no C10 estimate")
+    cand_ht = ht if ht is not None else {"r": 0.0, "z": 0.0}
     out.update({
         "rotation_deg": float(_wrap180(theta)), "flip": bool(flip), "method": method,
+        "rotation_reliable": bool(reliable),
         # C10's sign comes with the half turn: an estimate is only given when the orientation holds
-        "rotation_reliable": bool(measured and decided),
-        "c10_estimate_a": float(c10) if c10 is not None and measured and decided else None,
-        "c10_magnitude_a": None if c10_abs is None else float(c10_abs),
-        "adf_agreement": None if ht is None else {"r": ht["r"], "z": ht["z"]}, "phase_skewness": skew,
+        "c10_estimate_a": None if c10 is None else float(c10),
+        "c10_magnitude_a": float(c10_abs) if defocused else None,
+        "adf_agreement": None if ht is None else {"r": cand_ht["r"], "z": cand_ht["z"]},
+        "adf_agreement_routes": {name: None if h is None else {"r": h["r"], "z": h["z"]}
+                                 for name, h in (("com", com_ht), ("parallax", px_ht))},
         "notes": notes,
     })
     return out

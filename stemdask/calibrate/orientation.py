@@ -21,14 +21,13 @@ Pure NumPy functions on in-memory arrays; :mod:`stemdask.calibrate` runs them on
 * **The half turn** (:func:`half_turn`). θ and θ + 180° give opposite phase images (and, for
   the parallax, opposite signs of C10), so it needs an independent physical reference
   measured in the same data: the **annular dark-field** image, bright at atomic columns —
-  where the projected potential, hence the phase, is positive. The candidate phase (iCOM in
-  focus; the CTF-phase-flipped tilt-corrected BF image when defocused) is compared with the
-  ADF image through the probe's incoherent transfer (the ADF image is the object's
-  scattering blurred by the probe intensity, whose transfer changes sign at large defocus):
+  where the projected potential, hence the phase, is positive. The candidate phase, the iCOM
+  image in the orientation found (COM curl or parallax), is compared with the ADF image
+  through the probe's incoherent transfer (both are the object blurred by the probe
+  intensity, at any defocus):
   ``r = Σ Re(ADF*·OTF·Φ) / norms`` over the band 2/L < |q| < 2α/λ, with ``z = r·√N`` its
   significance over N independent Fourier coefficients. Positive r keeps θ, negative flips
-  it by 180°; |z| below :data:`MIN_ADF_Z` leaves the half turn undecided (unreliable). The
-  skewness of the phase (atoms are sparse positive peaks) is reported as a cross-check only.
+  it by 180°; |z| below :data:`MIN_ADF_Z` leaves the half turn undecided (unreliable).
 """
 
 from __future__ import annotations
@@ -73,8 +72,9 @@ def rotation_from_com(com_y: np.ndarray, com_x: np.ndarray, step=(1.0, 1.0)) -> 
     """Scan rotation (deg, modulo 180, in (−90, 90]) and flip that make the COM field curl-free.
 
     ``com_y, com_x``: detector-frame COM (ny, nx) (any unit, NaN allowed), ``step``: scan
-    step (y, x). Returns {rotation_deg, flip, curl_fraction: {False: f, True: f}},
-    ``curl_fraction`` = smallest / largest eigenvalue of the solenoidal energy for each flip.
+    step (y, x). Returns {rotation_deg, flip, curl_fraction: {False: f, True: f},
+    rotation_sigma_deg}: ``curl_fraction`` = smallest / largest eigenvalue of the solenoidal
+    energy for each flip; ``rotation_sigma_deg`` the standard error of θ from the noise.
     """
     v_y, v_x = _clean(com_y), _clean(com_x)
     if v_y.shape != v_x.shape or v_y.ndim != 2 or min(v_y.shape) < 3:
@@ -91,14 +91,11 @@ def rotation_from_com(com_y: np.ndarray, com_x: np.ndarray, step=(1.0, 1.0)) -> 
         theta = _wrap90(math.degrees(math.atan2(s, c)))
         if best is None or fractions[flip] < fractions[best[1]]:
             best = (theta, flip)
-    return {"rotation_deg": best[0], "flip": best[1], "curl_fraction": fractions}
-
-
-def skewness(a: np.ndarray) -> float:
-    a = np.asarray(a, dtype=np.float64).ravel()
-    a = a - a.mean()
-    sd = a.std()
-    return float(np.mean(a**3) / sd**3) if sd > 0 else 0.0
+    f = fractions[best[1]]
+    # θ's standard error: the signal × noise terms of the 2×2 form turn its eigenvector by
+    # ≈ √(λ0·λ1) / (λ1 − λ0) / √N radians over N positions (white noise: within 10 % for f ≤ 0.6)
+    sigma = math.degrees(math.sqrt(f) / max(1.0 - f, 1e-12) / math.sqrt(v_y.size))
+    return {"rotation_deg": best[0], "flip": best[1], "curl_fraction": fractions, "rotation_sigma_deg": sigma}
 
 
 def _wrap180(theta: float) -> float:
@@ -193,8 +190,9 @@ def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.nda
     (Å⁻¹, relative to k = 0); ``inside`` (n, n) the pixels to use (well inside the BF disk);
     ``step`` scan step (y, x) Å. Returns {flip, rotation_deg (the member of the θ/θ+180 pair
     that goes with C10 < 0), c10_abs_a, matrix (M, Å per Å⁻¹), similarity_error (‖M − nearest
-    p·R·F‖ / ‖p·R·F‖), fit_rms_a (shift residual), max_shift_a, window_px, tcbf (the aligned
-    mean's spectrum, ny × nx complex)}.
+    p·R·F‖ / ‖p·R·F‖), fit_rms_a (shift residual), max_shift_a, window_px, alignment_gain (the
+    aligned mean's contrast power over the plain mean's: ≫ 1 where the images really are
+    shifted copies, ≈ 1 for the DPC-like in-focus BF images)}.
     """
     ny, nx = dense.shape[:2]
     step = np.asarray(step, dtype=np.float64)
@@ -245,12 +243,17 @@ def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.nda
         pc, ps = res.x
     size = math.hypot(pc, ps)
     nearest = _form(pc, ps, flip)
+    tcbf = aligned_mean(k @ nearest.T)
+    unaligned = spec.mean(axis=0)
+    ac = np.ones((ny, nx), bool)
+    ac[0, 0] = False  # the mean counts are no contrast
+    gain = float(np.sum(np.abs(tcbf[ac]) ** 2) / max(np.sum(np.abs(unaligned[ac]) ** 2), 1e-300))
     return {
         "flip": flip, "rotation_deg": _wrap180(math.degrees(math.atan2(ps, pc))), "c10_abs_a": size / wavelength,
         "matrix": m.tolist(), "similarity_error": float(np.linalg.norm(m - nearest) / max(np.linalg.norm(nearest), 1e-30)),
         "fit_rms_a": float(np.sqrt(np.mean(np.sum((shifts - fit) ** 2, axis=1)))),
         "max_shift_a": size * float(np.hypot(k[:, 0], k[:, 1]).max()), "window_px": float(window),
-        "tcbf": aligned_mean(k @ nearest.T),
+        "alignment_gain": gain,
     }
 
 

@@ -41,7 +41,8 @@ Weighting:
 
 Refocus and focus search: :class:`SSBResult` keeps G; ``refocus`` reruns only the trotter
 sums, ``sweep`` stacks phases over one coefficient with the truth-free criterion Σ phase²
-(largest at the right aberrations; it finds C10 = −150 Å on the abTEM case).
+(largest at the right aberrations; on a 25 Å grid it picks C10 = −150 Å on the abTEM case),
+and :func:`focus_c10` searches and refines its maximum (−146 Å there; ``--c10 auto``).
 
 Geometry: detector frequencies k come from the dense array's ``k_y, k_x`` coordinates (mrad
 relative to the BF centre, detector frame), are mapped into the scan frame with the
@@ -53,6 +54,7 @@ underfocus (abTEM ``defocus`` = −C10). Positive projected potential gives posi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -170,6 +172,7 @@ class SSBResult:
     scratch: str | os.PathLike | None = None
     scratch_threshold: int | None = None
     kept: bool = False
+    semiangle_source: str = "argument"
     _tmp: tempfile.TemporaryDirectory | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
@@ -286,6 +289,7 @@ class SSBResult:
             "method": "ssb",
             "weighting": "quantitative" if quantitative else "snr",
             "semiangle_mrad": self.k0 * self.calibration.wavelength_a * 1e3,
+            "semiangle_source": self.semiangle_source,
             **{f"aberration_{k}": v for k, v in ab.to_dict().items()},
         }
         return xr.DataArray(
@@ -327,8 +331,13 @@ def ssb(
     dense: DataArray (scan_y, scan_x, k_y, k_x), dask-chunked by scan rows with whole scan
     rows and whole detector crops per chunk (``EventDataset.densify``); coords ``k_y, k_x`` in
     mrad relative to the BF centre, detector frame. NumPy-backed input is chunked as one block.
-    calibration: energy, scan step (Å), rotation/flip, and the semi-angle (``semiangle_mrad``,
-    else ``bf_radius`` × ``detector_pixel_mrad``; or pass ``semiangle_mrad`` here).
+    calibration: energy, scan step (Å), rotation/flip, and the semi-angle α that sets which
+    pixels are inside the BF disk and the trotter boundaries: the measured disk,
+    ``bf_radius`` × ``detector_pixel_mrad``, when the calibration has a ``bf_radius`` (the
+    disk edge in the data is what decides which pixels carry bright field; the virtual
+    detectors use the same radius), else the nominal ``semiangle_mrad``; an explicit
+    ``semiangle_mrad`` argument wins over both. The phase's ``semiangle_source`` attr says
+    which ("argument", "measured BF radius", "nominal semi-angle").
     aberrations: Krivanek coefficients (Å, degrees), :class:`~stemdask.optics.Aberrations` or
     a dict. quantitative: unit transfer instead of the SNR-optimal sum (module docstring).
     pixel_chunk: BF pixels per chunk of G (default: ≥ 8 chunks of ≤ 64 MiB).
@@ -345,12 +354,15 @@ def ssb(
         data = data.rechunk({1: -1, 2: -1, 3: -1})
     check_scan_step(calibration, dense)
     lam = calibration.wavelength_a
-    alpha = semiangle_mrad or calibration.semiangle_mrad
-    if alpha is None and calibration.bf_radius is not None:
-        alpha = calibration.bf_radius * calibration.detector_pixel_mrad
-    if alpha is None:
-        raise ValueError("SSB needs the probe semi-angle: calibration.semiangle_mrad, calibration.bf_radius "
-                         "or semiangle_mrad=...")
+    if semiangle_mrad:
+        alpha, alpha_source = float(semiangle_mrad), "argument"
+    elif calibration.bf_radius is not None:
+        alpha, alpha_source = calibration.bf_radius * calibration.detector_pixel_mrad, "measured BF radius"
+    elif calibration.semiangle_mrad is not None:
+        alpha, alpha_source = calibration.semiangle_mrad, "nominal semi-angle"
+    else:
+        raise ValueError("SSB needs the probe semi-angle: calibration.bf_radius (stemdask calibrate measures it), "
+                         "calibration.semiangle_mrad or semiangle_mrad=...")
     k0 = alpha * 1e-3 / lam
 
     ky_mrad = np.asarray(dense.coords["k_y"].values, dtype=float)
@@ -393,14 +405,156 @@ def ssb(
         scan_coords=tuple(np.asarray(dense.coords[d].values) if d in dense.coords else np.arange(n) * step
                           for d, n, step in (("scan_y", ny, sy), ("scan_x", nx, sx))),
         calibration=calibration, aberrations=_aberrations(aberrations), quantitative=quantitative,
-        scratch=scratch, scratch_threshold=scratch_threshold,
+        scratch=scratch, scratch_threshold=scratch_threshold, semiangle_source=alpha_source,
     )
 
 
+# ---------------------------------------------------------------------- focus search
+#: Half-width (Å) of the automatic C10 search around 0 when no estimate is known (at least
+#: :data:`FOCUS_SPAN_DOF` depths of focus).
+FOCUS_SPAN_A = 300.0
+#: Half-width (Å) of the search around a stored (parallax) estimate: at least this, two depths
+#: of focus and half the estimate's magnitude.
+FOCUS_SPAN_ESTIMATE_A = 100.0
+FOCUS_SPAN_DOF = 6.0
+#: The criterion is called flat (no focus found) when its best value is below this multiple of
+#: its median over the coarse grid (a noise-only image has Σ phase² independent of C10).
+FOCUS_MIN_CONTRAST = 1.2
+
+
+def depth_of_focus_a(result: SSBResult) -> float:
+    """λ/α² (Å) of ``result``'s BF disk: the C10 change that turns χ at the disk edge by π."""
+    return 1.0 / (result.calibration.wavelength_a * result.k0**2)
+
+
+def focus_span_a(result: SSBResult, start: float = 0.0, estimated: bool = False) -> float:
+    """Default half-width (Å) of :func:`focus_c10`'s search: around an estimate (``estimated``)
+    max(:data:`FOCUS_SPAN_ESTIMATE_A`, 2 λ/α², |start|/2); else max(:data:`FOCUS_SPAN_A`,
+    :data:`FOCUS_SPAN_DOF` λ/α²)."""
+    dof = depth_of_focus_a(result)
+    if estimated:
+        return max(FOCUS_SPAN_ESTIMATE_A, 2.0 * dof, 0.5 * abs(start))
+    return max(FOCUS_SPAN_A, FOCUS_SPAN_DOF * dof)
+
+
+def _powers(result: SSBResult, values, fixed: dict) -> np.ndarray:
+    """Σ phase² (rad², SNR weighting) for each C10 in ``values``: one compute over the kept G."""
+    sums = [(result.refocus(None, quantitative=False, **{**fixed, "C10": float(v)}).data.astype(np.float64) ** 2).sum()
+            for v in values]
+    return np.array([float(_to_host(s)) for s in dask.compute(*sums)], dtype=np.float64)
+
+
+def focus_c10(result: SSBResult, start: float = 0.0, span: float | None = None, *, step: float | None = None,
+              xatol: float | None = None, warn: bool = True, **fixed) -> tuple[float, dict]:
+    """The defocus C10 (Å) that maximises the truth-free focus criterion, and how it was found.
+
+    Criterion: the power Σ phase² (rad², summed over the scan) of the SNR-weighted SSB phase
+    (the ``power`` of :meth:`SSBResult.sweep`): wrong aberrations misalign the trotter phases,
+    which then partly cancel, so the power is largest where C10 matches (a peak about one
+    depth of focus λ/α² wide; on the abTEM SrTiO3 case it peaks within a few Å of the true
+    −150 Å). The quantitative weighting is never used here (noise would dominate the sum).
+
+    Search: G is kept (:meth:`SSBResult.keep`); a coarse grid over ``start ± span`` (Å;
+    default :func:`focus_span_a` (result, start)) with a spacing ≤ ``step`` (default λ/(2α²),
+    half a depth of focus, so the peak cannot fall between two points), then a bounded scalar
+    minimisation of −power (``scipy.optimize.minimize_scalar``, tolerance ``xatol``, default
+    1/25 of the grid spacing) between the coarse best's neighbours. Other aberrations: the
+    result's own, with ``fixed`` overrides (e.g. ``C12=20``). Each evaluation is one pass of
+    the trotter sums over G.
+
+    Returns ``(c10, info)``; ``info``: ``c10``, ``start``, ``span``, ``range`` (lo, hi Å),
+    ``step`` (the grid spacing, Å), ``grid`` and ``power`` (the coarse curve), ``best_power``,
+    ``contrast`` (best / median power over the grid), ``n_evaluations``, ``at_edge`` (the coarse
+    optimum is the first or last grid point: the true optimum may lie outside the range),
+    ``flat`` (contrast < :data:`FOCUS_MIN_CONTRAST`: no focus found, the value is not to be
+    trusted), ``warnings`` (lines saying so) and ``seconds``. With ``warn`` those also go to
+    :func:`warnings.warn`.
+    """
+    import time
+
+    from scipy.optimize import minimize_scalar
+
+    t0 = time.perf_counter()
+    start = float(start)
+    span = float(focus_span_a(result, start) if span is None else span)
+    step = float(0.5 * depth_of_focus_a(result) if step is None else step)
+    if not (math.isfinite(start) and math.isfinite(span) and span > 0 and math.isfinite(step) and step > 0):
+        raise ValueError(f"focus search needs a finite start and a positive span and step (Å), got "
+                         f"start={start!r}, span={span!r}, step={step!r}")
+    half = max(1, math.ceil(span / step))
+    grid = start + np.linspace(-span, span, 2 * half + 1)
+    h = grid[1] - grid[0]
+    result.keep()
+    power = _powers(result, grid, fixed)
+    i = int(np.argmax(power))
+    best, best_power = float(grid[i]), float(power[i])
+    n_eval = len(grid)
+    lo, hi = max(grid[0], best - h), min(grid[-1], best + h)
+    cache: dict[float, float] = {}
+
+    def negative_power(c):
+        if c not in cache:
+            cache[c] = -_powers(result, [c], fixed)[0]
+        return cache[c]
+
+    fine = minimize_scalar(negative_power, bounds=(lo, hi), method="bounded",
+                           options={"xatol": float(h / 25 if xatol is None else xatol)})
+    n_eval += len(cache)
+    if -fine.fun > best_power:
+        best, best_power = float(fine.x), float(-fine.fun)
+    contrast = best_power / float(np.median(power)) if np.median(power) > 0 else math.inf
+    at_edge = i in (0, len(grid) - 1)
+    flat = not contrast >= FOCUS_MIN_CONTRAST
+    lines = []
+    if at_edge:
+        lines.append(f"the focus criterion is largest at the {'lower' if i == 0 else 'upper'} edge of the searched "
+                     f"C10 range {grid[0]:.1f}…{grid[-1]:.1f} Å: the optimum may be outside it (C10 = {best:.1f} Å "
+                     "is not a found focus; widen the search (--c10-span) or give C10)")
+    if flat:
+        lines.append(f"the focus criterion is flat over {grid[0]:.1f}…{grid[-1]:.1f} Å (best Σphase² only "
+                     f"{contrast:.2f}× its median): no focus found, C10 = {best:.1f} Å is not to be trusted")
+    if warn:
+        for line in lines:
+            warnings.warn(line, stacklevel=2)
+    info = {
+        "c10": best, "start": start, "span": span, "range": (float(grid[0]), float(grid[-1])), "step": float(h),
+        "grid": grid, "power": power, "best_power": best_power, "contrast": contrast, "n_evaluations": n_eval,
+        "at_edge": at_edge, "flat": flat, "warnings": lines, "seconds": time.perf_counter() - t0,
+    }
+    return best, info
+
+
 # ---------------------------------------------------------------------- CLI method
+def c10_argument(text: str) -> float | str:
+    """``--c10``'s value: a finite number (Å) or the word ``auto``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number (Å) or 'auto', got {text!r}")
+    return value
+
+
+def _positive_a(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number (Å), got {text!r}")
+    return value
+
+
 def _add_arguments(parser) -> None:
-    add_option(parser, "--c10", type=float, default=None, metavar="Å",
-               help="defocus C10 (Å); C10 < 0 is underfocus (default: the estimate `stemdask calibrate` stored, else 0)")
+    add_option(parser, "--c10", type=c10_argument, default=None, metavar="Å|auto",
+               help="defocus C10 (Å); C10 < 0 is underfocus (default: the estimate `stemdask calibrate` stored, else 0). "
+                    "'auto': search C10 with the focus criterion Σphase² around that value")
+    add_option(parser, "--c10-span", type=_positive_a, default=None, metavar="Å",
+               help="with --c10 auto: search start ± this (default: ±300 Å around 0, ±max(100 Å, |estimate|/2) "
+                    "around a stored estimate; at least a few depths of focus λ/α²)")
     add_option(parser, "--c12", type=float, default=0.0, metavar="Å", help="two-fold astigmatism C12 (Å)")
     add_option(parser, "--c12-angle", type=float, default=0.0, metavar="DEG", help="C12 azimuth (deg)")
     add_option(parser, "--c21", type=float, default=0.0, metavar="Å", help="axial coma C21 (Å)")
@@ -418,8 +572,9 @@ def _add_arguments(parser) -> None:
 
 def defocus_from_args(args, calibration: Calibration) -> tuple[float, str]:
     """C10 (Å) for SSB and where it came from: ``--c10``, else the calibration's parallax
-    estimate (``c10_estimate_a``), else 0 (in focus)."""
-    if getattr(args, "c10", None) is not None:
+    estimate (``c10_estimate_a``), else 0 (in focus). With ``--c10 auto``: the start of the
+    focus search (:func:`focus_c10`), i.e. the estimate or 0."""
+    if getattr(args, "c10", None) not in (None, "auto"):
         return float(args.c10), "command line"
     if calibration.c10_estimate_a is not None:
         return float(calibration.c10_estimate_a), "stored estimate (stemdask calibrate, parallax)"
@@ -428,7 +583,9 @@ def defocus_from_args(args, calibration: Calibration) -> tuple[float, str]:
 
 def aberrations_from_args(args, c10: float | None = None) -> Aberrations:
     """The :class:`~stemdask.optics.Aberrations` of the CLI options ``--c10 … --c30`` (``c10``
-    replaces ``--c10``, e.g. from :func:`defocus_from_args`)."""
+    replaces ``--c10``, e.g. from :func:`defocus_from_args`; needed with ``--c10 auto``)."""
+    if c10 is None and args.c10 == "auto":
+        raise ValueError("--c10 auto: pass the C10 to use (focus_c10 finds it)")
     return Aberrations(
         C10=(args.c10 or 0.0) if c10 is None else c10, C12=args.c12, phi12=args.c12_angle, C21=args.c21, phi21=args.c21_angle,
         C23=args.c23, phi23=args.c23_angle, C30=args.c30,
@@ -451,10 +608,35 @@ def run(ds, args) -> xr.Dataset:
     if getattr(args, "gpu", False):
         dense = to_gpu(dense)
     c10, source = defocus_from_args(args, ds.calibration)
-    if source != "command line":
-        print(f"ssb: C10 = {c10:.1f} Å ({source}); pass --c10 to override", file=sys.stderr)
-    phase = ssb(dense, ds.calibration, aberrations_from_args(args, c10), quantitative=args.quantitative).phase
+    extra = {}
+    if getattr(args, "c10", None) == "auto":
+        result = ssb(dense, ds.calibration, aberrations_from_args(args, c10), quantitative=args.quantitative)
+        estimated = ds.calibration.c10_estimate_a is not None
+        span = args.c10_span if getattr(args, "c10_span", None) is not None else focus_span_a(result, c10, estimated)
+        start = c10
+        c10, info = focus_c10(result, start, span, warn=False)
+        lo, hi = info["range"]
+        origin = "the stored estimate (stemdask calibrate, parallax)" if estimated else "the default (no estimate stored)"
+        print(f"ssb: C10 = {c10:.1f} Å (auto: focus criterion over {lo:.1f}…{hi:.1f} Å, start {start:.1f} Å from "
+              f"{origin})", file=sys.stderr)
+        for line in info["warnings"]:
+            print(f"ssb: warning: {line}", file=sys.stderr)
+        source = (f"auto (focus criterion Σphase², searched {lo:.1f}…{hi:.1f} Å in steps of {info['step']:.1f} Å "
+                  f"then refined, start {start:.1f} Å from {origin}")
+        if info["at_edge"]:
+            source += "; OPTIMUM AT THE EDGE of the range: it may lie outside"
+        if info["flat"]:
+            source += f"; criterion FLAT (best/median {info['contrast']:.2f}): no focus found"
+        source += ")"
+        extra = {"c10_search_range_a": [lo, hi], "c10_at_edge": bool(info["at_edge"]),
+                 "c10_criterion_contrast": float(info["contrast"])}
+        phase = result.refocus(C10=c10)
+    else:
+        if source != "command line":
+            print(f"ssb: C10 = {c10:.1f} Å ({source}); pass --c10 to override", file=sys.stderr)
+        phase = ssb(dense, ds.calibration, aberrations_from_args(args, c10), quantitative=args.quantitative).phase
     host = phase.data.map_blocks(_to_host, dtype=phase.dtype, meta=np.empty((0, 0), phase.dtype))
     out = phase.copy(data=host)
     out.attrs["c10_source"] = source
+    out.attrs.update(extra)
     return xr.Dataset({"phase": out})
