@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import __version__
 from .optics import Aberrations
@@ -31,19 +32,64 @@ def _calibration_overrides(args) -> dict:
 
 
 # ---------------------------------------------------------------------- simulate
-def cmd_simulate(args) -> int:
-    from .simulate import SimulationParams, simulate
+def _descan_record(values: list[str] | None) -> dict | None:
+    """``--descan MODEL C…`` → a ``Calibration.descan`` record (CLIError when malformed)."""
+    from .optics import DESCAN_TERMS, check_descan
 
-    params = SimulationParams(
-        scan_shape=tuple(args.scan), detector=args.detector, dose=args.dose,
-        aberrations=Aberrations(C10=args.c10), seed=args.seed, max_phase=args.max_phase,
-    )
+    if not values:
+        return None
+    model, coefs = values[0], values[1:]
+    if model not in DESCAN_TERMS:
+        raise CLIError(f"--descan: model must be one of {', '.join(sorted(DESCAN_TERMS))}, got {model!r}")
+    n = len(DESCAN_TERMS[model])
+    try:
+        numbers = [float(c) for c in coefs]
+    except ValueError:
+        raise CLIError(f"--descan {model}: coefficients must be numbers (px), got {' '.join(coefs)}") from None
+    if len(numbers) != 2 * n:
+        raise CLIError(f"--descan {model}: give {2 * n} coefficients (px): {n} for y then {n} for x, terms "
+                       f"{', '.join(DESCAN_TERMS[model])} of the centred scan fractions u (rows), v (columns)")
+    record = {"model": model, "coef_y": numbers[:n], "coef_x": numbers[n:]}
+    check_descan(record)
+    return record
+
+
+def simulation_params(args):
+    """The :class:`~stemdask.simulate.SimulationParams` of ``stemdask simulate``'s options:
+    ``--realistic`` starts from :meth:`SimulationParams.realistic`, every fault option given
+    replaces its part of it."""
+    from .simulate import SimulationParams
+
+    kw = dict(scan_shape=tuple(args.scan), detector=args.detector, dose=args.dose,
+              aberrations=Aberrations(C10=args.c10), seed=args.seed, max_phase=args.max_phase)
+    given = {"rotation_deg": args.rotation_deg, "flip": args.flip or None, "tds": args.tds, "bragg": args.bragg,
+             "bf_offset_px": tuple(args.bf_offset) if args.bf_offset else None, "descan": _descan_record(args.descan),
+             "bragg_tilt": tuple(args.bragg_tilt) if args.bragg_tilt else None,
+             "hot_pixels": tuple(tuple(h) for h in args.hot_pixel) if args.hot_pixel else None,
+             "dead_pixels": tuple(tuple(d) for d in args.dead_pixel) if args.dead_pixel else None,
+             "dead_columns": tuple(args.dead_column) if args.dead_column else None,
+             "dead_rows": tuple(args.dead_row) if args.dead_row else None}
+    kw.update({k: v for k, v in given.items() if v is not None})
+    return SimulationParams.realistic(**kw) if args.realistic else SimulationParams(**kw)
+
+
+def cmd_simulate(args) -> int:
+    from .simulate import simulate
+
+    params = simulation_params(args)
     with OutputSlot(args.out, kind=FORMAT_NAME, overwrite=args.overwrite) as slot:
         store = simulate(slot.target, params, progress=not args.quiet)
         out = slot.commit()
     print(f"wrote {out}: {store.n_events:,} events, scan {params.scan_shape}, "
           f"detector {params.detector}×{params.detector}, step {params.scan_step:.4f} Å, "
           f"C10 {params.aberrations.C10:g} Å; true phase in array 'phase_truth'")
+    f = params.faults()
+    if any([f["rotation_deg"] % 360, f["flip"], params.bf_offset_px != (0.0, 0.0), f["descan"], f["hot_pixels"],
+            f["dead_pixels"], params.bragg, params.tds]):
+        print(f"faults: rotation {f['rotation_deg']:g}°, flip {f['flip']}, BF centre ({f['bf_center'][0]:g}, "
+              f"{f['bf_center'][1]:g}) px, descan {f['descan']['model'] if f['descan'] else 'none'}, "
+              f"{len(f['hot_pixels'])} hot / {len(f['dead_pixels'])} dead pixels, Bragg {params.bragg:g}, "
+              f"TDS {params.tds:g}; all of it in the store's provenance (stemdask.simulate.load_faults)")
     return 0
 
 
@@ -149,8 +195,6 @@ def _calibration_lines(cal: dict, sampling: bool = True) -> list[str]:
 
 def result_info(path) -> dict | None:
     """A result store's description, or None when ``path`` is not one."""
-    from pathlib import Path
-
     from .reconstruct import RESULT_FORMAT, result_record
 
     path = Path(path)
@@ -309,7 +353,7 @@ def parse_settings(items: list[str]) -> dict:
 def _set_calibration(args) -> int:
     from .optics import Calibration
 
-    if args.mask is not None or args.descan is not None:
+    if args.mask is not None or args.descan is not None or args.descan_from is not None:
         raise CLIError("--set only sets values; run `stemdask calibrate STORE` without --set to measure "
                        "(with --mask / --descan)")
     changes = parse_settings(args.set)
@@ -356,7 +400,14 @@ def cmd_calibrate(args) -> int:
         return _set_calibration(args)
     store = open_store(args.store)
     mask = load_mask(args.mask, store.detector_shape) if args.mask is not None else None
-    result = calibrate_store(args.store, write=not args.dry_run, mask=mask, descan=args.descan or "plane")
+    if args.descan_from is not None:
+        open_store(args.descan_from)  # an event store, or one clear line
+        if args.descan == "off":
+            raise CLIError("--descan-from with --descan off: nothing would be fitted")
+        if Path(args.descan_from).resolve() == Path(args.store).resolve():
+            raise CLIError(f"--descan-from {args.descan_from}: that is the sample store itself; give a vacuum scan")
+    result = calibrate_store(args.store, write=not args.dry_run, mask=mask, descan=args.descan or "plane",
+                             vacuum=args.descan_from)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -420,7 +471,7 @@ def add_live_parser(sub) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, scan=args.scan, detector=args.detector, dose=args.dose, c10=args.c10,
+    run_demo(args.out, scan=args.scan, detector=args.detector, dose=args.dose, c10=args.c10, seed=args.seed,
              cluster=None if args.cluster == "none" else args.cluster, progress=not args.quiet)
     return 0
 
@@ -439,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", type=int, default=128, metavar="N", help="N×N probe positions (default 128)")
     p.add_argument("--detector", type=int, default=64, metavar="N", help="N×N detector pixels (default 64)")
     p.add_argument("--dose", type=float, default=2000.0, metavar="E", help="electrons per position (default 2000)")
-    p.add_argument("--c10", type=float, default=0.0, metavar="Å", help="defocus C10 (Å); SSB corrects it")
+    p.add_argument("--c10", type=float, default=0.0, metavar="Å",
+                   help="simulated defocus C10 (Å; default 0); reconstruct is not told: SSB uses the C10 calibrate estimates")
+    p.add_argument("--seed", type=int, default=1, help="random seed of the simulation (default 1)")
     p.add_argument("--cluster", default="local", help=CLUSTER_HELP + "; 'none' for threads (default local)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -452,6 +505,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c10", type=float, default=0.0, metavar="Å", help="defocus C10 (Å); C10 < 0 is underfocus")
     p.add_argument("--max-phase", type=float, default=0.5, metavar="RAD", help="phase of the strongest column")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("realistic detector and microscope (default: none of these)")
+    g.add_argument("--realistic", action="store_true",
+                   help="the faults every real dataset has: 17° scan rotation, BF disk off centre by (2.6, −3.3) px, "
+                        "plane descan, a hot pixel, dead pixels, a dead column, Bragg background 0.6, TDS 0.05; "
+                        "the options below replace their part")
+    g.add_argument("--rotation-deg", type=float, metavar="DEG", help="scan rotation (degrees, any angle)")
+    g.add_argument("--flip", action="store_true", help="mirror the detector (default: no flip)")
+    g.add_argument("--bf-offset", nargs=2, type=float, metavar=("DY", "DX"),
+                   help="BF-disk centre offset from the detector middle (px)")
+    g.add_argument("--descan", nargs="+", metavar="MODEL C",
+                   help="disk drift over the scan: 'plane AY BY AX BX' or 'quadratic' with 5 + 5 coefficients "
+                        "(px per unit of the centred scan fractions u (rows), v (columns) ∈ [−½, ½])")
+    g.add_argument("--hot-pixel", nargs=3, type=float, action="append", metavar=("Y", "X", "RATE"),
+                   help="a hot pixel with RATE spurious events per position (repeatable)")
+    g.add_argument("--dead-pixel", nargs=2, type=int, action="append", metavar=("Y", "X"), help="repeatable")
+    g.add_argument("--dead-column", type=int, action="append", metavar="X", help="repeatable")
+    g.add_argument("--dead-row", type=int, action="append", metavar="Y", help="repeatable")
+    g.add_argument("--bragg", type=float, metavar="W",
+                   help="tilted-crystal Bragg-disk background, peak weight relative to the BF plateau")
+    g.add_argument("--bragg-tilt", nargs=2, type=float, metavar=("TY", "TX"),
+                   help="Laue-circle centre of the Bragg pattern (units of α/λ; default 0.6 0.3)")
+    g.add_argument("--tds", type=float, metavar="F",
+                   help="thermal diffuse scattering: fraction of the electrons the strongest column scatters "
+                        "into the dark field (default 0; --realistic 0.05)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--cluster", help=CLUSTER_HELP)
@@ -511,6 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(1 = exclude), joined with the defects found (default: only the defects found)")
     p.add_argument("--descan", choices=["off", "plane", "quadratic"], default=None,
                    help="model of the BF-disk drift over the scan (default plane)")
+    p.add_argument("--descan-from", metavar="VACUUM.zarr",
+                   help="fit the descan to this event store: the same scan recorded without a sample (default: the "
+                        "sample's own COM, whose plane part also holds the sample's — 0.05–0.1 px, enough to bend "
+                        "an iCOM image)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON (default: summary lines)")
     p.add_argument("--dry-run", action="store_true", help="print, do not store (default: store)")
     p.add_argument("--cluster", help=CLUSTER_HELP)

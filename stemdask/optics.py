@@ -50,6 +50,9 @@ class Calibration:
     ``{"model": "plane" | "quadratic", "coef_y": [...], "coef_x": [...]}``, see
     :func:`descan_offsets` — the disk centre at scan position (iy, ix) is
     ``bf_center + offset(iy, ix)``; ``bf_center`` is the centre at the middle of the scan.
+    An optional ``"com_response"`` 2×2 matrix K says how the whole-detector COM (with the
+    detector mask) follows the disk: the COM subtracts K·offset (1 without it; a detector
+    edge cutting a diffuse background, or a mask's static fill, make it smaller).
     c10_estimate_a: the defocus C10 (Å) measured by :mod:`stemdask.calibrate` (parallax), or None.
     rotation_reliable: whether the stored rotation/flip are supported by the data (None: never
     measured). origins: how each field was obtained, field name → one of :data:`ORIGINS`.
@@ -148,6 +151,9 @@ def check_descan(descan: dict) -> None:
         coef = descan.get(key)
         if coef is None or len(coef) != len(DESCAN_TERMS[model]) or not all(math.isfinite(float(c)) for c in coef):
             raise ValueError(f"descan {key} must be {len(DESCAN_TERMS[model])} finite numbers (px), got {coef!r}")
+    k = descan.get("com_response")
+    if k is not None and (np.shape(k) != (2, 2) or not np.all(np.isfinite(np.asarray(k, dtype=float)))):
+        raise ValueError(f"descan com_response must be a finite 2×2 matrix, got {k!r}")
 
 
 def descan_terms(model: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:

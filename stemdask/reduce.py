@@ -152,9 +152,10 @@ def _block_com(block, det_x, ref_y, ref_x, terms, scan_shape, descan):
         f0, fy, fx = terms.mean_offset(det_x)
         cy = (cy + ref_y + fy) / (1.0 + f0) - ref_y
         cx = (cx + ref_x + fx) / (1.0 + f0) - ref_x
-    if descan is not None:
+    if descan is not None:  # the disk's move as this COM sees it (``com_response``, default 1)
         dy, dx = _offsets(block, scan_shape, descan)
-        cy, cx = cy - dy, cx - dx
+        (k_yy, k_yx), (k_xy, k_xx) = descan.get("com_response", ((1.0, 0.0), (0.0, 1.0)))
+        cy, cx = cy - (k_yy * dy + k_yx * dx), cx - (k_xy * dy + k_xx * dx)
     return np.stack([cy, cx], axis=-1).reshape(block.counts.shape + (2,))
 
 

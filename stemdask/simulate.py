@@ -603,6 +603,8 @@ def tds_fraction(mean_phase: np.ndarray, p: SimulationParams) -> np.ndarray:
     with the projected potential under the probe (≈ Z^1.7 per column; linear in φ here).
     Its electrons come out of the coherent pattern, so each pattern still sums to 1.
     """
+    if p.max_phase == 0:
+        return np.zeros_like(mean_phase)  # vacuum
     return p.tds * np.clip(mean_phase, 0.0, None) / p.max_phase
 
 

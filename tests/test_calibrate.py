@@ -175,31 +175,35 @@ def test_calibrate_store_on_the_simulator(tmp_path, quarter_turns, flip, c10):
     if result["rotation_reliable"]:
         assert abs((result["rotation_deg"] - 90 * quarter_turns + 180) % 360 - 180) < 3.0
         assert stored.rotation_deg == result["rotation_deg"] and stored.flip == flip
-    else:  # this simulator has almost no dark field to decide the half turn: flagged, and kept
+    else:  # flagged, and kept
         assert any("NOT reliable" in m for m in result["messages"])
-        assert result["c10_estimate_a"] is None and stored.c10_estimate_a is None  # its sign is undecided
         assert stored.rotation_deg == 0.0 and stored.flip is False
+    if result["c10_estimate_a"] is not None:  # its sign comes from the ADF, decided or not given
+        assert result["c10_estimate_a"] == pytest.approx(c10, rel=0.05)
+        assert stored.c10_estimate_a == result["c10_estimate_a"]
 
 
 @pytest.mark.parametrize("rotation, flip, c10", [(241.0, False, -100.0), (17.0, True, 100.0), (163.0, True, 0.0)])
-def test_defocused_or_not_the_orientation_and_the_sign_of_c10_come_from_the_adf(tmp_path, rotation, flip, c10):
-    """With a dark field (thermal diffuse scattering) the half turn is decided — and with it the
-    sign of C10 — at any angle; in focus the ~1 Å DPC-like BF-image 'shifts' are no parallax."""
+def test_defocused_or_not_the_sign_of_c10_comes_from_the_adf_and_uncertain_angles_are_flagged(tmp_path, rotation,
+                                                                                              flip, c10):
+    """With a dark field (thermal diffuse scattering) the half turn — and with it the sign of
+    C10 — is decided at any angle; in focus the ~1 Å DPC-like BF-image 'shifts' are no parallax.
+    At 64² positions × 2000 e⁻ θ is uncertain by ≈ 0.5° (1σ; 0.45° measured over seeds): the
+    orientation is flagged, never trusted, and the flip and θ are still right."""
     p = SimulationParams(scan_shape=(64, 64), detector=64, dose=2000, rotation_deg=rotation, flip=flip, seed=1,
                          tds=0.05, aberrations=Aberrations(C10=c10))
     simulate(tmp_path / "s.zarr", p, overwrite=True, progress=False)
     result, _, _ = calibrate(stemdask.open(tmp_path / "s.zarr"))
     error = abs((result["rotation_deg"] - rotation + 180) % 360 - 180)
+    assert result["flip"] == flip
     if c10 == 0:
         assert result["parallax"]["alignment_gain"] < 1.2 and result["method"] == "com"
         assert result["c10_estimate_a"] is None
-        assert result["flip"] == flip and error < 3 * result["com_rotation_sigma_deg"]
+        assert error < 3 * result["com_rotation_sigma_deg"]
     else:
-        assert result["rotation_reliable"] and result["method"].startswith("parallax")
-        assert result["flip"] == flip and error < 1.0
+        assert result["method"] == "parallax" and error < 3 * result["parallax"]["rotation_sigma_deg"]
         assert result["c10_estimate_a"] == pytest.approx(c10, rel=0.05)  # the sign too
-    if result["rotation_reliable"]:
-        assert result["flip"] == flip and error < 1.0
+    assert not result["rotation_reliable"] and any("uncertain by" in m for m in result["messages"])
 
 
 def test_com_rotation_standard_error_matches_the_scatter():
@@ -320,5 +324,5 @@ def test_realistic_faults_are_found_and_the_orientation_is_never_reliable_and_wr
     if result["rotation_reliable"]:
         assert abs((result["rotation_deg"] - faults["rotation_deg"] + 180) % 360 - 180) < 1.0
         assert result["flip"] == faults["flip"]
-    else:
-        assert result["c10_estimate_a"] is None
+    if result["c10_estimate_a"] is not None:
+        assert c10 != 0 and result["c10_estimate_a"] == pytest.approx(c10, rel=0.1)

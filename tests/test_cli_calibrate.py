@@ -157,8 +157,8 @@ def test_mask_and_descan_reach_calibrate_store(tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "m.npy", m)
     seen = {}
 
-    def fake(path, write=True, mask=None, descan="plane"):
-        seen.update(path=str(path), write=write, mask=mask, descan=descan)
+    def fake(path, write=True, mask=None, descan="plane", vacuum=None):
+        seen.update(path=str(path), write=write, mask=mask, descan=descan, vacuum=vacuum)
         return {"rotation_reliable": True, "bf_center": [8.0, 8.0], "bf_radius": 3.0, "rotation_deg": 0.0,
                 "flip": False, "c10_estimate_a": None, "messages": ["a warning"], "summary": "the summary"}
 
@@ -170,7 +170,19 @@ def test_mask_and_descan_reach_calibrate_store(tmp_path, capsys, monkeypatch):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[:2] == ["the summary", "a warning"] and not any("NOT reliable" in x for x in lines)
     assert main(["calibrate", str(store.path)]) == 0
-    assert seen["descan"] == "plane" and seen["mask"] is None and seen["write"] is True
+    assert seen["descan"] == "plane" and seen["mask"] is None and seen["write"] is True and seen["vacuum"] is None
+
+
+def test_descan_from_a_vacuum_scan_refuses_what_cannot_be_one(tmp_path, capsys):
+    store = _store(tmp_path)
+    before = open_store(store.path).calibration
+    for argv, message in [(["--descan-from", str(store.path)], "the sample store itself"),
+                          (["--descan-from", str(tmp_path / "none.zarr")], "none.zarr"),
+                          (["--descan-from", str(store.path), "--descan", "off"], "nothing would be fitted")]:
+        assert main(["calibrate", str(store.path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert open_store(store.path).calibration == before
 
 
 @pytest.mark.parametrize("with_message", [True, False])

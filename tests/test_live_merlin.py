@@ -41,7 +41,8 @@ def scan(tmp_path_factory):
                  "--quiet"]) == 0
     open_store(tmp / "ingested.zarr", mode="r+").set_calibration(sim.calibration)  # as `stemdask calibrate` would
     assert main(["reconstruct", str(tmp / "ingested.zarr"), "--method", "ricom", "--method", "virtual",
-                 "--method", "com", "--out", str(tmp / "batch.zarr"), "--quiet", *KERNEL]) == 0
+                 "--method", "com", "--com-reference", "bf", "--out", str(tmp / "batch.zarr"), "--quiet",
+                 *KERNEL]) == 0  # live riCOM measures from the BF centre
     return {"tmp": tmp, "mib": mib, "store": tmp / "ingested.zarr", "batch": xr.open_zarr(tmp / "batch.zarr"),
             "frames": frames, "calibration": sim.calibration}
 

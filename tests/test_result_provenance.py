@@ -62,7 +62,7 @@ def test_result_attrs_round_trip_through_open_zarr(store, tmp_path, monkeypatch,
     assert origins["bf_center"] == "measured" and origins["energy_ev"] == "command line"
     assert "semiangle_mrad" not in origins and cal["semiangle_mrad"] is None
     opts = json.loads(a["method_options"])
-    assert opts["ssb"]["bin"] == 1 and "c10" in opts["ssb"] and opts["com"]["com_reference"] == "bf"
+    assert opts["ssb"]["bin"] == 1 and "c10" in opts["ssb"] and opts["com"]["com_reference"] is None
     assert set(opts) == {"com", "icom", "ssb"}
 
 

@@ -245,3 +245,25 @@ def test_thermal_diffuse_scattering_makes_the_adf_image_follow_the_phase():
 def test_tds_must_be_a_fraction():
     with pytest.raises(ValueError, match="tds"):
         SimulationParams(**SMALL, tds=1.5)
+
+
+def test_cli_simulate_realistic_options_reach_the_store(tmp_path, capsys):
+    from stemdask.cli import main
+
+    out = tmp_path / "r.zarr"
+    assert main(["simulate", str(out), "--scan", "8", "8", "--detector", "32", "--quiet", "--realistic",
+                 "--rotation-deg", "241", "--flip", "--descan", "plane", "1", "0", "0", "-1", "--tds", "0.02",
+                 "--dead-row", "3"]) == 0
+    assert "faults: rotation 241°, flip True" in capsys.readouterr().out
+    faults = load_faults(out)
+    assert faults["rotation_deg"] == 241.0 and faults["flip"] is True
+    assert faults["descan"] == {"model": "plane", "coef_y": [1.0, 0.0], "coef_x": [0.0, -1.0]}
+    assert faults["dead_rows"] == [3] and len(faults["hot_pixels"]) == 1  # the preset's hot pixel stays
+    assert open_store(out).provenance["simulation"]["tds"] == 0.02
+    for bad, message in [(["--descan", "plane", "1", "2"], "give 4 coefficients"),
+                         (["--descan", "cubic", "1"], "model must be one of"),
+                         (["--dead-pixel", "40", "3"], "not a pixel"), (["--tds", "2"], "tds must be a fraction")]:
+        assert main(["simulate", str(tmp_path / "b.zarr"), "--scan", "4", "4", "--detector", "32", "--quiet", *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "b.zarr").exists()

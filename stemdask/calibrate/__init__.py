@@ -26,15 +26,15 @@ Two routes to the orientation, each checked against the ADF image (rules in :fun
   θ mod 180° and |C10| from M; the iCOM image in that orientation against the ADF image gives
   the half turn and with it the sign of C10.
 
-A route is *confirmed* when its own evidence measured θ and the flip — the COM's θ to a
-standard error ≤ :data:`COM_MAX_SIGMA_DEG`; the parallax only where aligning the BF images
+A route is *confirmed* when its own evidence measured θ and the flip — θ to a standard
+error ≤ :data:`MAX_SIGMA_DEG` (3σ within 1°); the parallax only where aligning the BF images
 sharpens them (:data:`PARALLAX_MIN_GAIN`: in-focus crystals show DPC-like BF-image "shifts"
 of about an ångström that are no parallax) — and the ADF image decides its half turn at
 z ≥ 6. The ADF agreement decides only the half turn: on a crystal a candidate rotated by a
 symmetry of the lattice resembles the ADF image too, so θ and the flip rest on the COM and
 the parallax alone, and ``rotation_reliable`` is true only when a route is confirmed and no
-two measured orientations disagree. C10 is estimated only with a reliable orientation that
-agrees with the parallax. Otherwise the stored rotation and flip are kept and the result
+two measured orientations disagree. C10 is estimated where the parallax is measured, its
+half turn decided and no orientation disagrees with it. Otherwise the stored rotation and flip are kept and the result
 says why.
 """
 
@@ -48,7 +48,7 @@ import numpy as np
 
 from ..optics import descan_offsets
 from ..store import open_store
-from .descan import descan_span_px, fit_descan
+from .descan import com_response, corrected, descan_span_px, fit_descan
 from .disk import find_defects, fit_bf_disk, inpaint
 from .orientation import (half_turn, icom_phase, parallax, probe_otf, rotation_from_com,
                           _wrap180, _wrap90)
@@ -66,9 +66,8 @@ PARALLAX_MIN_GAIN = 1.5
 #: flip leaves at least this factor more.
 COM_MAX_CURL_FRACTION = 0.8
 COM_MIN_FLIP_RATIO = 1.25
-#: … and its θ is trusted when its standard error (:func:`rotation_from_com`) is at most this:
-#: 3σ within 1°.
-COM_MAX_SIGMA_DEG = 1.0 / 3.0
+#: A rotation (COM curl or parallax) is trusted when its standard error is at most this: 3σ within 1°.
+MAX_SIGMA_DEG = 1.0 / 3.0
 #: COM and parallax must agree to this many degrees (θ mod 180°) when both measured one.
 MAX_DISAGREEMENT_DEG = 3.0
 #: A fitted descan is applied only when it moves the disk by at least this much (px): below it
@@ -106,12 +105,17 @@ def _bin_image(img: np.ndarray, f: int) -> np.ndarray:
     return img[:ny, :nx].reshape(ny // f, f, nx // f, f).mean(axis=(1, 3))
 
 
-def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
+def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
+              vacuum=None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Calibrate an :class:`~stemdask.events.EventDataset`; see the module docstring.
 
     ``mask``: a user's bool (det_y, det_x) mask (True = exclude), joined with the defects
-    found. ``descan``: "off", "plane" or "quadratic". Returns (result dict, JSON-serialisable;
-    the detector mask used; its fill weights).
+    found. ``descan``: "off", "plane" or "quadratic". ``vacuum``: an EventDataset of the same
+    scan recorded without a sample (same scan settings and detector; any sampling of the same
+    field): the descan is fitted to its COM instead. With a sample in the beam the COM's plane
+    part is the descan *plus* the sample's own (the gradient of its quadratic part: 0.05–0.1 px
+    on the simulator), which no fit can tell apart; the vacuum scan has no sample to leak in.
+    Returns (result dict, JSON-serialisable; the detector mask used; its fill weights).
     """
     det = tuple(ds.detector_shape)
     if mask is not None:
@@ -144,23 +148,28 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True)
     filled = inpaint(pacbed, full_mask) if full_mask.any() else pacbed
     fill = np.where(full_mask, filled / filled[~full_mask].sum(), 0.0)
 
-    # the descan from the whole pattern's COM (it all moves with the disk); the orientation from
-    # the COM inside the disk (a fixed region: its background dilutes the drift, not the direction)
-    whole_com = raw.with_mask(full_mask, fill).com(reference=(0.0, 0.0))
+    # the COM inside the disk's region: the descan (corrected for the window, see com_response)
+    # and the orientation (its own drift fit removed)
     margin = COM_MARGIN_PX
-    whole_com, bf_com = dask.compute(whole_com, _bf_com(raw, full_mask, filled, disk, disk["radius"] + margin))
-    record, _ = fit_descan(whole_com.com_y.values, whole_com.com_x.values, descan)
-    drift = _max_drift_px(record, ds.scan_shape)
-    if drift > margin - 1.0:  # the disk leaves the region somewhere: again with room for it
-        bf_com = _bf_com(raw, full_mask, filled, disk, disk["radius"] + drift + 2.0).compute()
-    com_y, com_x = bf_com.com_y.values, bf_com.com_x.values
-    own, c0 = fit_descan(com_y, com_x, descan)
+    while True:
+        keep, region_fill = _bf_window(full_mask, filled, disk, disk["radius"] + margin)
+        bf_com = raw.with_mask(~keep, region_fill).com(reference=(0.0, 0.0)).compute()
+        com_y, com_x = bf_com.com_y.values, bf_com.com_x.values
+        own, c0 = fit_descan(com_y, com_x, descan)
+        record = corrected(own, com_response(filled, keep, region_fill)) if vacuum is None else \
+            _vacuum_descan(vacuum, ds, full_mask, descan)
+        drift = _max_drift_px(record, ds.scan_shape)
+        if drift <= margin - 1.0 or margin >= max(det):
+            break
+        margin = drift + 2.0  # the disk leaves the region somewhere: again with room for it
     fitted_span = descan_span_px(record, ds.scan_shape)
-    if record is not None and fitted_span < DESCAN_MIN_SPAN_PX:
+    if vacuum is None and record is not None and fitted_span < DESCAN_MIN_SPAN_PX:
         record = own = None  # below what the COM can tell from phase contrast: applying it would only add a ramp
+    if record is not None:  # the whole detector's COM follows the disk by K (detector edge, mask fills)
+        record["com_response"] = com_response(filled, ~full_mask, fill).tolist()
     off_y, off_x = descan_offsets(record, ds.scan_shape)
     center = (disk["center"][0] - float(off_y.mean()), disk["center"][1] - float(off_x.mean()))
-    own_y, own_x = descan_offsets(own, ds.scan_shape)
+    own_y, own_x = descan_offsets(own, ds.scan_shape)  # the drift as this window sees it
     res_y, res_x = com_y - c0[0] - own_y, com_x - c0[1] - own_x
 
     result = {
@@ -170,7 +179,8 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True)
                     "dead_rows": defects["dead_rows"], "dead_columns": defects["dead_columns"],
                     "user_mask_pixels": int(mask.sum()) if mask is not None else 0,
                     "masked_pixels": int(full_mask.sum())},
-        "descan": record, "descan_span_px": descan_span_px(record, ds.scan_shape), "descan_fitted_span_px": fitted_span,
+        "descan": record, "descan_source": "sample COM" if vacuum is None else f"vacuum scan {vacuum.store.path}",
+        "descan_span_px": descan_span_px(record, ds.scan_shape), "descan_fitted_span_px": fitted_span,
         "messages": [],
     }
     result.update(_orientation(ds, cal, small, f, whole, dense, full_mask, center, disk["radius"],
@@ -190,14 +200,28 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True)
     return result, full_mask, fill
 
 
-def _bf_com(raw, mask, filled, disk, radius):
-    """COM (lazy; px, detector frame, no reference) of the pixels within ``radius`` of the
-    PACBED's disk centre, the masked ones among them filled from the PACBED (``filled``)."""
+def _vacuum_descan(vacuum, ds, mask, model: str) -> dict | None:
+    """The descan fitted to the whole-detector COM of a vacuum scan of the same field."""
+    if tuple(vacuum.detector_shape) != tuple(ds.detector_shape):
+        raise ValueError(f"{vacuum.store.path}: the vacuum scan's detector is {vacuum.detector_shape}, "
+                         f"the sample's {ds.detector_shape}")
+    raw = vacuum.with_mask(None, None).with_calibration(descan=None)
+    pacbed = np.asarray(raw.pacbed().compute().values, dtype=np.float64)
+    filled = inpaint(pacbed, mask) if mask.any() else pacbed
+    fill = np.where(mask, filled / filled[~mask].sum(), 0.0)
+    com = raw.with_mask(mask, fill).com(reference=(0.0, 0.0)).compute()
+    record, _ = fit_descan(com.com_y.values, com.com_x.values, model)
+    # in vacuum the whole pattern is the disk: K corrects only the mask's static fill
+    return corrected(record, com_response(filled, ~mask, fill))
+
+
+def _bf_window(mask, filled, disk, radius) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels within ``radius`` of the PACBED's disk centre that are not masked (bool), and
+    the fill weights of the masked ones among them (from the PACBED ``filled``)."""
     yy, xx = np.indices(mask.shape)
     outside = np.hypot(yy - disk["center"][0], xx - disk["center"][1]) > radius
-    kept = ~(mask | outside)
-    fill = np.where(mask & ~outside, filled / filled[kept].sum(), 0.0)
-    return raw.with_mask(mask | outside, fill).com(reference=(0.0, 0.0))
+    keep = ~(mask | outside)
+    return keep, np.where(mask & ~outside, filled / filled[keep].sum(), 0.0)
 
 
 def _max_drift_px(record, scan_shape) -> float:
@@ -265,7 +289,7 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
         return (theta if ht["keep"] else theta + 180.0), ht
 
     # route 1: the COM curl
-    com_precise = rot["rotation_sigma_deg"] <= COM_MAX_SIGMA_DEG
+    com_precise = rot["rotation_sigma_deg"] <= MAX_SIGMA_DEG
     com_ok = com_measured and com_flip_ok and com_precise
     com_theta, com_ht = checked(rot["rotation_deg"], rot["flip"])
     com_confirmed = com_ok and com_ht is not None and com_ht["decided"]
@@ -275,14 +299,18 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
         notes.append(f"the COM curl does not tell the flip apart (curl fractions {curl[False]:.2f} / {curl[True]:.2f})")
     elif not com_precise:
         notes.append(f"the COM rotation {rot['rotation_deg']:.1f}° (mod 180) is uncertain by ±{rot['rotation_sigma_deg']:.1f}° "
-                     f"(1σ; trusted at ≤ {COM_MAX_SIGMA_DEG:.2f}°): more dose or positions would tell")
+                     f"(1σ; trusted at ≤ {MAX_SIGMA_DEG:.2f}°): more dose or positions would tell")
     # route 2: the parallax (θ mod 180° and flip from M; the half turn from the iCOM image
     # with that orientation; the parallax member θ_p goes with C10 < 0)
     px_theta = px_ht = None
+    px_precise = defocused and px_result["rotation_sigma_deg"] <= MAX_SIGMA_DEG
     if defocused:
         c10_abs = px_result["c10_abs_a"]
         px_theta, px_ht = checked(px_result["rotation_deg"], px_result["flip"])
-    px_confirmed = px_ht is not None and px_ht["decided"]
+        if not px_precise:
+            notes.append(f"the parallax rotation {_wrap90(px_result['rotation_deg']):.1f}° (mod 180) is uncertain by "
+                         f"±{px_result['rotation_sigma_deg']:.1f}° (1σ; trusted at ≤ {MAX_SIGMA_DEG:.2f}°)")
+    px_confirmed = px_precise and px_ht is not None and px_ht["decided"]
 
     com_o = (com_theta, rot["flip"])
     px_o = None if px_theta is None else (px_theta, px_result["flip"])
@@ -305,19 +333,18 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
         z = [f"{name} z = {h['z']:.1f}" for name, h in (("COM", com_ht), ("parallax", px_ht)) if h is not None]
         notes.append(f"the ADF image confirms no orientation ({', '.join(z)}; need ≥ 6)")
 
+    # C10's sign comes with the parallax's half turn (θ_p goes with C10 < 0), which the ADF
+    # decides even where θ itself is not precise enough to be trusted
     c10 = None
-    if defocused and reliable:
-        if px_confirmed or _agree((theta, flip), px_o, 180.0):
-            # the parallax member θ_p goes with C10 < 0; the opposite half turn with C10 > 0
-            c10 = -c10_abs if _agree((theta, flip), (px_result["rotation_deg"], px_result["flip"])) else c10_abs
-    if defocused and c10 is None:
-        notes.append(f"BF-image shifts up to {px_result['max_shift_a']:.2f} Å (|C10| {c10_abs:.0f} Å if parallax) are "
-                     "not confirmed as a defocus: no C10 estimate")
+    if defocused and px_ht is not None and px_ht["decided"] and not conflict:
+        c10 = -c10_abs if px_ht["keep"] else c10_abs
+    elif defocused:
+        notes.append(f"BF-image shifts up to {px_result['max_shift_a']:.2f} Å (|C10| {c10_abs:.0f} Å) whose sign the "
+                     "ADF image does not decide: no C10 estimate")
     cand_ht = ht if ht is not None else {"r": 0.0, "z": 0.0}
     out.update({
         "rotation_deg": float(_wrap180(theta)), "flip": bool(flip), "method": method,
         "rotation_reliable": bool(reliable),
-        # C10's sign comes with the half turn: an estimate is only given when the orientation holds
         "c10_estimate_a": None if c10 is None else float(c10),
         "c10_magnitude_a": float(c10_abs) if defocused else None,
         "adf_agreement": None if ht is None else {"r": cand_ht["r"], "z": cand_ht["z"]},
@@ -339,7 +366,8 @@ def _summary(r: dict) -> str:
             f"{'reliable' if r['rotation_reliable'] else 'NOT reliable'}); C10 {c10}")
 
 
-def calibrate_store(path: str | os.PathLike, write: bool = True, mask=None, descan: str = "plane") -> dict:
+def calibrate_store(path: str | os.PathLike, write: bool = True, mask=None, descan: str = "plane",
+                    vacuum: str | os.PathLike | None = None) -> dict:
     """Calibrate the store at ``path`` (:func:`calibrate`); with ``write`` store the BF disk, the
     detector mask, the descan, the C10 estimate and — only when ``rotation_reliable`` — the
     rotation and flip (otherwise the stored ones are kept and a message says so).
@@ -350,7 +378,8 @@ def calibrate_store(path: str | os.PathLike, write: bool = True, mask=None, desc
     from ..events import open as open_dataset
 
     ds = open_dataset(path)
-    result, full_mask, fill = calibrate(ds, mask=mask, descan=descan)
+    result, full_mask, fill = calibrate(ds, mask=mask, descan=descan,
+                                        vacuum=None if vacuum is None else open_dataset(vacuum))
     old = ds.calibration
     if not result["rotation_reliable"]:
         result["messages"].append(

@@ -52,3 +52,44 @@ def descan_span_px(descan: dict | None, scan_shape) -> float:
     """The largest distance (px) the disk moves from its scan-centre position."""
     dy, dx = descan_offsets(descan, scan_shape)
     return float(np.hypot(dy, dx).max())
+
+
+def com_response(pattern: np.ndarray, keep: np.ndarray, fill: np.ndarray, step_px: float = 0.5) -> np.ndarray:
+    """How the COM measured through a detector window follows a shift of the pattern: the 2×2
+    matrix K with δCOM = K·δ (px per px), from the pattern (e.g. the PACBED) shifted by
+    ±``step_px`` along each axis (cubic spline; what is shifted in at the window's edge comes
+    from its own neighbourhood).
+
+    ``keep`` (det_y, det_x) bool: the pixels counted; ``fill``: the masked pixels' fill weights
+    (as :mod:`stemdask.reduce` applies them: COM = (mean of the kept + Σ fill·position) /
+    (1 + Σ fill)). K = 1 for a pattern wholly inside an unmasked window; intensity at the
+    window's edge (a Bragg or diffuse background that does not leave the window as the disk
+    moves) and static fills shrink it — a COM-measured descan divided by K is the disk's move.
+    """
+    from scipy import ndimage
+
+    yy, xx = np.indices(pattern.shape, dtype=np.float64)
+    f0, fy, fx = float(fill.sum()), float((fill * yy).sum()), float((fill * xx).sum())
+
+    def com(p):
+        p = np.where(keep, p, 0.0)
+        n = p.sum()
+        return np.array([((p * yy).sum() / n + fy) / (1 + f0), ((p * xx).sum() / n + fx) / (1 + f0)])
+
+    k = np.empty((2, 2))
+    for j in range(2):
+        d = np.zeros(2)
+        d[j] = step_px
+        plus = ndimage.shift(pattern, d, order=3, mode="nearest")
+        minus = ndimage.shift(pattern, -d, order=3, mode="nearest")
+        k[:, j] = (com(plus) - com(minus)) / (2 * step_px)
+    return k
+
+
+def corrected(record: dict | None, response: np.ndarray) -> dict | None:
+    """The descan ``record`` fitted to a windowed COM, turned into the disk's own move (K⁻¹·)."""
+    if record is None:
+        return None
+    inv = np.linalg.inv(response)
+    coef = inv @ np.array([record["coef_y"], record["coef_x"]], dtype=np.float64)
+    return {"model": record["model"], "coef_y": [float(c) for c in coef[0]], "coef_x": [float(c) for c in coef[1]]}

@@ -107,7 +107,7 @@ def ricom(com: xr.Dataset, calibration: Calibration, *, kernel_size: int = 61,
 
 # ---------------------------------------------------------------------- CLI registration
 def _com(ds, args) -> xr.Dataset:
-    return ds.com(reference=getattr(args, "com_reference", "bf") or "bf", units="px")
+    return ds.com(reference=getattr(args, "com_reference", None) or "mean", units="px")
 
 
 def _icom_options(p):

@@ -18,8 +18,10 @@ def _virtual_options(p) -> None:
 
 def com_options(p) -> None:
     """``--com-reference``: shared by every method that starts from the COM."""
-    add_option(p, "--com-reference", default="bf", choices=["bf", "mean"],
-               help="COM reference: the calibrated BF-disk centre or the mean COM (default bf)")
+    add_option(p, "--com-reference", default=None, choices=["bf", "mean"],
+               help="COM reference: the calibrated BF-disk centre or the mean COM (default: bf for the com "
+                    "product, mean for the phase methods — a constant COM is no phase contrast but a bias, "
+                    "e.g. of a diffuse background the detector edge cuts unevenly)")
 
 
 @register("virtual", "annular virtual detector image (electrons), variable 'image'", _virtual_options)
@@ -30,4 +32,4 @@ def run_virtual(ds, args) -> xr.Dataset:
 
 @register("com", "centre of mass (detector frame, px), variables 'com_y', 'com_x'", com_options)
 def run_com(ds, args) -> xr.Dataset:
-    return ds.com(reference=args.com_reference, units="px")
+    return ds.com(reference=args.com_reference or "bf", units="px")
