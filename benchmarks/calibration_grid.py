@@ -78,7 +78,12 @@ def run_case(case: dict) -> dict:
     want = np.stack(descan_offsets(faults["descan"], p.scan_shape))
     defects = [h[:2] for h in faults["hot_pixels"]] + faults["dead_pixels"]
     lit = [(y, x) for y, x in defects if math.dist((y, x), faults["bf_center"]) < faults["bf_radius"]]
+    px = r["parallax"] or {}
     return {**case, "verdict": verdict, "rotation_error_deg": error, "flip_found": r["flip"], "method": r["method"],
+            "com_error_deg": abs((r["com_rotation_deg"] - p.total_rotation_deg + 90) % 180 - 90),
+            "com_sigma_deg": r["com_rotation_sigma_deg"], "parallax_sigma_deg": px.get("rotation_sigma_deg"),
+            "parallax_error_deg": (abs((px["rotation_deg"] - p.total_rotation_deg + 90) % 180 - 90)
+                                   if r["method"].startswith("parallax") else None),
             "c10_estimate_a": est, "centre_ok": math.dist(r["bf_center"], faults["bf_center"]) < 0.25,
             "descan_ok": float(np.abs(got - want).max()) < 0.25, "defects_ok": all(mask[y, x] for y, x in lit),
             "notes": r["messages"], "simulate_s": t1 - t0, "calibrate_s": t2 - t1}
@@ -102,6 +107,22 @@ def _row(label: str, group: list[dict]) -> str:
             f"{ok['centre_ok']:6d} {ok['descan_ok']:6d} {ok['defects_ok']:7d} | {' '.join(wrong)}")
 
 
+def sigma_check(results: list[dict]) -> str:
+    """How well each route's standard error predicts its actual error (rms of error / σ: 1 is
+    right, < 1 conservative), over the cases where that route measured (flip right, σ finite)."""
+    lines = []
+    for route in ("com", "parallax"):
+        z = [c[f"{route}_error_deg"] / c[f"{route}_sigma_deg"] for c in results
+             if c.get(f"{route}_error_deg") is not None and c.get(f"{route}_sigma_deg")
+             and math.isfinite(c[f"{route}_sigma_deg"]) and c["flip_found"] == c["flip"]
+             and c[f"{route}_sigma_deg"] < 5.0]
+        if z:
+            rms = math.sqrt(sum(v * v for v in z) / len(z))
+            beyond = sum(v > 3 for v in z)
+            lines.append(f"{route} θ: rms(error/σ) {rms:.2f} over {len(z)} cases (σ < 5°); {beyond} beyond 3σ")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="rotations 17° and 241°, seed 1 (64 cases)")
@@ -119,6 +140,7 @@ def main() -> None:
                 print(f"  {i}/{len(todo)} done ({time.perf_counter() - t0:.0f} s)"
                       + (f"; WRONG: {res}" if res["verdict"] == "wrong" else ""), flush=True)
     print(table(results))
+    print(sigma_check(results))
     cal = sorted(c["calibrate_s"] for c in results)
     print(f"calibrate per case: median {cal[len(cal) // 2]:.2f} s; wall {time.perf_counter() - t0:.0f} s")
     if args.json:

@@ -456,7 +456,7 @@ def add_live_parser(sub) -> None:
     p.add_argument("--kmax", type=float, metavar="K", help="riCOM band-pass upper cut-off (Å⁻¹)")
     p.add_argument("--inner-mrad", type=float, default=0.0, metavar="MRAD", help="virtual detector inner angle")
     p.add_argument("--outer-mrad", type=float, default=math.inf, metavar="MRAD", help="virtual detector outer angle")
-    p.add_argument("--calibration-from", metavar="STORE", help="take the calibration of this (calibrated) store")
+    p.add_argument("--calibration-from", metavar="STORE", help="take the calibration (and the detector mask) of this calibrated store")
     p.add_argument("--bf-center", nargs=2, type=float, metavar=("Y", "X"), help="BF-disk centre (detector px)")
     p.add_argument("--bf-radius", type=float, metavar="R", help="BF-disk radius (px)")
     p.add_argument("--rotation-deg", type=float, help="scan rotation (deg)")

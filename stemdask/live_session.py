@@ -41,8 +41,8 @@ from .kernels.events import center_of_mass, masked_counts
 from .kernels.live import frame_sums
 from .kernels.ricom import accumulator_zero
 from .live import LiveRiCOM, ScanProgress
-from .optics import Calibration
-from .reduce import Annulus, detector_masks, mask_groups
+from .optics import Calibration, descan_offsets
+from .reduce import Annulus, MaskTerms, detector_masks, mask_groups
 from .store import create_store
 
 METHODS = ("ricom", "virtual", "com")
@@ -57,12 +57,17 @@ class LiveSession(ScanProgress):
     reference: COM reference (y, x) px; default the calibration's BF centre.
     inner_mrad, outer_mrad: the ``image`` virtual detector (mrad around the BF centre).
     save: path of an event store to write as the data arrive (``overwrite`` to replace one).
+    mask, fill: the detector mask (bool, True = excluded) and its fill weights, as ``stemdask
+    calibrate`` stores them: the COM excludes the masked pixels and fills them as batch COM
+    does; the virtual detectors and ``counts`` only exclude them (the electrons on kept pixels). The calibration's descan is
+    followed per position in the COM (the K·offset of batch COM), so live riCOM equals batch
+    riCOM with ``--com-reference bf``.
     """
 
     def __init__(self, scan_shape, detector_shape, calibration: Calibration, *, methods=METHODS,
                  kernel_size: int = 61, kmin: float | None = None, kmax: float | None = None, reference=None,
                  inner_mrad: float = 0.0, outer_mrad: float = math.inf, save=None, overwrite: bool = False,
-                 rows_per_block: int | None = None, provenance: dict | None = None):
+                 rows_per_block: int | None = None, provenance: dict | None = None, mask=None, fill=None):
         self.scan_shape = tuple(int(v) for v in scan_shape)
         self.detector_shape = tuple(int(v) for v in detector_shape)
         unknown = set(methods) - set(METHODS)
@@ -75,6 +80,7 @@ class LiveSession(ScanProgress):
             raise ValueError("a live session needs a COM reference: give the BF centre (--bf-center Y X, "
                              "or --calibration-from a calibrated store) or reference=(y, x) px")
         self.reference = (float(reference[0]), float(reference[1]))
+        self._setup_corrections(mask, fill)
         ny, nx = self.scan_shape
         self.com = np.full((2, ny, nx), np.nan)  # Σ I·k / Σ I (px), not yet minus the reference
         self.counts = np.zeros((ny, nx), np.int64)
@@ -104,12 +110,47 @@ class LiveSession(ScanProgress):
             masks, self.detector_attrs, _ = detector_masks(geometry, self.detectors)
         else:
             masks, self.detector_attrs = np.zeros((0,) + self.detector_shape, bool), {}
+        if self._terms is not None:  # masked pixels count nowhere; the last group counts the kept ones (events)
+            kept = self._keep_frame.astype(bool)
+            masks = np.concatenate([masks & kept, kept[None]])
         self._masks = masks.astype(np.uint8)  # frames: multiplied in (kernels.live.frame_sums)
         if len(masks):  # events: pixel groups for kernels.events.masked_counts
             self._labels, self._table = mask_groups(masks)
         else:
             self._labels, self._table = np.zeros(int(np.prod(self.detector_shape)), np.uint8), np.zeros((1, 0), np.uint32)
         self.virtual = np.zeros((len(self.detectors),) + self.scan_shape)
+        if self._terms is not None:
+            self._masks = self._masks[:-1]  # frames: the kept frames' total is the kept count
+
+    def _setup_corrections(self, mask, fill) -> None:
+        """The mask as the kernels take it and the descan's COM offset at every position (2, P)."""
+        self._terms = None
+        if mask is not None and np.asarray(mask).any():
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != self.detector_shape or fill is None or np.shape(fill) != self.detector_shape:
+                raise ValueError(f"the detector mask and its fill must be {self.detector_shape}, got "
+                                 f"{mask.shape} and {np.shape(fill)}")
+            flat = mask.ravel()
+            idx = np.flatnonzero(flat).astype(np.int64)
+            self._terms = MaskTerms((~flat).astype(np.uint8), idx, np.asarray(fill, dtype=np.float64).ravel()[idx])
+            self._keep_frame = (~mask).astype(np.uint8)
+            self._fill_moments = self._terms.mean_offset(self.detector_shape[1])
+        descan = self.calibration.descan
+        dy, dx = descan_offsets(descan, self.scan_shape)
+        k = np.asarray((descan or {}).get("com_response", np.eye(2)), dtype=np.float64)
+        self._com_offset = (k @ np.stack([dy.ravel(), dx.ravel()]))  # what the COM sees of the disk's move
+
+    def _filled(self, com_y, com_x):
+        """Kept-pixel COM (px, no reference) → with the masked pixels filled (batch COM's rule)."""
+        if self._terms is None:
+            return com_y, com_x
+        f0, fy, fx = self._fill_moments
+        return (com_y + fy) / (1.0 + f0), (com_x + fx) / (1.0 + f0)
+
+    def _relative(self, com_y, com_x, where):
+        """COM minus the reference and the descan of positions ``where`` (px)."""
+        return (com_y - self.reference[0] - self._com_offset[0][where],
+                com_x - self.reference[1] - self._com_offset[1][where])
 
     def _new_ricom(self) -> LiveRiCOM:
         return LiveRiCOM(self.scan_shape, self.detector_shape, self.calibration, kernel_size=self.kernel_size,
@@ -130,9 +171,10 @@ class LiveSession(ScanProgress):
         frames = np.asarray(frames)
         if frames.ndim != 3 or frames.shape[1:] != self.detector_shape:
             raise ValueError(f"frames of shape {frames.shape[1:]} do not match the detector {self.detector_shape}")
-        total, sum_y, sum_x, virtual = frame_sums(frames, self._masks, accumulator_zero(frames.dtype))
+        kept = frames if self._terms is None else frames * self._keep_frame
+        total, sum_y, sum_x, virtual = frame_sums(kept, self._masks, accumulator_zero(kept.dtype))
         with np.errstate(invalid="ignore", divide="ignore"):
-            com_y, com_x = sum_y / total, sum_x / total
+            com_y, com_x = self._filled(sum_y / total, sum_x / total)
         events = None
         if self._writer is not None:
             counts, indices, n_bad = counted_frames_to_events(np.ascontiguousarray(frames).reshape(frames.shape[0], -1))
@@ -152,9 +194,11 @@ class LiveSession(ScanProgress):
             raise ValueError(f"{indices.size} event indices but counts sum to {int(counts.sum(dtype=np.int64))}")
         if indices.size and int(indices.max()) >= n_pix:
             raise ValueError(f"detector index {int(indices.max())} outside the {self.detector_shape} detector")
-        com_y, com_x = center_of_mass(counts, indices, self.detector_shape[1], 0.0, 0.0)
+        keep = None if self._terms is None else self._terms.keep
+        com_y, com_x = self._filled(*center_of_mass(counts, indices, self.detector_shape[1], 0.0, 0.0, keep))
         virtual = masked_counts(counts, indices, self._labels, self._table)
-        self._push(com_y, com_x, counts, virtual, (counts, indices), arrival)
+        kept = counts if self._terms is None else virtual[:, -1]
+        self._push(com_y, com_x, kept, virtual[:, : len(self.detectors)], (counts, indices), arrival)
 
     def _push(self, com_y, com_x, counts, virtual, events, arrival) -> None:
         with self._lock:
@@ -165,7 +209,7 @@ class LiveSession(ScanProgress):
             for d in range(self.virtual.shape[0]):
                 self.virtual[d].reshape(-1)[where] = virtual[:, d]
             if self.ricom is not None:
-                self.ricom.push_com(com_y - self.reference[0], com_x - self.reference[1])
+                self.ricom.push_com(*self._relative(com_y, com_x, where))
             self.positions_done = where.stop
             if arrival is not None:
                 self.latencies.append(time.perf_counter() - arrival)
@@ -199,7 +243,7 @@ class LiveSession(ScanProgress):
                 self.calibration, self.kernel_size, self.kmin, self.kmax, self.reference = old
                 raise
             p = self.positions_done
-            ricom.push_com(self.com[0].reshape(-1)[:p] - self.reference[0], self.com[1].reshape(-1)[:p] - self.reference[1])
+            ricom.push_com(*self._relative(self.com[0].reshape(-1)[:p], self.com[1].reshape(-1)[:p], slice(0, p)))
             self.ricom = ricom
 
     # ------------------------------------------------------------------ results
@@ -216,8 +260,8 @@ class LiveSession(ScanProgress):
             if self.ricom is not None:
                 out["phase"] = self.ricom.snapshot()
             if "com" in self.methods:
-                out["com_y"] = self.com[0] - self.reference[0]
-                out["com_x"] = self.com[1] - self.reference[1]
+                rel_y, rel_x = self._relative(self.com[0].reshape(-1), self.com[1].reshape(-1), slice(None))
+                out["com_y"], out["com_x"] = rel_y.reshape(self.scan_shape), rel_x.reshape(self.scan_shape)
             for d, name in enumerate(self.detectors):
                 out[name] = self.virtual[d].copy()
         return out
@@ -336,6 +380,7 @@ def run_live(args) -> int:
     """``stemdask live``: open the source, run the session (and its view), save, report."""
     from .live_sources import StreamError, open_source
     from .reconstruct import RESULT_FORMAT, write_result
+    from .store import open_store
 
     ny, nx = args.scan_shape
     source = open_source(args.source, timeout=args.timeout, rate=args.rate, batch_frames=nx)
@@ -343,8 +388,11 @@ def run_live(args) -> int:
         if source.n_frames is not None and source.n_frames < ny * nx:
             raise StreamError(f"{args.source}: the acquisition has {source.n_frames} frames, "
                               f"the {ny}×{nx} scan needs {ny * nx}")
+        mask, fill = (None, None) if not args.calibration_from else \
+            open_store(args.calibration_from, allow_incomplete=True).detector_mask()
         session = LiveSession(
-            (ny, nx), source.detector_shape, live_calibration(args, source), methods=args.method or METHODS,
+            (ny, nx), source.detector_shape, live_calibration(args, source), methods=args.method or METHODS, mask=mask,
+            fill=fill,
             kernel_size=args.kernel_size, kmin=args.kmin, kmax=args.kmax, inner_mrad=args.inner_mrad,
             outer_mrad=args.outer_mrad, save=args.save, overwrite=args.overwrite, rows_per_block=args.rows_per_block,
             provenance={"source": str(args.source), "format": "live"},

@@ -244,8 +244,10 @@ def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.nda
         def power(v):
             return -float(np.sum(np.abs(aligned_mean(k[use] @ _form(v[0], v[1], flip).T, use)) ** 2))
 
+        # stop at 1e-4 of |p| (θ to 0.006°) and a power change of 1e-9: ~100 evaluations
         res = optimize.minimize(power, start, method="Nelder-Mead",
-                                options={"xatol": 1e-4 * np.abs(start).max(), "fatol": 0.0, "maxiter": 200})
+                                options={"xatol": 1e-4 * np.abs(start).max(), "fatol": 1e-9 * abs(power(start)),
+                                         "maxiter": 200})
         return res.x if np.linalg.norm(res.x - start) <= 0.1 * np.linalg.norm(start) else start
 
     pc, ps = refined(np.array([pc, ps]), slice(None))
