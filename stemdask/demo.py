@@ -23,7 +23,7 @@ from .io import ingest
 from .optics import Aberrations
 from .plotting import image_panel
 from .reconstruct import build_result, calibration_lines, run_record, write_result
-from .simulate import SimulationParams, load_truth, simulate
+from .simulate import SimulationParams, export_csr, load_truth, simulate
 
 PHASE_METHODS = ["icom", "dpc", "ricom", "ssb"]
 #: A file marking a folder as the demo's own, which a later run may replace.
@@ -71,17 +71,13 @@ def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector
                               aberrations=Aberrations(C10=c10), seed=seed, tds=0.05)
     say(f"1/5 simulating {scan}×{scan} positions × {detector}×{detector} px, {dose:g} e⁻/position, C10 {c10:g} Å")
     sim = simulate(out / "simulated.zarr", params, rows_per_block=16, progress=progress)
-    indices, offsets = sim.to_csr()
-    np.savez(out / "events.npz", indices=indices, offsets=offsets,
-             scan_shape=np.array(sim.scan_shape), detector_shape=np.array(sim.detector_shape))
+    export_csr(sim, out / "events.npz")
     truth = load_truth(sim.path)
     timings["simulate"] = time.perf_counter() - t0
 
     say("2/5 ingesting events.npz → events.zarr")
     t = time.perf_counter()
-    cal = params.calibration()
-    optics = {"energy_ev": cal.energy_ev, "scan_step_a": cal.scan_step_a,
-              "semiangle_mrad": cal.semiangle_mrad, "detector_pixel_mrad": cal.detector_pixel_mrad}
+    optics = params.optics()
     # the simulation's own optics, given explicitly (ingest assumes nothing) and recorded as such
     store = ingest(out / "events.npz", out / "events.zarr", format="csr", progress=progress,
                    calibration={**optics, "origins": {k: "simulation" for k in optics}})

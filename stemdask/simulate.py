@@ -54,6 +54,7 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import scipy.fft
@@ -272,6 +273,12 @@ class SimulationParams:
             origins={f: "simulation" for f in ("energy_ev", "scan_step_a", "detector_pixel_mrad", "semiangle_mrad",
                                                "bf_center", "bf_radius", "rotation_deg", "flip", "descan")},
         )
+
+    def optics(self) -> dict:
+        """The optics a microscope would record with this data (``ingest(calibration=…)``):
+        energy (eV), scan step (Å), semi-angle (mrad), detector pixel size (mrad/px)."""
+        return {"energy_ev": self.energy_ev, "scan_step_a": (self.scan_step, self.scan_step),
+                "semiangle_mrad": self.semiangle_mrad, "detector_pixel_mrad": self.pixel_mrad}
 
     def faults(self) -> dict:
         """The applied geometry and detector faults (JSON-serialisable): the true BF centre
@@ -733,6 +740,15 @@ def simulate(
 
     run_jobs(one_block, range(store.n_blocks), desc="simulate", progress=progress)
     return store.finalize()
+
+
+def export_csr(store: EventStore, path: str | os.PathLike) -> Path:
+    """Write a store's events as the CSR ``.npz`` that ``ingest --format csr`` reads (indices,
+    offsets, scan and detector shape; no optics: a detector's raw export)."""
+    indices, offsets = store.to_csr()
+    np.savez(path, indices=indices, offsets=offsets, scan_shape=np.array(store.scan_shape),
+             detector_shape=np.array(store.detector_shape))
+    return Path(path)
 
 
 def load_truth(path: str | os.PathLike) -> np.ndarray:

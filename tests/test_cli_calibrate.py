@@ -32,18 +32,11 @@ def _attrs_bytes(store) -> bytes:
 @pytest.fixture(scope="module")
 def sim_store(tmp_path_factory):
     """A small simulated dataset, exported and ingested as a user would (never calibrated)."""
-    from stemdask.simulate import SimulationParams, simulate
+    from stemdask.simulate import SimulationParams, export_csr, simulate
 
     d = tmp_path_factory.mktemp("sim")
     p = SimulationParams(scan_shape=(32, 32), detector=32, dose=1000, seed=0)
-    sim = simulate(d / "sim.zarr", p, progress=False)
-    indices, offsets = sim.to_csr()
-    np.savez(d / "ev.npz", indices=indices, offsets=offsets, scan_shape=sim.scan_shape,
-             detector_shape=sim.detector_shape)
-    c = p.calibration()
-    return {"npz": d / "ev.npz", "optics": {"energy_ev": c.energy_ev, "scan_step_a": c.scan_step_a,
-                                             "semiangle_mrad": c.semiangle_mrad,
-                                             "detector_pixel_mrad": c.detector_pixel_mrad}}
+    return {"npz": export_csr(simulate(d / "sim.zarr", p, progress=False), d / "ev.npz"), "optics": p.optics()}
 
 
 def _fresh(sim_store, tmp_path):

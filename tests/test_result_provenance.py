@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import xarray as xr
 
@@ -19,18 +18,13 @@ from stemdask.store import open_store
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from stemdask.simulate import SimulationParams, simulate
+    from stemdask.simulate import SimulationParams, export_csr, simulate
 
     d = tmp_path_factory.mktemp("prov")
     p = SimulationParams(scan_shape=(32, 32), detector=32, dose=1000, seed=2)
-    sim = simulate(d / "sim.zarr", p, progress=False)
-    indices, offsets = sim.to_csr()
-    np.savez(d / "ev.npz", indices=indices, offsets=offsets, scan_shape=sim.scan_shape,
-             detector_shape=sim.detector_shape)
-    c = p.calibration()
-    s = ingest(d / "ev.npz", d / "events.zarr", progress=False,
-               calibration={"energy_ev": c.energy_ev, "scan_step_a": c.scan_step_a,
-                            "detector_pixel_mrad": c.detector_pixel_mrad}, assume_defaults=True)
+    npz = export_csr(simulate(d / "sim.zarr", p, progress=False), d / "ev.npz")
+    optics = {k: v for k, v in p.optics().items() if k != "semiangle_mrad"}  # the semi-angle is assumed
+    s = ingest(npz, d / "events.zarr", progress=False, calibration=optics, assume_defaults=True)
     assert main(["calibrate", str(s.path)]) == 0
     return open_store(s.path)
 
