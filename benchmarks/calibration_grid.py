@@ -8,7 +8,7 @@ alone (:func:`stemdask.calibrate.calibrate`). The grid: rotation ∈ {0, 17, 90,
 flip both, C10 ∈ {−150, −100, 0, +100} Å, dose 200 and 2000 e⁻/position, seeds 0 and 1,
 without faults and with :meth:`SimulationParams.realistic`'s (17° is replaced by each rotation:
 off-centre disk, plane descan, a hot pixel, dead pixels and a dead column, a tilted-crystal
-Bragg background). ``--quick``: rotations {17, 241}, seed 1 only.
+Bragg background). ``--quick``: rotations {17, 241}, seed 1 only; ``--seeds`` other seeds.
 
 Each case's orientation is classified
 
@@ -42,8 +42,8 @@ DOSES = (200.0, 2000.0)
 SEEDS = (0, 1)
 
 
-def cases(quick: bool) -> list[dict]:
-    rotations, seeds = ((17.0, 241.0), (1,)) if quick else (ROTATIONS, SEEDS)
+def cases(quick: bool, seeds=SEEDS) -> list[dict]:
+    rotations, seeds = ((17.0, 241.0), (1,)) if quick else (ROTATIONS, tuple(seeds))
     return [{"rotation": r, "flip": f, "c10": c, "dose": d, "seed": s, "faults": x}
             for x, d, c, r, f, s in itertools.product((False, True), DOSES, C10S, rotations, (False, True), seeds)]
 
@@ -126,10 +126,11 @@ def sigma_check(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="rotations 17° and 241°, seed 1 (64 cases)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="simulation seeds (default 0 1)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default 2)")
     ap.add_argument("--json", help="also write every case's result here")
     args = ap.parse_args()
-    todo = cases(args.quick)
+    todo = cases(args.quick, args.seeds)
     print(f"{len(todo)} cases on {args.workers} processes", flush=True)
     t0 = time.perf_counter()
     results = []

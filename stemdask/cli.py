@@ -297,7 +297,7 @@ def cmd_validate(args) -> int:
 
 
 # ---------------------------------------------------------------------- calibrate
-#: ``calibrate --set NAME=VALUE``: name → (Calibration field, parser, unit for messages).
+#: ``calibrate --set NAME=VALUE``: name → (Calibration field, unit for messages).
 SETTABLE = {
     "energy-kev": ("energy_ev", "keV"),
     "scan-step": ("scan_step_a", "Å"),

@@ -8,9 +8,12 @@
   kernel size, band-pass, rotation/flip or COM reference changes (:meth:`LiveSession.retune`);
 * electrons per position and the virtual detector images (annuli around the calibrated BF
   centre: ``image`` for ``inner_mrad ≤ θ < outer_mrad`` like ``reconstruct --method virtual``,
-  and ``bf``/``adf`` (the presets of :mod:`stemdask.reduce`) when a BF radius is calibrated);
-* riCOM through :class:`stemdask.live.LiveRiCOM` (rad; the same kernel as batch riCOM, so the
-  finished image equals ``reconstruct --method ricom``).
+  and ``bf``/``adf`` (the presets of :mod:`stemdask.reduce`) when a BF radius is calibrated).
+  Unlike batch, live annuli stay at the scan-centre BF position (they do not follow a descan)
+  and masked pixels are left out, not filled; ``counts`` are the electrons on kept pixels;
+* riCOM through :class:`stemdask.live.LiveRiCOM` (rad; the same kernel as batch riCOM, the
+  mask and descan applied as batch COM applies them, so the finished image equals
+  ``reconstruct --method ricom --com-reference bf``).
 
 Conventions are the batch ones: COM in the detector frame, px, relative to the reference
 (default the calibrated BF centre); virtual images in electrons; riCOM in rad.
@@ -388,8 +391,9 @@ def run_live(args) -> int:
         if source.n_frames is not None and source.n_frames < ny * nx:
             raise StreamError(f"{args.source}: the acquisition has {source.n_frames} frames, "
                               f"the {ny}×{nx} scan needs {ny * nx}")
-        mask, fill = (None, None) if not args.calibration_from else \
-            open_store(args.calibration_from, allow_incomplete=True).detector_mask()
+        # the mask comes from where the calibration comes from (live_calibration)
+        mask, fill = open_store(args.calibration_from, allow_incomplete=True).detector_mask() \
+            if args.calibration_from else getattr(source, "detector_mask", (None, None))
         session = LiveSession(
             (ny, nx), source.detector_shape, live_calibration(args, source), methods=args.method or METHODS, mask=mask,
             fill=fill,

@@ -227,6 +227,7 @@ class FileReplay:
             self._store = open_store(self.path)
             self.detector_shape, self.n_frames = self._store.detector_shape, int(np.prod(self._store.scan_shape))
             self.calibration = self._store.calibration
+            self.detector_mask = self._store.detector_mask()  # (mask, fill), as calibrate stored it
             self._mib = None
         else:
             self._mib = mib_frames(self.path)

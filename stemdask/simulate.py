@@ -165,6 +165,8 @@ class SimulationParams:
             raise ValueError("hot pixels need dose > 0 (their rate is stored relative to the dose)")
         if not (math.isfinite(self.bragg) and self.bragg >= 0):
             raise ValueError(f"bragg must be ≥ 0, got {self.bragg!r}")
+        if not (math.isfinite(self.max_phase) and 0 <= self.max_phase < math.pi):
+            raise ValueError(f"max_phase must be in [0, π) rad, got {self.max_phase!r}")
         if not (math.isfinite(self.tds) and 0 <= self.tds < 1):
             raise ValueError(f"tds must be a fraction in [0, 1), got {self.tds!r}")
         descan = None
@@ -608,7 +610,8 @@ def tds_fraction(mean_phase: np.ndarray, p: SimulationParams) -> np.ndarray:
 
     The incoherent-imaging approximation of ADF-STEM: the thermal diffuse intensity grows
     with the projected potential under the probe (≈ Z^1.7 per column; linear in φ here).
-    Its electrons come out of the coherent pattern, so each pattern still sums to 1.
+    Its electrons come out of the coherent pattern; those scattered beyond the detector's edge
+    are lost, as on a real detector.
     """
     if p.max_phase == 0:
         return np.zeros_like(mean_phase)  # vacuum
@@ -616,18 +619,22 @@ def tds_fraction(mean_phase: np.ndarray, p: SimulationParams) -> np.ndarray:
 
 
 def tds_pattern(p: SimulationParams, rows) -> np.ndarray:
-    """Where the thermal diffuse electrons land (detector frame; each (N, N) sums to 1), for
-    every position of ``rows``: (len(rows), nx, N, N). A smooth annulus around the position's
-    BF-disk centre (the disk's offset and descan move it with the disk): zero inside 1.1 α,
-    peaking at 1.7 α with a 0.6 α Gaussian width, cut by the detector's edge."""
+    """Where the thermal diffuse electrons land (detector frame), for every position of
+    ``rows``: (len(rows), nx, N, N), each the part on the detector of an annulus that sums to 1
+    — around the position's BF-disk centre (the disk's offset and descan move it with the
+    disk): zero inside 1.1 α, peaking at 1.7 α with a 0.6 α Gaussian width."""
     n, r = p.detector, p.bf_radius_px
     dy, dx = descan_offsets(p.descan, p.scan_shape, rows)
     cy = n / 2 + p.bf_offset_px[0] + np.broadcast_to(dy, (len(rows), p.scan_shape[1]))
     cx = n / 2 + p.bf_offset_px[1] + np.broadcast_to(dx, (len(rows), p.scan_shape[1]))
     pix = np.arange(n, dtype=np.float64)
     k = np.hypot(pix[:, None] - cy[..., None, None], pix[None, :] - cx[..., None, None])
-    ring = np.where(k > 1.1 * r, np.exp(-(((k - 1.7 * r) / (0.6 * r)) ** 2)), 0.0)
-    return ring / ring.sum(axis=(-2, -1), keepdims=True)
+    def annulus(dist):
+        return np.where(dist > 1.1 * r, np.exp(-(((dist - 1.7 * r) / (0.6 * r)) ** 2)), 0.0)
+
+    m = math.ceil(3.6 * r) + 2  # the whole annulus (beyond 3.5 r it is < 1e-9 of its peak)
+    whole = annulus(np.hypot(*np.mgrid[-m:m + 1, -m:m + 1].astype(np.float64))).sum()
+    return annulus(k) / whole
 
 
 def diffraction_rows(p: SimulationParams, rows: range, obj: np.ndarray | None = None,

@@ -1,20 +1,23 @@
 """Calibration from the data alone: detector defects, BF disk, descan, scan rotation, flip, defocus.
 
-:func:`calibrate` makes two passes over the events:
+:func:`calibrate` reads the events two to four times:
 
 1. the PACBED, and dense patterns of the whole detector binned to ≤ 40 px a side over a scan
    binned to ≤ 128 positions a side;
-2. the COM of every position with the detector mask applied (excluded and filled, see
-   :mod:`stemdask.reduce`).
+2. the COM inside the BF disk's window (radius + :data:`COM_MARGIN_PX`, masked pixels filled;
+   repeated with a wider window when the fitted drift needs it, at most three times); with a
+   vacuum scan (``vacuum=``) also its PACBED and COM.
 
 From the PACBED: hot and dead pixels and lines (:func:`~stemdask.calibrate.disk.find_defects`),
 joined with a user mask, then the BF disk from its edge
-(:func:`~stemdask.calibrate.disk.fit_bf_disk`). From the COM of the whole pattern (all of it
-moves with the disk): the descan (:func:`~stemdask.calibrate.descan.fit_descan`). From the COM
-inside the BF disk (plus :data:`COM_MARGIN_PX` and the drift; the dark field's electrons —
-Bragg disks, thermal diffuse scattering — carry no phase-gradient signal but most of the COM's
-noise, and a detector edge that cuts them asymmetrically adds a curl), its own drift removed:
-the COM curl test.
+(:func:`~stemdask.calibrate.disk.fit_bf_disk`). From the window's COM: the descan
+(:func:`~stemdask.calibrate.descan.fit_descan`) divided by the window's response K
+(:func:`~stemdask.calibrate.descan.com_response`: a background that stays in the window
+dilutes the move) — or from the vacuum scan's COM, free of the sample's own low-order COM —
+and the whole detector's K stored with it (batch and live COM subtract K·offset); then,
+with the window's own drift removed, the COM curl test. The dark field's electrons (Bragg
+disks, thermal diffuse scattering) carry no phase-gradient signal but most of the COM's noise,
+and a detector edge that cuts them unevenly adds a curl: hence the window.
 From the dense patterns: the parallax of the BF images and the annular dark-field image that
 decides the half turn (:mod:`stemdask.calibrate.orientation` explains the physics).
 
@@ -30,7 +33,7 @@ A route is *confirmed* when its own evidence measured θ and the flip — θ to 
 error ≤ :data:`MAX_SIGMA_DEG` (3σ within 1°); the parallax only where aligning the BF images
 sharpens them (:data:`PARALLAX_MIN_GAIN`: in-focus crystals show DPC-like BF-image "shifts"
 of about an ångström that are no parallax) — and the ADF image decides its half turn at
-z ≥ 6. The ADF agreement decides only the half turn: on a crystal a candidate rotated by a
+|z| ≥ :data:`~stemdask.calibrate.orientation.MIN_ADF_Z`. The ADF agreement decides only the half turn: on a crystal a candidate rotated by a
 symmetry of the lattice resembles the ADF image too, so θ and the flip rest on the COM and
 the parallax alone, and ``rotation_reliable`` is true only when a route is confirmed and no
 two measured orientations disagree. C10 is estimated where the parallax is measured, its
@@ -50,7 +53,7 @@ from ..optics import descan_offsets
 from ..store import open_store
 from .descan import com_response, corrected, descan_span_px, fit_descan
 from .disk import find_defects, fit_bf_disk, inpaint
-from .orientation import (half_turn, icom_phase, parallax, probe_otf, rotation_from_com,
+from .orientation import (MIN_ADF_Z, half_turn, icom_phase, parallax, probe_otf, rotation_from_com,
                           _wrap180, _wrap90)
 
 #: Parallax is used when the shifts across the BF disk reach this many (binned) scan steps …
@@ -151,22 +154,27 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
     # the COM inside the disk's region: the descan (corrected for the window, see com_response)
     # and the orientation (its own drift fit removed)
     margin = COM_MARGIN_PX
-    while True:
+    vacuum_record = None if vacuum is None else _vacuum_descan(vacuum, ds, full_mask, descan)
+    for _ in range(3):
         keep, region_fill = _bf_window(full_mask, filled, disk, disk["radius"] + margin)
         bf_com = raw.with_mask(~keep, region_fill).com(reference=(0.0, 0.0)).compute()
         com_y, com_x = bf_com.com_y.values, bf_com.com_x.values
         own, c0 = fit_descan(com_y, com_x, descan)
-        record = corrected(own, com_response(filled, keep, region_fill)) if vacuum is None else \
-            _vacuum_descan(vacuum, ds, full_mask, descan)
+        record = corrected(own, _response(filled, keep, region_fill)) if vacuum is None else vacuum_record
         drift = _max_drift_px(record, ds.scan_shape)
-        if drift <= margin - 1.0 or margin >= max(det):
+        if not math.isfinite(drift):
+            raise ValueError(f"{ds.store.path}: the descan fit is not finite (too few electrons in the BF disk?)")
+        if drift <= margin - 1.0:
             break
         margin = drift + 2.0  # the disk leaves the region somewhere: again with room for it
+    else:
+        raise ValueError(f"{ds.store.path}: the BF disk drifts {drift:.1f} px over the scan, more than the "
+                         "calibration can follow; try --descan off to see the raw drift, or check the scan")
     fitted_span = descan_span_px(record, ds.scan_shape)
     if vacuum is None and record is not None and fitted_span < DESCAN_MIN_SPAN_PX:
         record = own = None  # below what the COM can tell from phase contrast: applying it would only add a ramp
     if record is not None:  # the whole detector's COM follows the disk by K (detector edge, mask fills)
-        record["com_response"] = com_response(filled, ~full_mask, fill).tolist()
+        record["com_response"] = _response(filled, ~full_mask, fill).tolist()
     off_y, off_x = descan_offsets(record, ds.scan_shape)
     center = (disk["center"][0] - float(off_y.mean()), disk["center"][1] - float(off_x.mean()))
     own_y, own_x = descan_offsets(own, ds.scan_shape)  # the drift as this window sees it
@@ -200,6 +208,16 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
     return result, full_mask, fill
 
 
+def _response(pattern, keep, fill) -> np.ndarray:
+    """:func:`com_response`, refused when it is far from 1 (the window then hides the disk's move)."""
+    k = com_response(pattern, keep, fill)
+    eig = np.linalg.eigvals(k).real
+    if eig.min() < 0.2 or eig.max() > 1.2:
+        raise ValueError(f"the COM window follows the disk by {eig.min():.2f}–{eig.max():.2f} of its move (expected "
+                         "≈ 1): the mask or the background hides the BF disk; check the mask")
+    return k
+
+
 def _vacuum_descan(vacuum, ds, mask, model: str) -> dict | None:
     """The descan fitted to the whole-detector COM of a vacuum scan of the same field."""
     if tuple(vacuum.detector_shape) != tuple(ds.detector_shape):
@@ -212,7 +230,7 @@ def _vacuum_descan(vacuum, ds, mask, model: str) -> dict | None:
     com = raw.with_mask(mask, fill).com(reference=(0.0, 0.0)).compute()
     record, _ = fit_descan(com.com_y.values, com.com_x.values, model)
     # in vacuum the whole pattern is the disk: K corrects only the mask's static fill
-    return corrected(record, com_response(filled, ~mask, fill))
+    return corrected(record, _response(filled, ~mask, fill))
 
 
 def _bf_window(mask, filled, disk, radius) -> tuple[np.ndarray, np.ndarray]:
@@ -273,6 +291,12 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
                  and px_result["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(small_step)
                  and px_result["similarity_error"] <= PARALLAX_MAX_SIMILARITY_ERROR
                  and px_result["alignment_gain"] >= PARALLAX_MIN_GAIN)
+    if (px_result is not None and not defocused
+            and px_result["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(small_step)):
+        notes.append(f"BF-image shifts up to {px_result['max_shift_a']:.2f} Å that are no parallax (aligning by them "
+                     f"sharpens the BF images {px_result['alignment_gain']:.2f}×, need ≥ {PARALLAX_MIN_GAIN}; "
+                     f"fit error {px_result['similarity_error']:.2f}, need ≤ {PARALLAX_MAX_SIMILARITY_ERROR}): "
+                     "treated as in focus, no C10 estimate")
     out = {"curl_fraction": {str(k).lower(): float(v) for k, v in curl.items()},
            "com_rotation_deg": float(rot["rotation_deg"]), "com_rotation_sigma_deg": float(rot["rotation_sigma_deg"]),
            "parallax": px_result}
@@ -280,14 +304,15 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
     def checked(theta, flip):
         """(θ after the half turn, the ADF agreement or None) of the iCOM image for (θ, flip):
         iCOM and ADF are both the object blurred by the probe intensity, at any defocus, so
-        the in-focus probe transfer weights their agreement."""
+        the probe's transfer at the parallax's |C10| (0 without one) weights their agreement."""
         if adf is None:
             return theta, None
         candidate = _bin_image(icom_phase(res_y, res_x, theta, flip, step), f)
         ht = half_turn(candidate[: adf.shape[0], : adf.shape[1]], adf, small_step,
-                       lambda q: probe_otf(q, lam, semiangle, 0.0), band)
+                       lambda q: probe_otf(q, lam, semiangle, otf_c10), band)
         return (theta if ht["keep"] else theta + 180.0), ht
 
+    otf_c10 = px_result["c10_abs_a"] if defocused else 0.0
     # route 1: the COM curl
     com_precise = rot["rotation_sigma_deg"] <= MAX_SIGMA_DEG
     com_ok = com_measured and com_flip_ok and com_precise
@@ -303,13 +328,15 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
     # route 2: the parallax (θ mod 180° and flip from M; the half turn from the iCOM image
     # with that orientation; the parallax member θ_p goes with C10 < 0)
     px_theta = px_ht = None
-    px_precise = defocused and px_result["rotation_sigma_deg"] <= MAX_SIGMA_DEG
+    sigma = px_result["rotation_sigma_deg"] if px_result is not None else None
+    px_precise = defocused and sigma is not None and sigma <= MAX_SIGMA_DEG
     if defocused:
         c10_abs = px_result["c10_abs_a"]
         px_theta, px_ht = checked(px_result["rotation_deg"], px_result["flip"])
         if not px_precise:
-            notes.append(f"the parallax rotation {_wrap90(px_result['rotation_deg']):.1f}° (mod 180) is uncertain by "
-                         f"±{px_result['rotation_sigma_deg']:.1f}° (1σ; trusted at ≤ {MAX_SIGMA_DEG:.2f}°)")
+            spread = "of unknown precision (a pixel group's refinement left the lattice-safe neighbourhood)" \
+                if sigma is None else f"uncertain by ±{sigma:.1f}° (1σ; trusted at ≤ {MAX_SIGMA_DEG:.2f}°)"
+            notes.append(f"the parallax rotation {_wrap90(px_result['rotation_deg']):.1f}° (mod 180) is {spread}")
     px_confirmed = px_precise and px_ht is not None and px_ht["decided"]
 
     com_o = (com_theta, rot["flip"])
@@ -329,25 +356,29 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
     else:
         method, (theta, flip), ht = ("parallax", px_o, px_ht) if defocused else ("com", com_o, com_ht)
     reliable = (px_confirmed or com_confirmed) and not conflict
-    if adf is not None and not reliable and not conflict:
-        z = [f"{name} z = {h['z']:.1f}" for name, h in (("COM", com_ht), ("parallax", px_ht)) if h is not None]
-        notes.append(f"the ADF image confirms no orientation ({', '.join(z)}; need ≥ 6)")
+    routes = [(name, h) for name, h in (("COM", com_ht), ("parallax", px_ht)) if h is not None]
+    if adf is not None and not conflict and not any(h["decided"] for _, h in routes):
+        z = ", ".join(f"{name} z = {h['z']:.1f}" for name, h in routes)
+        notes.append(f"the ADF image decides no half turn ({z}; need |z| ≥ {MIN_ADF_Z:g})")
 
-    # C10's sign comes with the parallax's half turn (θ_p goes with C10 < 0), which the ADF
-    # decides even where θ itself is not precise enough to be trusted
+    # C10's sign comes with the half turn at the parallax's θ_p (θ_p goes with C10 < 0): from the
+    # final orientation when it is reliable, else from the parallax's own ADF agreement, which
+    # decides it even where θ is not precise enough to be trusted
     c10 = None
-    if defocused and px_ht is not None and px_ht["decided"] and not conflict:
+    if defocused and reliable:
+        c10 = -c10_abs if _agree((theta, flip), (px_result["rotation_deg"], px_result["flip"])) else c10_abs
+    elif defocused and px_ht is not None and px_ht["decided"] and not conflict:
         c10 = -c10_abs if px_ht["keep"] else c10_abs
     elif defocused:
-        notes.append(f"BF-image shifts up to {px_result['max_shift_a']:.2f} Å (|C10| {c10_abs:.0f} Å) whose sign the "
-                     "ADF image does not decide: no C10 estimate")
-    cand_ht = ht if ht is not None else {"r": 0.0, "z": 0.0}
+        why = "the COM and the parallax disagree" if conflict else "the ADF image does not decide it"
+        notes.append(f"BF-image shifts up to {px_result['max_shift_a']:.2f} Å: |C10| = {c10_abs:.0f} Å, but not its "
+                     f"sign ({why}): no C10 estimate (SSB without --c10 picks the sign by its focus criterion)")
     out.update({
         "rotation_deg": float(_wrap180(theta)), "flip": bool(flip), "method": method,
         "rotation_reliable": bool(reliable),
         "c10_estimate_a": None if c10 is None else float(c10),
         "c10_magnitude_a": float(c10_abs) if defocused else None,
-        "adf_agreement": None if ht is None else {"r": cand_ht["r"], "z": cand_ht["z"]},
+        "adf_agreement": None if ht is None else {"r": ht["r"], "z": ht["z"]},
         "adf_agreement_routes": {name: None if h is None else {"r": h["r"], "z": h["z"]}
                                  for name, h in (("com", com_ht), ("parallax", px_ht))},
         "notes": notes,
@@ -383,7 +414,7 @@ def calibrate_store(path: str | os.PathLike, write: bool = True, mask=None, desc
     old = ds.calibration
     if not result["rotation_reliable"]:
         result["messages"].append(
-            f"rotation/flip NOT reliable: {'; '.join(result['messages']) or 'see the report'} — "
+            "rotation/flip NOT reliable (the lines above say why) — "
             + (f"kept the stored rotation {old.rotation_deg:g}°, flip {old.flip}" if write else "not stored")
             + " (set them with `stemdask calibrate --set rotation-deg=… --set flip=…` or `reconstruct --rotation-deg`)")
     if write:

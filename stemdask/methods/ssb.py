@@ -550,7 +550,8 @@ def _positive_a(text: str) -> float:
 
 def _add_arguments(parser) -> None:
     add_option(parser, "--c10", type=c10_argument, default=None, metavar="Å|auto",
-               help="defocus C10 (Å); C10 < 0 is underfocus (default: the estimate `stemdask calibrate` stored, else 0). "
+               help="defocus C10 (Å); C10 < 0 is underfocus (default: the estimate `stemdask calibrate` stored; where it "
+                    "measured only |C10|, the sign the focus criterion picks; else 0). "
                     "'auto': search C10 with the focus criterion Σphase² around that value")
     add_option(parser, "--c10-span", type=_positive_a, default=None, metavar="Å",
                help="with --c10 auto: search start ± this (default: ±300 Å around 0, ±max(100 Å, |estimate|/2) "
@@ -602,6 +603,25 @@ def to_gpu(dense: xr.DataArray) -> xr.DataArray:
     return dense.copy(data=dense.data.map_blocks(cupy.asarray, dtype=dense.dtype, meta=meta))
 
 
+def _searched(result: SSBResult, start: float, span: float, origin: str) -> tuple[float, str, dict]:
+    """:func:`focus_c10` from ``start`` over ±``span`` Å, said on stderr: (C10, its source, attrs)."""
+    c10, info = focus_c10(result, start, span, warn=False)
+    lo, hi = info["range"]
+    print(f"ssb: C10 = {c10:.1f} Å (auto: focus criterion over {lo:.1f}…{hi:.1f} Å, start {start:.1f} Å from "
+          f"{origin})", file=sys.stderr)
+    for line in info["warnings"]:
+        print(f"ssb: warning: {line}", file=sys.stderr)
+    source = (f"auto (focus criterion Σphase², searched {lo:.1f}…{hi:.1f} Å in steps of {info['step']:.1f} Å "
+              f"then refined, start {start:.1f} Å from {origin}")
+    if info["at_edge"]:
+        source += "; OPTIMUM AT THE EDGE of the range: it may lie outside"
+    if info["flat"]:
+        source += f"; criterion FLAT (best/median {info['contrast']:.2f}): no focus found"
+    extra = {"c10_search_range_a": [lo, hi], "c10_at_edge": bool(info["at_edge"]),
+             "c10_criterion_contrast": float(info["contrast"])}
+    return c10, source + ")", extra
+
+
 @register("ssb", "single-sideband ptychography phase (rad)", _add_arguments)
 def run(ds, args) -> xr.Dataset:
     dense = ds.densify(bin=args.bin)
@@ -609,27 +629,23 @@ def run(ds, args) -> xr.Dataset:
         dense = to_gpu(dense)
     c10, source = defocus_from_args(args, ds.calibration)
     extra = {}
-    if getattr(args, "c10", None) == "auto":
+    magnitude = (ds.calibration.report or {}).get("c10_magnitude_a")
+    unsigned = (getattr(args, "c10", None) is None and ds.calibration.c10_estimate_a is None
+                and magnitude is not None)
+    if getattr(args, "c10", None) == "auto" or unsigned:
         result = ssb(dense, ds.calibration, aberrations_from_args(args, c10), quantitative=args.quantitative)
         estimated = ds.calibration.c10_estimate_a is not None
-        span = args.c10_span if getattr(args, "c10_span", None) is not None else focus_span_a(result, c10, estimated)
-        start = c10
-        c10, info = focus_c10(result, start, span, warn=False)
-        lo, hi = info["range"]
-        origin = "the stored estimate (stemdask calibrate, parallax)" if estimated else "the default (no estimate stored)"
-        print(f"ssb: C10 = {c10:.1f} Å (auto: focus criterion over {lo:.1f}…{hi:.1f} Å, start {start:.1f} Å from "
-              f"{origin})", file=sys.stderr)
-        for line in info["warnings"]:
-            print(f"ssb: warning: {line}", file=sys.stderr)
-        source = (f"auto (focus criterion Σphase², searched {lo:.1f}…{hi:.1f} Å in steps of {info['step']:.1f} Å "
-                  f"then refined, start {start:.1f} Å from {origin}")
-        if info["at_edge"]:
-            source += "; OPTIMUM AT THE EDGE of the range: it may lie outside"
-        if info["flat"]:
-            source += f"; criterion FLAT (best/median {info['contrast']:.2f}): no focus found"
-        source += ")"
-        extra = {"c10_search_range_a": [lo, hi], "c10_at_edge": bool(info["at_edge"]),
-                 "c10_criterion_contrast": float(info["contrast"])}
+        if getattr(args, "c10_span", None) is not None:
+            span = args.c10_span
+        elif unsigned:  # both signs of the measured |C10|
+            span = max(focus_span_a(result, 0.0, False), 1.5 * magnitude)
+        else:
+            span = focus_span_a(result, c10, estimated)
+        origin = ("the stored estimate (stemdask calibrate, parallax)" if estimated else
+                  f"0: calibrate measured |C10| = {magnitude:.1f} Å but not its sign (the half turn is undecided), "
+                  "so the focus criterion picks it for the stored orientation" if unsigned else
+                  "the default (no estimate stored)")
+        c10, source, extra = _searched(result, c10, span, origin)
         phase = result.refocus(C10=c10)
     else:
         if source != "command line":
