@@ -11,7 +11,7 @@ import pytest
 from test_ingest import DET, SCAN, dense_from_csr, random_csr, write_mib
 
 from stemdask.cli import main
-from stemdask.io import SourceError, ingest, validate_against_source
+from stemdask.io import ingest, validate_against_source
 
 MERLIN_ZIP = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-merlin" / "Merlin_Single_Quad.zip"
 
