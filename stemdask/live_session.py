@@ -133,9 +133,7 @@ class LiveSession(ScanProgress):
             if mask.shape != self.detector_shape or fill is None or np.shape(fill) != self.detector_shape:
                 raise ValueError(f"the detector mask and its fill must be {self.detector_shape}, got "
                                  f"{mask.shape} and {np.shape(fill)}")
-            flat = mask.ravel()
-            idx = np.flatnonzero(flat).astype(np.int64)
-            self._terms = MaskTerms((~flat).astype(np.uint8), idx, np.asarray(fill, dtype=np.float64).ravel()[idx])
+            self._terms = MaskTerms.from_arrays(mask, fill)
             self._keep_frame = (~mask).astype(np.uint8)
             self._fill_moments = self._terms.mean_offset(self.detector_shape[1])
         descan = self.calibration.descan

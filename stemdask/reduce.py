@@ -122,11 +122,16 @@ class MaskTerms:
 
     @classmethod
     def of(cls, ds) -> "MaskTerms | None":
-        if ds.mask is None or not ds.mask.any():
+        return cls.from_arrays(ds.mask, ds.fill)
+
+    @classmethod
+    def from_arrays(cls, mask, fill) -> "MaskTerms | None":
+        """From a bool (det_y, det_x) mask and its fill weights; None when nothing is masked."""
+        if mask is None or not np.asarray(mask).any():
             return None
-        flat = ds.mask.ravel()
+        flat = np.asarray(mask, dtype=bool).ravel()
         idx = np.flatnonzero(flat).astype(np.int64)
-        return cls((~flat).astype(np.uint8), idx, np.asarray(ds.fill, dtype=np.float64).ravel()[idx])
+        return cls((~flat).astype(np.uint8), idx, np.asarray(fill, dtype=np.float64).ravel()[idx])
 
     @classmethod
     def none(cls, n_pixels: int) -> "MaskTerms":

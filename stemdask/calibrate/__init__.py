@@ -149,7 +149,7 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
         raise ValueError(f"the mask hides {100 * full_mask[in_disk].mean():.0f} % of the bright-field disk; "
                          "nothing would be left to measure")
     filled = inpaint(pacbed, full_mask) if full_mask.any() else pacbed
-    fill = np.where(full_mask, filled / filled[~full_mask].sum(), 0.0)
+    fill = _fill_weights(filled, full_mask, ~full_mask)
 
     # the COM inside the disk's region: the descan (corrected for the window, see com_response)
     # and the orientation (its own drift fit removed)
@@ -226,11 +226,17 @@ def _vacuum_descan(vacuum, ds, mask, model: str) -> dict | None:
     raw = vacuum.with_mask(None, None).with_calibration(descan=None)
     pacbed = np.asarray(raw.pacbed().compute().values, dtype=np.float64)
     filled = inpaint(pacbed, mask) if mask.any() else pacbed
-    fill = np.where(mask, filled / filled[~mask].sum(), 0.0)
+    fill = _fill_weights(filled, mask, ~mask)
     com = raw.with_mask(mask, fill).com(reference=(0.0, 0.0)).compute()
     record, _ = fit_descan(com.com_y.values, com.com_x.values, model)
     # in vacuum the whole pattern is the disk: K corrects only the mask's static fill
     return corrected(record, _response(filled, ~mask, fill))
+
+
+def _fill_weights(filled, masked, kept) -> np.ndarray:
+    """Fill weights of the ``masked`` pixels (see :mod:`stemdask.reduce`): the inpainted PACBED
+    ``filled`` relative to the ``kept`` pixels' sum; 0 elsewhere."""
+    return np.where(masked, filled / filled[kept].sum(), 0.0)
 
 
 def _bf_window(mask, filled, disk, radius) -> tuple[np.ndarray, np.ndarray]:
@@ -239,7 +245,7 @@ def _bf_window(mask, filled, disk, radius) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.indices(mask.shape)
     outside = np.hypot(yy - disk["center"][0], xx - disk["center"][1]) > radius
     keep = ~(mask | outside)
-    return keep, np.where(mask & ~outside, filled / filled[keep].sum(), 0.0)
+    return keep, _fill_weights(filled, mask & ~outside, keep)
 
 
 def _max_drift_px(record, scan_shape) -> float:
