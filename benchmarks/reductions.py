@@ -82,7 +82,7 @@ def _events(counts, seed, center, radius, det):
 def make_store(path: Path, scan: int, epp: float, bf_radius: float, format_version: int = FORMAT_VERSION):
     cal = Calibration(scan_step_a=0.5, detector_pixel_mrad=0.25, semiangle_mrad=bf_radius * 0.25,
                       bf_center=(DET / 2, DET / 2), bf_radius=bf_radius)
-    store = create_store(path, (scan, scan), (DET, DET), cal, max_events_per_position=int(epp * 2 + 64),
+    store = create_store(path, (scan, scan), (DET, DET), cal,
                          overwrite=True, format_version=format_version)
 
     def one(b):
@@ -199,10 +199,10 @@ def run(store, args):
     products = {  # name: (kernel on one block, lazy product, dense NumPy baseline)
         "COM": (lambda b: K.center_of_mass(b.counts.ravel(), b.indices, DET, center[0], center[1]),
                 lambda: ds.com().to_array().data, dense_com),
-        "virtual ×3": (lambda b: K.masked_counts(b.counts.ravel(), b.indices, labels, table),
+        "virtual ×3": (lambda b: K.masked_counts(b.counts.ravel(), b.indices, None, labels, table),
                        lambda: ds.virtual_detectors(presets).to_array().data,
                        lambda: frames.reshape(frames.shape[0], -1).astype(np.float32) @ mask_matrix),
-        "PACBED": (lambda b: K.histogram(b.indices, DET * DET), lambda: ds.pacbed().data,
+        "PACBED": (lambda b: K.histogram(b.indices, None, DET * DET), lambda: ds.pacbed().data,
                    lambda: frames.sum(axis=0, dtype=np.uint64)),
     }
     out_sizes = {}

@@ -43,7 +43,7 @@ def _read_block(path: str, b: int, allow_incomplete: bool) -> Block:
 
 
 def _select_toa(block: Block, t_min: int, t_max: int) -> Block:
-    if block.toa is None:
+    if block.toa is None:  # (a weighted block never has them)
         raise ValueError("dose fractionation needs arrival times; this block has none")
     counts, indices, toa = kernels.select_toa(block.counts.ravel(), block.indices, block.toa, t_min, t_max)
     return Block(block.index, block.row_start, counts.reshape(block.counts.shape), indices, toa)
@@ -51,11 +51,18 @@ def _select_toa(block: Block, t_min: int, t_max: int) -> Block:
 
 def _bin_blocks(factor: int, rows_out: int, row_start: int, index: int, *blocks: Block) -> Block:
     """Merge a group of consecutive row blocks and bin its scan by ``factor``."""
-    counts = np.concatenate([b.counts for b in blocks], axis=0)[: rows_out * factor]
-    n = int(counts.sum(dtype=np.int64))
+    entries = np.concatenate([b.entries for b in blocks], axis=0)[: rows_out * factor]
+    n = int(entries.sum(dtype=np.int64))
     indices = np.concatenate([b.indices for b in blocks])[:n]
-    binned, merged = kernels.bin_scan(np.ascontiguousarray(counts), indices, factor)
-    return Block(index, row_start, binned, merged, None)
+    weighted = blocks[0].weights is not None
+    weights = np.concatenate([b.weights for b in blocks])[:n] if weighted else None
+    binned, merged, merged_w = kernels.bin_scan(np.ascontiguousarray(entries), indices, factor, weights)
+    if not weighted:
+        return Block(index, row_start, binned, merged, None)
+    counts = np.concatenate([b.counts for b in blocks], axis=0)[: rows_out * factor].astype(np.int64)
+    oy, ox = binned.shape
+    electrons = counts[:, : ox * factor].reshape(oy, factor, ox, factor).sum(axis=(1, 3)).astype(np.uint32)
+    return Block(index, row_start, electrons, merged, None, merged_w, binned)
 
 
 @dataclass(frozen=True)

@@ -126,10 +126,12 @@ class LiveRiCOM(ScanProgress):
             )
         return start
 
-    def push_events(self, indices, counts) -> None:
-        """The next ``len(counts)`` positions: ``counts[i]`` events each, ``indices`` in scan order."""
+    def push_events(self, indices, counts, weights=None) -> None:
+        """The next ``len(counts)`` positions: ``counts[i]`` entries each, ``indices`` in scan
+        order, each one electron or, with ``weights``, that many (a weighted store's entries)."""
         counts = np.ascontiguousarray(counts).ravel()
         indices = np.ascontiguousarray(indices).ravel()
+        weights = None if weights is None else np.ascontiguousarray(weights).ravel()
         if counts.size and counts.min() < 0:
             raise ValueError("event counts must be ≥ 0")
         if int(counts.sum(dtype=np.int64)) != indices.size:
@@ -137,7 +139,9 @@ class LiveRiCOM(ScanProgress):
         n_pix = self.detector_shape[0] * self.detector_shape[1]
         if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n_pix):
             raise ValueError(f"detector index outside the {self.detector_shape[0]}×{self.detector_shape[1]} detector")
-        self.push_com(*center_of_mass(counts, indices, self.detector_shape[1], *self.reference))
+        if weights is not None and weights.shape != indices.shape:
+            raise ValueError(f"{weights.size} weights for {indices.size} entries")
+        self.push_com(*center_of_mass(counts, indices, self.detector_shape[1], *self.reference, weights=weights))
 
     def push_position(self, indices) -> None:
         """One position's event indices (slow path: one kernel call per position)."""
@@ -265,7 +269,7 @@ def replay_store(store: EventStore | str | os.PathLike, live: LiveRiCOM | None =
     if live is None:
         live = LiveRiCOM(store.scan_shape, store.detector_shape, store.calibration, **kwargs)
     for block in store.iter_blocks():
-        live.push_events(block.indices, block.counts)
+        live.push_events(block.indices, block.entries, block.weights)
     return live
 
 

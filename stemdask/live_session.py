@@ -40,7 +40,7 @@ import xarray as xr
 
 from . import __version__
 from .kernels.dense import counted_frames_to_events
-from .kernels.events import center_of_mass, masked_counts
+from .kernels.events import center_of_mass, masked_counts, position_sums
 from .kernels.live import frame_sums
 from .kernels.ricom import accumulator_zero
 from .live import LiveRiCOM, ScanProgress
@@ -184,22 +184,28 @@ class LiveSession(ScanProgress):
             events = (counts, indices)
         self._push(com_y, com_x, total, virtual, events, arrival)
 
-    def push_events(self, indices, counts, arrival: float | None = None) -> None:
+    def push_events(self, indices, counts, arrival: float | None = None, weights=None) -> None:
         """The next ``len(counts)`` positions as electron events (``indices``: linear detector pixels,
-        in scan order) — the signature of :meth:`stemdask.live.LiveRiCOM.push_events`, so
-        :func:`stemdask.live.consume` feeds a session from a queue of per-position arrays."""
+        in scan order; with ``weights``, each entry that many electrons) — the signature of
+        :meth:`stemdask.live.LiveRiCOM.push_events`, so :func:`stemdask.live.consume` feeds a
+        session from a queue of per-position arrays."""
         counts = np.ascontiguousarray(counts).ravel()
         indices = np.ascontiguousarray(indices).ravel()
+        weights = None if weights is None else np.ascontiguousarray(weights).ravel()
         n_pix = self.detector_shape[0] * self.detector_shape[1]
         if int(counts.sum(dtype=np.int64)) != indices.size:
             raise ValueError(f"{indices.size} event indices but counts sum to {int(counts.sum(dtype=np.int64))}")
         if indices.size and int(indices.max()) >= n_pix:
             raise ValueError(f"detector index {int(indices.max())} outside the {self.detector_shape} detector")
         keep = None if self._terms is None else self._terms.keep
-        com_y, com_x = self._filled(*center_of_mass(counts, indices, self.detector_shape[1], 0.0, 0.0, keep))
-        virtual = masked_counts(counts, indices, self._labels, self._table)
-        kept = counts if self._terms is None else virtual[:, -1]
-        self._push(com_y, com_x, kept, virtual[:, : len(self.detectors)], (counts, indices), arrival)
+        com_y, com_x = self._filled(*center_of_mass(counts, indices, self.detector_shape[1], 0.0, 0.0, keep,
+                                                    weights))
+        virtual = masked_counts(counts, indices, weights, self._labels, self._table)
+        electrons = counts if weights is None else position_sums(counts, weights)
+        kept = electrons if self._terms is None else virtual[:, -1]
+        if weights is not None:  # saved one entry per electron (the session's store is an events store)
+            indices = np.repeat(indices, weights)
+        self._push(com_y, com_x, kept, virtual[:, : len(self.detectors)], (electrons, indices), arrival)
 
     def _push(self, com_y, com_x, counts, virtual, events, arrival) -> None:
         with self._lock:
@@ -301,8 +307,8 @@ class LiveSession(ScanProgress):
             if kind == "frames":
                 self.push_frames(payload, arrival)
             else:
-                counts, indices = payload
-                self.push_events(indices, counts, arrival=arrival)
+                counts, indices, weights = payload
+                self.push_events(indices, counts, arrival=arrival, weights=weights)
         return self
 
     @property

@@ -207,7 +207,8 @@ def _fixed_header_span(header: np.ndarray) -> slice:
 class FileReplay:
     """A ``.mib`` file or an event store replayed at ``rate`` frames per second (None: at once).
 
-    A store yields ``("events", (counts, indices))`` a scan row at a time; a ``.mib`` yields
+    A store yields ``("events", (counts, indices, weights))`` a scan row at a time (weights
+    None for an events store; see :mod:`stemdask.store`); a ``.mib`` yields
     frames (store orientation) — the same data ``stemdask ingest`` would store.
     """
 
@@ -266,7 +267,8 @@ class FileReplay:
             for r in range(blk.counts.shape[0]):
                 p0 = (blk.row_start + r) * nx
                 self._pace(t0, p0 + nx)
-                yield "events", (blk.counts[r], blk.indices[offsets[r * nx] : offsets[(r + 1) * nx]])
+                row = slice(offsets[r * nx], offsets[(r + 1) * nx])
+                yield "events", (blk.entries[r], blk.indices[row], None if blk.weights is None else blk.weights[row])
                 self.frames_received = p0 + nx
 
 

@@ -152,7 +152,8 @@ def _offsets(block, scan_shape, descan):
 
 def _block_com(block, det_x, ref_y, ref_x, terms, scan_shape, descan):
     keep = None if terms is None else terms.keep
-    cy, cx = kernels.center_of_mass(block.counts.ravel(), block.indices, det_x, ref_y, ref_x, keep)
+    cy, cx = kernels.center_of_mass(block.entries.ravel(), block.indices, det_x, ref_y, ref_x, keep,
+                                    block.weights)
     if terms is not None:  # masked pixels filled: the mean of kept + expected filled electrons
         f0, fy, fx = terms.mean_offset(det_x)
         cy = (cy + ref_y + fy) / (1.0 + f0) - ref_y
@@ -165,32 +166,32 @@ def _block_com(block, det_x, ref_y, ref_x, terms, scan_shape, descan):
 
 
 def _block_masked(block, labels, table):
-    out = kernels.masked_counts(block.counts.ravel(), block.indices, labels, table)
+    out = kernels.masked_counts(block.entries.ravel(), block.indices, block.weights, labels, table)
     return out.reshape(block.counts.shape + (table.shape[1],))
 
 
 def _block_annular(block, det_x, center, r2_lo, r2_hi, terms, scan_shape, descan):
     dy, dx = _offsets(block, scan_shape, descan)
-    out = kernels.annular_counts(block.counts.ravel(), block.indices, det_x, center[0] + dy, center[1] + dx,
-                                 r2_lo, r2_hi, terms.keep, terms.fill_idx, terms.fill_w)
+    out = kernels.annular_counts(block.entries.ravel(), block.indices, block.weights, det_x, center[0] + dy,
+                                 center[1] + dx, r2_lo, r2_hi, terms.keep, terms.fill_idx, terms.fill_w)
     return out.reshape(block.counts.shape + (r2_lo.shape[0],))
 
 
 def _block_histogram(block, n_pixels):
-    return kernels.histogram(block.indices, n_pixels)[None, :]
+    return kernels.histogram(block.indices, block.weights, n_pixels)[None, :]
 
 
 def _block_densify(block, lookup, n):
     out = np.zeros((block.counts.size, n, n), np.float32)  # NumPy: huge pages, see the kernel
-    kernels.densify(block.counts.ravel(), block.indices, lookup, out)
+    kernels.densify(block.entries.ravel(), block.indices, block.weights, lookup, out)
     return out.reshape(block.counts.shape + (n, n))
 
 
 def _block_densify_shifted(block, det_x, y0, x0, b, n, terms, scan_shape, descan):
     dy, dx = _offsets(block, scan_shape, descan)
     out = np.zeros((block.counts.size, n, n), np.float32)
-    kernels.densify_shifted(block.counts.ravel(), block.indices, det_x, dy, dx, float(y0), float(x0), b,
-                            terms.keep, terms.fill_idx, terms.fill_w, out)
+    kernels.densify_shifted(block.entries.ravel(), block.indices, block.weights, det_x, dy, dx, float(y0),
+                            float(x0), b, terms.keep, terms.fill_idx, terms.fill_w, out)
     return out.reshape(block.counts.shape + (n, n))
 
 

@@ -725,10 +725,8 @@ def simulate(
             "faults": p.faults(),
         },
     }
-    hot_total = sum(rate for _, _, rate in p.hot_pixels)
     store = create_store(
         path, (ny, nx), (n, n), p.calibration(), rows_per_block=rows_per_block,
-        max_events_per_position=max(4 * n * n, int(4 * (p.dose + hot_total)) + 1024),
         provenance=provenance, overwrite=overwrite,
     )
     obj = phase_object(p)
@@ -797,7 +795,6 @@ def random_event_store(
     cal = Calibration(scan_step_a=0.5, detector_pixel_mrad=1.0, semiangle_mrad=float(bf_radius),
                       bf_center=(detector / 2, detector / 2), bf_radius=float(bf_radius))
     store = create_store(path, scan_shape, (detector, detector), cal, rows_per_block=rows_per_block,
-                         max_events_per_position=int(4 * events_per_position) + 1024,
                          provenance={"source": "stemdask.simulate.random_event_store"}, overwrite=overwrite)
     n_pix = detector * detector
     for b in range(store.n_blocks):

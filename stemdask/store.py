@@ -1,23 +1,44 @@
 """The event store: electron events in a Zarr v3 group, "slotted CSR" chunked by scan rows.
 
-Layout (``FORMAT_NAME`` version ``FORMAT_VERSION``):
+Layout (``FORMAT_NAME`` version ``FORMAT_VERSION``). A store holds *entries*, one per
+electron (``encoding: "events"``) or one per pixel that counted electrons, with their number
+(``encoding: "weighted"``, for dense counting detectors such as the Merlin, see below):
 
-``counts``  uint32 ``(ny, nx)``, chunks ``(rows_per_block, nx)``: events per probe position.
+``counts``  uint32 ``(ny, nx)``, chunks ``(rows_per_block, nx)``: electrons per probe position.
             Its fill value 0xFFFFFFFF marks a row block as "not yet written"; a block's
             ``counts`` chunk is written *last* and so is its commit mark.
+``entries`` weighted stores only, uint32 ``(ny, nx)`` like ``counts``: entries per position
+            (pixels with counts); in an events store the entries per position are ``counts``.
 ``indices`` uint16 (detector ≤ 65536 px) or uint32, 1-D: linear detector index
-            ``k_y * det_x + k_x`` of every electron, positions in scan order, ascending
+            ``k_y * det_x + k_x`` of every entry, positions in scan order, ascending
             within a position when the source was. Row block ``b`` owns the aligned slot
             ``[b*cap, b*cap + n_b)``; ``cap`` is a multiple of the chunk length, so blocks
             never share a chunk and the unwritten rest of a slot costs nothing on disk.
-``toa``     optional uint32, same slots: arrival time of each event within the dwell (ns).
+``weights`` weighted stores only, ``weight_dtype`` (uint8/16/32), same slots: the electrons
+            of each entry (the pixel's count). An events store has none: every entry is 1.
+``toa``     optional uint32, same slots (events stores only): arrival time of each event
+            within the dwell (ns).
 ``block_crc`` uint32 ``(n_blocks,)``, chunk 1: each block's record, written with the block
-            just before its commit mark. Version 2: CRC-32C of the block's decoded counts,
-            extended with the 4-byte CRC-32C trailers of its ``indices`` (then ``toa``)
-            chunk files in order (see :meth:`EventStore.block_record`). Version 1: zlib
-            CRC-32 of the decoded counts + indices (+ toa).
+            just before its commit mark. Version ≥ 2: CRC-32C of the block's decoded counts
+            (then entries), extended with the 4-byte CRC-32C trailers of its ``indices``
+            (then ``toa``, ``weights``) chunk files in order (see
+            :meth:`EventStore.block_record`). Version 1: zlib CRC-32 of the decoded counts +
+            indices (+ toa).
 
-Attrs: format name/version, shapes, ``rows_per_block``, ``cap``, calibration
+No per-position cap (version 3): a block's slot ``cap`` is the most entries its positions
+can hold — ``2³²−1`` per position (the counts dtype) for events, the detector's pixel count
+for weighted entries — rounded up to whole chunks. The slots are virtual (zarr writes only
+the chunks that hold data), so a huge slot costs nothing.
+
+Encoding: ``"weighted"`` pays ``weight_dtype`` bytes per entry and saves one entry per
+extra electron on a pixel: smaller from about 1.5 electrons per counted pixel (a Merlin
+frame, ≈ 5–50 counts/pixel), larger for sparse data (the 4D Camera, ≈ 0.01 counts/pixel,
+where nearly every counted pixel holds one electron). Ingest picks the smaller
+(:func:`stemdask.io.ingest`); every kernel takes the weights, and results equal the dense
+computation.
+
+Attrs: format name/version, shapes, ``rows_per_block``, ``cap``, ``encoding``,
+``weight_dtype``, calibration
 (:class:`stemdask.optics.Calibration`), provenance (source, its SHA-256, ingest parameters),
 ``n_events`` and ``complete: true`` once :meth:`EventStore.finalize` has checked every block.
 
@@ -36,6 +57,7 @@ is checksummed once (``python benchmarks/reductions.py --checksum-cost``). The a
 arrays' own shapes, chunks and dtypes; ``calibration`` and ``provenance`` are not covered
 (``stemdask calibrate`` rewrites the calibration legitimately). Any failure raises
 :class:`CorruptStoreError` naming the store, the array, the chunk and the row block.
+Version-2 stores (events only, slots sized by a per-position cap) open and read unchanged.
 Version-1 stores (no chunk checksums, zlib block CRCs) still open; they get the layout,
 slot and bounds checks on every read and the block CRCs only from :meth:`EventStore.check`.
 
@@ -70,15 +92,23 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from .kernels.events import position_sums
 from .optics import Calibration
 
 FORMAT_NAME = "stemdask-events"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Attrs that decide how the stored bytes are read; covered by the ``layout_sha256`` attr.
 LAYOUT_ATTRS = ("format", "format_version", "scan_shape", "detector_shape", "rows_per_block", "cap",
-                "index_dtype", "has_toa", "n_events", "complete")
+                "index_dtype", "has_toa", "encoding", "weight_dtype", "n_events", "complete")
+ENCODINGS = ("events", "weighted")
+#: Most electrons one position may hold (the ``counts`` dtype).
+MAX_PER_POSITION = (1 << 32) - 2
 UNWRITTEN = np.uint32(0xFFFFFFFF)
 DEFAULT_CHUNK_EVENTS = 1 << 20
+#: Target of decoded entry bytes per row block (:func:`default_rows_per_block`).
+BLOCK_BYTES = 64 << 20
+#: Most positions per row block (outputs such as densified patterns scale with positions).
+MAX_BLOCK_POSITIONS = 1 << 14
 #: Arrays of the detector mask written by :meth:`EventStore.set_detector_mask`.
 MASK, MASK_FILL = "detector_mask", "mask_fill"
 
@@ -105,19 +135,33 @@ _REMEDY = ("the store is damaged: re-ingest it from its source (stemdask ingest 
 
 @dataclass
 class Block:
-    """One row block's events: ``counts`` (rows, nx) uint32, ``indices`` 1-D, ``toa`` or None."""
+    """One row block: ``counts`` (rows, nx) uint32 electrons per position, ``indices`` 1-D
+    (one entry per electron, or with ``weights`` one per counted pixel), ``toa`` or None,
+    ``weights`` (electrons of each entry) or None (each entry is one electron), and with
+    weights ``entry_counts`` (rows, nx): entries per position."""
 
     index: int
     row_start: int
     counts: np.ndarray
     indices: np.ndarray
     toa: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    entry_counts: np.ndarray | None = None
+
+    def __post_init__(self):
+        if (self.weights is None) != (self.entry_counts is None):
+            raise ValueError("a weighted block needs both weights and entry_counts")
+
+    @property
+    def entries(self) -> np.ndarray:
+        """Entries per position (rows, nx): what the kernels walk (= ``counts`` without weights)."""
+        return self.counts if self.weights is None else self.entry_counts
 
     @property
     def offsets(self) -> np.ndarray:
         """CSR offsets (rows*nx + 1,) int64 into ``indices``, positions in scan order."""
-        off = np.zeros(self.counts.size + 1, dtype=np.int64)
-        np.cumsum(self.counts.ravel(), out=off[1:])
+        off = np.zeros(self.entries.size + 1, dtype=np.int64)
+        np.cumsum(self.entries.ravel(), out=off[1:])
         return off
 
 
@@ -173,6 +217,13 @@ class EventStore:
                                     f"{_REMEDY}") from None
         self.has_toa: bool = bool(attrs.get("has_toa", False))
         self._toa = group["toa"] if self.has_toa and "toa" in group else None
+        self.encoding: str = attrs.get("encoding", "events")
+        if self.encoding not in ENCODINGS:
+            raise self._corrupt(f"unknown encoding {self.encoding!r} (known: {ENCODINGS})")
+        self.weighted = self.encoding == "weighted"
+        self.weight_dtype = np.dtype(attrs["weight_dtype"]) if self.weighted else None
+        self._weights = group["weights"] if self.weighted and "weights" in group else None
+        self._entries = group["entries"] if self.weighted and "entries" in group else None
         self._check_layout()
 
     def _corrupt(self, what: str) -> CorruptStoreError:
@@ -197,6 +248,11 @@ class EventStore:
             if self._toa is None:
                 raise self._corrupt("attrs say has_toa but the array toa is missing")
             expect["toa"] = ((self.n_blocks * cap,), None, np.dtype(np.uint32))
+        if self.weighted:
+            if self._weights is None or self._entries is None:
+                raise self._corrupt("attrs say encoding 'weighted' but the array weights or entries is missing")
+            expect["weights"] = ((self.n_blocks * cap,), None, self.weight_dtype)
+            expect["entries"] = expect["counts"]
         if self.index_dtype != expect["indices"][2]:
             raise self._corrupt(f"index_dtype {self.index_dtype} is not the one for a {self.detector_shape} detector")
         for name, (shape, chunks, dtype) in expect.items():
@@ -206,7 +262,7 @@ class EventStore:
                                     f"attrs (scan, detector, rows_per_block, cap) imply {dtype} shape {shape}")
             if self.version >= 2 and not any(isinstance(c, Crc32cCodec) for c in arr.metadata.codecs):
                 raise self._corrupt(f"array {name} has lost its crc32c codec (its metadata were edited)")
-            if name in ("indices", "toa") and cap % arr.chunks[0]:
+            if name in ("indices", "toa", "weights") and cap % arr.chunks[0]:
                 raise self._corrupt(f"cap {cap} is not a multiple of the {name} chunk length {arr.chunks[0]}")
 
     # ------------------------------------------------------------------ geometry
@@ -238,6 +294,14 @@ class EventStore:
         return int(c[c != UNWRITTEN].sum(dtype=np.int64))
 
     @property
+    def n_entries(self) -> int:
+        """Stored entries of the committed blocks: electrons (events), counted pixels (weighted)."""
+        if not self.weighted:
+            return self.n_events
+        c = self._entries[...]
+        return int(c[c != UNWRITTEN].sum(dtype=np.int64))
+
+    @property
     def provenance(self) -> dict:
         return dict(self.attrs.get("provenance", {}))
 
@@ -247,27 +311,31 @@ class EventStore:
         c = self._counts[...]
         return np.array([not np.any(c[slice(*self.block_rows(b))] == UNWRITTEN) for b in range(self.n_blocks)])
 
-    def write_block(self, b: int, counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None = None) -> int:
-        """Write row block ``b`` (idempotent): index chunks first, then the ``counts`` commit mark.
+    def write_block(self, b: int, counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None = None,
+                    weights: np.ndarray | None = None) -> int:
+        """Write row block ``b`` (idempotent): entry chunks first, then the ``counts`` commit mark.
 
-        ``counts``: (rows, nx) events per position; ``indices``: the events of those
-        positions in scan order. Returns the number of events written. Validates everything
-        before touching the store.
+        ``counts``: (rows, nx) entries per position (electrons, without ``weights``);
+        ``indices``: the entries of those positions in scan order; ``weights`` (weighted
+        stores only): the electrons of each entry. Returns the number of electrons written.
+        Validates everything before touching the store.
         """
         if not self.writable:
             raise StoreError(f"{self.path}: opened read-only")
         r0, r1 = self.block_rows(b)
         nx = self.scan_shape[1]
-        counts = np.asarray(counts)
-        if counts.shape != (r1 - r0, nx):
+        entries = np.asarray(counts)
+        if entries.shape != (r1 - r0, nx):
             raise ValueError(
-                f"{self.path}: block {b} counts has shape {counts.shape}, expected {(r1 - r0, nx)} "
+                f"{self.path}: block {b} counts has shape {entries.shape}, expected {(r1 - r0, nx)} "
                 f"(rows {r0}..{r1} of a {self.scan_shape} scan)"
             )
-        if counts.size and (counts.min() < 0):
+        if entries.size and (entries.min() < 0):
             raise ValueError(f"{self.path}: block {b} has negative counts")
-        counts = counts.astype(np.uint32)
-        n = int(counts.sum(dtype=np.int64))
+        if entries.size and entries.max() > MAX_PER_POSITION:
+            raise ValueError(f"{self.path}: block {b} has more than {MAX_PER_POSITION} entries at one position")
+        entries = entries.astype(np.uint32)
+        n = int(entries.sum(dtype=np.int64))
         indices = np.asarray(indices)
         if indices.ndim != 1 or indices.size != n:
             raise ValueError(f"{self.path}: block {b} has {indices.size} indices but counts sum to {n}")
@@ -281,10 +349,8 @@ class EventStore:
                     f"{self.detector_shape[0]}×{self.detector_shape[1]} detector (0..{n_pix - 1})"
                 )
         if n > self.cap:
-            raise ValueError(
-                f"{self.path}: block {b} has {n} events, more than its slot of {self.cap} "
-                f"(raise max_events_per_position when creating the store)"
-            )
+            raise ValueError(f"{self.path}: block {b} has {n} entries, more than its slot of {self.cap}"
+                             + ("" if self.version >= 3 else " (a version-2 store's per-position cap)"))
         indices = indices.astype(self.index_dtype, copy=False)
         if self.has_toa:
             if toa is None or np.shape(toa) != (n,):
@@ -292,15 +358,41 @@ class EventStore:
             toa = np.asarray(toa).astype(np.uint32, copy=False)
         elif toa is not None:
             raise ValueError(f"{self.path}: store was created without arrival times (has_toa=False)")
+        electrons = entries
+        if self.weighted:
+            weights = self._checked_weights(b, weights, n)
+            electrons = position_sums(entries.ravel(), weights).reshape(entries.shape)
+            if electrons.size and electrons.max() > MAX_PER_POSITION:
+                raise ValueError(f"{self.path}: block {b} has more than {MAX_PER_POSITION} electrons at one position")
+            electrons = electrons.astype(np.uint32)
+        elif weights is not None:
+            raise ValueError(f"{self.path}: store has encoding 'events' (one entry per electron): no weights")
         start = b * self.cap
         if n:
             self._indices[start : start + n] = indices
             if toa is not None:
                 self._toa[start : start + n] = toa
-        record = self.block_record(b, counts, n) if self.version >= 2 else block_crc(counts, indices, toa)
+            if self.weighted:
+                self._weights[start : start + n] = weights
+        if self.weighted:
+            self._entries[r0:r1] = entries
+        record = (self.block_record(b, electrons, n, entries if self.weighted else None) if self.version >= 2
+                  else block_crc(electrons, indices, toa))
         self._crc[b : b + 1] = np.array([record], dtype=np.uint32)
-        self._counts[r0:r1] = counts  # commit mark: last
-        return n
+        self._counts[r0:r1] = electrons  # commit mark: last
+        return int(electrons.sum(dtype=np.int64))
+
+    def _checked_weights(self, b: int, weights, n: int) -> np.ndarray:
+        """``weights`` of block ``b`` as ``weight_dtype``: n non-negative whole numbers that fit it."""
+        if weights is None or np.shape(weights) != (n,):
+            raise ValueError(f"{self.path}: a weighted store needs the weights of block {b}'s {n} entries")
+        weights = np.asarray(weights)
+        top = np.iinfo(self.weight_dtype).max
+        if n and (weights.min() < 0 or weights.max() > top):
+            raise ValueError(f"{self.path}: block {b} has a weight outside 0..{top} ({self.weight_dtype})")
+        if weights.dtype.kind == "f" and n and not np.array_equal(weights, np.round(weights)):
+            raise ValueError(f"{self.path}: block {b} has weights that are not whole numbers")
+        return weights.astype(self.weight_dtype, copy=False)
 
     def finalize(self, **provenance) -> "EventStore":
         """Check every block is committed, record totals + provenance, mark ``complete``."""
@@ -372,47 +464,63 @@ class EventStore:
                 raise IncompleteStoreError(f"{self.path}: {where} was never written")
             raise self._corrupt(f"counts chunk {self._chunk_key('counts', b)} ({where}) is missing "
                                 f"from a complete store")
-        n = int(counts.sum(dtype=np.int64))
+        entries = self._read(self._entries, b, slice(r0, r1)) if self.weighted else counts
+        if self.weighted and np.any(entries == UNWRITTEN):
+            raise self._corrupt(f"entries chunk {self._chunk_key('entries', b)} ({where}) is missing")
+        n = int(entries.sum(dtype=np.int64))
         if n > self.cap:
-            raise self._corrupt(f"counts chunk {self._chunk_key('counts', b)} ({where}) sums to {n} events, "
+            name = "entries" if self.weighted else "counts"
+            raise self._corrupt(f"{name} chunk {self._chunk_key(name, b)} ({where}) sums to {n} entries, "
                                 f"more than the block's slot of {self.cap}")
         if self.version >= 2:
             stored = int(self._read(self._crc, b, slice(b, b + 1))[0])
-            if self.block_record(b, counts, n) != stored:
+            if self.block_record(b, counts, n, entries if self.weighted else None) != stored:
                 raise self._corrupt(self._explain_crc_mismatch(b, n))
         start = b * self.cap
         indices = self._read(self._indices, b, slice(start, start + n))
         toa = self._read(self._toa, b, slice(start, start + n)) if self.has_toa else None
-        if indices.size != n or (toa is not None and toa.size != n):
-            raise self._corrupt(f"{where}: counts sum to {n} events but only {indices.size} indices are stored")
-        # The last guard: kernels index detector arrays with these values.
+        weights = self._read(self._weights, b, slice(start, start + n)) if self.weighted else None
+        if any(a is not None and a.size != n for a in (indices, toa, weights)):
+            raise self._corrupt(f"{where}: counts sum to {n} entries but only {indices.size} indices are stored")
+        # The last guards: kernels index detector arrays with these values, and the weights
+        # must add up to the electrons the block says it holds.
         n_pix = self.detector_shape[0] * self.detector_shape[1]
         if n and int(indices.max()) >= n_pix:
             raise self._corrupt(f"{where} holds detector index {int(indices.max())} ≥ {n_pix} (damaged data)")
-        return Block(b, r0, counts, indices, toa)
+        if self.weighted and int(weights.sum(dtype=np.int64)) != int(counts.sum(dtype=np.int64)):
+            raise self._corrupt(f"{where}: its weights sum to {int(weights.sum(dtype=np.int64))} electrons but its "
+                                f"counts to {int(counts.sum(dtype=np.int64))} (damaged data)")
+        return Block(b, r0, counts, indices, toa, weights, entries if self.weighted else None)
 
     def _chunk_key(self, name: str, i: int) -> str:
         """``array/c/...`` key of chunk ``i`` (along the first axis) of array ``name``."""
-        return f"{name}/c/{i}/0" if name == "counts" else f"{name}/c/{i}"
+        return f"{name}/c/{i}/0" if name in ("counts", "entries") else f"{name}/c/{i}"
+
+    @property
+    def _entry_arrays(self) -> tuple[str, ...]:
+        """Names of the 1-D arrays that share the entry slots, in record order."""
+        return ("indices",) + (("toa",) if self.has_toa else ()) + (("weights",) if self.weighted else ())
 
     def _event_chunks(self, b: int, n: int) -> list[tuple[str, int]]:
-        """(array, chunk number) of the ``indices`` (then ``toa``) chunks holding the ``n``
-        events of row block ``b``, in order."""
+        """(array, chunk number) of the ``indices`` (then ``toa``, ``weights``) chunks holding
+        the ``n`` entries of row block ``b``, in order."""
         if not n:
             return []
         length = self._indices.chunks[0]
         first, last = b * self.cap // length, (b * self.cap + n - 1) // length
-        names = ("indices", "toa") if self.has_toa else ("indices",)
+        names = self._entry_arrays
         return [(name, i) for name in names for i in range(first, last + 1)]
 
-    def block_record(self, b: int, counts: np.ndarray, n: int) -> int:
-        """Version-2 record of row block ``b``: CRC-32C of its ``counts`` (uint32, native
-        order) extended with the last 4 bytes — zarr's CRC-32C of the chunk — of each of its
-        event chunk files, or 4 zero bytes for a chunk with no file (zarr does not write a
-        chunk that is all fill value, and reading it gives exactly that). Reads only those
-        trailers; a truncated chunk file raises."""
+    def block_record(self, b: int, counts: np.ndarray, n: int, entries: np.ndarray | None = None) -> int:
+        """Version ≥ 2 record of row block ``b``: CRC-32C of its ``counts`` (uint32, native
+        order; then, weighted, its ``entries``) extended with the last 4 bytes — zarr's
+        CRC-32C of the chunk — of each of its entry chunk files, or 4 zero bytes for a chunk
+        with no file (zarr does not write a chunk that is all fill value, and reading it
+        gives exactly that). Reads only those trailers; a truncated chunk file raises."""
         r0, r1 = self.block_rows(b)
         crc = google_crc32c.value(np.ascontiguousarray(counts, dtype=np.uint32))
+        if entries is not None:
+            crc = google_crc32c.extend(crc, np.ascontiguousarray(entries, dtype=np.uint32))
         for name, i in self._event_chunks(b, n):
             key = self._chunk_key(name, i)
             try:
@@ -454,14 +562,23 @@ class EventStore:
         record = self._chunk_key("block_crc", b)
         if not (self.path / record).is_file():
             return f"chunk {record} (the record of row block {b}, rows {r0}..{r1 - 1}) is missing (deleted?)"
-        missing = [self._chunk_key(name, i) for name, i in self._event_chunks(b, n)
-                   if not (self.path / self._chunk_key(name, i)).is_file()]
+        chunks = self._event_chunks(b, n)
+        missing = [self._chunk_key(name, i) for name, i in chunks if not (self.path / self._chunk_key(name, i)).is_file()]
+        trailing = len(chunks) // len(self._entry_arrays) - 1 - max(
+            [k for k, (name, i) in enumerate(chunks[: len(chunks) // len(self._entry_arrays)])
+             if (self.path / self._chunk_key(name, i)).is_file()], default=-1)
+        if trailing > 1:  # far more entries than chunks: the counts, not the chunks
+            name = "entries" if self.weighted else "counts"
+            return (f"{name} chunk {self._chunk_key(name, b)} (row block {b}, rows {r0}..{r1 - 1}) sums to {n} "
+                    f"entries, more than its entry chunks hold ({trailing} chunks from {missing[0]} on are absent): "
+                    "the counts are damaged, or those chunks were deleted")
         if missing:
             return f"chunk {', '.join(missing)} of row block {b} (rows {r0}..{r1 - 1}) is missing (deleted?)"
         start = b * self.cap
-        for arr in (self._indices, self._toa) if self.has_toa else (self._indices,):
-            self._read(arr, b, slice(start, start + n))
-        keys = [self._chunk_key(name, i) for name, i in [("counts", b), ("block_crc", b), *self._event_chunks(b, n)]]
+        for name in self._entry_arrays:
+            self._read(self._group[name], b, slice(start, start + n))
+        heads = [("counts", b), ("block_crc", b)] + ([("entries", b)] if self.weighted else [])
+        keys = [self._chunk_key(name, i) for name, i in [*heads, *self._event_chunks(b, n)]]
         return (f"row block {b} (rows {r0}..{r1 - 1}) fails its checksum: one of its chunks "
                 f"{', '.join(keys)} was replaced, swapped with another block's or changed")
 
@@ -477,9 +594,11 @@ class EventStore:
         return c
 
     def to_csr(self) -> tuple[np.ndarray, np.ndarray]:
-        """All events as (indices, offsets) CSR — the whole dataset in memory; an exporter."""
+        """All events as (indices, offsets) CSR, one index per electron (weighted entries
+        repeated) — the whole dataset in memory; an exporter."""
         blocks = list(self.iter_blocks())
-        indices = np.concatenate([blk.indices for blk in blocks]) if blocks else np.empty(0, self.index_dtype)
+        indices = np.concatenate([blk.indices if blk.weights is None else np.repeat(blk.indices, blk.weights)
+                                  for blk in blocks]) if blocks else np.empty(0, self.index_dtype)
         offsets = np.zeros(self.scan_shape[0] * self.scan_shape[1] + 1, np.int64)
         np.cumsum(np.concatenate([blk.counts.ravel() for blk in blocks]), out=offsets[1:])
         return indices, offsets
@@ -558,7 +677,9 @@ def create_store(
     *,
     rows_per_block: int | None = None,
     has_toa: bool = False,
-    max_events_per_position: int | None = None,
+    encoding: str = "events",
+    weight_dtype="uint16",
+    bytes_per_position: float | None = None,
     chunk_events: int = DEFAULT_CHUNK_EVENTS,
     provenance: dict | None = None,
     overwrite: bool = False,
@@ -566,46 +687,58 @@ def create_store(
 ) -> EventStore:
     """Create an empty, writable (incomplete) store.
 
-    ``format_version=1`` writes the old layout without chunk checksums (what older stemdask
-    wrote: for compatibility tests and the no-verification baseline of the benchmarks).
-
-    ``rows_per_block`` defaults to :func:`default_rows_per_block`. ``max_events_per_position`` sizes each block's slot
-    (default ``max(4 · detector pixels, 65536)``); slots are virtual, unwritten space costs
-    nothing. Refuses an existing path unless ``overwrite``.
+    ``encoding``: ``"events"`` (one entry per electron) or ``"weighted"`` (one entry per
+    counted pixel, its count in ``weights`` of ``weight_dtype``: uint8, uint16 or uint32);
+    weighted stores have no arrival times. ``rows_per_block`` defaults to
+    :func:`default_rows_per_block` from ``bytes_per_position`` (the expected decoded entry
+    bytes per position, when known). ``format_version`` 1 or 2 writes an older layout
+    (events only; for compatibility tests and the no-verification baseline of the
+    benchmarks). Refuses an existing path unless ``overwrite``.
     """
     path = Path(path)
     scan_shape = check_shape("scan_shape", scan_shape)
     detector_shape = check_shape("detector_shape", detector_shape)
     calibration = calibration or Calibration()
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    weighted = encoding == "weighted"
+    if weighted and (has_toa or format_version < 3):
+        raise ValueError("a weighted store (format version ≥ 3) has no arrival times")
+    weight_dtype = np.dtype(weight_dtype)
+    if weighted and weight_dtype not in (np.uint8, np.uint16, np.uint32):
+        raise ValueError(f"weight_dtype must be uint8, uint16 or uint32, got {weight_dtype}")
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
         remove_zarr_output(path, FORMAT_NAME)
     ny, nx = scan_shape
     if rows_per_block is None:
-        rows_per_block = default_rows_per_block(scan_shape)
+        rows_per_block = default_rows_per_block(scan_shape, bytes_per_position)
     rows_per_block = int(rows_per_block)
     if not 1 <= rows_per_block:
         raise ValueError(f"rows_per_block must be ≥ 1, got {rows_per_block}")
     rows_per_block = min(rows_per_block, ny)
-    per_pos = int(max_events_per_position or default_max_events_per_position(detector_shape))
+    n_pixels = detector_shape[0] * detector_shape[1]
+    if format_version >= 3:  # the most entries a position can hold: no per-position cap
+        per_pos = n_pixels if weighted else MAX_PER_POSITION
+    else:  # the older layouts' slot: 4 electrons per pixel on average, at least 65536
+        per_pos = max(4 * n_pixels, 1 << 16)
     chunk_events = int(chunk_events)
     cap = math.ceil(rows_per_block * nx * per_pos / chunk_events) * chunk_events
     n_blocks = math.ceil(ny / rows_per_block)
     idx_dtype = index_dtype_for(detector_shape)
 
     group = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    group.create_array(
-        "counts", shape=(ny, nx), chunks=(rows_per_block, nx), dtype="uint32",
-        fill_value=int(UNWRITTEN), compressors=_compressors(format_version),
-    )
-    group.create_array(
-        "indices", shape=(n_blocks * cap,), chunks=(chunk_events,), dtype=idx_dtype,
-        fill_value=0, compressors=_compressors(format_version),
-    )
-    if has_toa:
+    per_position = ["counts", "entries"] if weighted else ["counts"]
+    for name in per_position:
         group.create_array(
-            "toa", shape=(n_blocks * cap,), chunks=(chunk_events,), dtype="uint32",
+            name, shape=(ny, nx), chunks=(rows_per_block, nx), dtype="uint32",
+            fill_value=int(UNWRITTEN), compressors=_compressors(format_version),
+        )
+    slotted = [("indices", idx_dtype)] + [("toa", "uint32")] * has_toa + [("weights", weight_dtype)] * weighted
+    for name, dtype in slotted:
+        group.create_array(
+            name, shape=(n_blocks * cap,), chunks=(chunk_events,), dtype=dtype,
             fill_value=0, compressors=_compressors(format_version),
         )
     group.create_array("block_crc", shape=(n_blocks,), chunks=(1,), dtype="uint32", fill_value=0,
@@ -623,6 +756,9 @@ def create_store(
             "provenance": dict(provenance or {}),
             "complete": False,
     }
+    if format_version >= 3:
+        attrs["encoding"] = encoding
+        attrs["weight_dtype"] = weight_dtype.name if weighted else None
     if format_version >= 2:
         attrs["layout_sha256"] = layout_sha256(attrs)
     group.attrs.update(attrs)
@@ -652,15 +788,19 @@ def remove_zarr_output(path: Path, expected_format: str | None = None) -> None:
     shutil.rmtree(path)
 
 
-def default_max_events_per_position(detector_shape) -> int:
-    """Slot size per position when none is given: 4 electrons per pixel on average (≥ 65536)."""
-    return max(4 * int(detector_shape[0]) * int(detector_shape[1]), 1 << 16)
-
-
-def default_rows_per_block(scan_shape) -> int:
-    """Rows per block: ~16k positions per block (e.g. 32 rows of a 512-wide scan)."""
+def default_rows_per_block(scan_shape, bytes_per_position: float | None = None) -> int:
+    """Rows per block: as many as keep the block's decoded entries near :data:`BLOCK_BYTES`
+    (64 MiB: big enough that a task's fixed cost — open, checksum, schedule, ≈ ms — is noise
+    next to reading it, small enough that each worker thread holds a few blocks and their
+    products well within 1 GB), and never more than :data:`MAX_BLOCK_POSITIONS` positions
+    (per-position outputs, such as densified patterns, grow with positions, not bytes);
+    at least one row. Without ``bytes_per_position``, the position limit alone (e.g. 32 rows
+    of a 512-wide scan)."""
     ny, nx = scan_shape
-    return max(1, min(ny, (1 << 14) // max(nx, 1)))
+    rows = max(1, MAX_BLOCK_POSITIONS // max(nx, 1))
+    if bytes_per_position:
+        rows = min(rows, max(1, int(BLOCK_BYTES // (float(bytes_per_position) * nx))))
+    return max(1, min(ny, rows))
 
 
 def _read_group_attrs(path: Path) -> tuple[zarr.Group, dict]:

@@ -61,19 +61,32 @@ def _drop_crc32c(store, name):
         meta.write_text(json.dumps(doc))
 
 
+def _first_chunk(store, b: int) -> int:
+    """The first ``indices`` chunk of row block ``b`` (its slot starts at ``b · cap``)."""
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]
+    chunk = json.loads((store / "indices" / "zarr.json").read_text())["chunk_grid"]["configuration"]["chunk_shape"][0]
+    return b * attrs["cap"] // chunk
+
+
+def _idx(store, b: int):
+    return store / f"indices/c/{_first_chunk(store, b)}"
+
+
+#: damage(store), and the text its error must contain; {c0}, {c1}, {c2}: the first indices
+#: chunk of row blocks 0, 1, 2.
 CASES = {
-    "indices byte flipped": (lambda s: _flip(s / "indices/c/1", bit=False), "indices chunk indices/c/1 of row block 1"),
-    "indices bit flipped": (lambda s: _flip(s / "indices/c/1", bit=True), "indices chunk indices/c/1 of row block 1"),
+    "indices byte flipped": (lambda s: _flip(_idx(s, 1), bit=False), "indices chunk indices/c/{c1} of row block 1"),
+    "indices bit flipped": (lambda s: _flip(_idx(s, 1), bit=True), "indices chunk indices/c/{c1} of row block 1"),
     "counts byte flipped": (lambda s: _flip(s / "counts/c/2/0", bit=False), "counts chunk counts/c/2/0 of row block 2"),
     "counts bit flipped": (lambda s: _flip(s / "counts/c/2/0", bit=True), "counts chunk counts/c/2/0 of row block 2"),
     "block_crc bit flipped": (lambda s: _flip(s / "block_crc/c/0", bit=True), "block_crc chunk block_crc/c/0"),
-    "indices chunk deleted": (lambda s: (s / "indices/c/1").unlink(), "chunk indices/c/1 of row block 1 (rows 4..7) is missing"),
+    "indices chunk deleted": (lambda s: _idx(s, 1).unlink(), "chunk indices/c/{c1} of row block 1 (rows 4..7) is missing"),
     "counts chunk deleted": (lambda s: (s / "counts/c/0/0").unlink(), "counts chunk counts/c/0/0 (row block 0"),
     "block_crc chunk deleted": (lambda s: (s / "block_crc/c/2").unlink(), "chunk block_crc/c/2 (the record of row block 2"),
-    "indices chunk truncated": (lambda s: _truncate(s / "indices/c/0"), "indices chunk indices/c/0 of row block 0"),
+    "indices chunk truncated": (lambda s: _truncate(_idx(s, 0)), "indices chunk indices/c/{c0} of row block 0"),
     "counts chunk truncated": (lambda s: _truncate(s / "counts/c/1/0"), "counts chunk counts/c/1/0 of row block 1"),
-    "indices chunks of two blocks swapped": (lambda s: _swap(s / "indices/c/0", s / "indices/c/2"),
-                                             r"row block ([02]) \(rows .*\) fails its checksum: .*indices/c/\1"),
+    "indices chunks of two blocks swapped": (lambda s: _swap(_idx(s, 0), _idx(s, 2)),
+                                             r"row block ([02]) \(rows .*\) fails its checksum: .*indices/c/"),
     "counts chunks of two blocks swapped": (lambda s: _swap(s / "counts/c/0/0", s / "counts/c/1/0"),
                                             r"row block ([01]) \(rows .*\) fails its checksum: .*counts/c/\1/0"),
     "scan_shape attr edited": (lambda s: _edit_attr(s, "scan_shape", lambda v: [v[0], v[1] - 1]), "layout attrs"),
@@ -100,6 +113,7 @@ def test_damage_is_a_clear_error_for_reconstruct_and_validate(case, clean, tmp_p
     store = tmp_path / "s.zarr"
     shutil.copytree(clean, store)
     damage(store)
+    expected = expected.replace("{c0}", str(_first_chunk(store, 0))).replace("{c1}", str(_first_chunk(store, 1)))
     out = tmp_path / "r.zarr"
     err = _expect_clear_error(capsys, ["reconstruct", str(store), "--method", "com", "--method", "virtual",
                                        "--out", str(out), "--quiet"], expected)
@@ -119,11 +133,12 @@ def test_the_undamaged_store_validates_and_reconstructs(clean, tmp_path, capsys)
 def test_validate_lists_every_damaged_block(clean, tmp_path, capsys):
     store = tmp_path / "s.zarr"
     shutil.copytree(clean, store)
-    _flip(store / "indices/c/0", bit=True)
-    (store / "indices/c/2").unlink()
+    _flip(_idx(store, 0), bit=True)
+    _idx(store, 2).unlink()
     assert main(["validate", str(store)]) == 2
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2 and "indices/c/0" in lines[0] and "indices/c/2" in lines[1]
+    assert len(lines) == 2 and f"indices/c/{_first_chunk(store, 0)}" in lines[0]
+    assert f"indices/c/{_first_chunk(store, 2)}" in lines[1]
 
 
 def test_a_wrong_count_with_a_valid_chunk_checksum_is_caught_before_reading(clean, tmp_path):
@@ -133,7 +148,7 @@ def test_a_wrong_count_with_a_valid_chunk_checksum_is_caught_before_reading(clea
     shutil.copytree(clean, store)
     counts = zarr.open_array(str(store / "counts"), mode="r+")
     counts[5, 3] = int(counts[5, 3]) | (1 << 30)
-    with pytest.raises(CorruptStoreError, match=r"counts chunk counts/c/1/0 \(row block 1 .*more than the block's slot"):
+    with pytest.raises(CorruptStoreError, match=r"counts chunk counts/c/1/0 \(row block 1, .*more than its entry chunks hold"):
         open_store(store).read_block(1)
 
 

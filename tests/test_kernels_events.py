@@ -66,7 +66,7 @@ def test_masked_counts_equals_dense_mask_sums(block, n_det):
     counts, indices, det_y, det_x, rng = block
     masks = rng.random((n_det, det_y * det_x)) < 0.4
     groups, labels = np.unique(masks.T, axis=0, return_inverse=True)
-    got = K.masked_counts(counts, indices, labels.reshape(-1).astype(np.uint8), groups.astype(np.uint32))
+    got = K.masked_counts(counts, indices, None, labels.reshape(-1).astype(np.uint8), groups.astype(np.uint32))
     pat = dense(counts, indices, det_y, det_x).reshape(counts.size, det_y * det_x)
     expected = pat @ masks.T.astype(np.int64)
     assert got.dtype == np.uint32
@@ -77,7 +77,7 @@ def test_masked_counts_equals_dense_mask_sums(block, n_det):
 @settings(max_examples=40, deadline=None)
 def test_histogram_is_the_summed_pattern(block):
     counts, indices, det_y, det_x, _ = block
-    got = K.histogram(indices, det_y * det_x)
+    got = K.histogram(indices, None, det_y * det_x)
     np.testing.assert_array_equal(got, dense(counts, indices, det_y, det_x).sum(axis=0).ravel())
 
 
@@ -92,7 +92,7 @@ def test_densify_equals_crop_and_bin_of_dense(block, y0, x0, b, out_y, out_x):
     win = padded[:, pad + y0 : pad + y0 + out_y * b, pad + x0 : pad + x0 + out_x * b]
     expected = win.reshape(counts.size, out_y, b, out_x, b).sum(axis=(2, 4))
     out = np.zeros((counts.size, out_y, out_x), np.float32)
-    got = K.densify(counts, indices, K.densify_lookup(det_y, det_x, y0, x0, b, out_y, out_x), out)
+    got = K.densify(counts, indices, None, K.densify_lookup(det_y, det_x, y0, x0, b, out_y, out_x), out)
     assert got is out
     assert got.dtype == np.float32 and got.shape == (counts.size, out_y, out_x)
     np.testing.assert_array_equal(got, expected)
@@ -106,7 +106,7 @@ def test_bin_scan_merges_neighbouring_positions(f, groups, nx, seed):
     det = 5
     counts = rng.integers(0, 6, (rows, nx)).astype(np.uint32)
     indices = rng.integers(0, det * det, int(counts.sum())).astype(np.uint16)
-    out_counts, out_idx = K.bin_scan(counts, indices, f)
+    out_counts, out_idx, _ = K.bin_scan(counts, indices, f)
     pat = dense(counts.ravel(), indices, det, det).reshape(rows, nx, det, det)
     ox = nx // f
     expected = pat[:, : ox * f].reshape(groups, f, ox, f, det, det).sum(axis=(1, 3))
@@ -132,8 +132,8 @@ def test_empty_block():
     counts = np.zeros(0, np.uint32)
     idx = np.zeros(0, np.uint16)
     assert K.center_of_mass(counts, idx, 4, 0.0, 0.0)[0].shape == (0,)
-    assert K.densify(counts, idx, K.densify_lookup(4, 4, 0, 0, 1, 2, 2), np.zeros((0, 2, 2), np.float32)).shape == (0, 2, 2)
-    assert K.masked_counts(counts, idx, np.zeros(16, np.uint8), np.ones((1, 1), np.uint32)).shape == (0, 1)
+    assert K.densify(counts, idx, None, K.densify_lookup(4, 4, 0, 0, 1, 2, 2), np.zeros((0, 2, 2), np.float32)).shape == (0, 2, 2)
+    assert K.masked_counts(counts, idx, None, np.zeros(16, np.uint8), np.ones((1, 1), np.uint32)).shape == (0, 1)
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])

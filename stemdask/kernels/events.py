@@ -1,9 +1,14 @@
 """O(C) kernels over one row block of electron events (CSR without the offsets array).
 
-Every kernel takes ``counts`` (P,) — events per position, positions in scan order — and
-``indices`` (Σ counts,) — the linear detector index ``k_y * det_x + k_x`` of each event,
-grouped by position. They walk the events once, in order, so their cost is O(events), never
-O(positions × detector pixels). Pure functions: plain arrays in, plain arrays out.
+Every kernel takes ``counts`` (P,) — entries per position, positions in scan order —,
+``indices`` (Σ counts,) — the linear detector index ``k_y * det_x + k_x`` of each entry,
+grouped by position — and ``weights``: None when each entry is one electron (an events
+store), else (Σ counts,) unsigned ints, the electrons of each entry (a weighted store: one
+entry per counted pixel). A weighted entry counts exactly as that many identical events, so
+results equal those of the expanded events (and of the dense frames). They walk the entries
+once, in order, so their cost is O(entries), never O(positions × detector pixels). Numba
+compiles the ``weights=None`` case apart, with the weight a constant 1 (no cost). Pure
+functions: plain arrays in, plain arrays out.
 
 Detector pixel (k_y, k_x) is recovered from the linear index without an integer division:
 ``k_y = floor((i + 0.5) · (1 / det_x))`` is exact for every ``i < 2**32`` in float64
@@ -22,18 +27,41 @@ def _split(i, det_x, inv_det_x):
     return y, np.int64(i) - y * det_x
 
 
+@numba.njit(nogil=True, cache=True)
+def _weight(weights, j):
+    """Electrons of entry ``j``: 1 without weights (compiled apart, a constant)."""
+    if weights is None:
+        return np.int64(1)
+    return np.int64(weights[j])
+
+
+@numba.njit(nogil=True, cache=True)
+def position_sums(counts, weights):
+    """Electrons per position (P,) int64: the sum of each position's entry weights."""
+    out = np.zeros(counts.shape[0], np.int64)
+    e = 0
+    for p in range(counts.shape[0]):
+        n = np.int64(counts[p])
+        t = np.int64(0)
+        for j in range(e, e + n):
+            t += _weight(weights, j)
+        out[p] = t
+        e += n
+    return out
+
+
 #: ``keep`` argument meaning "every pixel".
 ALL_PIXELS = np.zeros(0, np.uint8)
 
 
-def center_of_mass(counts, indices, det_x, ref_y, ref_x, keep=None):
+def center_of_mass(counts, indices, det_x, ref_y, ref_x, keep=None, weights=None):
     """:func:`center_of_mass_kept` using every pixel unless ``keep`` (D,) uint8 is given."""
-    return center_of_mass_kept(counts, indices, det_x, ref_y, ref_x, ALL_PIXELS if keep is None else keep)
+    return center_of_mass_kept(counts, indices, weights, det_x, ref_y, ref_x, ALL_PIXELS if keep is None else keep)
 
 
 @numba.njit(nogil=True, cache=True)
-def center_of_mass_kept(counts, indices, det_x, ref_y, ref_x, keep):
-    """Mean detector position of each position's events, minus a reference (pixels).
+def center_of_mass_kept(counts, indices, weights, det_x, ref_y, ref_x, keep):
+    """Mean detector position of each position's electrons, minus a reference (pixels).
 
     ``keep`` (D,) uint8: 1 for the detector pixels to use, 0 for masked ones (their events
     are skipped); an empty array uses every pixel. Returns ``(com_y, com_x)``, each (P,)
@@ -56,15 +84,19 @@ def center_of_mass_kept(counts, indices, det_x, ref_y, ref_x, keep):
             for j in range(e, e + n):
                 i = indices[j]
                 if keep[i]:
+                    w = _weight(weights, j)
                     y, x = _split(i, det_x, inv)
-                    sy += y
-                    sx += x
-                    used += 1
+                    sy += y * w
+                    sx += x * w
+                    used += w
         else:
+            used = 0
             for j in range(e, e + n):
+                w = _weight(weights, j)
                 y, x = _split(indices[j], det_x, inv)
-                sy += y
-                sx += x
+                sy += y * w
+                sx += x * w
+                used += w
         e += n
         if used:
             com_y[p] = sy / used - ref_y
@@ -76,7 +108,7 @@ def center_of_mass_kept(counts, indices, det_x, ref_y, ref_x, keep):
 
 
 @numba.njit(nogil=True, cache=True)
-def annular_counts(counts, indices, det_x, center_y, center_x, r2_lo, r2_hi, keep, fill_idx, fill_w):
+def annular_counts(counts, indices, weights, det_x, center_y, center_x, r2_lo, r2_hi, keep, fill_idx, fill_w):
     """Counts in annuli around a per-position centre (descan), with masked pixels filled.
 
     ``center_y, center_x`` (P,): each position's BF-disk centre (px); an event at pixel
@@ -99,12 +131,13 @@ def annular_counts(counts, indices, det_x, center_y, center_x, r2_lo, r2_hi, kee
         for j in range(e, e + n):
             i = indices[j]
             if keep[i]:
-                kept += 1
+                w = _weight(weights, j)
+                kept += w
                 y, x = _split(i, det_x, inv)
                 r2 = (y - cy) ** 2 + (x - cx) ** 2
                 for d in range(n_det):
                     if r2_lo[d] <= r2 < r2_hi[d]:
-                        out[p, d] += 1.0
+                        out[p, d] += w
         e += n
         for m in range(fill_idx.shape[0]):
             y, x = _split(fill_idx[m], det_x, inv)
@@ -116,12 +149,12 @@ def annular_counts(counts, indices, det_x, center_y, center_x, r2_lo, r2_hi, kee
 
 
 @numba.njit(nogil=True, cache=True)
-def masked_counts(counts, indices, labels, table):
+def masked_counts(counts, indices, weights, labels, table):
     """Events per position inside each of several (possibly overlapping) detector masks.
 
     Pixels are grouped by which detectors they belong to: ``labels`` (D,) gives each
     detector pixel a group ``0 ≤ g < G``; ``table`` (G, n_detectors) is 1 where group ``g``
-    belongs to detector ``d``. Each event costs one increment of its group's counter
+    belongs to detector ``d``. Each entry costs one add of its weight to its group's counter
     (branch-free); the groups are mapped onto detectors once per position.
     Returns (P, n_detectors) uint32.
     """
@@ -134,7 +167,7 @@ def masked_counts(counts, indices, labels, table):
         n = np.int64(counts[p])
         acc[:] = 0
         for j in range(e, e + n):
-            acc[labels[indices[j]]] += 1
+            acc[labels[indices[j]]] += _weight(weights, j)
         e += n
         for g in range(n_groups):
             for d in range(n_det):
@@ -143,11 +176,11 @@ def masked_counts(counts, indices, labels, table):
 
 
 @numba.njit(nogil=True, cache=True)
-def histogram(indices, n_pixels):
-    """Events per detector pixel, (n_pixels,) uint64 — one block's share of the PACBED."""
+def histogram(indices, weights, n_pixels):
+    """Electrons per detector pixel, (n_pixels,) uint64 — one block's share of the PACBED."""
     out = np.zeros(n_pixels, np.uint64)
     for j in range(indices.shape[0]):
-        out[indices[j]] += 1
+        out[indices[j]] += _weight(weights, j)
     return out
 
 
@@ -171,7 +204,7 @@ def densify_lookup(det_y, det_x, y0, x0, bin_factor, out_y, out_x):
 
 
 @numba.njit(nogil=True, cache=True)
-def densify(counts, indices, lookup, out):
+def densify(counts, indices, weights, lookup, out):
     """Crop, bin and densify: add each position's events into ``out`` (P, out_y, out_x) float32.
 
     ``lookup`` (from :func:`densify_lookup`) maps each detector pixel to its flat output
@@ -190,7 +223,7 @@ def densify(counts, indices, lookup, out):
         for j in range(e, e + n):
             o = lookup[indices[j]]
             if o >= 0:
-                flat[base + o] += 1.0
+                flat[base + o] += _weight(weights, j)
         e += n
     return out
 
@@ -217,7 +250,8 @@ def _splat(flat, base, n_out, ty, tx, b, w):
 
 
 @numba.njit(nogil=True, cache=True)
-def densify_shifted(counts, indices, det_x, shift_y, shift_x, y0, x0, bin_factor, keep, fill_idx, fill_w, out):
+def densify_shifted(counts, indices, weights, det_x, shift_y, shift_x, y0, x0, bin_factor, keep, fill_idx, fill_w,
+                    out):
     """Crop, bin and densify with a per-position sub-pixel shift (descan) and masked pixels filled.
 
     Each event is a unit box (its detector pixel) moved by ``−(shift_y[p], shift_x[p])``
@@ -244,9 +278,10 @@ def densify_shifted(counts, indices, det_x, shift_y, shift_x, y0, x0, bin_factor
         for j in range(e, e + n):
             i = indices[j]
             if keep[i]:
-                kept += 1
+                w = _weight(weights, j)
+                kept += w
                 y, x = _split(i, det_x, inv)
-                _splat(flat, base, n_out, y - oy, x - ox, bin_factor, 1.0)
+                _splat(flat, base, n_out, y - oy, x - ox, bin_factor, np.float64(w))
         e += n
         for m in range(fill_idx.shape[0]):
             y, x = _split(fill_idx[m], det_x, inv)
@@ -254,15 +289,22 @@ def densify_shifted(counts, indices, det_x, shift_y, shift_x, y0, x0, bin_factor
     return out
 
 
-@numba.njit(nogil=True, cache=True)
-def bin_scan(counts, indices, factor):
-    """Merge the events of ``factor × factor`` neighbouring positions.
+def bin_scan(counts, indices, factor, weights=None):
+    """Merge the entries of ``factor × factor`` neighbouring positions.
 
-    ``counts`` (R, nx) with R a multiple of ``factor``; trailing columns that do not fill a
-    bin are dropped. Output position (i, j) holds the events of input positions
-    (i·f + a, j·f + b), a, b < f, in scan order. Returns ``(counts (R/f, nx//f) uint32,
-    indices)`` (indices keep the input dtype).
+    ``counts`` (R, nx) entries per position, R a multiple of ``factor``; trailing columns
+    that do not fill a bin are dropped. Output position (i, j) holds the entries of input
+    positions (i·f + a, j·f + b), a, b < f, in scan order. Returns ``(counts (R/f, nx//f)
+    uint32, indices, weights)`` (indices and weights keep their dtypes; weights None
+    without weights).
     """
+    binned, order = _bin_order(counts, factor)
+    return binned, indices[order], None if weights is None else weights[order]
+
+
+@numba.njit(nogil=True, cache=True)
+def _bin_order(counts, factor):
+    """For :func:`bin_scan`: (binned entry counts, the input entry of every output entry)."""
     rows, nx = counts.shape
     oy = rows // factor
     ox = nx // factor
@@ -278,7 +320,7 @@ def bin_scan(counts, indices, factor):
                 for b in range(factor):
                     s += counts[i * factor + a, j * factor + b]
             out_counts[i, j] = s
-    out = np.empty(np.int64(out_counts.astype(np.int64).sum()), indices.dtype)
+    order = np.empty(np.int64(out_counts.astype(np.int64).sum()), np.int64)
     k = 0
     for i in range(oy):
         for j in range(ox):
@@ -286,14 +328,15 @@ def bin_scan(counts, indices, factor):
                 for b in range(factor):
                     p = (i * factor + a) * nx + j * factor + b
                     for q in range(off[p], off[p + 1]):
-                        out[k] = indices[q]
+                        order[k] = q
                         k += 1
-    return out_counts, out
+    return out_counts, order
 
 
 @numba.njit(nogil=True, cache=True)
 def select_toa(counts, indices, toa, t_min, t_max):
-    """Keep events with ``t_min ≤ toa < t_max`` (dose fractionation within the dwell).
+    """Keep events with ``t_min ≤ toa < t_max`` (dose fractionation within the dwell;
+    arrival times exist only for events, one per electron, so there are no weights).
 
     Returns ``(counts (P,) uint32, indices, toa)`` of the kept events, order preserved.
     """
