@@ -102,10 +102,11 @@ def cmd_ingest(args) -> int:
         scan_shape=args.scan_shape, detector_shape=args.detector_shape,
         rows_per_block=args.rows_per_block, calibration=_calibration_overrides(args),
         threshold=args.threshold, dwell_ns=args.dwell_ns, frames_range=args.frames_range,
-        overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
+        encoding=args.encoding, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet,
         assume_defaults=args.assume_defaults,
     )
-    print(f"wrote {store.path}: {store.n_events:,} events, scan {store.scan_shape}, detector {store.detector_shape}")
+    print(f"wrote {store.path}: {store.n_events:,} electrons ({store.encoding}), scan {store.scan_shape}, "
+          f"detector {store.detector_shape}")
     origins = store.calibration.origins
     assumed = [_FIELD_LABELS[k] for k in ("energy_ev", "scan_step_a", "detector_pixel_mrad") if origins.get(k) == "assumed"]
     if assumed:
@@ -133,6 +134,9 @@ def store_info(path) -> dict:
         "n_blocks": store.n_blocks,
         "index_dtype": store.index_dtype.name,
         "has_toa": store.has_toa,
+        "encoding": store.encoding,
+        "weight_dtype": store.weight_dtype.name if store.weighted else None,
+        "n_entries": store.n_entries,
         "events_per_position": n_events / (ny * nx),
         "stored_bytes": stored,
         "bytes_per_event": stored / n_events if n_events else None,
@@ -252,8 +256,11 @@ def cmd_info(args) -> int:
         f"{cal['scan_step_a'][0]:.4g} × {cal['scan_step_a'][1]:.4g} Å{_origin(cal, 'scan_step_a')}",
         f"detector     {info['detector_shape'][0]} × {info['detector_shape'][1]} px, "
         f"{cal['detector_pixel_mrad']:.4g} mrad/px{_origin(cal, 'detector_pixel_mrad')}",
-        f"events       {info['n_events']:,}  ({info['events_per_position']:.1f} per position)",
-        f"on disk      {info['stored_bytes'] / 1e6:.2f} MB, {info['bytes_per_event'] or 0:.2f} B/event, "
+        f"electrons    {info['n_events']:,}  ({info['events_per_position']:.1f} per position)",
+        f"encoding     {info['encoding']}" + (f": {info['n_entries']:,} (pixel, count) entries, "
+                                              f"{info['weight_dtype']} counts" if info['weight_dtype'] else
+                                              ": one entry per electron"),
+        f"on disk      {info['stored_bytes'] / 1e6:.2f} MB, {info['bytes_per_event'] or 0:.2f} B/electron, "
         f"{ratio:.0f}× smaller than dense uint16",
         *_calibration_lines(cal, sampling=False),
         f"row blocks   {info['n_blocks']} × {info['rows_per_block']} rows",
@@ -541,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="counts", choices=["counts", "threshold"],
                    help="dense input: pixel value = electrons (counts) or 1 electron above --threshold")
     p.add_argument("--threshold", type=float, default=None, help="threshold for --mode threshold")
+    p.add_argument("--encoding", default="auto", choices=["auto", "events", "weighted"],
+                   help="dense counted frames: one entry per electron (events) or per counted pixel with its count "
+                        "(weighted); auto: whichever is smaller on the first frames")
     p.add_argument("--scan-shape", nargs=2, type=int, metavar=("NY", "NX"))
     p.add_argument("--detector-shape", nargs=2, type=int, metavar=("DY", "DX"))
     p.add_argument("--rows-per-block", type=int, metavar="R")

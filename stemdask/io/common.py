@@ -119,10 +119,17 @@ class Source:
     #: :meth:`count_events` is cheap (read from metadata), so ingest records it as the
     #: source total and checks the stored total against it.
     cheap_count: bool = False
+    #: How the store holds the entries :meth:`read_rows` returns (see :mod:`stemdask.store`):
+    #: "events" (one per electron) or "weighted" (dense frames only), with the weights'
+    #: dtype and the expected entry bytes per position (sizes the row blocks; None: unknown).
+    encoding: str = "events"
+    weight_dtype = None
+    bytes_per_position: float | None = None
 
     def read_rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Events of scan rows ``[r0, r1)``: counts (rows, nx) uint32, indices 1-D in scan
-        order, toa (ns within the dwell, uint32) or None."""
+        order, toa (ns within the dwell, uint32) or None; with encoding "weighted" a fourth,
+        the weights (and counts are entries per position)."""
         raise NotImplementedError
 
     def count_events(self) -> int:

@@ -1,30 +1,37 @@
-"""Dense detector frames → events: ``.npy`` (memory-mapped), an HDF5 dataset
-(``file.h5:/path/to/dataset``, or the file's only 3-D/4-D dataset), and every format that
-rosettasciio reads lazily, chosen by file extension (Merlin ``.mib`` through its
-``quantumdetector`` reader, ``.hspy``, ``.dm4``, ``.emd``, ``.tvips``, ``.prz``, …: any
-extension that names exactly one rosettasciio plugin).
+"""Dense detector frames → store entries: ``.npy`` (memory-mapped), an HDF5 dataset
+(``file.h5:/path/to/dataset``, or the file's only 3-D/4-D dataset), Merlin ``.mib`` (read
+natively, :class:`stemdask.io.merlin.MibFile`, with its ``.hdr``), and every format that
+rosettasciio reads lazily, chosen by file extension (``.hspy``, ``.dm4``, ``.emd``,
+``.tvips``, ``.prz``, …: any extension that names exactly one rosettasciio plugin).
 
 Frames are ``(ny, nx, dy, dx)``, or a stack ``(n, dy, dx)`` with ``scan_shape`` given (a
-``.mib`` is always read as a stack). A stack must hold exactly ``ny·nx`` frames unless
-``frames_range=(start, stop)`` names the ``ny·nx`` frames to take; provenance records the
-file's frame count and the range taken. ``mode``:
-``"counts"`` (a pixel value is a number of electrons: exact, values must be non-negative
-integers) or ``"threshold"`` (a value above ``threshold`` is one electron). Frames are read
-in pieces of at most :data:`PIECE_BYTES`, so memory stays bounded however large a row
-block is.
+``.mib`` is always a stack; without ``scan_shape`` its ``.hdr`` gives (frames in
+acquisition / frames per trigger, frames per trigger), recorded as ``scan_shape_from``). A
+stack must hold exactly ``ny·nx`` frames unless ``frames_range=(start, stop)`` names the
+``ny·nx`` frames to take; provenance records the file's frame count and the range taken.
+``mode``: ``"counts"`` (a pixel value is a number of electrons: exact, values must be
+non-negative whole numbers — integrated intensities are refused) or ``"threshold"`` (a
+value above ``threshold`` is one electron: for analogue frames only).
+
+``encoding`` (counts mode): ``"events"`` — one entry per electron — or ``"weighted"`` — one
+entry per counted pixel with its count as the weight (uint8/16/32 from the frames' dtype,
+:func:`weight_dtype_for`); ``"auto"`` picks the one with fewer entry bytes on the first
+piece of frames, which is read and checked when the source opens, before any store
+exists. Frames are read in pieces of at most :data:`PIECE_BYTES`, so memory stays bounded
+however large a row block is.
 
 Optics (see :meth:`DenseSource.optics`): from rosettasciio's metadata and axes — HyperSpy's
 ``Acquisition_instrument.TEM.beam_energy`` (keV) and ``convergence_angle`` (mrad), the scan
 step from the navigation axes' scale when their units are a length (pm … m), the detector
 pixel size from the signal axes' scale when their units are an angle (mrad, rad) or, with a
 known energy, a spatial frequency (1/nm, 1/Å). Merlin ``.mib`` records none of them: its
-``.hdr`` holds detector settings (counter depth, thresholds, frame counts), and rosettasciio
-gives its axes scale 1 without units. HDF5 datasets: attrs of the dataset or of the root
-named as :data:`~stemdask.io.common.OPTICS_NAMES`. ``.npy``: none.
+``.hdr`` holds detector settings (counter depth, thresholds, frame counts). HDF5 datasets:
+attrs of the dataset or of the root named as :data:`~stemdask.io.common.OPTICS_NAMES`.
+``.npy``: none.
 
-Orientation: frames are taken as the reader returns them. rosettasciio flips Merlin frames
-vertically (``np.flip(data, axis=-2)``, its convention for the Merlin readout order), so a
-``.mib`` store's detector row 0 is the file's last row — the orientation HyperSpy shows.
+Orientation: frames are taken as the reader returns them; a ``.mib`` is flipped vertically
+(:func:`stemdask.io.merlin.to_store_orientation`), as rosettasciio reads it, so a ``.mib``
+store's detector row 0 is the file's last row — the orientation HyperSpy shows.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..kernels.dense import counted_frames_to_events, thresholded_frames_to_events
-from ..store import default_max_events_per_position
+from ..kernels.dense import count_frames, counted_frames_to_events, counted_frames_to_weighted, thresholded_frames_to_events
+from ..store import ENCODINGS, MAX_PER_POSITION, index_dtype_for
 from .common import (
     OPTICS_NAMES,
     Source,
@@ -46,11 +53,22 @@ from .common import (
     as_shape,
     optics_from_mapping,
 )
+from .merlin import MerlinError, MibFile
 from .stempy import open_h5
 
 #: Largest piece of frames read at once (bytes).
 PIECE_BYTES = 64 << 20
 MODES = ("counts", "threshold")
+
+
+def weight_dtype_for(dtype: np.dtype) -> np.dtype:
+    """The weight dtype of a weighted store of counted frames of ``dtype``: the smallest
+    unsigned one that holds every count such frames can carry (8-bit frames → uint8,
+    16-bit → uint16, anything wider or floating point → uint32)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui" and dtype.itemsize <= 2:
+        return np.dtype(f"uint{8 * dtype.itemsize}")
+    return np.dtype(np.uint32)
 
 
 def split_h5_path(spec: str) -> tuple[Path, str | None]:
@@ -123,8 +141,7 @@ def rsciio_optics(signal: dict | None, ndim: int) -> dict:
 
 @contextlib.contextmanager
 def _quiet_rsciio():
-    """Keep rosettasciio's reader warnings (e.g. "`hdr` file couldn't be found." for a .mib
-    without its header, which stemdask does not need) off stderr, so that every CLI error
+    """Keep rosettasciio's reader warnings off stderr, so that every CLI error
     stays one line; errors still raise."""
     log = logging.getLogger("rsciio")
     level = log.level
@@ -148,24 +165,24 @@ class DenseSource(Source):
     format = "dense"
 
     def __init__(self, path, *, mode="counts", threshold=None, scan_shape=None, detector_shape=None,
-                 frames_range=None, format="dense", **_):
+                 frames_range=None, encoding="auto", format="dense", **_):
         if mode not in MODES:
             raise SourceError(f"{path}: mode must be one of {MODES}, got {mode!r}")
+        if encoding not in ("auto", *ENCODINGS):
+            raise SourceError(f"{path}: encoding must be one of {('auto', *ENCODINGS)}, got {encoding!r}")
         if mode == "threshold":
             if threshold is None or not np.isfinite(float(threshold)):
                 raise SourceError(f"{path}: mode 'threshold' needs a finite threshold (--threshold)")
             threshold = float(threshold)
+            if encoding == "weighted":
+                raise SourceError(f"{path}: mode 'threshold' makes one electron of a pixel: encoding 'events'")
         elif threshold is not None:
             raise SourceError(f"{path}: a threshold is only used with mode 'threshold'")
         self.mode, self.threshold = mode, threshold
         self.path, self.dataset = split_h5_path(path)
         self.plugin = None if self.dataset else rsciio_plugin(self.path)
         if format == "mib" or self.path.suffix.lower() == ".mib":
-            try:
-                import rsciio.quantumdetector  # noqa: F401
-            except ImportError:  # pragma: no cover - rosettasciio is a test dependency
-                raise SourceError(f"{self.path}: reading Merlin .mib needs rosettasciio (pip install rosettasciio)")
-            self.plugin, self.format = "rsciio.quantumdetector", "mib"
+            self.plugin, self.format = None, "mib"
         scan = as_shape("scan_shape", scan_shape, path)
         self._lazy = None
         self._signal = None
@@ -174,17 +191,21 @@ class DenseSource(Source):
             recorded = dict(arr.attrs) if isinstance(arr, h5py.Dataset) else {}
             if isinstance(arr, h5py.Dataset):
                 recorded = {**{k: arr.file.attrs[k] for k in OPTICS_NAMES if k in arr.file.attrs}, **recorded}
+            hdr_scan = getattr(arr, "scan_shape", None)
         if dtype.kind not in "uif" or len(shape) not in (3, 4):
             raise SourceError(f"{path}: expected numeric frames (ny, nx, dy, dx) or (n, dy, dx), got {dtype} {shape}")
         self.detector_shape = agree("detector_shape", as_shape("detector_shape", detector_shape, path),
                                     tuple(shape[-2:]), path)
         self.source_frames = int(np.prod(shape[:-2]))
+        self.scan_shape_from = "file" if len(shape) == 4 else "caller"
         if len(shape) == 4:
             if frames_range is not None:
                 raise SourceError(f"{path}: frames_range applies to a stack of frames, not to {shape} data")
             self.scan_shape = agree("scan_shape", scan, tuple(shape[:2]), path)
             self.frames_range = None
         else:
+            if scan is None and hdr_scan is not None and frames_range is None:
+                scan, self.scan_shape_from = hdr_scan, ".hdr (frames in acquisition / frames per trigger)"
             if scan is None:
                 raise SourceError(f"{path}: {shape[0]} frames in a stack; pass scan_shape (ny, nx)")
             self.scan_shape = scan
@@ -194,6 +215,27 @@ class DenseSource(Source):
         recorded = {k: v for k, v in recorded.items() if k in OPTICS_NAMES}
         self._optics = {**rsciio_optics(self._signal, len(shape)), **optics_from_mapping(recorded, self.path)}
         self._signal = None
+        self.index_dtype = index_dtype_for(self.detector_shape)
+        self.weight_dtype = weight_dtype_for(dtype) if mode == "counts" else None
+        self.encoding, self.bytes_per_position = self._choose_encoding(encoding)
+
+    def _choose_encoding(self, asked: str) -> tuple[str, float]:
+        """Read and check the first piece (so that data a store cannot hold are refused
+        before one exists) and settle the encoding: ``asked``, or with ``"auto"`` the one whose
+        entries take fewer bytes on the first piece — one index per electron ("events") or an
+        index and a weight per counted pixel ("weighted"). Returns it with its estimated
+        entry bytes per position."""
+        with self._frames() as arr:
+            a, b = next(self._pieces(0, self.scan_shape[0] * self.scan_shape[1]))
+            frames = self._read(arr, a, b)
+        idx = self.index_dtype.itemsize
+        if self.mode == "threshold":
+            return "events", idx * np.count_nonzero(frames > self.threshold) / (b - a)
+        counts, nonzero = self._counted(frames, f"positions {a}..{b - 1}")
+        events = idx * counts / (b - a)
+        weighted = (idx + self.weight_dtype.itemsize) * nonzero / (b - a) + 4  # + the entries array
+        chosen = asked if asked != "auto" else ("weighted" if weighted < events else "events")
+        return chosen, weighted if chosen == "weighted" else events
 
     def _check_frames_range(self, path, frames_range, n: int) -> tuple[int, int] | None:
         """The frames ``[start, stop)`` of an ``n``-frame stack that make the scan: all of them
@@ -222,7 +264,12 @@ class DenseSource(Source):
     @contextlib.contextmanager
     def _frames(self):
         """The frames as an array-like (numpy memmap, h5py dataset or dask array)."""
-        if self.plugin is not None:
+        if self.format == "mib":
+            try:
+                yield MibFile(self.path)
+            except MerlinError as e:
+                raise SourceError(str(e)) from None
+        elif self.plugin is not None:
             yield self._rsciio_array()
         elif self.path.suffix.lower() == ".npy":
             try:
@@ -243,16 +290,9 @@ class DenseSource(Source):
             import importlib
 
             reader = importlib.import_module(self.plugin).file_reader
-            kwargs = {}
             try:
-                if self.plugin == "rsciio.quantumdetector":
-                    # Every frame, as a stack: without navigation_shape rosettasciio guesses a scan
-                    # from the timestamps and silently drops the frames that do not fill it.
-                    from rsciio.quantumdetector import load_mib_data
-
-                    kwargs["navigation_shape"] = (len(load_mib_data(str(self.path), return_headers=True)[1]),)
                 with _quiet_rsciio():
-                    signals = reader(str(self.path), lazy=True, **kwargs)
+                    signals = reader(str(self.path), lazy=True)
             except Exception as e:  # readers raise many kinds for a malformed file
                 raise SourceError(f"{self.path}: {self.plugin} cannot read it ({type(e).__name__}: {e})") from None
             frames = [s["data"] for s in signals if np.ndim(s["data"]) in (3, 4)]
@@ -287,36 +327,46 @@ class DenseSource(Source):
         got = np.asarray(got)
         return np.ascontiguousarray(got.reshape(b - a, -1), dtype=got.dtype.newbyteorder("="))
 
-    def _events(self, frames: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
-        if self.mode == "threshold":
-            return thresholded_frames_to_events(frames, self.threshold)
-        most = float(frames.sum(axis=1, dtype=np.float64).max()) if frames.size else 0.0
-        limit = default_max_events_per_position(self.detector_shape)
-        if most > limit:
-            raise SourceError(
-                f"{self.path}: a position ({where}) sums to {most:.4g} counts, more than {limit} electrons — these "
-                "look like integrated intensities, not electron counts: use --mode threshold --threshold T"
-            )
-        counts, indices, n_bad = counted_frames_to_events(frames)
+    def _counted(self, frames: np.ndarray, where: str) -> tuple[int, int]:
+        """Check counted frames (a store can hold them exactly) → (electrons, counted pixels)."""
+        electrons, nonzero, n_bad, top = count_frames(frames)
         if n_bad:
             raise SourceError(
-                f"{self.path}: {n_bad} pixels ({where}) are negative or not whole numbers; mode 'counts' "
-                f"needs electron counts (use mode 'threshold' for analogue frames)"
-            )
-        return counts, indices
+                f"{self.path}: {n_bad} pixels ({where}) are negative or not whole numbers: integrated (non-integer) "
+                "intensities, not electron counts; mode 'counts' needs counts (--mode threshold --threshold T "
+                "makes one electron of each pixel above T, for analogue frames only)")
+        if electrons.size and electrons.max() > MAX_PER_POSITION:
+            raise SourceError(f"{self.path}: a position ({where}) holds {electrons.max()} electrons, more than "
+                              f"a store's {MAX_PER_POSITION}")
+        if self.weight_dtype is not None and top > np.iinfo(self.weight_dtype).max:  # pragma: no cover - by dtype
+            raise SourceError(f"{self.path}: a pixel ({where}) counts {top}, more than {self.weight_dtype} holds")
+        return int(electrons.sum()), int(nonzero.sum())
+
+    def _entries(self, frames: np.ndarray, where: str) -> tuple:
+        """(entries per position, indices, weights or None) of a piece in the source's encoding."""
+        if self.mode == "threshold":
+            counts, indices = thresholded_frames_to_events(frames, self.threshold)
+            return counts, indices.astype(self.index_dtype), None
+        self._counted(frames, where)
+        if self.encoding == "weighted":
+            entries, indices, weights, _, _ = counted_frames_to_weighted(frames, self.index_dtype, self.weight_dtype)
+            return entries, indices, weights
+        counts, indices, _ = counted_frames_to_events(frames, self.index_dtype)
+        return counts, indices, None
 
     def read_rows(self, r0, r1):
+        """Entries of scan rows ``[r0, r1)``: (counts, indices, None) with encoding "events",
+        (entries, indices, None, weights) with "weighted" (see :meth:`EventStore.write_block`)."""
         nx = self.scan_shape[1]
-        counts, indices = [], []
+        pieces = []
         with self._frames() as arr:
             for a, b in self._pieces(r0 * nx, r1 * nx):
-                c, i = self._events(self._read(arr, a, b), f"positions {a}..{b - 1}")
-                counts.append(c)
-                indices.append(i)
-        counts = np.concatenate(counts)
-        if counts.max(initial=0) > np.iinfo(np.uint32).max:
-            raise SourceError(f"{self.path}: more than 2³²−1 electrons at one position (rows {r0}..{r1 - 1})")
-        return counts.astype(np.uint32).reshape(r1 - r0, nx), np.concatenate(indices), None
+                pieces.append(self._entries(self._read(arr, a, b), f"positions {a}..{b - 1}"))
+        counts = np.concatenate([p[0] for p in pieces]).astype(np.uint32).reshape(r1 - r0, nx)
+        indices = np.concatenate([p[1] for p in pieces])
+        if self.encoding == "weighted":
+            return counts, indices, None, np.concatenate([p[2] for p in pieces])
+        return counts, indices, None
 
     def count_events(self) -> int:
         """Σ pixel values (counts) or pixels above threshold, in NumPy (not the kernels)."""
@@ -334,7 +384,9 @@ class DenseSource(Source):
     def params(self) -> dict:
         return {**super().params(), "dataset": self.dataset, "reader": self.plugin, "mode": self.mode,
                 "threshold": self.threshold, "source_frames": self.source_frames,
-                "frames_range": list(self.frames_range) if self.frames_range else None}
+                "frames_range": list(self.frames_range) if self.frames_range else None,
+                "scan_shape_from": self.scan_shape_from, "encoding": self.encoding,
+                "weight_dtype": self.weight_dtype.name if self.encoding == "weighted" else None}
 
     def __getstate__(self):
         return {**self.__dict__, "_lazy": None}  # the reader's dask graph is rebuilt where it runs

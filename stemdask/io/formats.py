@@ -65,7 +65,7 @@ def sniff_format(spec) -> str:
 def open_source(spec, format: str = "auto", **options) -> Source:
     """Open ``spec`` as an ingest source.
 
-    ``options``: ``scan_shape``, ``detector_shape``, ``mode``, ``threshold``, ``dwell_ns``, ``frames_range``,
+    ``options``: ``scan_shape``, ``detector_shape``, ``mode``, ``threshold``, ``encoding``, ``dwell_ns``, ``frames_range``,
     ``scratch`` (folder for decompressed npz members) — each reader takes what it uses.
     """
     if format not in FORMATS:
@@ -81,6 +81,9 @@ def open_source(spec, format: str = "auto", **options) -> Source:
         raise SourceError(f"{spec}: mode/threshold apply to dense frames only, not to {fmt} input")
     if fmt not in ("dense", "mib") and "frames_range" in used:
         raise SourceError(f"{spec}: frames_range applies to dense frame stacks only, not to {fmt} input")
+    if fmt not in ("dense", "mib") and used.get("encoding", "auto") == "weighted":
+        raise SourceError(f"{spec}: encoding 'weighted' (a count per pixel) applies to dense frames only; "
+                          f"{fmt} input has one entry per electron")
     if fmt != "events" and "dwell_ns" in used:
         raise SourceError(f"{spec}: dwell_ns applies to time-stamped event lists only, not to {fmt} input")
     return READERS[fmt](spec, format=fmt, **used)

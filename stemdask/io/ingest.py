@@ -148,6 +148,7 @@ def ingest(
     threshold: float | None = None,
     dwell_ns: float | None = None,
     frames_range: tuple[int, int] | None = None,
+    encoding: str = "auto",
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
@@ -163,6 +164,9 @@ def ingest(
     ``frames_range``: dense frame stacks only, ``(start, stop)``: ingest frames
     ``[start, stop)`` — a stack with more or fewer frames than the scan has positions is
     refused without it (recorded in provenance).
+    ``encoding``: dense frames in counts mode only: ``events`` (one entry per electron),
+    ``weighted`` (one entry per counted pixel, its count as weight) or ``auto`` (the smaller,
+    judged on the first piece of frames; see :mod:`stemdask.io.dense`); other sources store events.
     ``calibration``: :class:`~stemdask.optics.Calibration` fields (``energy_ev`` in eV,
     ``scan_step_a`` Å, ``semiangle_mrad`` mrad, ``detector_pixel_mrad`` mrad/px, or any other
     field, and optionally ``origins``), recorded as given by the caller ("command line").
@@ -192,7 +196,8 @@ def ingest(
     new_dirs = [p for p in (parent, *parent.parents) if not p.exists()]
     try:
         return _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_per_block, given,
-                               threshold, dwell_ns, frames_range, overwrite, resume, progress, assume_defaults)
+                               threshold, dwell_ns, frames_range, encoding, overwrite, resume, progress,
+                               assume_defaults)
     except MissingOpticsError:
         for d in new_dirs:  # leave nothing behind, not even the output's folder
             if d.exists() and not any(d.iterdir()):
@@ -201,14 +206,14 @@ def ingest(
 
 
 def _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_per_block, given, threshold,
-                    dwell_ns, frames_range, overwrite, resume, progress, assume_defaults) -> EventStore:
+                    dwell_ns, frames_range, encoding, overwrite, resume, progress, assume_defaults) -> EventStore:
     with OutputSlot(out, kind=FORMAT_NAME, overwrite=overwrite, inputs=[str(input).split(":/")[0]],
                     in_place=True) as slot:
         scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}-{run_tag()}-", dir=out.resolve().parent))
         try:
             with open_source(input, format, mode=mode, scan_shape=scan_shape, detector_shape=detector_shape,
                              threshold=threshold, dwell_ns=dwell_ns, frames_range=frames_range,
-                             scratch=scratch) as src:
+                             encoding=encoding, scratch=scratch) as src:
                 resuming = resume and out.exists()
                 if not resuming:
                     cal = _calibration(resolve_optics(given, src.optics(), assume_defaults, src.path))
@@ -226,7 +231,9 @@ def _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_p
                     todo = np.flatnonzero(~store.committed_blocks())
                 else:
                     store = create_store(slot.target, src.scan_shape, src.detector_shape, cal,
-                                         rows_per_block=rows_per_block, has_toa=src.has_toa, provenance=prov)
+                                         rows_per_block=rows_per_block, has_toa=src.has_toa, provenance=prov,
+                                         encoding=src.encoding, weight_dtype=src.weight_dtype or "uint16",
+                                         bytes_per_position=src.bytes_per_position)
                     todo = np.arange(store.n_blocks)
                 _run(store, src, todo, progress, replacing=slot.out if slot.target != slot.out else None)
                 stored = store.n_events
@@ -245,16 +252,19 @@ def _run(store: EventStore, src: Source, todo, progress: bool, replacing: Path |
     resume, or (``replacing`` an existing store) the old store untouched."""
     def job(b: int) -> int:
         r0, r1 = store.block_rows(b)
-        counts, indices, toa = src.read_rows(r0, r1)
-        return store.write_block(b, counts, indices, toa)
+        return store.write_block(b, *src.read_rows(r0, r1))
 
     try:
         run_jobs(job, [int(b) for b in todo], desc="ingest", progress=progress)
     except Exception as e:
         done = int(store.committed_blocks().sum())
-        note = (f"{store.path} is left incomplete ({done} of {store.n_blocks} row blocks written); "
-                f"fix the cause and re-run with --resume, or --overwrite") if replacing is None else \
-            f"nothing was replaced: {replacing} is as it was"
+        left = f"{store.path} is left incomplete ({done} of {store.n_blocks} row blocks written)"
+        if replacing is not None:
+            note = f"nothing was replaced: {replacing} is as it was"
+        elif isinstance(e, SourceError):  # the source's own data: resuming would meet it again
+            note = f"{left} and cannot be resumed: delete it, or ingest again with other options and --overwrite"
+        else:
+            note = f"{left}; fix the cause and re-run with --resume, or --overwrite"
         if isinstance(e, (ValueError, OSError, StoreError)) and len(e.args) == 1:
             raise type(e)(f"{e}\n{note}") from e  # the CLI prints the message: keep the note in it
         e.add_note(note)
