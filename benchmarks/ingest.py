@@ -12,8 +12,15 @@ one row block's write path and alternative Blosc settings; ``--codec zstd:1:bits
 reruns the ingests with another store codec (an experiment: patches
 ``stemdask.store._compressor`` in this process only).
 
+``--encodings`` measures instead the stored bytes per position of counted dense frames
+(``.npy`` uint16, Poisson counts, ingested with ``encoding="auto"``) at a Merlin-like
+50 counts/pixel (64×64 scan, 64×64 detector: against the raw dense uint16 frames) and at a
+4D Camera-like 0.01 counts/pixel (16×16 scan, 576×576 detector: against the same events in
+a format-2 events store, the layout before weighted entries).
+
     python benchmarks/ingest.py                 # 320² × 500 e⁻ ≈ 51 M events
     python benchmarks/ingest.py --scan 128 --epp 100   # quick
+    python benchmarks/ingest.py --encodings     # bytes/position, weighted vs events
 """
 
 from __future__ import annotations
@@ -154,6 +161,35 @@ def profile(indices, offsets, scan, workdir):
             shutil.rmtree(path)
 
 
+def bench_encodings(workdir: Path) -> None:
+    from stemdask.io import ingest
+    from stemdask.store import create_store
+
+    rng = np.random.default_rng(7)
+    for cpp, scan, det in [(50.0, 64, 64), (0.01, 16, 576)]:
+        frames = rng.poisson(cpp, (scan, scan, det, det)).astype(np.uint16)
+        src = workdir / f"dense_{cpp:g}.npy"
+        np.save(src, frames)
+        del frames
+        store = ingest(src, workdir / "enc.zarr", overwrite=True, progress=False, assume_defaults=True)
+        per = store.nbytes_stored() / scan**2
+        raw = det * det * 2
+        line = (f"{cpp:g} counts/px, {scan}² scan × {det}² detector: auto → {store.encoding}, "
+                f"{per:,.0f} B/position stored; raw dense uint16 {raw:,} B/position ({per / raw:.3f}×)")
+        if store.encoding == "events":
+            indices, offsets = store.to_csr()
+            old = create_store(workdir / "v2.zarr", store.scan_shape, store.detector_shape, overwrite=True,
+                               rows_per_block=store.rows_per_block, format_version=2)
+            counts = np.diff(offsets).reshape(store.scan_shape)
+            for b in range(old.n_blocks):
+                r0, r1 = old.block_rows(b)
+                old.write_block(b, counts[r0:r1], indices[offsets[r0 * scan] : offsets[r1 * scan]])
+            old_per = old.finalize().nbytes_stored() / scan**2
+            line += f"; format-2 events store {old_per:,.0f} B/position ({per / old_per:.3f}×)"
+        print(line)
+        src.unlink()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scan", type=int, default=320, help="scan is SCAN×SCAN positions")
@@ -163,6 +199,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="also time the write path's parts")
     ap.add_argument("--codec", action="append", default=[], metavar="CNAME:CLEVEL:SHUFFLE",
                     help="also ingest with this Blosc codec instead of the store's (repeatable)")
+    ap.add_argument("--encodings", action="store_true", help="only: stored bytes/position, weighted vs events")
     args = ap.parse_args()
 
     from stemdask.io import ingest
@@ -170,6 +207,9 @@ def main():
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="stemdask-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
+        if args.encodings:
+            bench_encodings(workdir)
+            return
         (indices, offsets), t = timed(lambda: make_events(args.scan, args.epp))
         n = int(offsets[-1])
         print(f"data: {args.scan}×{args.scan} scan, {DET[0]}×{DET[1]} detector, {n / 1e6:.1f} M events "

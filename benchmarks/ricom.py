@@ -14,6 +14,11 @@ Prints, each with a plain-NumPy baseline measured in the same run:
    core, over the scan and for an interior row. Baseline (interior row): NumPy COM
    (vectorised over a batch of frames) + NumPy scatter per frame.
    (For scale: the C++ riCOM program of Yu et al. reports ≈ 7k frames/s on one core.)
+4. COM + riCOM end to end from a Merlin-like ``.mib`` file (``--file-frames`` 256×256 U16
+   frames, 12-bit counter, ≈ ``--file-cpp`` counts/pixel), the way ``stemdask live FILE.mib``
+   reads it (:class:`stemdask.live_sources.FileReplay` → ``LiveRiCOM.push_frames``): frames/s
+   on one core, read and decode included (from the page cache: the file is read once before),
+   and the read + decode alone, so the ratio says what COM + riCOM add to reading the file.
 
     python benchmarks/ricom.py            # full sizes
     python benchmarks/ricom.py --quick    # smaller scan/field, same figures
@@ -173,6 +178,44 @@ def bench_frames(rows: int, n: int, batch_frames: int = 256) -> None:
           f"over the scan, {ours:,.0f} frames/s inside; NumPy baseline inside {base:,.0f} frames/s → {ours / base:.0f}×")
 
 
+def bench_mib_file(n_frames: int, cpp: float, n: int, folder: str) -> None:
+    from stemdask.live_sources import FileReplay
+    from stemdask.testing.merlin import write_mib
+
+    rng = np.random.default_rng(5)
+    path = os.path.join(folder, "bench-ricom.mib")
+    nx = 256
+    rows = max(1, n_frames // nx)
+    n_frames = rows * nx
+    with open(path, "wb"):
+        pass
+    chunks = []
+    for a in range(0, n_frames, 1024):
+        chunks.append(rng.poisson(cpp, (min(1024, n_frames - a), DET, DET)).clip(0, 4095).astype(np.uint16))
+    write_mib(path, np.concatenate(chunks), counter_depth=12)
+    del chunks
+
+    def read_only():
+        with FileReplay(path) as src:
+            for _ in src.batches(n_frames):
+                pass
+
+    def end_to_end():
+        live = LiveRiCOM((rows, nx), (DET, DET), CAL, kernel_size=n)
+        with FileReplay(path) as src:
+            for _, frames in src.batches(n_frames):
+                live.push_frames(frames)
+
+    end_to_end()  # warm: page cache and numba
+    read = n_frames / best_time(read_only)
+    whole = n_frames / best_time(end_to_end)
+    print(f"COM + riCOM from a .mib  {n_frames} frames {DET}×{DET} U16 at {cpp:g} counts/px "
+          f"({os.path.getsize(path) / 1e9:.2f} GB), n = {n}, 1 core: {whole:,.0f} frames/s end to end "
+          f"(read + decode alone {read:,.0f} frames/s: COM + riCOM cost {read / whole:.2f}× reading it)")
+    os.remove(path)
+    os.remove(os.path.splitext(path)[0] + ".hdr")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scan", type=int, default=256, help="live: scan side (positions = scan²)")
@@ -180,13 +223,21 @@ def main() -> None:
     ap.add_argument("--field", type=int, default=1024, help="batch: COM field side")
     ap.add_argument("--frame-rows", type=int, default=128, help="frames: scan rows of 256 frames")
     ap.add_argument("--kernel", type=int, default=61, help="kernel full width n")
+    ap.add_argument("--file-frames", type=int, default=8192, help=".mib: frames in the file (whole rows of 256)")
+    ap.add_argument("--file-cpp", type=float, default=5.0, help=".mib: mean counts per pixel")
+    ap.add_argument("--tmp", default="/tmp", help=".mib: folder for the file (removed afterwards)")
+    ap.add_argument("--only-file", action="store_true", help="only the .mib measurement")
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     args = ap.parse_args()
     if args.quick:
-        args.scan, args.field, args.frame_rows = 128, 512, 64
+        args.scan, args.field, args.frame_rows, args.file_frames = 128, 512, 64, 2048
+    if args.only_file:
+        bench_mib_file(args.file_frames, args.file_cpp, args.kernel, args.tmp)
+        return
     bench_live_events(args.scan, args.epp, args.kernel)
     bench_batch(args.field, args.kernel)
     bench_frames(args.frame_rows, args.kernel)
+    bench_mib_file(args.file_frames, args.file_cpp, args.kernel, args.tmp)
 
 
 if __name__ == "__main__":

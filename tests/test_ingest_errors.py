@@ -318,3 +318,19 @@ def test_integrated_intensities_in_counts_mode_point_to_threshold_mode(tmp_path,
     assert store.n_events == 4 * 64 * 5000 and store.encoding == "weighted"
 
 
+
+
+def test_bad_counts_after_the_first_piece_never_suggest_resume(tmp_path, capsys, monkeypatch):
+    """The first piece is checked before a store exists; a fault further into the source
+    leaves an incomplete store and says it cannot be resumed (resuming would meet it again)."""
+    import stemdask.io.dense
+
+    frames = np.ones((*SCAN, *DET), np.float32)
+    frames[-1, -1, 0, 0] = 0.5  # the last position
+    np.save(tmp_path / "d.npy", frames)
+    monkeypatch.setattr(stemdask.io.dense, "PIECE_BYTES", frames[0].nbytes)  # a piece = one scan row
+    err = cli_fails(["ingest", str(tmp_path / "d.npy"), str(tmp_path / "o.zarr"), "--rows-per-block", "2",
+                     "--assume-defaults"], capsys, "d.npy", "not whole numbers", "cannot be resumed")
+    assert "--resume" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(IncompleteStoreError):
+        open_store(tmp_path / "o.zarr")

@@ -266,7 +266,7 @@ def _run(store: EventStore, src: Source, todo, progress: bool, replacing: Path |
         else:
             note = f"{left}; fix the cause and re-run with --resume, or --overwrite"
         if isinstance(e, (ValueError, OSError, StoreError)) and len(e.args) == 1:
-            raise type(e)(f"{e}\n{note}") from e  # the CLI prints the message: keep the note in it
+            raise type(e)(f"{e}; {note}") from e  # the CLI prints the message: the note on its line
         e.add_note(note)
         raise
 
