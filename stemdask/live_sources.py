@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .io.merlin import (MPX_PREFIX_BYTES, AcquisitionHeader, FrameHeader, MerlinError, decode_frames, mib_frames,
+from .io.merlin import (MPX_PREFIX_BYTES, AcquisitionHeader, FrameHeader, MerlinError, MibFile, decode_frames,
                         mpx_prefix, parse_acquisition_header, parse_frame_header, parse_mpx_prefix,
                         to_store_orientation)
 from .store import open_store
@@ -236,9 +236,8 @@ class FileReplay:
             self.detector_mask = self._store.detector_mask()  # (mask, fill), as calibrate stored it
             self._mib = None
         else:
-            self._mib = mib_frames(self.path)
-            header, frames = self._mib
-            self.detector_shape, self.n_frames, self.calibration = header.shape, frames.shape[0], None
+            self._mib = MibFile(self.path)  # checked as ingest checks it, .hdr included
+            self.detector_shape, self.n_frames, self.calibration = self._mib.shape[1:], len(self._mib), None
         return self
 
     def close(self) -> None:
@@ -257,15 +256,19 @@ class FileReplay:
     def batches(self, n_frames: int):
         t0 = time.perf_counter()
         if self._mib is not None:
-            header, frames = self._mib
-            if n_frames > frames.shape[0]:
-                raise StreamError(f"{self.path}: holds {frames.shape[0]} frames, the scan needs {n_frames}")
-            frame_bytes = header.shape[0] * header.shape[1] * header.dtype.itemsize
+            mib = self._mib
+            if n_frames > len(mib):
+                raise StreamError(f"{self.path}: holds {len(mib)} frames, the scan needs {n_frames}")
+            frame_bytes = mib.shape[1] * mib.shape[2] * mib.dtype.itemsize
             step = min(self.batch_frames, max(1, CACHE_BATCH_BYTES // frame_bytes))
+            checked = 0  # frames [0, checked) were checked: a batch at a time, decoded in cache-sized pieces
             for a in range(0, n_frames, step):
                 b = min(a + step, n_frames)
+                if b > checked:
+                    mib.check(checked, min(checked + self.batch_frames, n_frames))
+                    checked = min(checked + self.batch_frames, n_frames)
                 self._pace(t0, b)
-                yield "frames", to_store_orientation(decode_frames(np.asarray(frames[a:b, header.header_bytes:]), header))
+                yield "frames", mib.decode(a, b)
                 self.frames_received = b
             return
         nx = self._store.scan_shape[1]

@@ -98,3 +98,18 @@ def test_bad_merlin_files_are_refused_in_one_line(good, tmp_path, capsys):
         good.with_suffix(".hdr").write_bytes(acquisition_header(6, 6, **{key: value}))
         _fails([argv[0], str(good), *argv[2:]], capsys, str(good), needle)
     assert not out.exists()
+
+
+def test_a_frame_without_its_header_is_refused_by_ingest_and_live(good, tmp_path, capsys):
+    data = bytearray(good.read_bytes())
+    frame = len(data) // 6
+    data[3 * frame : 3 * frame + 4] = b"XXXX"  # frame 4's header
+    bad = tmp_path / "bad.mib"
+    bad.write_bytes(bytes(data))
+    bad.with_suffix(".hdr").write_bytes(good.with_suffix(".hdr").read_bytes())
+    _fails(["ingest", str(bad), str(tmp_path / "o.zarr"), "--assume-defaults", "--quiet"], capsys,
+           str(bad), "frame 4 does not start with a frame header")
+    from stemdask.live_sources import FileReplay
+
+    with FileReplay(bad) as src, pytest.raises(ValueError, match="frame 4 does not start with a frame header"):
+        list(src.batches(6))

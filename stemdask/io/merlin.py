@@ -318,8 +318,9 @@ class MibFile:
 
     Checks at open: whole frames of the first frame's format (else: counter depth vs file
     size, or a truncated last frame); the ``.hdr``'s frame count, counter depth and chip
-    assembly agree with the file. Checked on every read: each frame starts with ``MQ1,`` and
-    has the first frame's format. ``scan_shape``: (frames / frames-per-trigger,
+    assembly agree with the file. Checked on every read (``frames[a:b]``, or :meth:`check`
+    before :meth:`decode`): each frame starts with ``MQ1,``, and the first and last of the
+    range have the first frame's format. ``scan_shape``: (frames / frames-per-trigger,
     frames-per-trigger) from the ``.hdr`` when it records both and they divide, else None.
     """
 
@@ -360,6 +361,11 @@ class MibFile:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("MibFile reads contiguous ranges of frames: frames[a:b]")
         a, b, _ = key.indices(self.shape[0])
+        self.check(a, b)
+        return self.decode(a, b)
+
+    def check(self, a: int, b: int) -> None:
+        """Frames ``[a, b)`` each start with ``MQ1,``; the first and last have frame 1's format."""
         msgs = self._raw[a:max(a, b)]
         bad = np.flatnonzero((msgs[:, :4] != np.frombuffer(b"MQ1,", np.uint8)).any(axis=1))
         if bad.size:
@@ -369,5 +375,7 @@ class MibFile:
             got = parse_frame_header(bytes(msgs[i, :768]), f"{self.path}: frame {a + i + 1}")
             if not got.same_format(self.header):
                 raise MerlinError(f"{self.path}: frame {a + i + 1} is {got.describe()}, frame 1 {self.header.describe()}")
-        frames = decode_frames(msgs[:, self.header.header_bytes:], self.header)
-        return to_store_orientation(frames)
+
+    def decode(self, a: int, b: int) -> np.ndarray:
+        """Frames ``[a, b)`` decoded, store orientation, without :meth:`check` (the caller did)."""
+        return to_store_orientation(decode_frames(self._raw[a:max(a, b), self.header.header_bytes:], self.header))
