@@ -562,16 +562,16 @@ class EventStore:
         record = self._chunk_key("block_crc", b)
         if not (self.path / record).is_file():
             return f"chunk {record} (the record of row block {b}, rows {r0}..{r1 - 1}) is missing (deleted?)"
-        chunks = self._event_chunks(b, n)
-        missing = [self._chunk_key(name, i) for name, i in chunks if not (self.path / self._chunk_key(name, i)).is_file()]
-        trailing = len(chunks) // len(self._entry_arrays) - 1 - max(
-            [k for k, (name, i) in enumerate(chunks[: len(chunks) // len(self._entry_arrays)])
-             if (self.path / self._chunk_key(name, i)).is_file()], default=-1)
-        if trailing > 1:  # far more entries than chunks: the counts, not the chunks
+        keys = [self._chunk_key(name, i) for name, i in self._event_chunks(b, n)]
+        present = [(self.path / key).is_file() for key in keys]
+        missing = [key for key, ok in zip(keys, present) if not ok]
+        per_array = len(keys) // len(self._entry_arrays)  # the indices chunks come first
+        last = max((k for k in range(per_array) if present[k]), default=-1)
+        if per_array - 1 - last > 1:  # far more entries than chunks: the counts, not the chunks
             name = "entries" if self.weighted else "counts"
             return (f"{name} chunk {self._chunk_key(name, b)} (row block {b}, rows {r0}..{r1 - 1}) sums to {n} "
-                    f"entries, more than its entry chunks hold ({trailing} chunks from {missing[0]} on are absent): "
-                    "the counts are damaged, or those chunks were deleted")
+                    f"entries, more than its entry chunks hold ({per_array - 1 - last} chunks from "
+                    f"{keys[last + 1]} on are absent): the counts are damaged, or those chunks were deleted")
         if missing:
             return f"chunk {', '.join(missing)} of row block {b} (rows {r0}..{r1 - 1}) is missing (deleted?)"
         start = b * self.cap

@@ -43,7 +43,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..kernels.dense import count_frames, counted_frames_to_events, counted_frames_to_weighted, thresholded_frames_to_events
+from ..kernels.dense import count_frames, entries_of, thresholded_frames_to_events
 from ..store import ENCODINGS, MAX_PER_POSITION, index_dtype_for
 from .common import (
     OPTICS_NAMES,
@@ -231,9 +231,9 @@ class DenseSource(Source):
         idx = self.index_dtype.itemsize
         if self.mode == "threshold":
             return "events", idx * np.count_nonzero(frames > self.threshold) / (b - a)
-        counts, nonzero = self._counted(frames, f"positions {a}..{b - 1}")
-        events = idx * counts / (b - a)
-        weighted = (idx + self.weight_dtype.itemsize) * nonzero / (b - a) + 4  # + the entries array
+        electrons, nonzero = self._counted(frames, f"positions {a}..{b - 1}")
+        events = idx * int(electrons.sum()) / (b - a)
+        weighted = (idx + self.weight_dtype.itemsize) * int(nonzero.sum()) / (b - a) + 4  # + the entries array
         chosen = asked if asked != "auto" else ("weighted" if weighted < events else "events")
         return chosen, weighted if chosen == "weighted" else events
 
@@ -327,8 +327,9 @@ class DenseSource(Source):
         got = np.asarray(got)
         return np.ascontiguousarray(got.reshape(b - a, -1), dtype=got.dtype.newbyteorder("="))
 
-    def _counted(self, frames: np.ndarray, where: str) -> tuple[int, int]:
-        """Check counted frames (a store can hold them exactly) → (electrons, counted pixels)."""
+    def _counted(self, frames: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """Check counted frames (a store can hold them exactly) → (electrons, counted pixels)
+        per position."""
         electrons, nonzero, n_bad, top = count_frames(frames)
         if n_bad:
             raise SourceError(
@@ -340,19 +341,17 @@ class DenseSource(Source):
                               f"a store's {MAX_PER_POSITION}")
         if self.weight_dtype is not None and top > np.iinfo(self.weight_dtype).max:  # pragma: no cover - by dtype
             raise SourceError(f"{self.path}: a pixel ({where}) counts {top}, more than {self.weight_dtype} holds")
-        return int(electrons.sum()), int(nonzero.sum())
+        return electrons, nonzero
 
     def _entries(self, frames: np.ndarray, where: str) -> tuple:
         """(entries per position, indices, weights or None) of a piece in the source's encoding."""
         if self.mode == "threshold":
             counts, indices = thresholded_frames_to_events(frames, self.threshold)
             return counts, indices.astype(self.index_dtype), None
-        self._counted(frames, where)
+        electrons, nonzero = self._counted(frames, where)  # one counting pass, then the fill
         if self.encoding == "weighted":
-            entries, indices, weights, _, _ = counted_frames_to_weighted(frames, self.index_dtype, self.weight_dtype)
-            return entries, indices, weights
-        counts, indices, _ = counted_frames_to_events(frames, self.index_dtype)
-        return counts, indices, None
+            return nonzero, *entries_of(frames, nonzero, self.index_dtype, self.weight_dtype)
+        return electrons, *entries_of(frames, electrons, self.index_dtype)
 
     def read_rows(self, r0, r1):
         """Entries of scan rows ``[r0, r1)``: (counts, indices, None) with encoding "events",

@@ -95,12 +95,20 @@ def thresholded_frames_to_events(frames, threshold):
     return counts, indices
 
 
+def entries_of(frames, per_position, index_dtype, weight_dtype=None):
+    """The entries of counted frames, given ``per_position`` from :func:`count_frames`
+    (its electrons for events, its nonzero for weighted): (indices, weights or None — one
+    entry per electron without ``weight_dtype``)."""
+    indices = np.empty(int(per_position.sum()), index_dtype)
+    weights = None if weight_dtype is None else np.empty(indices.size, weight_dtype)
+    fill_entries(frames, indices, weights)
+    return indices, weights
+
+
 def counted_frames_to_events(frames, index_dtype=np.uint32):
     """Counted frames (P, D) → (counts (P,) int64, indices, n_bad): one entry per electron."""
     electrons, _, n_bad, _ = count_frames(frames)
-    indices = np.empty(int(electrons.sum()), index_dtype)
-    fill_entries(frames, indices, None)
-    return electrons, indices, n_bad
+    return electrons, entries_of(frames, electrons, index_dtype)[0], n_bad
 
 
 def counted_frames_to_weighted(frames, index_dtype=np.uint32, weight_dtype=np.uint32):
@@ -108,7 +116,5 @@ def counted_frames_to_weighted(frames, index_dtype=np.uint32, weight_dtype=np.ui
     one entry per counted pixel. Weights above ``weight_dtype``'s range are the caller's to
     refuse (from the largest value) before storing."""
     _, nonzero, n_bad, top = count_frames(frames)
-    indices = np.empty(int(nonzero.sum()), index_dtype)
-    weights = np.empty(indices.size, weight_dtype)
-    fill_entries(frames, indices, weights)
+    indices, weights = entries_of(frames, nonzero, index_dtype, weight_dtype)
     return nonzero, indices, weights, n_bad, top
