@@ -9,7 +9,10 @@ BF/ADF (+ the ``image`` annulus) + COM. Figures, each a separate run:
 
 1. frames/s end to end (connect → last frame in the snapshot), without saving;
 2. the same with ``--save`` (events written to an event store row block by row block);
-3. latency from a batch's first frame being complete in the socket buffer to its
+3. the same with live SSB (``--method ssb``: a ≤ ``--ssb-crop``² crop of every position, here
+   31×31 at bin 3 for the 40 px disk, its scan-x FFT made row by row) and the time from the
+   last frame to the SSB phase;
+4. latency from a batch's first frame being complete in the socket buffer to its
    contribution being in the snapshot (median, 99th percentile, max over batches), at
    full speed and with the detector paced at ``--paced`` frames/s.
 
@@ -47,9 +50,11 @@ def frame_pool(n: int = 512, electrons: float = 200.0) -> np.ndarray:
     return encode_frames(frames, counter_depth=6)
 
 
-def run(pool, scan, kernel, save=None, rate=None):
+def run(pool, scan, kernel, save=None, rate=None, ssb_crop=None):
     n = scan * scan
-    session = LiveSession((scan, scan), (DET, DET), CAL, kernel_size=kernel, save=save, overwrite=True)
+    methods = ("ricom", "virtual", "com") + (("ssb",) if ssb_crop else ())
+    session = LiveSession((scan, scan), (DET, DET), CAL, kernel_size=kernel, save=save, overwrite=True,
+                          methods=methods, ssb_crop=ssb_crop or 32)
     with MerlinReplayServer(pool, hdr=acquisition_header(n, 6), n_frames=n, rate=rate) as server:
         t0 = time.perf_counter()
         with MerlinSocket(server.url, batch_frames=scan) as src:
@@ -59,7 +64,7 @@ def run(pool, scan, kernel, save=None, rate=None):
     if save:
         session.finish()
     lat = np.array(session.latencies) * 1e3
-    return n / dt, lat
+    return (n / dt, lat, session) if ssb_crop else (n / dt, lat)
 
 
 def main():
@@ -67,11 +72,12 @@ def main():
     ap.add_argument("--scan", type=int, default=256)
     ap.add_argument("--kernel", type=int, default=61)
     ap.add_argument("--paced", type=float, default=5000.0, help="detector rate for the paced latency run (frames/s)")
+    ap.add_argument("--ssb-crop", type=int, default=32, help="largest crop side kept for live SSB (px)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     scan = 64 if args.quick else args.scan
     pool = frame_pool()
-    run(pool, 16, args.kernel)  # compile / load the numba caches
+    run(pool, 16, args.kernel, ssb_crop=args.ssb_crop)  # compile / load the numba caches
     print(f"{os.cpu_count()} cores; {scan}×{scan} scan of {DET}×{DET} 6-bit frames "
           f"({pool.shape[1] / 1e3:.1f} kB each), riCOM n = {args.kernel} + virtual image/BF/ADF + COM")
     fps, lat = run(pool, scan, args.kernel)
@@ -84,6 +90,10 @@ def main():
               f"p99 {np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    fps, lat, session = run(pool, scan, args.kernel, ssb_crop=args.ssb_crop)
+    w = session.live_ssb.window
+    print(f"socket → snapshot, + SSB:    {fps:8,.0f} frames/s; {w.n}×{w.n} crops (bin {w.bin}), "
+          f"{session.live_ssb.nbytes / 2**20:,.0f} MiB kept; SSB phase {session.ssb_seconds:.2f} s after the last frame")
     fps, lat = run(pool, min(scan, 64), args.kernel, rate=args.paced)
     print(f"detector paced at {args.paced:,.0f}/s: {fps:8,.0f} frames/s; latency median {np.median(lat):.2f} ms, "
           f"p99 {np.percentile(lat, 99):.2f} ms, max {lat.max():.2f} ms")

@@ -13,7 +13,11 @@
   and masked pixels are left out, not filled; ``counts`` are the electrons on kept pixels;
 * riCOM through :class:`stemdask.live.LiveRiCOM` (rad; the same kernel as batch riCOM, the
   mask and descan applied as batch COM applies them, so the finished image equals
-  ``reconstruct --method ricom --com-reference bf``).
+  ``reconstruct --method ricom --com-reference bf``);
+* with ``ssb`` (not a default: it keeps a dense crop of every position, a memory bound fixed
+  at the start, :class:`stemdask.live_ssb.LiveSSB`), the SSB phase (rad) once the last
+  position is in, computed from the kept crops in memory (G kept: :attr:`LiveSession.ssb`
+  refocuses in the trotter sums alone); equal to ``reconstruct --method ssb --bin B``.
 
 Conventions are the batch ones: COM in the detector frame, px, relative to the reference
 (default the calibrated BF centre); virtual images in electrons; riCOM in rad.
@@ -30,6 +34,7 @@ Thread safety: pushes, :meth:`snapshot` and :meth:`retune` share one lock.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -44,22 +49,29 @@ from .kernels.events import center_of_mass, masked_counts, position_sums
 from .kernels.live import frame_sums
 from .kernels.ricom import accumulator_zero
 from .live import LiveRiCOM, ScanProgress
-from .optics import Calibration, descan_offsets
+from .live_ssb import CROP_SIDE, LiveSSB
+from .methods.ssb import SSBResult
+from .optics import Aberrations, Calibration, descan_offsets
 from .reduce import Annulus, MaskTerms, detector_masks, mask_groups
 from .store import create_store
 
-METHODS = ("ricom", "virtual", "com")
+METHODS = ("ricom", "virtual", "com", "ssb")
+#: What a session computes when no method is named (SSB keeps every crop: asked for only).
+DEFAULT_METHODS = ("ricom", "virtual", "com")
 _KEEP = object()
 
 
 class LiveSession(ScanProgress):
     """Live products of a ``scan_shape`` scan on a ``detector_shape`` detector (see module docstring).
 
-    methods: any of ``ricom``, ``virtual``, ``com`` (COM is always kept: riCOM needs it).
+    methods: any of ``ricom``, ``virtual``, ``com``, ``ssb`` (COM is always kept: riCOM needs it).
     kernel_size, kmin, kmax: riCOM kernel full width (odd) and band-pass (Å⁻¹).
     reference: COM reference (y, x) px; default the calibration's BF centre.
     inner_mrad, outer_mrad: the ``image`` virtual detector (mrad around the BF centre).
     save: path of an event store to write as the data arrive (``overwrite`` to replace one).
+    ssb_crop: largest side (output pixels) of the crop SSB keeps per position (the BF disk is
+    binned to fit); aberrations: SSB's (:class:`~stemdask.optics.Aberrations`; default C10 the
+    calibration's stored estimate, else 0 — :attr:`ssb_c10_source` says which).
     mask, fill: the detector mask (bool, True = excluded) and its fill weights, as ``stemdask
     calibrate`` stores them: the COM excludes the masked pixels and fills them as batch COM
     does; the virtual detectors and ``counts`` only exclude them (the electrons on kept pixels). The calibration's descan is
@@ -67,10 +79,11 @@ class LiveSession(ScanProgress):
     riCOM with ``--com-reference bf``.
     """
 
-    def __init__(self, scan_shape, detector_shape, calibration: Calibration, *, methods=METHODS,
+    def __init__(self, scan_shape, detector_shape, calibration: Calibration, *, methods=DEFAULT_METHODS,
                  kernel_size: int = 61, kmin: float | None = None, kmax: float | None = None, reference=None,
                  inner_mrad: float = 0.0, outer_mrad: float = math.inf, save=None, overwrite: bool = False,
-                 rows_per_block: int | None = None, provenance: dict | None = None, mask=None, fill=None):
+                 rows_per_block: int | None = None, provenance: dict | None = None, mask=None, fill=None,
+                 ssb_crop: int = CROP_SIDE, aberrations: Aberrations | None = None):
         self.scan_shape = tuple(int(v) for v in scan_shape)
         self.detector_shape = tuple(int(v) for v in detector_shape)
         unknown = set(methods) - set(METHODS)
@@ -90,6 +103,11 @@ class LiveSession(ScanProgress):
         self._setup_virtual(inner_mrad, outer_mrad)
         self.kernel_size, self.kmin, self.kmax = int(kernel_size), kmin, kmax
         self.ricom = self._new_ricom() if "ricom" in self.methods else None
+        self.live_ssb = LiveSSB(self.scan_shape, self.detector_shape, calibration, crop_side=ssb_crop,
+                              terms=self._terms) if "ssb" in self.methods else None
+        self._setup_ssb_focus(aberrations)
+        if self.live_ssb is not None:
+            self.live_ssb.warm_up(calibration)
         self.positions_done = 0
         self._lock = threading.Lock()
         self._writer = None if save is None else _StoreWriter(
@@ -141,6 +159,18 @@ class LiveSession(ScanProgress):
         k = np.asarray((descan or {}).get("com_response", np.eye(2)), dtype=np.float64)
         self._com_offset = (k @ np.stack([dy.ravel(), dx.ravel()]))  # what the COM sees of the disk's move
 
+    def _setup_ssb_focus(self, aberrations) -> None:
+        self.ssb: SSBResult | None = None  # after the last position, with "ssb"
+        self.ssb_phase: np.ndarray | None = None
+        self.ssb_seconds: float | None = None  # last position in → SSB phase ready (s)
+        if aberrations is not None:
+            self.aberrations, self.ssb_c10_source = aberrations, "given"
+        elif self.calibration.c10_estimate_a is not None:
+            self.aberrations = Aberrations(C10=float(self.calibration.c10_estimate_a))
+            self.ssb_c10_source = "stored estimate (stemdask calibrate, parallax)"
+        else:
+            self.aberrations, self.ssb_c10_source = Aberrations(), "none given or stored: in focus assumed"
+
     def _filled(self, com_y, com_x):
         """Kept-pixel COM (px, no reference) → with the masked pixels filled (batch COM's rule)."""
         if self._terms is None:
@@ -182,7 +212,8 @@ class LiveSession(ScanProgress):
             if n_bad:
                 raise ValueError(f"{n_bad} pixels are negative or not whole numbers: cannot store them as electron counts")
             events = (counts, indices)
-        self._push(com_y, com_x, total, virtual, events, arrival)
+        crop = None if self.live_ssb is None else functools.partial(self.live_ssb.push_frames, frames=frames)
+        self._push(com_y, com_x, total, virtual, events, arrival, crop)
 
     def push_events(self, indices, counts, arrival: float | None = None, weights=None) -> None:
         """The next ``len(counts)`` positions as electron events (``indices``: linear detector pixels,
@@ -203,13 +234,18 @@ class LiveSession(ScanProgress):
         virtual = masked_counts(counts, indices, weights, self._labels, self._table)
         electrons = counts if weights is None else position_sums(counts, weights)
         kept = electrons if self._terms is None else virtual[:, -1]
-        if weights is not None:  # saved one entry per electron (the session's store is an events store)
+        crop = None if self.live_ssb is None else functools.partial(self.live_ssb.push_events, counts=counts,
+                                                                   indices=indices, weights=weights)
+        if weights is not None and self._writer is not None:  # saved one entry per electron (an events store)
             indices = np.repeat(indices, weights)
-        self._push(com_y, com_x, kept, virtual[:, : len(self.detectors)], (electrons, indices), arrival)
+        self._push(com_y, com_x, kept, virtual[:, : len(self.detectors)], (electrons, indices), arrival, crop)
 
-    def _push(self, com_y, com_x, counts, virtual, events, arrival) -> None:
+    def _push(self, com_y, com_x, counts, virtual, events, arrival, crop=None) -> None:
+        """Record a batch's per-position products (``crop(where)`` fills its SSB crops)."""
         with self._lock:
             where = self._claim(com_y.size)
+            if crop is not None:
+                crop(where)
             self.com[0].reshape(-1)[where] = com_y
             self.com[1].reshape(-1)[where] = com_x
             self.counts.reshape(-1)[where] = counts
@@ -222,6 +258,17 @@ class LiveSession(ScanProgress):
                 self.latencies.append(time.perf_counter() - arrival)
         if self._writer is not None:
             self._writer.add(*events)
+        if self.live_ssb is not None and self.done:
+            self._reconstruct_ssb()
+
+    def _reconstruct_ssb(self) -> None:
+        """SSB of the completed scan from the kept crops (the calibration as tuned by then)."""
+        t = time.perf_counter()
+        result = self.live_ssb.reconstruct(self.calibration, self.aberrations)
+        phase = result.phase.values
+        with self._lock:
+            self.ssb, self.ssb_phase = result, phase
+            self.ssb_seconds = time.perf_counter() - t
 
     # ------------------------------------------------------------------ tuning
     def retune(self, *, kernel_size=_KEEP, kmin=_KEEP, kmax=_KEEP, rotation_deg=_KEEP, flip=_KEEP,
@@ -271,30 +318,41 @@ class LiveSession(ScanProgress):
                 out["com_y"], out["com_x"] = rel_y.reshape(self.scan_shape), rel_x.reshape(self.scan_shape)
             for d, name in enumerate(self.detectors):
                 out[name] = self.virtual[d].copy()
+            if self.ssb_phase is not None:
+                out["ssb_phase"] = self.ssb_phase.copy()
         return out
 
     def result(self) -> xr.Dataset:
-        """The products as an xarray Dataset with the variable names of ``stemdask reconstruct``."""
+        """The products as an xarray Dataset with the variable names of ``stemdask reconstruct``
+        (a name two methods produce is prefixed with each: ``ricom_phase``, ``ssb_phase``)."""
+        from .reconstruct import merge_method_parts
+
         snap = self.snapshot()
         (ny, nx), (sy, sx) = self.scan_shape, self.calibration.scan_step_a
         coords = {"scan_y": ("scan_y", np.arange(ny) * sy, {"units": "Å", "long_name": "scan position y"}),
                   "scan_x": ("scan_x", np.arange(nx) * sx, {"units": "Å", "long_name": "scan position x"})}
         dims = ("scan_y", "scan_x")
-        data = {}
+        parts = {}
         if "phase" in snap:
-            data["phase"] = (dims, snap["phase"], {"units": "rad", "long_name": f"riCOM phase (kernel {self.kernel_size})",
-                                                   "kernel_size": self.kernel_size,
-                                                   "kmin_inv_a": self.kmin, "kmax_inv_a": self.kmax})
-        for c in ("com_y", "com_x"):
-            if c in snap:
-                data[c] = (dims, snap[c], {"units": "px", "frame": "detector", "reference_px": list(self.reference),
+            parts["ricom"] = {"phase": (snap["phase"], {"units": "rad", "long_name": f"riCOM phase (kernel {self.kernel_size})",
+                                                        "kernel_size": self.kernel_size,
+                                                        "kmin_inv_a": self.kmin, "kmax_inv_a": self.kmax})}
+        if "com" in self.methods:
+            parts["com"] = {c: (snap[c], {"units": "px", "frame": "detector", "reference_px": list(self.reference),
                                           "long_name": f"centre of mass k_{c[-1]} (detector frame)"})
-        for name in self.detectors:
-            data[name] = (dims, snap[name].astype(np.uint32),
-                          {"units": "electrons", "long_name": f"virtual detector {name}", **self.detector_attrs[name]})
-        attrs = {"methods": list(self.methods), "positions_done": self.positions_done,
-                 "n_positions": self.n_positions, "complete": self.done}
-        return xr.Dataset({k: xr.Variable(*v) for k, v in data.items()}, coords=coords, attrs=attrs)
+                            for c in ("com_y", "com_x")}
+        if self.detectors:
+            parts["virtual"] = {name: (snap[name].astype(np.uint32), {"units": "electrons", "long_name": f"virtual detector {name}",
+                                                                      **self.detector_attrs[name]})
+                                for name in self.detectors}
+        if "ssb_phase" in snap:
+            parts["ssb"] = {"phase": (snap["ssb_phase"], {**self.ssb.phase.attrs, "c10_source": self.ssb_c10_source,
+                                                          "crop_bin": self.live_ssb.window.bin})}
+        merged = merge_method_parts({m: xr.Dataset({k: xr.Variable(dims, *v) for k, v in part.items()}, coords=coords)
+                                     for m, part in parts.items()})
+        merged.attrs = {"methods": list(self.methods), "positions_done": self.positions_done,
+                        "n_positions": self.n_positions, "complete": self.done}
+        return merged
 
     # ------------------------------------------------------------------ running
     def run(self, source) -> "LiveSession":
@@ -399,12 +457,15 @@ def run_live(args) -> int:
         mask, fill = open_store(args.calibration_from, allow_incomplete=True).detector_mask() \
             if args.calibration_from else getattr(source, "detector_mask", (None, None))
         session = LiveSession(
-            (ny, nx), source.detector_shape, live_calibration(args, source), methods=args.method or METHODS, mask=mask,
-            fill=fill,
+            (ny, nx), source.detector_shape, live_calibration(args, source), methods=args.method or DEFAULT_METHODS,
+            mask=mask, fill=fill, ssb_crop=args.ssb_crop, aberrations=None if args.c10 is None else Aberrations(C10=args.c10),
             kernel_size=args.kernel_size, kmin=args.kmin, kmax=args.kmax, inner_mrad=args.inner_mrad,
             outer_mrad=args.outer_mrad, save=args.save, overwrite=args.overwrite, rows_per_block=args.rows_per_block,
             provenance={"source": str(args.source), "format": "live"},
         )
+        if session.live_ssb is not None:
+            print(f"{session.live_ssb.describe()}; SSB C10 = {session.aberrations.C10:g} Å ({session.ssb_c10_source})",
+                  flush=True)
         view = None
         if args.view:
             from .live_view import serve
@@ -424,7 +485,8 @@ def run_live(args) -> int:
     lat = np.array(session.latencies) * 1e3
     summary = (f"{session.positions_done:,} of {session.n_positions:,} positions, "
                f"{session.frames_per_second:,.0f} frames/s; latency to the snapshot median "
-               f"{np.median(lat) if lat.size else 0:.1f} ms, max {lat.max(initial=0):.1f} ms")
+               f"{np.median(lat) if lat.size else 0:.1f} ms, max {lat.max(initial=0):.1f} ms"
+               + (f"; SSB phase {session.ssb_seconds:.2f} s after the last frame" if session.ssb_seconds is not None else ""))
     if failure is not None:
         raise StreamError(f"{failure}; {session.saved}{'; partial images in ' + str(args.out) if args.out else ''}")
     print(summary + (f"; wrote {store.path}" if store is not None else "")

@@ -75,18 +75,18 @@ class ViewServer:
 
         session = self.session
         (ny, nx), (sy, sx) = session.scan_shape, session.calibration.scan_step_a
-        snap = session.snapshot()
-        units = {"phase": "rad", "com_y": "px", "com_x": "px"}
-        names = [n for n in ("phase", *session.detectors, "com_y", "com_x") if n in snap]
+        snap = self._snapshot()
+        units = {"phase": "rad", "ssb_phase": "rad", "com_y": "px", "com_x": "px"}
+        names = [n for n in ("phase", "ssb_phase", *session.detectors, "com_y", "com_x") if n in snap]
         figures, parts = [], {}
         for name in names:
-            mapper = LinearColorMapper(palette="Greys256" if name != "phase" else "Viridis256")
+            mapper = LinearColorMapper(palette="Viridis256" if name.endswith("phase") else "Greys256")
             source = ColumnDataSource({"image": [np.nan_to_num(snap[name])]}, name=f"{name}_source")
             fig = figure(title=self._title(name), width=330, height=int(330 * ny * sy / (nx * sx)) + 40,
                          x_range=(0, nx * sx), y_range=(ny * sy, 0), match_aspect=True, name=f"{name}_figure",
                          x_axis_label="scan x (Å)", y_axis_label="scan y (Å)", toolbar_location=None)
             fig.image(image="image", x=0, y=0, dw=nx * sx, dh=ny * sy, source=source, color_mapper=mapper,
-                      origin="top_left")
+                      origin="bottom_left")  # row 0 at scan y = 0, the top of the reversed axis
             fig.add_layout(ColorBar(color_mapper=mapper, title=units.get(name, "electrons"), width=10), "right")
             fig.add_layout(ScaleBar(range=fig.x_range, unit="Å", dimensional=Metric(base_unit="Å"),
                                     location="bottom_left", bar_length=0.25))
@@ -113,7 +113,7 @@ class ViewServer:
         flip.on_change("active", retune)
 
         def refresh():
-            snap = session.snapshot()
+            snap = self._snapshot()
             done = session.positions_done
             for name, (source, mapper, fig) in parts.items():
                 image = snap[name]
@@ -131,9 +131,20 @@ class ViewServer:
         doc.title = "stemdask live"
         doc.add_periodic_callback(refresh, self.interval_ms)
 
+    def _snapshot(self) -> dict:
+        """The session's images; with SSB asked for, its phase (NaN until the scan completes)."""
+        snap = self.session.snapshot()
+        if self.session.live_ssb is not None and "ssb_phase" not in snap:
+            snap["ssb_phase"] = np.full(self.session.scan_shape, np.nan)
+        return snap
+
     def _title(self, name: str) -> str:
         if name == "phase":
             return f"riCOM phase, n = {self.session.kernel_size}"
+        if name == "ssb_phase":
+            s = self.session
+            return (f"SSB phase, C10 = {s.aberrations.C10:g} Å" if s.ssb_phase is not None
+                    else "SSB phase (when the scan completes)")
         return {"com_y": "COM k_y", "com_x": "COM k_x"}.get(name, f"virtual {name}")
 
     def _status(self) -> str:

@@ -45,6 +45,15 @@ def build_result(ds, methods: list[str], args: argparse.Namespace) -> xr.Dataset
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(registry)}")
     parts = {m: registry[m].run(ds, args) for m in dict.fromkeys(methods)}
+    result = merge_method_parts(parts)
+    result.attrs = run_record(ds, list(parts), args)
+    return result
+
+
+def merge_method_parts(parts: dict[str, xr.Dataset]) -> xr.Dataset:
+    """One Dataset of each method's variables (``{method: Dataset}``): a name that two methods
+    produce is prefixed with each method (``ricom_phase``, ``ssb_phase``); a method's Dataset
+    attrs go onto its own variables."""
     seen: dict[str, int] = {}
     for part in parts.values():
         for name in part.data_vars:
@@ -52,13 +61,11 @@ def build_result(ds, methods: list[str], args: argparse.Namespace) -> xr.Dataset
     renamed = []
     for m, part in parts.items():
         part = part.copy()
-        for name in part.data_vars:  # the method's Dataset attrs go onto its own variables
+        for name in part.data_vars:
             part[name].attrs = {**part.attrs, **part[name].attrs}
         part.attrs = {}
         renamed.append(part.rename({n: f"{m}_{n}" for n in part.data_vars if seen[n] > 1}))
-    result = xr.merge(renamed, combine_attrs="drop_conflicts")  # parts carry no Dataset attrs now
-    result.attrs = run_record(ds, list(parts), args)
-    return result
+    return xr.merge(renamed, combine_attrs="drop_conflicts")  # parts carry no Dataset attrs now
 
 
 def _json_safe(value):

@@ -67,6 +67,66 @@ class Annulus:
 
 
 # ---------------------------------------------------------------------- geometry helpers
+@dataclass(frozen=True)
+class CropWindow:
+    """The square detector window of dense patterns: ``n × n`` output pixels (``n = 2m + 1``),
+    each ``bin × bin`` detector pixels, output pixel (0, 0) starting at detector pixel
+    (``y0``, ``x0``) (may be negative: the window may pass the detector edge). ``center`` is
+    the BF centre (detector px) the k coordinates are relative to."""
+
+    y0: int
+    x0: int
+    bin: int
+    n: int
+    center: tuple[float, float]
+    radius_px: float
+
+    @classmethod
+    def around(cls, center, radius_px: float, bin: int = 1) -> "CropWindow":
+        """The window covering at least ``radius_px`` around ``center``: ``m = ceil((radius_px
+        + 0.5) / bin − 0.5)``, its central output pixel the one whose centre is nearest."""
+        b = int(bin)
+        if b != bin or b < 1:
+            raise ValueError(f"bin must be a positive integer, got {bin!r}")
+        if not (radius_px >= 0 and math.isfinite(radius_px)):
+            raise ValueError(f"radius_px must be ≥ 0 pixels, got {radius_px!r}")
+        cy, cx = (float(v) for v in center)
+        m = max(0, math.ceil((radius_px + 0.5) / b - 0.5))
+        half = m * b + (b - 1) / 2
+        return cls(math.floor(cy - half + 0.5), math.floor(cx - half + 0.5), b, 2 * m + 1, (cy, cx), float(radius_px))
+
+    @classmethod
+    def fitting(cls, center, radius_px: float, side: int) -> "CropWindow":
+        """The window :meth:`around` ``center`` with the smallest bin whose side is ≤ ``side``
+        output pixels (``side`` ≥ 1)."""
+        if int(side) != side or side < 1:
+            raise ValueError(f"the crop side must be a positive whole number of pixels, got {side!r}")
+        b = 1
+        while (crop := cls.around(center, radius_px, b)).n > side:
+            b += 1
+        return crop
+
+    def within(self, detector_shape) -> bool:
+        """Whether the whole window lies on a ``detector_shape`` detector."""
+        end = self.n * self.bin
+        return self.y0 >= 0 and self.x0 >= 0 and self.y0 + end <= detector_shape[0] and self.x0 + end <= detector_shape[1]
+
+    def coords(self, pixel_mrad: float) -> dict:
+        """k_y, k_x (mrad): output pixel centres relative to the BF centre, detector frame."""
+        centres = np.arange(self.n) * self.bin + (self.bin - 1) / 2
+        what = "output pixel centre relative to the BF centre"
+        return {"k_y": _k_coord("k_y", self.y0 + centres, self.center[0], pixel_mrad, what),
+                "k_x": _k_coord("k_x", self.x0 + centres, self.center[1], pixel_mrad, what)}
+
+    def attrs(self, pixel_mrad: float) -> dict:
+        return {"units": "electrons", "long_name": "electron counts (cropped, binned)",
+                "crop_origin_px": [self.y0, self.x0], "bin": self.bin, "radius_px": self.radius_px,
+                "bf_center_px": list(self.center), "pixel_mrad": pixel_mrad * self.bin}
+
+
+def _dense_radius(ds, radius_px=None) -> float:
+    """The densify crop's radius (px): ``radius_px``, else ``ceil(1.1·R) + 1`` (R the BF radius)."""
+    return math.ceil(1.1 * _bf_radius(ds)) + 1 if radius_px is None else radius_px
 def _bf_center(ds, center=None) -> tuple[float, float]:
     if center is not None:
         c = tuple(float(v) for v in center)
@@ -446,26 +506,14 @@ def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
     """Crop a square around the BF centre, bin it, and make dense patterns.
 
     Returns float32 (scan_y, scan_x, k_y, k_x) electron counts, dask chunks
-    (rows_per_block, nx, full, full). The crop has ``n = 2m + 1`` output pixels a side, each
-    ``bin × bin`` detector pixels, ``m = ceil((radius_px + 0.5) / bin − 0.5)``, so it covers
-    at least ``radius_px`` around the centre; its central output pixel is the one whose
-    centre is nearest to ``center``. ``radius_px`` defaults to ``ceil(1.1·R) + 1`` (R the BF
-    radius); ``center`` to the calibrated BF centre. Coordinates k_y, k_x (mrad) are the
-    output pixel centres relative to the BF centre (k = 0); attrs give the crop origin
-    (detector pixel of output pixel (0, 0)'s first sub-pixel) and the bin.
+    (rows_per_block, nx, full, full); the crop is :meth:`CropWindow.around` the centre:
+    ``radius_px`` defaults to ``ceil(1.1·R) + 1`` (R the BF radius), ``center`` to the
+    calibrated BF centre. Coordinates k_y, k_x (mrad) are the output pixel centres relative
+    to the BF centre (k = 0); attrs give the crop origin (detector pixel of output pixel
+    (0, 0)'s first sub-pixel) and the bin.
     """
-    b = int(bin)
-    if b != bin or b < 1:
-        raise ValueError(f"bin must be a positive integer, got {bin!r}")
-    cy, cx = _bf_center(ds, center)
-    if radius_px is None:
-        radius_px = math.ceil(1.1 * _bf_radius(ds)) + 1
-    if not (radius_px >= 0 and math.isfinite(radius_px)):
-        raise ValueError(f"radius_px must be ≥ 0 pixels, got {radius_px!r}")
-    m = max(0, math.ceil((radius_px + 0.5) / b - 0.5))
-    n = 2 * m + 1
-    half = m * b + (b - 1) / 2
-    y0, x0 = math.floor(cy - half + 0.5), math.floor(cx - half + 0.5)
+    crop = CropWindow.around(_bf_center(ds, center), _dense_radius(ds, radius_px), bin)
+    y0, x0, b, n = crop.y0, crop.x0, crop.bin, crop.n
     nx = ds.scan_shape[1]
     terms, descan = MaskTerms.of(ds), ds.calibration.descan
     chunks = (ds.row_chunks, (nx,), (n,), (n,))
@@ -478,12 +526,6 @@ def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
                              terms or MaskTerms.none(ds.detector_shape[0] * ds.detector_shape[1]), ds.scan_shape,
                              descan, dtype=np.float32, chunks=chunks, new_axis=[2, 3], name="densify")
     p = ds.calibration.detector_pixel_mrad
-    centres = np.arange(n) * b + (b - 1) / 2
-    what = "output pixel centre relative to the BF centre"
-    coords = {**ds.scan_coords(),
-              "k_y": _k_coord("k_y", y0 + centres, cy, p, what),
-              "k_x": _k_coord("k_x", x0 + centres, cx, p, what)}
-    attrs = {"units": "electrons", "long_name": "electron counts (cropped, binned)",
-             "crop_origin_px": [y0, x0], "bin": b, "radius_px": float(radius_px),
-             "bf_center_px": [cy, cx], "pixel_mrad": p * b, **_correction_attrs(ds)}
+    coords = {**ds.scan_coords(), **crop.coords(p)}
+    attrs = {**crop.attrs(p), **_correction_attrs(ds)}
     return xr.DataArray(data, dims=("scan_y", "scan_x", "k_y", "k_x"), coords=coords, name="dense", attrs=attrs)

@@ -58,14 +58,14 @@ def _image_sum(browser, name):
         "let s = 0; for (const v of m.data.image[0]) s += Math.abs(v); return s;", f"{name}_source")
 
 
-def test_view_shows_the_replay_and_its_kernel_can_change(tmp_path):
+def test_view_shows_the_replay_and_its_kernel_can_change_and_ssb_at_the_end(tmp_path):
     scan, det = (40, 40), 32
     cal = Calibration(scan_step_a=0.3, detector_pixel_mrad=1.0, bf_center=(16.0, 16.0), bf_radius=6.0)
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[:det, :det]
     shift = rng.normal(scale=1.5, size=(scan[0] * scan[1], 2))
     frames = np.stack([rng.poisson(3.0 * (np.hypot(yy - 16 - dy, xx - 16 - dx) < 6)) for dy, dx in shift])
-    session = LiveSession(scan, (det, det), cal, kernel_size=11)
+    session = LiveSession(scan, (det, det), cal, kernel_size=11, methods=("ricom", "virtual", "com", "ssb"))
     browser = _browser()
     view = serve(session, port=0, interval_ms=100)
     try:
@@ -94,7 +94,11 @@ def test_view_shows_the_replay_and_its_kernel_can_change(tmp_path):
             for path in (tmp_path / "live_view.png", ARTIFACTS / "live_view.png"):
                 browser.save_screenshot(str(path))
             assert (tmp_path / "live_view.png").stat().st_size > 10_000
+            assert _image_sum(browser, "ssb_phase") == 0  # NaN (shown as 0) until the scan completes
             feed.join(timeout=60)
+            _wait(lambda: "C10 = 0 Å" in browser.execute_script(
+                "return Bokeh.documents[0].get_model_by_name('ssb_phase_figure').title.text"))
+            assert _wait(lambda: _image_sum(browser, "ssb_phase")) > 0
         assert session.done and session.kernel_size == 21
     finally:
         browser.quit()

@@ -58,3 +58,24 @@ def frame_sums(frames, masks, zero):
         for d in range(k):
             inside[f, d] = acc[d]
     return total, sum_y, sum_x, inside
+
+
+@numba.njit(nogil=True, cache=True)
+def binned_crop(frames, y0, x0, bin_factor, out):
+    """Add the window of frames (m, H, W) starting at detector pixel (``y0``, ``x0``), binned
+    ``bin_factor × bin_factor``, into ``out`` (m, n, n) float32: output pixel (a, b) sums
+    detector pixels ``y0 + a·bin … y0 + (a+1)·bin − 1`` (same in x). The window must lie on
+    the detector (the caller checks). Equals :func:`stemdask.kernels.events.densify` of the
+    frames' events."""
+    m, n = out.shape[0], out.shape[1]
+    for f in range(m):
+        for a in range(n):
+            for dy in range(bin_factor):
+                row = frames[f, y0 + a * bin_factor + dy]
+                for b in range(n):
+                    s = 0.0
+                    x = x0 + b * bin_factor
+                    for dx in range(bin_factor):
+                        s += row[x + dx]
+                    out[f, a, b] += s
+    return out

@@ -77,7 +77,7 @@ from . import add_option, register
 G_CHUNK_BYTES = 64 * 2**20
 
 
-def _select_and_rfft(block, pix_y, pix_x):
+def select_and_rfft(block, pix_y, pix_x):
     """(rows, nx, fy, fx) real → (rows, nx//2+1, npix) complex64: BF pixels, rfft over scan_x."""
     xp = array_module(block)
     sel = block[:, :, xp.asarray(pix_y), xp.asarray(pix_x)].astype(xp.float32, copy=False)
@@ -353,37 +353,13 @@ def ssb(
     if len(data.chunks[1]) != 1 or len(data.chunks[2]) != 1 or len(data.chunks[3]) != 1:
         data = data.rechunk({1: -1, 2: -1, 3: -1})
     check_scan_step(calibration, dense)
-    lam = calibration.wavelength_a
-    if semiangle_mrad:
-        alpha, alpha_source = float(semiangle_mrad), "argument"
-    elif calibration.bf_radius is not None:
-        alpha, alpha_source = calibration.bf_radius * calibration.detector_pixel_mrad, "measured BF radius"
-    elif calibration.semiangle_mrad is not None:
-        alpha, alpha_source = calibration.semiangle_mrad, "nominal semi-angle"
-    else:
-        raise ValueError("SSB needs the probe semi-angle: calibration.bf_radius (stemdask calibrate measures it), "
-                         "calibration.semiangle_mrad or semiangle_mrad=...")
-    k0 = alpha * 1e-3 / lam
-
-    ky_mrad = np.asarray(dense.coords["k_y"].values, dtype=float)
-    kx_mrad = np.asarray(dense.coords["k_x"].values, dtype=float)
-    dky, dkx = np.meshgrid(ky_mrad, kx_mrad, indexing="ij")
-    sky, skx = detector_to_scan_frame(dky, dkx, calibration.rotation_deg, calibration.flip)
-    sky, skx = sky * 1e-3 / lam, skx * 1e-3 / lam
-    inside = sky**2 + skx**2 < k0**2
-    pix_y, pix_x = np.nonzero(inside)
-    if len(pix_y) == 0:
-        raise ValueError(f"no detector pixel of the crop lies inside the BF disk (semi-angle {alpha:g} mrad)")
-    pitch = max(np.abs(np.diff(ky_mrad)).max(initial=0), np.abs(np.diff(kx_mrad)).max(initial=0))
-    edge = np.hypot(dky, dkx)[[0, -1], :].min(initial=np.inf), np.hypot(dky, dkx)[:, [0, -1]].min(initial=np.inf)
-    if min(edge) + pitch / 2 < alpha:
-        warnings.warn(f"the detector crop (edge at {min(edge):.3g} mrad) cuts the BF disk ({alpha:g} mrad): "
-                      "SSB uses only the pixels inside the crop", stacklevel=2)
+    disk = bf_pixels(dense.coords["k_y"].values, dense.coords["k_x"].values, calibration, semiangle_mrad)
+    pix_y, pix_x = disk.pixels.T
     npix = len(pix_y)
     nxh = nx // 2 + 1
 
     rows = data.map_blocks(
-        _select_and_rfft, pix_y, pix_x, drop_axis=3,
+        select_and_rfft, pix_y, pix_x, drop_axis=3,
         chunks=(data.chunks[0], (nxh,), (npix,)), dtype=np.complex64, meta=_meta(data, 3, np.complex64),
         token="ssb-rfft-x",
     )
@@ -395,18 +371,70 @@ def ssb(
     cols = rows.rechunk({0: ny, 1: nxh, 2: pc}, method=method, block_size_limit=largest)
     G = cols.map_blocks(_fft_scan_y, dtype=np.complex64, meta=_meta(cols, 3, np.complex64), token="ssb-fft-y")
 
-    sy, sx = calibration.scan_step_a
     # Σ_k G(k, Q=0): the mean bright-field counts per position (the normalisation).
     bf = rows[:, 0, :].real.astype(np.float64).sum(axis=1).mean()
-    return SSBResult(
-        G=G, k_y=sky[inside], k_x=skx[inside], pixels=np.stack([pix_y, pix_x], axis=1),
-        k_y_mrad=ky_mrad, k_x_mrad=kx_mrad,
-        q_y=np.fft.fftfreq(ny, d=sy), q_x=np.fft.rfftfreq(nx, d=sx), k0=k0, bf=bf,
-        scan_coords=tuple(np.asarray(dense.coords[d].values) if d in dense.coords else np.arange(n) * step
-                          for d, n, step in (("scan_y", ny, sy), ("scan_x", nx, sx))),
-        calibration=calibration, aberrations=_aberrations(aberrations), quantitative=quantitative,
-        scratch=scratch, scratch_threshold=scratch_threshold, semiangle_source=alpha_source,
-    )
+    scan_coords = tuple(np.asarray(dense.coords[d].values) if d in dense.coords else np.arange(n) * step
+                        for d, n, step in (("scan_y", ny, calibration.scan_step_a[0]),
+                                           ("scan_x", nx, calibration.scan_step_a[1])))
+    return disk.result(G, bf, scan_coords, calibration, _aberrations(aberrations), quantitative=quantitative,
+                       scratch=scratch, scratch_threshold=scratch_threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class BFPixels:
+    """The pixels of a dense crop inside the BF disk, which SSB uses: ``pixels`` (npix, 2)
+    their (row, column) in the crop, ``k_y``/``k_x`` their scan-frame frequencies (Å⁻¹),
+    ``k0`` the disk radius α/λ (Å⁻¹), ``alpha_source`` where α came from; ``k_y_mrad``/
+    ``k_x_mrad`` the crop's coordinates (mrad, detector frame)."""
+
+    pixels: np.ndarray
+    k_y: np.ndarray
+    k_x: np.ndarray
+    k_y_mrad: np.ndarray
+    k_x_mrad: np.ndarray
+    k0: float
+    alpha_source: str
+
+    def result(self, G, bf, scan_coords, calibration: Calibration, aberrations: Aberrations, **kw) -> "SSBResult":
+        """The :class:`SSBResult` of scan-FFT cube ``G`` (ny, nx//2+1, npix) of these pixels."""
+        (sy, sx), (ny, nx) = calibration.scan_step_a, (len(scan_coords[0]), len(scan_coords[1]))
+        return SSBResult(G=G, k_y=self.k_y, k_x=self.k_x, pixels=self.pixels, k_y_mrad=self.k_y_mrad,
+                         k_x_mrad=self.k_x_mrad, q_y=np.fft.fftfreq(ny, d=sy), q_x=np.fft.rfftfreq(nx, d=sx),
+                         k0=self.k0, bf=bf, scan_coords=scan_coords, calibration=calibration,
+                         aberrations=aberrations, semiangle_source=self.alpha_source, **kw)
+
+
+def bf_pixels(ky_mrad, kx_mrad, calibration: Calibration, semiangle_mrad: float | None = None) -> BFPixels:
+    """The crop pixels (coordinates ``ky_mrad`` × ``kx_mrad``, mrad from the BF centre, detector
+    frame) inside the BF disk of semi-angle α: ``semiangle_mrad``, else the measured disk
+    (``bf_radius`` × ``detector_pixel_mrad``), else the nominal ``calibration.semiangle_mrad``
+    (see :func:`ssb`). Warns when the crop cuts the disk."""
+    lam = calibration.wavelength_a
+    if semiangle_mrad:
+        alpha, alpha_source = float(semiangle_mrad), "argument"
+    elif calibration.bf_radius is not None:
+        alpha, alpha_source = calibration.bf_radius * calibration.detector_pixel_mrad, "measured BF radius"
+    elif calibration.semiangle_mrad is not None:
+        alpha, alpha_source = calibration.semiangle_mrad, "nominal semi-angle"
+    else:
+        raise ValueError("SSB needs the probe semi-angle: calibration.bf_radius (stemdask calibrate measures it), "
+                         "calibration.semiangle_mrad or semiangle_mrad=...")
+    k0 = alpha * 1e-3 / lam
+    ky_mrad = np.asarray(ky_mrad, dtype=float)
+    kx_mrad = np.asarray(kx_mrad, dtype=float)
+    dky, dkx = np.meshgrid(ky_mrad, kx_mrad, indexing="ij")
+    sky, skx = detector_to_scan_frame(dky, dkx, calibration.rotation_deg, calibration.flip)
+    sky, skx = sky * 1e-3 / lam, skx * 1e-3 / lam
+    inside = sky**2 + skx**2 < k0**2
+    pix_y, pix_x = np.nonzero(inside)
+    if len(pix_y) == 0:
+        raise ValueError(f"no detector pixel of the crop lies inside the BF disk (semi-angle {alpha:g} mrad)")
+    pitch = max(np.abs(np.diff(ky_mrad)).max(initial=0), np.abs(np.diff(kx_mrad)).max(initial=0))
+    edge = np.hypot(dky, dkx)[[0, -1], :].min(initial=np.inf), np.hypot(dky, dkx)[:, [0, -1]].min(initial=np.inf)
+    if min(edge) + pitch / 2 < alpha:
+        warnings.warn(f"the detector crop (edge at {min(edge):.3g} mrad) cuts the BF disk ({alpha:g} mrad): "
+                      "SSB uses only the pixels inside the crop", stacklevel=3)
+    return BFPixels(np.stack([pix_y, pix_x], axis=1), sky[inside], skx[inside], ky_mrad, kx_mrad, k0, alpha_source)
 
 
 # ---------------------------------------------------------------------- focus search
