@@ -26,6 +26,8 @@ any computation.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -87,6 +89,17 @@ def leftovers(out: str | os.PathLike) -> list[tuple[Path, bool]]:
             tag = p.name[len(SCRATCH_PREFIX) + 1 :].rpartition("-")[0]
             found.append((p, owner_is_gone(tag)))
     return found
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: Path):
+    """An exclusive ``flock`` on ``folder`` (held briefly: one run's lock check-and-create)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _lock_is_stale(lock: Path) -> bool:
@@ -195,18 +208,21 @@ class OutputSlot:
     def _acquire(self) -> None:
         doc = json.dumps({"pid": os.getpid(), "host": HOST, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                           "argv": sys.argv})
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if _lock_is_stale(self.lock):
-                    self.lock.unlink(missing_ok=True)
-                    self.notes.append(f"removed the stale lock {self.lock} (its process is gone)")
-                    continue
-                raise OutputBusyError(self._busy_message()) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(doc)
-            return
+        # Serialised through the folder's flock: between one run finding a lock stale and
+        # removing it, another could have taken it over and written its own lock there.
+        with _folder_locked(self.lock.parent):
+            for _ in range(2):
+                try:
+                    fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    if _lock_is_stale(self.lock):
+                        self.lock.unlink(missing_ok=True)
+                        self.notes.append(f"removed the stale lock {self.lock} (its process is gone)")
+                        continue
+                    raise OutputBusyError(self._busy_message()) from None
+                with os.fdopen(fd, "w") as f:
+                    f.write(doc)
+                return
         raise OutputBusyError(self._busy_message())
 
     def _busy_message(self) -> str:
