@@ -38,3 +38,19 @@ def pearson(a, b) -> float:
     a = np.asarray(a, float).ravel()
     b = np.asarray(b, float).ravel()
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def realistic_calibrated(path: Path, rows_per_block: int, **params):
+    """A realistic recording (off-centre disk, descan, hot/dead pixels, a dead column, no Bragg
+    disks; ``params`` of :meth:`SimulationParams.realistic`), calibrated: its open store."""
+    from stemdask.calibrate import calibrate_store
+    from stemdask.simulate import SimulationParams, simulate
+    from stemdask.store import open_store
+
+    simulate(path, SimulationParams.realistic(bragg=0.0, **params), rows_per_block=rows_per_block, progress=False)
+    calibrate_store(path)
+    store = open_store(path)
+    mask, _ = store.detector_mask()
+    assert mask is not None and mask.any() and store.calibration.descan is not None
+    return store
+

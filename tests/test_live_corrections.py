@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 import stemdask
-from stemdask.calibrate import calibrate_store
 from stemdask.live_session import LiveSession
 from stemdask.methods.integration import ricom
-from stemdask.simulate import SimulationParams, simulate
-from stemdask.store import open_store
+
+from conftest import realistic_calibrated
 
 KW = dict(kernel_size=21, kmin=0.05, kmax=2.0)
 
@@ -19,13 +18,10 @@ KW = dict(kernel_size=21, kmin=0.05, kmax=2.0)
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     """A realistic recording (off-centre disk, descan, hot/dead pixels, dead column), calibrated."""
-    p = SimulationParams.realistic(scan_shape=(24, 28), detector=32, dose=1500, seed=5, bragg=0.0)
-    path = tmp_path_factory.mktemp("live-corr") / "r.zarr"
-    simulate(path, p, rows_per_block=5, progress=False)
-    calibrate_store(path)
-    store = open_store(path)
+    store = realistic_calibrated(tmp_path_factory.mktemp("live-corr") / "r.zarr", 5, scan_shape=(24, 28),
+                                 detector=32, dose=1500, seed=5)
+    path = store.path
     mask, fill = store.detector_mask()
-    assert mask is not None and mask.any() and store.calibration.descan is not None
     ds = stemdask.open(path)
     com = ds.com(reference="bf").compute()
     return {"store": store, "mask": mask, "fill": fill, "com": com,

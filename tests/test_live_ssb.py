@@ -8,7 +8,6 @@ import pytest
 import xarray as xr
 
 import stemdask
-from stemdask.calibrate import calibrate_store
 from stemdask.cli import main
 from stemdask.live_session import LiveSession
 from stemdask.live_ssb import LiveSSB
@@ -19,7 +18,7 @@ from stemdask.simulate import SimulationParams, load_truth, simulate
 from stemdask.store import open_store
 from stemdask.testing.merlin import MerlinReplayServer, write_mib
 
-from conftest import pearson
+from conftest import pearson, realistic_calibrated
 
 
 def _frames(store):
@@ -43,13 +42,8 @@ def _assert_close(live, batch):
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory):
     """A realistic recording (off-centre disk, descan, hot/dead pixels, a dead column), calibrated."""
-    p = SimulationParams.realistic(scan_shape=(32, 30), detector=40, dose=1500, seed=6, bragg=0.0)
-    path = tmp_path_factory.mktemp("live-ssb") / "r.zarr"
-    simulate(path, p, rows_per_block=6, progress=False)
-    calibrate_store(path)
-    store = open_store(path)
-    assert store.detector_mask()[0].any() and store.calibration.descan is not None
-    return store
+    return realistic_calibrated(tmp_path_factory.mktemp("live-ssb") / "r.zarr", 6, scan_shape=(32, 30), detector=40,
+                                dose=1500, seed=6)
 
 
 def _session(store, **kw):
