@@ -73,7 +73,7 @@ class LiveSSB:
     def describe(self) -> str:
         w = self.window
         return (f"live SSB crops {w.n}×{w.n} (bin {w.bin}) around the BF disk and keeps the scan-x FFT of its "
-                f"{len(self.disk.pixels)} pixels: {self.nbytes / 2**20:,.0f} MiB")
+                f"{len(self.disk.pixels)} pixels: {self.nbytes / 2**20:,.{0 if self.nbytes >= 2**24 else 2}f} MiB")
 
     def push_events(self, where: slice, counts, indices, weights=None) -> None:
         """Positions ``where`` as events (``counts`` entries each, ``weights`` electrons per entry)."""

@@ -104,6 +104,7 @@ def test_the_crop_fits_its_side_and_the_memory_is_said():
     assert s.window.n == 31 and 0.9 * np.pi * (40 / 3) ** 2 < npix < 1.1 * np.pi * (40 / 3) ** 2
     assert s.nbytes == 256 * 129 * npix * 8 + 256 * 31 * 31 * 4  # the rows' scan-x FFT and one row of crops
     assert f"crops 31×31 (bin {s.window.bin})" in s.describe() and f"{s.nbytes / 2**20:,.0f} MiB" in s.describe()
+    assert "0.03 MiB" in LiveSSB((8, 8), (32, 32), Calibration(bf_center=(16.0, 16.0), bf_radius=5.0)).describe()
 
 
 def test_positions_out_of_order_and_an_unfinished_scan_are_refused():
