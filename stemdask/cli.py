@@ -448,8 +448,8 @@ def add_live_parser(sub) -> None:
                                   "to replay (--rate)")
     p.add_argument("--scan-shape", nargs=2, type=int, required=True, metavar=("NY", "NX"))
     p.add_argument("--method", action="append", choices=["ricom", "virtual", "com", "ssb"],
-                   help="repeat for several (default ricom, virtual and com; ssb keeps a dense crop of every "
-                        "position in memory, said at the start, and gives its phase when the scan completes)")
+                   help="repeat for several (default ricom, virtual and com; ssb keeps the scan-x FFT of every row's "
+                        "BF-disk pixels in memory, said at the start, and gives its phase when the scan completes)")
     p.add_argument("--out", help="write the final images here (.zarr, the variables of `reconstruct`)")
     p.add_argument("--save", metavar="STORE", help="save the events to this event store as they arrive")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --save outputs")
@@ -463,7 +463,7 @@ def add_live_parser(sub) -> None:
     p.add_argument("--kmin", type=float, metavar="K", help="riCOM band-pass lower cut-off (Å⁻¹)")
     p.add_argument("--kmax", type=float, metavar="K", help="riCOM band-pass upper cut-off (Å⁻¹)")
     p.add_argument("--ssb-crop", type=int, default=32, metavar="N",
-                   help="--method ssb: largest side of the crop kept per position (output pixels; the BF disk, "
+                   help="--method ssb: largest side of the crop of each position (output pixels; the BF disk, "
                         "ceil(1.1·R) + 1 px around its centre, is binned to fit; default 32)")
     p.add_argument("--c10", type=float, metavar="Å",
                    help="--method ssb: defocus C10 (Å, < 0 underfocus; default the calibration's stored estimate, else 0)")

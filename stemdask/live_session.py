@@ -14,10 +14,10 @@
 * riCOM through :class:`stemdask.live.LiveRiCOM` (rad; the same kernel as batch riCOM, the
   mask and descan applied as batch COM applies them, so the finished image equals
   ``reconstruct --method ricom --com-reference bf``);
-* with ``ssb`` (not a default: it keeps a dense crop of every position, a memory bound fixed
-  at the start, :class:`stemdask.live_ssb.LiveSSB`), the SSB phase (rad) once the last
-  position is in, computed from the kept crops in memory (G kept: :attr:`LiveSession.ssb`
-  refocuses in the trotter sums alone); equal to ``reconstruct --method ssb --bin B``.
+* with ``ssb`` (not a default: it keeps the scan-x FFT of every row's BF-disk pixels, a
+  memory bound fixed at the start, :class:`stemdask.live_ssb.LiveSSB`), the SSB phase (rad)
+  once the last position is in (G kept: :attr:`LiveSession.ssb` refocuses in the trotter
+  sums alone); equal to ``reconstruct --method ssb --bin B``.
 
 Conventions are the batch ones: COM in the detector frame, px, relative to the reference
 (default the calibrated BF centre); virtual images in electrons; riCOM in rad.
@@ -50,13 +50,13 @@ from .kernels.live import frame_sums
 from .kernels.ricom import accumulator_zero
 from .live import LiveRiCOM, ScanProgress
 from .live_ssb import CROP_SIDE, LiveSSB
-from .methods.ssb import SSBResult
+from .methods.ssb import SSBResult, stored_defocus
 from .optics import Aberrations, Calibration, descan_offsets
 from .reduce import Annulus, MaskTerms, detector_masks, mask_groups
 from .store import create_store
 
 METHODS = ("ricom", "virtual", "com", "ssb")
-#: What a session computes when no method is named (SSB keeps every crop: asked for only).
+#: What a session computes when no method is named (SSB holds memory for the whole scan: asked for only).
 DEFAULT_METHODS = ("ricom", "virtual", "com")
 _KEEP = object()
 
@@ -69,7 +69,7 @@ class LiveSession(ScanProgress):
     reference: COM reference (y, x) px; default the calibration's BF centre.
     inner_mrad, outer_mrad: the ``image`` virtual detector (mrad around the BF centre).
     save: path of an event store to write as the data arrive (``overwrite`` to replace one).
-    ssb_crop: largest side (output pixels) of the crop SSB keeps per position (the BF disk is
+    ssb_crop: largest side (output pixels) of SSB's crop of each position (the BF disk is
     binned to fit); aberrations: SSB's (:class:`~stemdask.optics.Aberrations`; default C10 the
     calibration's stored estimate, else 0 — :attr:`ssb_c10_source` says which).
     mask, fill: the detector mask (bool, True = excluded) and its fill weights, as ``stemdask
@@ -165,11 +165,9 @@ class LiveSession(ScanProgress):
         self.ssb_seconds: float | None = None  # last position in → SSB phase ready (s)
         if aberrations is not None:
             self.aberrations, self.ssb_c10_source = aberrations, "given"
-        elif self.calibration.c10_estimate_a is not None:
-            self.aberrations = Aberrations(C10=float(self.calibration.c10_estimate_a))
-            self.ssb_c10_source = "stored estimate (stemdask calibrate, parallax)"
         else:
-            self.aberrations, self.ssb_c10_source = Aberrations(), "none given or stored: in focus assumed"
+            c10, self.ssb_c10_source = stored_defocus(self.calibration)
+            self.aberrations = Aberrations(C10=c10)
 
     def _filled(self, com_y, com_x):
         """Kept-pixel COM (px, no reference) → with the masked pixels filled (batch COM's rule)."""
@@ -262,7 +260,7 @@ class LiveSession(ScanProgress):
             self._reconstruct_ssb()
 
     def _reconstruct_ssb(self) -> None:
-        """SSB of the completed scan from the kept crops (the calibration as tuned by then)."""
+        """SSB of the completed scan from the kept rows (the calibration as tuned by then)."""
         t = time.perf_counter()
         result = self.live_ssb.reconstruct(self.calibration, self.aberrations)
         phase = result.phase.values

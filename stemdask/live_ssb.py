@@ -12,6 +12,7 @@ the detector mask and the descan exactly as batch densify does (masked pixels ex
 filled from the PACBED, the window following each position's BF-disk origin), so the phase
 equals ``stemdask reconstruct --method ssb --bin B`` of the same events, B the crop's bin.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ import scipy.fft
 from .kernels import events as kernels
 from .kernels.dense import counted_frames_to_weighted
 from .kernels.live import binned_crop
-from .methods.ssb import SSBResult, select_and_rfft, bf_pixels
+from .methods.ssb import SSBResult, bf_pixels, select_and_rfft
 from .optics import Aberrations, Calibration, descan_offsets
 from .reduce import CropWindow, MaskTerms
 
@@ -68,7 +69,6 @@ class LiveSSB:
             self._terms = terms or MaskTerms.none(self.detector_shape[0] * self._det_x)
             dy, dx = descan_offsets(descan, self.scan_shape)
             self._shift = (dy.ravel(), dx.ravel())
-
 
     def describe(self) -> str:
         w = self.window

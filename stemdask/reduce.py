@@ -127,6 +127,8 @@ class CropWindow:
 def _dense_radius(ds, radius_px=None) -> float:
     """The densify crop's radius (px): ``radius_px``, else ``ceil(1.1·R) + 1`` (R the BF radius)."""
     return math.ceil(1.1 * _bf_radius(ds)) + 1 if radius_px is None else radius_px
+
+
 def _bf_center(ds, center=None) -> tuple[float, float]:
     if center is not None:
         c = tuple(float(v) for v in center)

@@ -605,6 +605,12 @@ def defocus_from_args(args, calibration: Calibration) -> tuple[float, str]:
     focus search (:func:`focus_c10`), i.e. the estimate or 0."""
     if getattr(args, "c10", None) not in (None, "auto"):
         return float(args.c10), "command line"
+    return stored_defocus(calibration)
+
+
+def stored_defocus(calibration: Calibration) -> tuple[float, str]:
+    """C10 (Å) for SSB when none is given, and where it came from: the calibration's parallax
+    estimate (``c10_estimate_a``), else 0 (in focus)."""
     if calibration.c10_estimate_a is not None:
         return float(calibration.c10_estimate_a), "stored estimate (stemdask calibrate, parallax)"
     return 0.0, "none given or stored: in focus assumed"
