@@ -77,6 +77,7 @@ def test_view_shows_the_replay_and_its_kernel_can_change_and_ssb_at_the_end(tmp_
             status = lambda: browser.execute_script(JS_STATUS)  # noqa: E731
             first = _wait(lambda: (t := status()) and "/ 1,600 positions" in t and t)
             done0 = int(first.split("</b>")[0].split("<b>")[1].replace(",", ""))
+            assert done0 < 1600 and _image_sum(browser, "ssb_phase") == 0  # NaN (shown as 0) until the scan completes
             _wait(lambda: session.positions_done > 300)
             before = _image_sum(browser, "phase")
             browser.execute_script("const k = Bokeh.documents[0].get_model_by_name('kernel_size');"
@@ -94,7 +95,6 @@ def test_view_shows_the_replay_and_its_kernel_can_change_and_ssb_at_the_end(tmp_
             for path in (tmp_path / "live_view.png", ARTIFACTS / "live_view.png"):
                 browser.save_screenshot(str(path))
             assert (tmp_path / "live_view.png").stat().st_size > 10_000
-            assert _image_sum(browser, "ssb_phase") == 0  # NaN (shown as 0) until the scan completes
             feed.join(timeout=60)
             _wait(lambda: "C10 = 0 Å" in browser.execute_script(
                 "return Bokeh.documents[0].get_model_by_name('ssb_phase_figure').title.text"))
