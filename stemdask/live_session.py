@@ -34,6 +34,7 @@ Thread safety: pushes, :meth:`snapshot` and :meth:`retune` share one lock.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import threading
@@ -50,7 +51,7 @@ from .kernels.live import frame_sums
 from .kernels.ricom import accumulator_zero
 from .live import LiveRiCOM, ScanProgress
 from .live_ssb import CROP_SIDE, LiveSSB
-from .methods.ssb import SSBResult, stored_defocus
+from .methods.ssb import SSBResult, signed_c10, stored_defocus, unsigned_magnitude
 from .optics import Aberrations, Calibration, descan_offsets
 from .reduce import Annulus, MaskTerms, detector_masks, mask_groups
 from .store import create_store
@@ -163,11 +164,17 @@ class LiveSession(ScanProgress):
         self.ssb: SSBResult | None = None  # after the last position, with "ssb"
         self.ssb_phase: np.ndarray | None = None
         self.ssb_seconds: float | None = None  # last position in → SSB phase ready (s)
+        self.ssb_attrs: dict = {}  # of the phase: aberrations, weighting, semi-angle, C10's source
+        self._ssb_magnitude = None  # a measured |C10| whose sign the focus criterion picks at the end
         if aberrations is not None:
             self.aberrations, self.ssb_c10_source = aberrations, "given"
-        else:
-            c10, self.ssb_c10_source = stored_defocus(self.calibration)
-            self.aberrations = Aberrations(C10=c10)
+            return
+        c10, self.ssb_c10_source = stored_defocus(self.calibration)
+        self.aberrations = Aberrations(C10=c10)
+        self._ssb_magnitude = unsigned_magnitude(self.calibration)
+        if self._ssb_magnitude is not None:
+            self.ssb_c10_source = (f"calibrate measured |C10| = {self._ssb_magnitude:.1f} Å but not its sign: "
+                                   "the focus criterion picks it when the scan completes")
 
     def _filled(self, com_y, com_x):
         """Kept-pixel COM (px, no reference) → with the masked pixels filled (batch COM's rule)."""
@@ -263,9 +270,15 @@ class LiveSession(ScanProgress):
         """SSB of the completed scan from the kept rows (the calibration as tuned by then)."""
         t = time.perf_counter()
         result = self.live_ssb.reconstruct(self.calibration, self.aberrations)
-        phase = result.phase.values
+        extra = {}
+        if self._ssb_magnitude is not None:  # as batch SSB does (methods.ssb.run)
+            c10, self.ssb_c10_source, extra = signed_c10(result, self._ssb_magnitude)
+            self.aberrations = dataclasses.replace(self.aberrations, C10=c10)
+        phase = result.refocus(self.aberrations)
+        values = phase.values
         with self._lock:
-            self.ssb, self.ssb_phase = result, phase
+            self.ssb, self.ssb_phase = result, values
+            self.ssb_attrs = {**phase.attrs, "c10_source": self.ssb_c10_source, **extra}
             self.ssb_seconds = time.perf_counter() - t
 
     # ------------------------------------------------------------------ tuning
@@ -344,8 +357,7 @@ class LiveSession(ScanProgress):
                                                                       **self.detector_attrs[name]})
                                 for name in self.detectors}
         if "ssb_phase" in snap:
-            parts["ssb"] = {"phase": (snap["ssb_phase"], {**self.ssb.phase.attrs, "c10_source": self.ssb_c10_source,
-                                                          "crop_bin": self.live_ssb.window.bin})}
+            parts["ssb"] = {"phase": (snap["ssb_phase"], {**self.ssb_attrs, "crop_bin": self.live_ssb.window.bin})}
         merged = merge_method_parts({m: xr.Dataset({k: xr.Variable(dims, *v) for k, v in part.items()}, coords=coords)
                                      for m, part in parts.items()})
         merged.attrs = {"methods": list(self.methods), "positions_done": self.positions_done,
@@ -462,8 +474,8 @@ def run_live(args) -> int:
             provenance={"source": str(args.source), "format": "live"},
         )
         if session.live_ssb is not None:
-            print(f"{session.live_ssb.describe()}; SSB C10 = {session.aberrations.C10:g} Å ({session.ssb_c10_source})",
-                  flush=True)
+            c10 = "" if session._ssb_magnitude is not None else f" = {session.aberrations.C10:g} Å"
+            print(f"{session.live_ssb.describe()}; SSB C10{c10} ({session.ssb_c10_source})", flush=True)
         view = None
         if args.view:
             from .live_view import serve

@@ -158,3 +158,28 @@ def test_cli_live_ssb_from_the_merlin_socket_equals_reconstruct(tmp_path, capsys
     batch, live = xr.open_zarr(out), xr.open_zarr(live_out)
     _assert_close(live.ssb_phase.values, batch.ssb_phase.values)
     assert np.abs(live.ricom_phase.values - batch.ricom_phase.values).max() <= 1e-9 * np.abs(batch.ricom_phase.values).max()
+
+
+def test_a_measured_unsigned_defocus_gets_its_sign_as_in_batch(tmp_path, capsys):
+    """calibrate measured |C10| but not its sign: live SSB picks it by the focus criterion at the
+    end, as `reconstruct --method ssb` does, and never says C10 = 0 while doing so."""
+    p = SimulationParams(scan_shape=(32, 32), detector=32, dose=2000, max_phase=0.5,
+                         aberrations=Aberrations(C10=-100.0), seed=3)
+    sim = simulate(tmp_path / "sim.zarr", p, rows_per_block=8, progress=False)
+    cal = sim.calibration.replace(report={"c10_magnitude_a": 100.0})
+    open_store(sim.path, mode="r+").set_calibration(cal)
+    assert cal.c10_estimate_a is None
+    live = LiveSession(sim.scan_shape, sim.detector_shape, cal, methods=("ssb",), ssb_crop=15)
+    assert "but not its sign" in live.ssb_c10_source and "when the scan completes" in live.ssb_c10_source
+    for blk in sim.iter_blocks():
+        live.push_events(blk.indices, blk.counts)
+    b = live.live_ssb.window.bin
+    out = tmp_path / "batch.zarr"
+    assert main(["reconstruct", str(sim.path), "--method", "ssb", "--bin", str(b), "--out", str(out), "--quiet"]) == 0
+    batch = xr.open_zarr(out).phase
+    assert abs(live.aberrations.C10 - batch.attrs["aberration_C10"]) < 1e-9
+    assert -115 < live.aberrations.C10 < -85  # the right sign
+    _assert_close(live.ssb_phase, batch.values)
+    attrs = live.result().phase.attrs
+    assert attrs["aberration_C10"] == live.aberrations.C10 and attrs["c10_source"].startswith("auto")
+    assert attrs["c10_search_range_a"] == batch.attrs["c10_search_range_a"]

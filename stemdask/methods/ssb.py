@@ -656,6 +656,23 @@ def _searched(result: SSBResult, start: float, span: float, origin: str) -> tupl
     return c10, source + ")", extra
 
 
+def unsigned_magnitude(calibration: Calibration) -> float | None:
+    """|C10| (Å) that ``stemdask calibrate`` measured without its sign (the half turn undecided,
+    so no ``c10_estimate_a``), or None."""
+    magnitude = (calibration.report or {}).get("c10_magnitude_a")
+    return None if calibration.c10_estimate_a is not None or magnitude is None else float(magnitude)
+
+
+def signed_c10(result: SSBResult, magnitude: float, span: float | None = None) -> tuple[float, str, dict]:
+    """The sign of a measured |C10| = ``magnitude`` (Å), picked by the focus criterion for the
+    result's orientation: :func:`focus_c10` from 0 over ±``span`` (default both signs of it),
+    said on stderr; returns (C10, its source, attrs) like ``--c10 auto``."""
+    span = max(focus_span_a(result, 0.0, False), 1.5 * magnitude) if span is None else span
+    origin = (f"0: calibrate measured |C10| = {magnitude:.1f} Å but not its sign (the half turn is undecided), "
+              "so the focus criterion picks it for the stored orientation")
+    return _searched(result, 0.0, span, origin)
+
+
 @register("ssb", "single-sideband ptychography phase (rad)", _add_arguments)
 def run(ds, args) -> xr.Dataset:
     dense = ds.densify(bin=args.bin)
@@ -663,23 +680,17 @@ def run(ds, args) -> xr.Dataset:
         dense = to_gpu(dense)
     c10, source = defocus_from_args(args, ds.calibration)
     extra = {}
-    magnitude = (ds.calibration.report or {}).get("c10_magnitude_a")
-    unsigned = (getattr(args, "c10", None) is None and ds.calibration.c10_estimate_a is None
-                and magnitude is not None)
-    if getattr(args, "c10", None) == "auto" or unsigned:
+    magnitude = unsigned_magnitude(ds.calibration) if getattr(args, "c10", None) is None else None
+    if getattr(args, "c10", None) == "auto" or magnitude is not None:
         result = ssb(dense, ds.calibration, aberrations_from_args(args, c10), quantitative=args.quantitative)
-        estimated = ds.calibration.c10_estimate_a is not None
-        if getattr(args, "c10_span", None) is not None:
-            span = args.c10_span
-        elif unsigned:  # both signs of the measured |C10|
-            span = max(focus_span_a(result, 0.0, False), 1.5 * magnitude)
+        span = getattr(args, "c10_span", None)
+        if magnitude is not None:
+            c10, source, extra = signed_c10(result, magnitude, span)
         else:
-            span = focus_span_a(result, c10, estimated)
-        origin = ("the stored estimate (stemdask calibrate, parallax)" if estimated else
-                  f"0: calibrate measured |C10| = {magnitude:.1f} Å but not its sign (the half turn is undecided), "
-                  "so the focus criterion picks it for the stored orientation" if unsigned else
-                  "the default (no estimate stored)")
-        c10, source, extra = _searched(result, c10, span, origin)
+            estimated = ds.calibration.c10_estimate_a is not None
+            origin = "the stored estimate (stemdask calibrate, parallax)" if estimated else "the default (no estimate stored)"
+            c10, source, extra = _searched(result, c10, focus_span_a(result, c10, estimated) if span is None else span,
+                                           origin)
         phase = result.refocus(C10=c10)
     else:
         if source != "command line":
