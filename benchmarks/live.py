@@ -8,7 +8,8 @@ takes them; a :class:`stemdask.live_session.LiveSession` reads them through
 BF/ADF (+ the ``image`` annulus) + COM. Figures, each a separate run:
 
 1. frames/s end to end (connect → last frame in the snapshot), without saving;
-2. the same with ``--save`` (events written to an event store row block by row block);
+2. the same with ``--save`` (written to a store row block by row block, in the encoding
+   ``stemdask ingest`` would choose for these frames; its size on disk);
 3. the same with live SSB (``--method ssb``: a ≤ ``--ssb-crop``² crop of every position, here
    31×31 at bin 3 for the 40 px disk, its scan-x FFT made row by row) and the time from the
    last frame to the SSB phase;
@@ -29,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -64,7 +66,7 @@ def run(pool, scan, kernel, save=None, rate=None, ssb_crop=None):
     if save:
         session.finish()
     lat = np.array(session.latencies) * 1e3
-    return (n / dt, lat, session) if ssb_crop else (n / dt, lat)
+    return n / dt, lat, session
 
 
 def main():
@@ -73,28 +75,32 @@ def main():
     ap.add_argument("--kernel", type=int, default=61)
     ap.add_argument("--paced", type=float, default=5000.0, help="detector rate for the paced latency run (frames/s)")
     ap.add_argument("--ssb-crop", type=int, default=32, help="largest crop side kept for live SSB (px)")
+    ap.add_argument("--electrons", type=float, default=200.0,
+                    help="mean electrons per frame in the BF disk (default 200; ≳ 10000: --save stores weighted)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     scan = 64 if args.quick else args.scan
-    pool = frame_pool()
+    pool = frame_pool(electrons=args.electrons)
     run(pool, 16, args.kernel, ssb_crop=args.ssb_crop)  # compile / load the numba caches
     print(f"{os.cpu_count()} cores; {scan}×{scan} scan of {DET}×{DET} 6-bit frames "
-          f"({pool.shape[1] / 1e3:.1f} kB each), riCOM n = {args.kernel} + virtual image/BF/ADF + COM")
-    fps, lat = run(pool, scan, args.kernel)
+          f"({pool.shape[1] / 1e3:.1f} kB each, {args.electrons:g} e⁻ in the BF disk), riCOM n = {args.kernel} + virtual image/BF/ADF + COM")
+    fps, lat, _ = run(pool, scan, args.kernel)
     print(f"socket → snapshot, no save:  {fps:8,.0f} frames/s; latency median {np.median(lat):.1f} ms, "
           f"p99 {np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms")
     tmp = tempfile.mkdtemp(prefix="stemdask-live-bench-")
     try:
-        fps, lat = run(pool, scan, args.kernel, save=os.path.join(tmp, "s.zarr"))
+        fps, lat, session = run(pool, scan, args.kernel, save=os.path.join(tmp, "s.zarr"))
+        stored = sum(f.stat().st_size for f in Path(tmp, "s.zarr").rglob("*") if f.is_file())
         print(f"socket → snapshot, --save:   {fps:8,.0f} frames/s; latency median {np.median(lat):.1f} ms, "
-              f"p99 {np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms")
+              f"p99 {np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms; store {session._writer.encoding}, "
+              f"{stored / 2**20:,.0f} MiB on disk")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fps, lat, session = run(pool, scan, args.kernel, ssb_crop=args.ssb_crop)
     w = session.live_ssb.window
     print(f"socket → snapshot, + SSB:    {fps:8,.0f} frames/s; {w.n}×{w.n} crops (bin {w.bin}), "
           f"{session.live_ssb.nbytes / 2**20:,.0f} MiB kept; SSB phase {session.ssb_seconds:.2f} s after the last frame")
-    fps, lat = run(pool, min(scan, 64), args.kernel, rate=args.paced)
+    fps, lat, _ = run(pool, min(scan, 64), args.kernel, rate=args.paced)
     print(f"detector paced at {args.paced:,.0f}/s: {fps:8,.0f} frames/s; latency median {np.median(lat):.2f} ms, "
           f"p99 {np.percentile(lat, 99):.2f} ms, max {lat.max():.2f} ms")
 

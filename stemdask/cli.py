@@ -451,7 +451,8 @@ def add_live_parser(sub) -> None:
                    help="repeat for several (default ricom, virtual and com; ssb keeps the scan-x FFT of every row's "
                         "BF-disk pixels in memory, said at the start, and gives its phase when the scan completes)")
     p.add_argument("--out", help="write the final images here (.zarr, the variables of `reconstruct`)")
-    p.add_argument("--save", metavar="STORE", help="save the events to this event store as they arrive")
+    p.add_argument("--save", metavar="STORE", help="save the electrons to this store as they arrive, a row block at a time "
+                   "(dense frames in the encoding `stemdask ingest` would choose)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out / --save outputs")
     p.add_argument("--rows-per-block", type=int, metavar="R", help="row block height of --save")
     p.add_argument("--rate", type=float, metavar="HZ", help="replay a file at this many frames/s (default: at once)")

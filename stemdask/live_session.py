@@ -26,8 +26,11 @@ Saving (``save=``): the events go to an event store row block by row block with 
 store's commit marks (:meth:`stemdask.store.EventStore.write_block`), each block as soon
 as its last position has arrived; :meth:`LiveSession.finish` finalizes it. A session that
 dies leaves its committed blocks readable with ``open_store(..., allow_incomplete=True)``.
-Dense frames are stored as counted electrons (a pixel value of v is v events), exactly as
-``stemdask ingest FILE --mode counts`` stores the same frames.
+Dense frames are stored as counted electrons (a pixel value of v is v electrons), in the
+encoding ``stemdask ingest FILE`` chooses for the same frames (events, or weighted: an entry
+per counted pixel), so a completed session's store equals the ingested one; the store is
+created once the first piece of frames that ingest's rule looks at has arrived (see
+:class:`_StoreWriter`).
 
 Thread safety: pushes, :meth:`snapshot` and :meth:`retune` share one lock.
 """
@@ -39,13 +42,15 @@ import functools
 import math
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import xarray as xr
 
 from . import __version__
-from .kernels.dense import counted_frames_to_events
+from .io.dense import choose_encoding, pieces, weight_dtype_for
+from .kernels.dense import counted_frames_to_events, counted_frames_to_weighted
 from .kernels.events import center_of_mass, masked_counts, position_sums
 from .kernels.live import frame_sums
 from .kernels.ricom import accumulator_zero
@@ -54,7 +59,7 @@ from .live_ssb import CROP_SIDE, LiveSSB
 from .methods.ssb import SSBResult, signed_c10, stored_defocus, unsigned_magnitude
 from .optics import Aberrations, Calibration, descan_offsets
 from .reduce import Annulus, MaskTerms, detector_masks, mask_groups
-from .store import create_store
+from .store import FORMAT_NAME, check_replaceable, create_store, index_dtype_for
 
 METHODS = ("ricom", "virtual", "com", "ssb")
 #: What a session computes when no method is named (SSB holds memory for the whole scan: asked for only).
@@ -211,12 +216,7 @@ class LiveSession(ScanProgress):
         total, sum_y, sum_x, virtual = frame_sums(kept, self._masks, accumulator_zero(kept.dtype))
         with np.errstate(invalid="ignore", divide="ignore"):
             com_y, com_x = self._filled(sum_y / total, sum_x / total)
-        events = None
-        if self._writer is not None:
-            counts, indices, n_bad = counted_frames_to_events(np.ascontiguousarray(frames).reshape(frames.shape[0], -1))
-            if n_bad:
-                raise ValueError(f"{n_bad} pixels are negative or not whole numbers: cannot store them as electron counts")
-            events = (counts, indices)
+        events = None if self._writer is None else self._writer.frame_entries(frames)
         crop = None if self.live_ssb is None else functools.partial(self.live_ssb.push_frames, frames=frames)
         self._push(com_y, com_x, total, virtual, events, arrival, crop)
 
@@ -241,9 +241,8 @@ class LiveSession(ScanProgress):
         kept = electrons if self._terms is None else virtual[:, -1]
         crop = None if self.live_ssb is None else functools.partial(self.live_ssb.push_events, counts=counts,
                                                                    indices=indices, weights=weights)
-        if weights is not None and self._writer is not None:  # saved one entry per electron (an events store)
-            indices = np.repeat(indices, weights)
-        self._push(com_y, com_x, kept, virtual[:, : len(self.detectors)], (electrons, indices), arrival, crop)
+        self._push(com_y, com_x, kept, virtual[:, : len(self.detectors)], (counts, indices, weights, electrons),
+                   arrival, crop)
 
     def _push(self, com_y, com_x, counts, virtual, events, arrival, crop=None) -> None:
         """Record a batch's per-position products (``crop(where)`` fills its SSB crops)."""
@@ -385,54 +384,141 @@ class LiveSession(ScanProgress):
         return "nothing saved" if self._writer is None else self._writer.describe()
 
     def finish(self):
-        """Finalize the saved store (only a complete scan); returns it, or None without ``save``."""
+        """Write the saved store's complete row blocks and finalize it if the scan is complete;
+        returns the finalized store, or None (no ``save``, or an incomplete scan)."""
         if self._writer is None:
             return None
-        return self._writer.finish() if self.done else None
+        return self._writer.finish(self.done)
 
 
 class _StoreWriter:
-    """Event store written as the positions arrive: a row block as soon as it is complete."""
+    """A store written as the positions arrive: a row block as soon as it is complete.
+
+    Its encoding is that of what arrives: events stay events, weighted events (a weighted
+    store replayed) stay weighted with their weight dtype, and dense frames are stored as
+    ``stemdask ingest`` stores the same frames — ingest's byte rule
+    (:func:`stemdask.io.dense.choose_encoding`) on the same first piece of frames
+    (:func:`stemdask.io.dense.pieces`), the weights of :func:`~stemdask.io.dense.weight_dtype_for`
+    the frames' dtype, and the row block height from the same bytes per position. So the
+    store is created once that first piece (at most ``PIECE_BYTES`` of frames) has arrived;
+    until then the positions wait in memory as weighted entries.
+    """
 
     def __init__(self, path, scan_shape, detector_shape, calibration, rows_per_block, provenance, overwrite):
+        self.path = Path(path)
+        if self.path.exists():  # refused now, not once the scan runs (the store is created later)
+            if not overwrite:
+                raise FileExistsError(f"{self.path} already exists (pass --overwrite to replace it)")
+            check_replaceable(self.path, FORMAT_NAME)
         prov = {"source": "live", "stemdask_version": __version__, **(provenance or {})}
-        self.store = create_store(path, scan_shape, detector_shape, calibration, rows_per_block=rows_per_block,
-                                  provenance=prov, overwrite=overwrite)
-        self.nx = scan_shape[1]
+        self._create = functools.partial(create_store, self.path, scan_shape, detector_shape, calibration,
+                                         rows_per_block=rows_per_block, provenance=prov, overwrite=overwrite)
+        self.nx, self.n_positions = scan_shape[1], scan_shape[0] * scan_shape[1]
+        self.index_dtype = index_dtype_for(detector_shape)
+        self.store = None
+        self.encoding: str | None = None  # settled by the first batches
+        self._first: tuple[int, np.dtype] | None = None  # frames: (first piece's positions, weight dtype)
+        self._waiting: list[tuple] = []  # batches before the store exists
+        self._waiting_positions = 0
         self.block = 0
-        self._counts: list[np.ndarray] = []
-        self._indices: list[np.ndarray] = []
+        self._rows: list[tuple] = []  # entries of the block being filled
         self._have = 0
         self.events = 0
 
-    def add(self, counts, indices) -> None:
-        counts = np.asarray(counts).ravel()
-        indices = np.asarray(indices).ravel()
+    def frame_entries(self, frames: np.ndarray) -> tuple:
+        """Counted frames (m, det_y, det_x) → (entries per position, indices, weights or None,
+        electrons per position), one entry per electron once the store is settled on events,
+        else one per counted pixel."""
+        flat = np.ascontiguousarray(frames).reshape(frames.shape[0], -1)
+        if self._first is None and self.encoding is None:
+            first = next(pieces(0, self.n_positions, self.nx, flat.shape[1] * frames.dtype.itemsize))
+            self._first = (first[1], weight_dtype_for(frames.dtype))
+        if self.encoding == "events":
+            electrons, indices, n_bad = counted_frames_to_events(flat, self.index_dtype)
+            entries, weights = electrons, None
+        else:
+            weight_dtype = self._first[1] if self.store is None else self.store.weight_dtype
+            entries, indices, weights, n_bad, top = counted_frames_to_weighted(flat, self.index_dtype, weight_dtype)
+            if top > np.iinfo(weight_dtype).max:
+                raise ValueError(f"a pixel counts {top} electrons, more than a {weight_dtype} weight holds")
+            electrons = position_sums(entries, weights)
+        if n_bad:
+            raise ValueError(f"{n_bad} pixels are negative or not whole numbers: cannot store them as electron counts")
+        return entries, indices, weights, electrons
+
+    def add(self, entries, indices, weights=None, electrons=None) -> None:
+        """The next positions' entries (``weights`` None: one per electron; ``electrons``: per
+        position, with weights)."""
+        batch = (np.asarray(entries).ravel(), np.asarray(indices).ravel(),
+                 None if weights is None else np.asarray(weights).ravel(),
+                 np.asarray(entries if weights is None else electrons).ravel())
+        if self.store is None:
+            self._waiting.append(batch)
+            self._waiting_positions += batch[0].size
+            if self._first is None or self._waiting_positions >= self._first[0]:
+                self._settle()
+            return
+        self._append(*batch)
+
+    def _settle(self) -> None:
+        """Choose the encoding from the batches so far, create the store, write what waits."""
+        waiting, self._waiting, self._waiting_positions = self._waiting, [], 0
+        if not waiting:
+            return
+        if self._first is None:  # events as they came
+            weights = waiting[0][2]
+            self.encoding = "events" if weights is None else "weighted"
+            weight_dtype = "uint16" if weights is None else weight_dtype_for(weights.dtype)
+            self.store = self._create(encoding=self.encoding, weight_dtype=weight_dtype)
+        else:  # frames: ingest's rule on its first piece (or on what came, if the scan ended before)
+            n, weight_dtype = self._first
+            entries = np.concatenate([w[0] for w in waiting])[:n]
+            electrons = np.concatenate([w[3] for w in waiting])[:n]
+            self.encoding, per_position = choose_encoding("auto", int(electrons.sum()), int(entries.sum()),
+                                                          entries.size, self.index_dtype, weight_dtype)
+            self.store = self._create(encoding=self.encoding, weight_dtype=weight_dtype,
+                                      bytes_per_position=per_position)
+        for batch in waiting:
+            self._append(*batch)
+
+    def _append(self, entries, indices, weights, electrons) -> None:
+        """Positions in the store's encoding, written a row block at a time."""
+        if self.store.weighted and weights is None:
+            weights = np.ones(indices.size, self.store.weight_dtype)
+        elif not self.store.weighted and weights is not None:
+            indices, weights, entries = np.repeat(indices, weights), None, electrons
         e = 0
-        while counts.size:
+        while entries.size:
             r0, r1 = self.store.block_rows(self.block)
-            need = (r1 - r0) * self.nx - self._have
-            take = min(need, counts.size)
-            n = int(counts[:take].sum(dtype=np.int64))
-            self._counts.append(counts[:take])
-            self._indices.append(indices[e : e + n])
+            take = min((r1 - r0) * self.nx - self._have, entries.size)
+            n = int(entries[:take].sum(dtype=np.int64))
+            self._rows.append((entries[:take], indices[e : e + n], None if weights is None else weights[e : e + n],
+                               electrons[:take]))
             self._have += take
-            counts, e = counts[take:], e + n
+            entries, electrons, e = entries[take:], electrons[take:], e + n
             if self._have == (r1 - r0) * self.nx:
-                self.store.write_block(self.block, np.concatenate(self._counts).reshape(r1 - r0, self.nx),
-                                       np.concatenate(self._indices))
-                self.events += sum(a.size for a in self._indices)
-                self.block += 1
-                self._counts, self._indices, self._have = [], [], 0
+                self._write_block(r1 - r0)
+
+    def _write_block(self, rows: int) -> None:
+        part = list(zip(*self._rows))
+        weights = None if part[2][0] is None else np.concatenate(part[2])
+        self.events += self.store.write_block(self.block, np.concatenate(part[0]).reshape(rows, self.nx),
+                                              np.concatenate(part[1]), weights=weights)
+        self.block += 1
+        self._rows, self._have = [], 0
 
     def describe(self) -> str:
-        rows = self.store.block_rows(self.block - 1)[1] if self.block else 0
-        return (f"{self.store.path}: {self.block} of {self.store.n_blocks} row blocks saved "
-                f"(scan rows 0..{rows - 1}, {self.events:,} events)" if self.block else
-                f"{self.store.path}: no complete row block yet (nothing saved)")
+        if not self.block:
+            return f"{self.path}: no complete row block yet (nothing saved)"
+        rows = self.store.block_rows(self.block - 1)[1]
+        return (f"{self.path}: {self.block} of {self.store.n_blocks} row blocks saved "
+                f"(scan rows 0..{rows - 1}, {self.events:,} electrons, encoding {self.encoding})")
 
-    def finish(self):
-        return self.store.finalize(source_events=self.events)
+    def finish(self, complete: bool):
+        """Write what waits for the encoding (a scan that ended early), then finalize a
+        ``complete`` scan's store (returned; else None)."""
+        self._settle()
+        return self.store.finalize(source_events=self.events) if complete else None
 
 
 def live_calibration(args, source) -> Calibration:

@@ -11,10 +11,13 @@ import pytest
 import xarray as xr
 
 import stemdask.events
+import stemdask.io
+import stemdask.io.dense
 from stemdask.cli import main
 from stemdask.live_session import LiveSession
 from stemdask.live_sources import MerlinSocket, StreamEnded, StreamError
 from stemdask.methods.integration import ricom
+from stemdask.optics import Calibration
 from stemdask.simulate import SimulationParams, simulate
 from stemdask.store import IncompleteStoreError, open_store
 from stemdask.testing.merlin import MerlinReplayServer, acquisition_header, encode_frames, write_mib
@@ -62,14 +65,22 @@ def assert_same_images(batch, result):
         assert np.nanmax(np.abs(b - r)) <= 1e-9 * np.nanmax(np.abs(b)), name
 
 
-def assert_same_store(a, b):
-    """The same electrons at the same positions (either store may be weighted: to_csr expands it)."""
+def assert_same_store(a, b, identical=False):
+    """The same electrons at the same positions (either store may be weighted: to_csr expands
+    it); ``identical``: also the same encoding, layout and entries block by block."""
     a, b = open_store(a), open_store(b)
     assert (a.scan_shape, a.detector_shape) == (b.scan_shape, b.detector_shape)
     assert a.calibration == b.calibration and a.n_events == b.n_events
     np.testing.assert_array_equal(a.counts(), b.counts())
     for x, y in zip(a.to_csr(), b.to_csr()):
         np.testing.assert_array_equal(x, y)
+    if identical:
+        layout = ("encoding", "weight_dtype", "index_dtype", "rows_per_block", "cap", "n_blocks")
+        assert [getattr(a, k) for k in layout] == [getattr(b, k) for k in layout]
+        for x, y in zip(a.iter_blocks(), b.iter_blocks()):
+            for part in ("counts", "entries", "indices", "weights"):
+                got, want = getattr(x, part), getattr(y, part)
+                assert (got is None) == (want is None) and (got is None or np.array_equal(got, want)), part
 
 
 def test_live_from_the_merlin_socket_equals_ingest_and_reconstruct(scan, capsys):
@@ -79,7 +90,54 @@ def test_live_from_the_merlin_socket_equals_ingest_and_reconstruct(scan, capsys)
     report = capsys.readouterr().out
     assert "480 of 480 positions" in report and "frames/s" in report and "latency" in report
     assert_same_images(scan["batch"], xr.open_zarr(out))
-    assert_same_store(scan["store"], saved)
+    assert_same_store(scan["store"], saved, identical=True)
+
+
+@pytest.mark.parametrize("dense,encoding", [(slice(13, 40), "weighted"), (slice(0, 0), "events")])
+def test_saved_frames_are_stored_as_ingest_stores_them(tmp_path, monkeypatch, dense, encoding):
+    """Dense frames are saved in the encoding ingest picks for the same frames, by ingest's rule
+    on its first piece (here 2 scan rows, arriving in batches of 13), in the same layout. The
+    frames are sparse (mostly single electrons: events are smaller) but for positions ``dense``
+    (several electrons a pixel: weighted is smaller): with 13..39 dense, the first batch alone
+    or the whole scan would choose events, the first piece weighted."""
+    monkeypatch.setattr(stemdask.io.dense, "PIECE_BYTES", 45 * DET * DET)  # first piece: 40 positions
+    mean = np.full(SCAN[0] * SCAN[1], 0.3)
+    mean[dense] = 3.0
+    frames = np.random.default_rng(1).poisson(mean[:, None, None], (mean.size, DET, DET)).astype(np.uint8)
+    np.save(tmp_path / "f.npy", frames)
+    stemdask.io.ingest(tmp_path / "f.npy", tmp_path / "ingested.zarr", scan_shape=SCAN, assume_defaults=True,
+                       progress=False)
+    calibration = open_store(tmp_path / "ingested.zarr").calibration
+    session = LiveSession(SCAN, (DET, DET), calibration, methods=("com",), reference=(16, 16),
+                          save=tmp_path / "live.zarr")
+    for a in range(0, len(frames), 13):
+        session.push_frames(frames[a : a + 13])
+    session.finish()
+    assert open_store(tmp_path / "live.zarr").encoding == encoding
+    assert_same_store(tmp_path / "ingested.zarr", tmp_path / "live.zarr", identical=True)
+
+
+def test_a_session_ended_before_its_encoding_was_chosen_still_saves_its_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(stemdask.io.dense, "PIECE_BYTES", 45 * DET * DET)
+    frames = np.random.default_rng(2).poisson(0.4, (25, DET, DET)).astype(np.uint8)
+    session = LiveSession(SCAN, (DET, DET), Calibration(), methods=("com",), reference=(16, 16),
+                          save=tmp_path / "live.zarr", rows_per_block=1)
+    session.push_frames(frames)  # 25 of the 40 positions the rule looks at
+    assert session.saved.endswith("no complete row block yet (nothing saved)")
+    assert session.finish() is None
+    assert "1 of 24 row blocks saved (scan rows 0..0, " in session.saved
+    store = open_store(tmp_path / "live.zarr", allow_incomplete=True)
+    assert store.committed_blocks().tolist() == [True] + [False] * 23
+    np.testing.assert_array_equal(store.read_block(0).counts[0], frames[:20].reshape(20, -1).sum(1))
+
+
+def test_save_refuses_an_existing_store_before_the_scan(tmp_path):
+    (tmp_path / "x.zarr").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        LiveSession(SCAN, (DET, DET), Calibration(), methods=("com",), reference=(16, 16), save=tmp_path / "x.zarr")
+    with pytest.raises(FileExistsError, match="is not a Zarr store; refusing to delete it"):
+        LiveSession(SCAN, (DET, DET), Calibration(), methods=("com",), reference=(16, 16), save=tmp_path / "x.zarr",
+                    overwrite=True)
 
 
 def test_replayed_mib_file_at_a_rate_equals_batch(scan):
@@ -167,9 +225,10 @@ def test_dropped_connection_stops_cleanly_with_committed_rows_saved(scan, capsys
         open_store(saved)
     store = open_store(saved, allow_incomplete=True)
     assert store.committed_blocks().tolist() == [True, True, False, False]
-    ingested = open_store(scan["store"])
-    assert np.array_equal(store.read_block(1).indices, _rows(ingested, 7, 14)[1])
-    assert np.array_equal(store.read_block(1).counts, _rows(ingested, 7, 14)[0])
+    ingested, block = open_store(scan["store"]), store.read_block(1)
+    assert store.encoding == "weighted"  # as ingest stores these frames
+    assert np.array_equal(np.repeat(block.indices, block.weights), _rows(ingested, 7, 14)[1])
+    assert np.array_equal(block.counts, _rows(ingested, 7, 14)[0])
     partial = xr.open_zarr(scan["tmp"] / "partial.zarr")
     assert partial.attrs["positions_done"] == 300 and not partial.attrs["complete"]
 

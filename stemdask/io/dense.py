@@ -71,6 +71,31 @@ def weight_dtype_for(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.uint32)
 
 
+def pieces(p0: int, p1: int, nx: int, frame_bytes: int):
+    """Split positions [p0, p1) of an ``nx``-wide scan into pieces of ≤ :data:`PIECE_BYTES`
+    of frames (``frame_bytes`` each): whole scan rows, or parts of one row."""
+    per = max(1, PIECE_BYTES // frame_bytes)
+    if per >= nx:
+        step = (per // nx) * nx
+        yield from ((a, min(a + step, p1)) for a in range(p0, p1, step))
+    else:
+        for row0 in range(p0, p1, nx):
+            yield from ((a, min(a + per, row0 + nx)) for a in range(row0, row0 + nx, per))
+
+
+def choose_encoding(asked: str, electrons: int, nonzero: int, positions: int, index_dtype,
+                    weight_dtype) -> tuple[str, float]:
+    """The encoding of counted frames, from ``electrons`` and ``nonzero`` (counted pixels) on
+    ``positions`` positions (ingest's and live's first piece, :func:`pieces`): ``asked``, or
+    with ``"auto"`` the one whose entries take fewer bytes — one index per electron
+    ("events") or an index and a weight per counted pixel, plus the per-position entries
+    array ("weighted"). Returns it with its entry bytes per position."""
+    events = np.dtype(index_dtype).itemsize * electrons / positions
+    weighted = (np.dtype(index_dtype).itemsize + np.dtype(weight_dtype).itemsize) * nonzero / positions + 4
+    chosen = asked if asked != "auto" else ("weighted" if weighted < events else "events")
+    return chosen, weighted if chosen == "weighted" else events
+
+
 def split_h5_path(spec: str) -> tuple[Path, str | None]:
     """``"file.h5:/group/data"`` → (file, "/group/data"); a plain path → (path, None)."""
     head, sep, tail = str(spec).rpartition(":/")
@@ -221,21 +246,16 @@ class DenseSource(Source):
 
     def _choose_encoding(self, asked: str) -> tuple[str, float]:
         """Read and check the first piece (so that data a store cannot hold are refused
-        before one exists) and settle the encoding: ``asked``, or with ``"auto"`` the one whose
-        entries take fewer bytes on the first piece — one index per electron ("events") or an
-        index and a weight per counted pixel ("weighted"). Returns it with its estimated
-        entry bytes per position."""
+        before one exists) and settle the encoding (:func:`choose_encoding`). Returns it with
+        its estimated entry bytes per position."""
         with self._frames() as arr:
             a, b = next(self._pieces(0, self.scan_shape[0] * self.scan_shape[1]))
             frames = self._read(arr, a, b)
-        idx = self.index_dtype.itemsize
         if self.mode == "threshold":
-            return "events", idx * np.count_nonzero(frames > self.threshold) / (b - a)
+            return "events", self.index_dtype.itemsize * np.count_nonzero(frames > self.threshold) / (b - a)
         electrons, nonzero = self._counted(frames, f"positions {a}..{b - 1}")
-        events = idx * int(electrons.sum()) / (b - a)
-        weighted = (idx + self.weight_dtype.itemsize) * int(nonzero.sum()) / (b - a) + 4  # + the entries array
-        chosen = asked if asked != "auto" else ("weighted" if weighted < events else "events")
-        return chosen, weighted if chosen == "weighted" else events
+        return choose_encoding(asked, int(electrons.sum()), int(nonzero.sum()), b - a, self.index_dtype,
+                               self.weight_dtype)
 
     def _check_frames_range(self, path, frames_range, n: int) -> tuple[int, int] | None:
         """The frames ``[start, stop)`` of an ``n``-frame stack that make the scan: all of them
@@ -304,15 +324,7 @@ class DenseSource(Source):
         return self._lazy
 
     def _pieces(self, p0: int, p1: int):
-        """Split positions [p0, p1) into pieces of ≤ PIECE_BYTES, whole scan rows or within one row."""
-        nx = self.scan_shape[1]
-        per = max(1, PIECE_BYTES // self.frame_bytes)
-        if per >= nx:
-            step = (per // nx) * nx
-            yield from ((a, min(a + step, p1)) for a in range(p0, p1, step))
-        else:
-            for row0 in range(p0, p1, nx):
-                yield from ((a, min(a + per, row0 + nx)) for a in range(row0, row0 + nx, per))
+        return pieces(p0, p1, self.scan_shape[1], self.frame_bytes)
 
     def _read(self, arr, a: int, b: int) -> np.ndarray:
         """Frames of positions [a, b) as a C-contiguous native-endian (b - a, D) array."""
