@@ -1,12 +1,14 @@
 """Calibration from the data alone: detector defects, BF disk, descan, scan rotation, flip, defocus.
 
-:func:`calibrate` reads the events two to four times:
+:func:`calibrate` reads the events one to four times:
 
 1. the PACBED, and dense patterns of the whole detector binned to ≤ 40 px a side over a scan
-   binned to ≤ 128 positions a side;
+   binned to ≤ 128 positions a side, and the COM in the window the stored or nominal BF disk
+   predicts (:func:`_planned_window`);
 2. the COM inside the BF disk's window (radius + :data:`COM_MARGIN_PX`, masked pixels filled;
-   repeated with a wider window when the fitted drift needs it, at most three times); with a
-   vacuum scan (``vacuum=``) also its PACBED and COM.
+   repeated with a wider window when the fitted drift needs it, at most three times) — unless
+   the fitted disk and the defects give the window pass 1 already read; with a vacuum scan
+   (``vacuum=``) also its PACBED and COM.
 
 From the PACBED: hot and dead pixels and lines (:func:`~stemdask.calibrate.disk.find_defects`),
 joined with a user mask, then the BF disk from its edge
@@ -132,7 +134,9 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
     f = max(1, math.ceil(max(ds.scan_shape) / SCAN_BINNED))
     small = raw.bin_scan(f) if f > 1 else raw
     whole = small.densify(radius_px=max(det) / 2 + 1, center=(det[0] / 2, det[1] / 2), bin=b0)
-    pacbed, dense = dask.compute(raw.pacbed().data, whole.data)
+    plan = _planned_window(cal, det)  # the COM window the stored or nominal disk predicts: read in this pass too
+    planned_com = [] if plan is None else [raw.with_mask(~plan, np.zeros(det)).com(reference=(0.0, 0.0))]
+    pacbed, dense, *planned_com = dask.compute(raw.pacbed().data, whole.data, *planned_com)
     pacbed = np.asarray(pacbed, dtype=np.float64)
 
     defects = find_defects(pacbed) if detect_defects else {"mask": np.zeros(det, bool), "hot": np.zeros(det, bool),
@@ -157,7 +161,10 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
     vacuum_record = None if vacuum is None else _vacuum_descan(vacuum, ds, full_mask, descan)
     for _ in range(3):
         keep, region_fill = _bf_window(full_mask, filled, disk, disk["radius"] + margin)
-        bf_com = raw.with_mask(~keep, region_fill).com(reference=(0.0, 0.0)).compute()
+        if planned_com and np.array_equal(keep, plan) and not region_fill.any():
+            bf_com = planned_com.pop()  # the window the first pass read was the right one
+        else:
+            bf_com = raw.with_mask(~keep, region_fill).com(reference=(0.0, 0.0)).compute()
         com_y, com_x = bf_com.com_y.values, bf_com.com_x.values
         own, c0 = fit_descan(com_y, com_x, descan)
         record = corrected(own, _response(filled, keep, region_fill)) if vacuum is None else vacuum_record
@@ -240,12 +247,35 @@ def _fill_weights(filled, masked, kept) -> np.ndarray:
 
 
 def _bf_window(mask, filled, disk, radius) -> tuple[np.ndarray, np.ndarray]:
-    """The pixels within ``radius`` of the PACBED's disk centre that are not masked (bool), and
-    the fill weights of the masked ones among them (from the PACBED ``filled``)."""
-    yy, xx = np.indices(mask.shape)
-    outside = np.hypot(yy - disk["center"][0], xx - disk["center"][1]) > radius
+    """The pixels of the window (:func:`_window_outside`) around the PACBED's disk centre that
+    are not masked (bool), and the fill weights of the masked ones among them (from the PACBED
+    ``filled``)."""
+    outside = _window_outside(mask.shape, disk["center"], radius)
     keep = ~(mask | outside)
     return keep, _fill_weights(filled, mask & ~outside, keep)
+
+
+def _window_outside(shape, center, radius) -> np.ndarray:
+    """Pixels farther than ⌈radius⌉ from ``center`` rounded to half a pixel: a whole-pixel
+    geometry, so that the window planned from the stored or nominal disk before the PACBED is
+    read (:func:`_planned_window`) is mostly the very window of the fitted disk."""
+    cy, cx = (round(2 * c) / 2 for c in center)
+    yy, xx = np.indices(shape)
+    return np.hypot(yy - cy, xx - cx) > math.ceil(radius)
+
+
+def _planned_window(cal, det) -> np.ndarray | None:
+    """The COM window (bool, True = in) of the disk the calibration predicts — the stored BF disk,
+    else the nominal one (semi-angle / pixel size at the detector centre, k = 0 at N/2) — with no
+    masked pixels, or None where it predicts none. :func:`calibrate` computes its COM in the
+    first pass and uses it where the fitted disk and the defects found give the same window."""
+    if cal.bf_center is not None and cal.bf_radius is not None:
+        center, radius = cal.bf_center, cal.bf_radius
+    elif cal.semiangle_mrad and cal.detector_pixel_mrad:
+        center, radius = (det[0] / 2, det[1] / 2), cal.semiangle_mrad / cal.detector_pixel_mrad
+    else:
+        return None
+    return ~_window_outside(det, center, radius + COM_MARGIN_PX)
 
 
 def _max_drift_px(record, scan_shape) -> float:
