@@ -229,8 +229,12 @@ def _print_result_info(info: dict) -> None:
     for name, v in info["variables"].items():
         lines.append(f"  {name:16s} {' × '.join(map(str, v['shape']))} ({', '.join(v['dims'])})"
                      f"  {v['units'] or 'no units'}" + (f"  {v['long_name']}" if v["long_name"] else ""))
-    lines.append(f"source store {info.get('store')}  ({info.get('store_n_events', 0):,} events, "
-                 f"source SHA-256 {str(info.get('source_sha256'))[:16]}…)")
+    if info.get("source") is not None:  # a live session's
+        lines.append(f"source       {info['source']} ({info.get('positions_done', '?')} of "
+                     f"{info.get('n_positions', '?')} positions{'' if info.get('complete') else ', INCOMPLETE'})")
+    if info.get("store") is not None:
+        lines.append(f"source store {info['store']}  ({info.get('store_n_events', 0):,} events"
+                     + (f", source SHA-256 {str(info['source_sha256'])[:16]}…)" if info.get("source_sha256") else ")"))
     if cal is not None:
         lines += _calibration_lines(cal)
     print("\n".join(lines))

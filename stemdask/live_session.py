@@ -335,7 +335,7 @@ class LiveSession(ScanProgress):
     def result(self) -> xr.Dataset:
         """The products as an xarray Dataset with the variable names of ``stemdask reconstruct``
         (a name two methods produce is prefixed with each: ``ricom_phase``, ``ssb_phase``)."""
-        from .reconstruct import merge_method_parts
+        from .reconstruct import calibration_record, merge_method_parts
 
         snap = self.snapshot()
         (ny, nx), (sy, sx) = self.scan_shape, self.calibration.scan_step_a
@@ -360,7 +360,8 @@ class LiveSession(ScanProgress):
         merged = merge_method_parts({m: xr.Dataset({k: xr.Variable(dims, *v) for k, v in part.items()}, coords=coords)
                                      for m, part in parts.items()})
         merged.attrs = {"methods": list(self.methods), "positions_done": self.positions_done,
-                        "n_positions": self.n_positions, "complete": self.done}
+                        "n_positions": self.n_positions, "complete": self.done,
+                        **calibration_record(self.calibration)}
         return merged
 
     # ------------------------------------------------------------------ running
@@ -577,6 +578,8 @@ def run_live(args) -> int:
     if args.out:
         result = session.result()
         result.attrs.update({"format": RESULT_FORMAT, "source": str(args.source)})
+        if store is not None:
+            result.attrs.update({"store": str(store.path.resolve()), "store_n_events": int(store.n_events)})
         write_result(result, args.out, overwrite=args.overwrite, progress=False)
     lat = np.array(session.latencies) * 1e3
     summary = (f"{session.positions_done:,} of {session.n_positions:,} positions, "

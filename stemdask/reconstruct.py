@@ -92,21 +92,27 @@ def method_options(methods: list[str], args: argparse.Namespace) -> dict:
 
 def run_record(ds, methods: list[str], args: argparse.Namespace | None) -> dict:
     """The result's Dataset attrs: how it was made (module docstring)."""
-    from . import __version__
-
-    cal = ds.calibration
-    origins = dict(cal.origins)
-    assumed = sorted(k for k, v in origins.items() if v == "assumed")
     return {
         "format": RESULT_FORMAT,
         "methods": list(methods),
         "method_options": json.dumps(method_options(methods, args) if args is not None else {}),
-        "calibration": json.dumps(cal.to_dict()),
-        "calibration_origins": json.dumps(origins),
-        "assumed_values": assumed,
+        **calibration_record(ds.calibration),
         "store": str(Path(ds.store.path).resolve()),
         "store_n_events": int(ds.store.n_events),
         "source_sha256": str(ds.store.provenance.get("source_sha256")),
+    }
+
+
+def calibration_record(cal) -> dict:
+    """The calibration part of a result's attrs (batch and live): the calibration used, its
+    origins, the fields nobody measured or gave, and the stemdask version."""
+    from . import __version__
+
+    origins = dict(cal.origins)
+    return {
+        "calibration": json.dumps(cal.to_dict()),
+        "calibration_origins": json.dumps(origins),
+        "assumed_values": sorted(k for k, v in origins.items() if v == "assumed"),
         "stemdask_version": __version__,
     }
 

@@ -3,6 +3,7 @@ retunable mid-scan, saved as it arrives, and each fault one clear line (exit 2) 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -91,6 +92,14 @@ def test_live_from_the_merlin_socket_equals_ingest_and_reconstruct(scan, capsys)
     assert "480 of 480 positions" in report and "frames/s" in report and "latency" in report
     assert_same_images(scan["batch"], xr.open_zarr(out))
     assert_same_store(scan["store"], saved, identical=True)
+    # the result records how it was made: the calibration used, the source, the saved store
+    attrs = xr.open_zarr(out).attrs
+    assert Calibration.from_dict(json.loads(attrs["calibration"])) == open_store(saved).calibration
+    assert attrs["source"] == server.url and attrs["store"] == str(saved.resolve())
+    assert attrs["store_n_events"] == open_store(saved).n_events and attrs["stemdask_version"]
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert f"source       {server.url} (480 of 480 positions)" in info and f"source store {saved.resolve()}" in info
 
 
 @pytest.mark.parametrize("dense,encoding", [(slice(13, 40), "weighted"), (slice(0, 0), "events")])
