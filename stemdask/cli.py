@@ -15,6 +15,16 @@ from .store import FORMAT_NAME, StoreError, open_store
 
 CLUSTER_HELP = "run on a Dask cluster: a profile name (local, local-lowmem, local-cuda, slurm, slurm-gpu, pbs), " \
     "a profile YAML, or a scheduler address tcp://host:port (default: threads in this process)"
+#: The default of --cluster-timeout (s); stemdask.cluster.DEFAULT_TIMEOUT, not imported here (start-up time).
+CLUSTER_TIMEOUT = 300.0
+
+
+def add_cluster_options(p, default=None, cluster_help=CLUSTER_HELP) -> None:
+    """--cluster and --cluster-timeout."""
+    p.add_argument("--cluster", default=default, help=cluster_help)
+    p.add_argument("--cluster-timeout", type=float, default=CLUSTER_TIMEOUT, metavar="S",
+                   help=f"SLURM/PBS: longest wait for the first worker's job to start, s (default {CLUSTER_TIMEOUT:g}); "
+                        "then every job is cancelled and the command stops")
 
 
 class CLIError(Exception):
@@ -490,7 +500,25 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.out, scan=args.scan, detector=args.detector, dose=args.dose, c10=args.c10, seed=args.seed,
-             cluster=None if args.cluster == "none" else args.cluster, progress=not args.quiet)
+             cluster=None if args.cluster == "none" else args.cluster, cluster_timeout=args.cluster_timeout,
+             progress=not args.quiet)
+    return 0
+
+
+def cmd_cluster_show(args) -> int:
+    import yaml
+
+    from .cluster import job_script, load_profile
+
+    profile = load_profile(args.profile)
+    print(f"# profile {args.profile}, as stemdask resolves it")
+    print(yaml.safe_dump(profile, sort_keys=False).rstrip())
+    script = job_script(profile)
+    if script is None:
+        print(f"# a {profile['cluster']} cluster starts its workers on this machine: no job script")
+    else:
+        print(f"# the job script each of its {profile.get('scale', 0)} job(s) would run (not submitted)")
+        print(script.rstrip())
     return 0
 
 
@@ -511,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c10", type=float, default=0.0, metavar="Å",
                    help="simulated defocus C10 (Å; default 0); reconstruct is not told: SSB uses the C10 calibrate estimates")
     p.add_argument("--seed", type=int, default=1, help="random seed of the simulation (default 1)")
-    p.add_argument("--cluster", default="local", help=CLUSTER_HELP + "; 'none' for threads (default local)")
+    add_cluster_options(p, "local", CLUSTER_HELP + "; 'none' for threads (default local)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -549,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "into the dark field (default 0; --realistic 0.05)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--cluster", help=CLUSTER_HELP)
+    add_cluster_options(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("ingest", help="convert detector data into an event store")
@@ -583,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--resume", action="store_true", help="finish an interrupted ingest into OUT")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--cluster", help=CLUSTER_HELP)
+    add_cluster_options(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("info", help="describe an event store or a result store (where each optics value came from)")
@@ -615,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "an iCOM image)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON (default: summary lines)")
     p.add_argument("--dry-run", action="store_true", help="print, do not store (default: store)")
-    p.add_argument("--cluster", help=CLUSTER_HELP)
+    add_cluster_options(p)
     p.set_defaults(func=cmd_calibrate)
 
     methods = load_methods()
@@ -634,8 +662,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     for m in methods.values():
         m.add_arguments(p)
-    add_option(p, "--cluster", help=CLUSTER_HELP)
+    add_cluster_options(p)
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("cluster", help="show a cluster profile as it resolves, and the job script it would submit")
+    csub = p.add_subparsers(dest="action", required=True)
+    q = csub.add_parser("show", help="print the resolved profile and its SLURM/PBS job script; submits nothing")
+    q.add_argument("profile", help="a profile name (local, local-lowmem, local-cuda, slurm, slurm-gpu, pbs) or a YAML file")
+    q.set_defaults(func=cmd_cluster_show)
 
     add_live_parser(sub)
     return parser
@@ -658,13 +692,13 @@ def worker_death_message(e, client) -> str:
 
 
 def main(argv=None) -> int:
-    from .cluster import connect
+    from .cluster import ClusterError, connect
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command in ("simulate", "ingest", "calibrate", "reconstruct"):
-            with connect(args.cluster) as client:
+            with connect(args.cluster, timeout=args.cluster_timeout) as client:
                 try:
                     return args.func(args)
                 except Exception as e:
@@ -672,8 +706,8 @@ def main(argv=None) -> int:
                         raise
                     raise CLIError(worker_death_message(e, client)) from None
         return args.func(args)
-    except (CLIError, StoreError, StalledError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError,
-            ImportError) as e:
+    except (CLIError, StoreError, StalledError, ClusterError, ValueError, FileExistsError, FileNotFoundError,
+            KeyError, OSError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"stemdask {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -45,14 +45,15 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector: int = 64, dose: float = 2000.0,
-             c10: float = 0.0, seed: int = 1, cluster: str | None = "local", progress: bool = True,
-             overwrite: bool = True) -> dict:
+             c10: float = 0.0, seed: int = 1, cluster: str | None = "local", cluster_timeout: float = 300.0,
+             progress: bool = True, overwrite: bool = True) -> dict:
     """Run the demo into ``out_dir``; returns paths, timings, each phase image's r with the truth
     and the calibration found.
 
     The sample has thermal diffuse scattering (``tds=0.05``), so its ADF image is bright at the
     columns as a real one is. ``c10`` (Å) is the simulated defocus only: reconstruct is given no
     C10, so SSB uses the estimate ``calibrate`` stored (and says so), as it would on real data.
+    ``cluster``/``cluster_timeout``: as :func:`stemdask.cluster.connect`.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -94,7 +95,7 @@ def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector
     say(f"4/5 reconstructing on a {'local Dask cluster' if cluster else 'threaded scheduler'}: "
         "virtual BF/ADF, COM, iCOM, DPC, riCOM, SSB (one pass over the events)")
     t = time.perf_counter()
-    with connect(cluster):
+    with connect(cluster, timeout=cluster_timeout):
         ds = open_dataset(store.path)
         method_args = _method_args()  # no C10: SSB takes the calibrated estimate
         result = build_result(ds, ["com", *PHASE_METHODS], method_args)

@@ -1,9 +1,12 @@
 """Cluster profiles: loading, errors, and the job scripts SLURM/PBS would receive."""
 
+import os
+
 import pytest
 import yaml
 
-from stemdask.cluster import connect, load_profile, make_cluster, profile_names
+from stemdask.cli import main
+from stemdask.cluster import connect, job_script, load_profile, profile_names
 
 
 def test_unknown_profile_names_the_choices():
@@ -30,13 +33,7 @@ def test_every_shipped_profile_parses():
 
 def _script(name: str, **override) -> str:
     pytest.importorskip("dask_jobqueue")
-    profile = {k: v for k, v in load_profile(name).items() if k != "scale"}
-    profile.update(override)
-    cluster = make_cluster(profile)
-    try:
-        return cluster.job_script()
-    finally:
-        cluster.close()
+    return job_script({**load_profile(name), **override})
 
 
 def test_slurm_job_script_carries_directives_and_worker_command():
@@ -45,6 +42,8 @@ def test_slurm_job_script_carries_directives_and_worker_command():
                  "#SBATCH --constraint=cpu", "source ~/stemdask-env/bin/activate"]:
         assert line in script
     assert "distributed.cli.dask_worker" in script and "--nworkers 8" in script and "--nthreads 4" in script
+    # the worker runs the `python` the prologue put on PATH, not this process's absolute interpreter
+    assert "\npython -m distributed.cli.dask_worker" in script
 
 
 def test_slurm_gpu_job_runs_dask_cuda_worker():
@@ -76,3 +75,49 @@ def test_local_profile_connects_and_computes(tmp_path):
 def test_no_spec_starts_nothing():
     with connect(None) as client:
         assert client is None
+
+
+def test_cluster_show_prints_the_profile_and_its_job_script_without_submitting(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("dask_jobqueue")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: showing needs none, and submits nothing
+    assert main(["cluster", "show", "slurm"]) == 0
+    out = capsys.readouterr().out
+    assert "queue: regular" in out and "#SBATCH -p regular" in out and "(not submitted)" in out
+    assert "python -m distributed.cli.dask_worker" in out
+    assert main(["cluster", "show", "local"]) == 0
+    assert "no job script" in capsys.readouterr().out
+    assert main(["cluster", "show", "nope"]) == 2
+    assert "unknown cluster profile 'nope'" in capsys.readouterr().err
+
+
+def _slurm_profile(tmp_path, **extra):
+    p = tmp_path / "tiny-slurm.yaml"
+    p.write_text(yaml.safe_dump({"cluster": "slurm", "queue": "debug", "cores": 1, "processes": 1, "memory": "1GB",
+                                 "walltime": "00:05:00", "scale": 1, "python": "python", **extra}))
+    return p
+
+
+def test_missing_submission_command_is_one_line(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("dask_jobqueue")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    rc = main(["reconstruct", str(tmp_path / "s.zarr"), "--method", "com", "--out", str(tmp_path / "r.zarr"),
+               "--cluster", str(_slurm_profile(tmp_path))])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "submits its workers with 'sbatch', which is not on PATH" in err
+
+
+def test_refused_submission_is_one_line_and_does_not_hang(tmp_path, monkeypatch, capsys):
+    """An sbatch that refuses every job (as for a partition that does not exist) — a stand-in
+    on PATH; tests/test_slurm.py does the same against a real SLURM."""
+    pytest.importorskip("dask_jobqueue")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: debug' >&2\nexit 1\n")
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    rc = main(["reconstruct", str(tmp_path / "s.zarr"), "--method", "com", "--out", str(tmp_path / "r.zarr"),
+               "--cluster", str(_slurm_profile(tmp_path)), "--cluster-timeout", "60"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "sbatch refused the job: sbatch: error: invalid partition specified: debug" in err
