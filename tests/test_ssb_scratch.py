@@ -100,3 +100,29 @@ def test_temporary_scratch_outlives_the_result_object():
     got = phase.values
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+def test_spilled_g_goes_under_the_configured_scratch_folder(tmp_path):
+    counts, _, cal = simulated(scan=(16, 16), detector=16, dose=1e3)
+    with dask.config.set({"stemdask.scratch": str(tmp_path / "shared")}):
+        result = ssb(as_dense(counts, cal), cal, scratch_threshold=1000).keep()
+    assert str(result.scratch).startswith(str(tmp_path / "shared" / "stemdask-ssb-"))
+    np.testing.assert_array_equal(result.phase.values, ssb(as_dense(counts, cal), cal).phase.values)
+
+
+def test_workers_on_another_host_need_a_shared_scratch_folder(tmp_path):
+    """A worker listening on 127.0.0.2 — an address that is not this machine's own — stands for a
+    worker on another node: it could not read this machine's temporary folder, so SSB refuses
+    to spill G there, in one line, until a shared folder is given."""
+    distributed = pytest.importorskip("distributed")
+    counts, _, cal = simulated(scan=(16, 16), detector=16, dose=1e3)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
+                                  host="127.0.0.2", dashboard_address=None) as cluster, distributed.Client(cluster):
+        with pytest.raises(ValueError, match=r"workers on other hosts \(127\.0\.0\.2\) cannot read this machine's "
+                                             r"temporary folder: give --scratch DIR"):
+            ssb(as_dense(counts, cal), cal, scratch_threshold=1000).keep()
+        with dask.config.set({"stemdask.scratch": str(tmp_path)}):
+            result = ssb(as_dense(counts, cal), cal, scratch_threshold=1000).keep()
+            assert str(result.scratch).startswith(str(tmp_path))
+            phase = result.phase.values
+    np.testing.assert_array_equal(phase, ssb(as_dense(counts, cal), cal).phase.values)

@@ -55,9 +55,11 @@ underfocus (abTEM ``defocus`` = −C10). Positive projected potential gives posi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
+import socket
 import sys
 import tempfile
 import warnings
@@ -134,6 +136,39 @@ def _aberrations(aberrations: Aberrations | dict | None, **coefficients) -> Aber
     return dataclasses.replace(aberrations, **coefficients) if coefficients else aberrations
 
 
+#: The dask config key of the folder SSB spills G into when no path is given (``--scratch``).
+SCRATCH_CONFIG = "stemdask.scratch"
+
+
+def _remote_worker_hosts(client) -> list[str]:
+    """Addresses of the client's workers that are not this machine's."""
+    from distributed.utils import get_ip
+
+    local = {"127.0.0.1", "::1", "localhost", socket.gethostname(), get_ip()}
+    with contextlib.suppress(OSError):
+        local.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    hosts = {w.get("host") for w in client.scheduler_info(n_workers=-1)["workers"].values()}
+    return sorted(h for h in hosts if h and h not in local)
+
+
+def _spill_folder(nbytes: int) -> tempfile.TemporaryDirectory:
+    """A temporary folder for G (``nbytes``) under the configured scratch folder
+    (:data:`SCRATCH_CONFIG`), else under this machine's temporary folder — refused when the
+    active cluster has workers on other hosts, which could not read it."""
+    root = dask.config.get(SCRATCH_CONFIG, None)
+    client = active_client()
+    if root is None and client is not None:
+        remote = _remote_worker_hosts(client)
+        if remote:
+            raise ValueError(f"SSB keeps G ({nbytes / 2**30:.2f} GiB, more than half the workers' memory) in a scratch "
+                             f"store, and workers on other hosts ({', '.join(remote[:3])}{' …' if len(remote) > 3 else ''}) "
+                             "cannot read this machine's temporary folder: give --scratch DIR on a filesystem every "
+                             f"node sees (dask config {SCRATCH_CONFIG!r})")
+    if root is not None:
+        os.makedirs(root, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix="stemdask-ssb-", dir=root)
+
+
 def _default_scratch_threshold() -> int:
     """Half the memory of the active cluster's workers, else half this machine's memory (bytes)."""
     client = active_client()
@@ -190,15 +225,16 @@ class SSBResult:
         In memory (``persist``: distributed memory when a client is active) unless a scratch
         path is given (here or to :func:`ssb`) or G is larger than ``scratch_threshold``
         bytes (default: half the cluster's worker memory, or of this machine's): then G is
-        written to a Zarr store (a temporary directory when no path is given) and read back
-        lazily chunk by chunk.
+        written to a Zarr store (when no path is given, in a temporary folder under the dask
+        config's ``stemdask.scratch`` — ``--scratch`` — or this machine's temporary folder, which
+        is refused when workers run on other hosts) and read back lazily chunk by chunk.
         """
         if self.kept:
             return self
         path = scratch or self.scratch
         threshold = self.scratch_threshold if self.scratch_threshold is not None else _default_scratch_threshold()
         if path is None and self.G.nbytes > threshold:
-            self._tmp = tempfile.TemporaryDirectory(prefix="stemdask-ssb-")
+            self._tmp = _spill_folder(self.G.nbytes)
             path = os.path.join(self._tmp.name, "G.zarr")
         if path is not None:
             xp = array_module(self.G._meta)
@@ -597,6 +633,10 @@ def _add_arguments(parser) -> None:
                     "(needs the gpu extra; use with --cluster local-cuda or slurm-gpu)")
     add_option(parser, "--quantitative", action="store_true",
                help="SSB: unit transfer (per-frequency trotter average) instead of the SNR-optimal sum")
+    add_option(parser, "--scratch", metavar="DIR",
+               help="SSB: folder for G when it outgrows half the workers' memory, on a filesystem every worker sees "
+                    "(default: dask config 'stemdask.scratch', else this machine's temporary folder — refused "
+                    "with workers on other hosts)")
 
 
 def defocus_from_args(args, calibration: Calibration) -> tuple[float, str]:
@@ -675,6 +715,12 @@ def signed_c10(result: SSBResult, magnitude: float, span: float | None = None) -
 
 @register("ssb", "single-sideband ptychography phase (rad)", _add_arguments)
 def run(ds, args) -> xr.Dataset:
+    scratch = getattr(args, "scratch", None)
+    with dask.config.set({SCRATCH_CONFIG: scratch} if scratch else {}):
+        return _run(ds, args)
+
+
+def _run(ds, args) -> xr.Dataset:
     dense = ds.densify(bin=args.bin)
     if getattr(args, "gpu", False):
         dense = to_gpu(dense)
