@@ -41,7 +41,7 @@ SlurmdPidFile=/run/slurmd.pid
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
-pgrep -x slurmctld >/dev/null || slurmctld
+pgrep -x slurmctld >/dev/null || slurmctld -c  # -c: a fresh start, no jobs recovered from an earlier one
 pgrep -x slurmd >/dev/null || slurmd
 for _ in $(seq 60); do
   if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then echo "slurm: node $host up ($cpus CPUs, $mem_mb MB)"; exit 0; fi

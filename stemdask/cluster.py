@@ -126,8 +126,10 @@ def _closed_on_close(job_cls):
 
     class Job(job_cls):
         async def close(self):
-            await super().close()
-            self.status = Status.closed
+            try:
+                await super().close()
+            finally:
+                self.status = Status.closed
 
     Job.__name__ = Job.__qualname__ = job_cls.__name__
     return Job
@@ -146,26 +148,30 @@ def job_script(profile: dict) -> str | None:
 
 
 class _SubmitErrors(logging.Handler):
-    """Keeps the job-submission failures that distributed logs from its event loop (with a
-    traceback, through tornado) instead of raising them, and stops them reaching the terminal."""
+    """While a cluster starts: keeps the exceptions that distributed logs from its event loop
+    (a job submission that failed, with a traceback through tornado) instead of letting them
+    reach the terminal — the caller raises them in one line; other records go on as before."""
 
     LOGGERS = ("tornado.application", "distributed.deploy.spec", "asyncio")
 
     def __init__(self):
         super().__init__(logging.ERROR)
-        self.errors: list[str] = []
+        self.errors: list[BaseException] = []
 
     def emit(self, record):
-        exc = record.exc_info[1] if record.exc_info else None
-        text = str(exc) if exc is not None else record.getMessage()
-        if "Command exited with non-zero exit code" in text or "exit code" in text.lower():
-            self.errors.append(text)
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+            return
+        for handler in self._handlers.get(record.name, ()):  # not an exception: as without us
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
     def __enter__(self):
-        self._saved = []
+        self._saved, self._handlers = [], {}
         for name in self.LOGGERS:  # distributed gives tornado.application a handler of its own
             log = logging.getLogger(name)
             self._saved.append((log, log.handlers, log.propagate))
+            self._handlers[name] = log.handlers or logging.getLogger().handlers
             log.handlers, log.propagate = [self], False
         return self
 
@@ -174,10 +180,14 @@ class _SubmitErrors(logging.Handler):
             log.handlers, log.propagate = handlers, propagate
 
 
-def _stderr_of(error: str) -> str:
-    """The scheduler's own words from dask-jobqueue's 'Command exited …' text: its stderr lines."""
-    lines = error.split("stderr:", 1)[-1].strip().splitlines()
-    return "; ".join(line.strip() for line in lines if line.strip()) or error.strip().splitlines()[0]
+def _submission_failure(kind: str, error: BaseException) -> str:
+    """One line for a failed job submission: the scheduler's own words where it refused the
+    job (dask-jobqueue's 'Command exited …' text: its stderr lines), else the exception."""
+    text = str(error)
+    if "Command exited with non-zero exit code" in text:
+        lines = [line.strip() for line in text.split("stderr:", 1)[-1].splitlines() if line.strip()]
+        return f"{SUBMIT[kind]} refused the job: " + ("; ".join(lines) or text.strip().splitlines()[0])
+    return f"submitting the {kind} job failed: {type(error).__name__}: {' '.join(text.split())}"
 
 
 def _wait_for_first_worker(cluster, client, kind: str, submit_errors: _SubmitErrors, timeout: float) -> None:
@@ -186,7 +196,7 @@ def _wait_for_first_worker(cluster, client, kind: str, submit_errors: _SubmitErr
     deadline = time.monotonic() + timeout
     while True:
         if submit_errors.errors:
-            raise ClusterError(f"{SUBMIT[kind]} refused the job: {_stderr_of(submit_errors.errors[0])}")
+            raise ClusterError(_submission_failure(kind, submit_errors.errors[0]))
         if client.scheduler_info(n_workers=1)["workers"]:
             return
         if time.monotonic() > deadline:

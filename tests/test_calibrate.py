@@ -335,3 +335,13 @@ def test_realistic_faults_are_found_and_the_orientation_is_never_reliable_and_wr
         assert result["flip"] == faults["flip"]
     if result["c10_estimate_a"] is not None:
         assert c10 != 0 and result["c10_estimate_a"] == pytest.approx(c10, rel=0.1)
+
+
+def test_parallax_of_images_without_contrast_returns_without_refining():
+    """Flat BF images (no shift to measure, no contrast to align): nothing to refine, no error."""
+    n = 8
+    dense = np.full((16, 16, n, n), 5.0)
+    k = (np.arange(n) - n / 2) * 0.1
+    inside = np.hypot(*np.meshgrid(k, k, indexing="ij")) < 0.35
+    got = parallax(dense, k, k, inside, (0.5, 0.5), 0.025)
+    assert got["alignment_gain"] == 0.0 and np.isfinite(got["c10_abs_a"])

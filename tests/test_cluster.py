@@ -1,6 +1,7 @@
 """Cluster profiles: loading, errors, and the job scripts SLURM/PBS would receive."""
 
 import os
+import time
 
 import pytest
 import yaml
@@ -107,17 +108,23 @@ def test_missing_submission_command_is_one_line(tmp_path, monkeypatch, capsys):
     assert "submits its workers with 'sbatch', which is not on PATH" in err
 
 
-def test_refused_submission_is_one_line_and_does_not_hang(tmp_path, monkeypatch, capsys):
-    """An sbatch that refuses every job (as for a partition that does not exist) — a stand-in
-    on PATH; tests/test_slurm.py does the same against a real SLURM."""
+@pytest.mark.parametrize("sbatch, said", [
+    # refuses every job, as for a partition that does not exist (tests/test_slurm.py: a real SLURM)
+    ("echo 'sbatch: error: invalid partition specified: debug' >&2\nexit 1",
+     "sbatch refused the job: sbatch: error: invalid partition specified: debug"),
+    # says nothing dask-jobqueue can read a job id from
+    ("exit 0", "submitting the slurm job failed: ValueError: Could not parse job id")])
+def test_failed_submission_is_one_line_at_once(tmp_path, monkeypatch, capsys, sbatch, said):
+    """A stand-in sbatch on PATH; the command stops at once (not after --cluster-timeout)."""
     pytest.importorskip("dask_jobqueue")
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: debug' >&2\nexit 1\n")
+    (fake / "sbatch").write_text(f"#!/bin/sh\n{sbatch}\n")
     (fake / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    started = time.monotonic()
     rc = main(["reconstruct", str(tmp_path / "s.zarr"), "--method", "com", "--out", str(tmp_path / "r.zarr"),
-               "--cluster", str(_slurm_profile(tmp_path)), "--cluster-timeout", "60"])
+               "--cluster", str(_slurm_profile(tmp_path)), "--cluster-timeout", "120"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert "sbatch refused the job: sbatch: error: invalid partition specified: debug" in err
+    assert said in err and time.monotonic() - started < 60

@@ -7,6 +7,7 @@ controller answers."""
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,15 @@ def partition() -> str:
     return state.split()[0].rstrip("*")
 
 
-def _our_jobs() -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-n", "stemdask-test", "-o", "%i"], capture_output=True, text=True).stdout
-    return out.split()
+def _our_jobs(wait: float = 30.0) -> list[str]:
+    """This module's jobs still known to squeue, after up to ``wait`` s for cancelled ones to
+    leave (a running job passes through COMPLETING)."""
+    deadline = time.monotonic() + wait
+    while True:
+        out = subprocess.run(["squeue", "-h", "-n", "stemdask-test", "-o", "%i"], capture_output=True, text=True).stdout
+        if not out.split() or time.monotonic() > deadline:
+            return out.split()
+        time.sleep(0.5)
 
 
 def _profile(tmp_path, partition, directives=()) -> Path:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import tempfile
+
 import dask
 import dask.array as da
 import numpy as np
@@ -110,19 +115,41 @@ def test_spilled_g_goes_under_the_configured_scratch_folder(tmp_path):
     np.testing.assert_array_equal(result.phase.values, ssb(as_dense(counts, cal), cal).phase.values)
 
 
-def test_workers_on_another_host_need_a_shared_scratch_folder(tmp_path):
-    """A worker listening on 127.0.0.2 — an address that is not this machine's own — stands for a
-    worker on another node: it could not read this machine's temporary folder, so SSB refuses
-    to spill G there, in one line, until a shared folder is given."""
+def _can_unshare_mounts() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--mount", "true"], capture_output=True).returncode == 0
+
+
+def test_a_worker_that_cannot_see_the_scratch_folder_makes_ssb_refuse(tmp_path, monkeypatch):
+    """A real worker process in a mount namespace of its own, where ``hidden/`` is an empty tmpfs:
+    like a worker on another node, it cannot see a scratch folder there (this machine's
+    temporary folder, here), so SSB refuses to spill G in one line until it gets one the worker
+    sees (``shared/``) — and then gives the in-memory phase."""
     distributed = pytest.importorskip("distributed")
+    if not _can_unshare_mounts():
+        pytest.skip("needs `unshare --mount` (root) to start a worker with a filesystem view of its own")
+    hidden, shared = tmp_path / "hidden", tmp_path / "shared"
+    hidden.mkdir()
+    monkeypatch.setenv("TMPDIR", str(hidden))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # this machine's temporary folder: hidden/
     counts, _, cal = simulated(scan=(16, 16), detector=16, dose=1e3)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
-                                  host="127.0.0.2", dashboard_address=None) as cluster, distributed.Client(cluster):
-        with pytest.raises(ValueError, match=r"workers on other hosts \(127\.0\.0\.2\) cannot read this machine's "
-                                             r"temporary folder: give --scratch DIR"):
-            ssb(as_dense(counts, cal), cal, scratch_threshold=1000).keep()
-        with dask.config.set({"stemdask.scratch": str(tmp_path)}):
-            result = ssb(as_dense(counts, cal), cal, scratch_threshold=1000).keep()
-            assert str(result.scratch).startswith(str(tmp_path))
-            phase = result.phase.values
-    np.testing.assert_array_equal(phase, ssb(as_dense(counts, cal), cal).phase.values)
+    expected = ssb(as_dense(counts, cal), cal).phase.values
+    with distributed.LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        worker = subprocess.Popen(
+            ["unshare", "--mount", "sh", "-c", f"mount -t tmpfs none {hidden} && exec {sys.executable} -m "
+             f"distributed.cli.dask_worker {cluster.scheduler_address} --nthreads 1 --no-nanny --no-dashboard "
+             f"--local-directory {shared}"])
+        try:
+            client.wait_for_workers(1, timeout=60)
+            with pytest.raises(ValueError, match=r"under this machine's temporary folder, which 1 worker\(s\) cannot "
+                                                 r"see \(tcp://.*\): give --scratch DIR"):
+                ssb(as_dense(counts, cal), cal, scratch_threshold=1000).keep()
+            with dask.config.set({"stemdask.scratch": str(shared)}):
+                result = ssb(as_dense(counts, cal), cal, scratch_threshold=1000).keep()
+                assert str(result.scratch).startswith(str(shared))
+                phase = result.phase.values
+        finally:
+            worker.terminate()
+            worker.wait(30)
+    np.testing.assert_array_equal(phase, expected)

@@ -233,10 +233,14 @@ class AlignedPower:
     def maximise(self, start, gtol: float = 1e-8) -> np.ndarray:
         """The v of greatest P near ``start``: Newton steps in a trust region (scipy's
         ``trust-exact``) on the exact derivatives, in units of |start| and P(start), to a
-        gradient of ``gtol`` (θ to ≪ 0.001°; 4–8 evaluations)."""
+        gradient of ``gtol`` (θ to ≪ 0.001°; 4–8 evaluations). ``start`` itself where it is
+        zero or the images have no contrast (P = 0)."""
+        start = np.asarray(start, dtype=np.float64)
         scale = float(np.abs(start).max())
-        u0 = np.asarray(start, dtype=np.float64) / scale
-        p, g, h = self(u0 * scale)
+        p, g, h = self(start) if scale > 0 else (0.0, None, None)
+        if not (math.isfinite(scale) and scale > 0 and math.isfinite(p) and p > 0):
+            return start  # no shift or no contrast to align: nothing to refine
+        u0 = start / scale
         last = {tuple(u0): (-1.0, -g * scale / p, -h * scale**2 / p)}  # in units of P(start)
 
         def at(u):

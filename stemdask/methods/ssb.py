@@ -55,11 +55,9 @@ underfocus (abTEM ``defocus`` = −C10). Positive projected potential gives posi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
-import socket
 import sys
 import tempfile
 import warnings
@@ -140,33 +138,24 @@ def _aberrations(aberrations: Aberrations | dict | None, **coefficients) -> Aber
 SCRATCH_CONFIG = "stemdask.scratch"
 
 
-def _remote_worker_hosts(client) -> list[str]:
-    """Addresses of the client's workers that are not this machine's."""
-    from distributed.utils import get_ip
-
-    local = {"127.0.0.1", "::1", "localhost", socket.gethostname(), get_ip()}
-    with contextlib.suppress(OSError):
-        local.update(socket.gethostbyname_ex(socket.gethostname())[2])
-    hosts = {w.get("host") for w in client.scheduler_info(n_workers=-1)["workers"].values()}
-    return sorted(h for h in hosts if h and h not in local)
-
-
 def _spill_folder(nbytes: int) -> tempfile.TemporaryDirectory:
     """A temporary folder for G (``nbytes``) under the configured scratch folder
-    (:data:`SCRATCH_CONFIG`), else under this machine's temporary folder — refused when the
-    active cluster has workers on other hosts, which could not read it."""
+    (:data:`SCRATCH_CONFIG`), else under this machine's temporary folder — refused, in one line,
+    when a worker of the active cluster cannot see it (another node, another filesystem)."""
     root = dask.config.get(SCRATCH_CONFIG, None)
-    client = active_client()
-    if root is None and client is not None:
-        remote = _remote_worker_hosts(client)
-        if remote:
-            raise ValueError(f"SSB keeps G ({nbytes / 2**30:.2f} GiB, more than half the workers' memory) in a scratch "
-                             f"store, and workers on other hosts ({', '.join(remote[:3])}{' …' if len(remote) > 3 else ''}) "
-                             "cannot read this machine's temporary folder: give --scratch DIR on a filesystem every "
-                             f"node sees (dask config {SCRATCH_CONFIG!r})")
     if root is not None:
         os.makedirs(root, exist_ok=True)
-    return tempfile.TemporaryDirectory(prefix="stemdask-ssb-", dir=root)
+    folder = tempfile.TemporaryDirectory(prefix="stemdask-ssb-", dir=root)
+    client = active_client()
+    blind = [] if client is None else sorted(w for w, seen in client.run(os.path.isdir, folder.name).items() if not seen)
+    if blind:
+        folder.cleanup()
+        where = f"the scratch folder {root}" if root is not None else "this machine's temporary folder"
+        raise ValueError(f"SSB keeps G ({nbytes / 2**30:.2f} GiB, more than half the workers' memory) in a scratch store "
+                         f"under {where}, which {len(blind)} worker(s) cannot see ({', '.join(blind[:3])}"
+                         f"{' …' if len(blind) > 3 else ''}): give --scratch DIR on a filesystem every worker sees "
+                         f"(dask config {SCRATCH_CONFIG!r})")
+    return folder
 
 
 def _default_scratch_threshold() -> int:
@@ -226,8 +215,8 @@ class SSBResult:
         path is given (here or to :func:`ssb`) or G is larger than ``scratch_threshold``
         bytes (default: half the cluster's worker memory, or of this machine's): then G is
         written to a Zarr store (when no path is given, in a temporary folder under the dask
-        config's ``stemdask.scratch`` — ``--scratch`` — or this machine's temporary folder, which
-        is refused when workers run on other hosts) and read back lazily chunk by chunk.
+        config's ``stemdask.scratch`` — ``--scratch`` — or this machine's temporary folder; refused
+        when a worker cannot see it) and read back lazily chunk by chunk.
         """
         if self.kept:
             return self
@@ -635,8 +624,8 @@ def _add_arguments(parser) -> None:
                help="SSB: unit transfer (per-frequency trotter average) instead of the SNR-optimal sum")
     add_option(parser, "--scratch", metavar="DIR",
                help="SSB: folder for G when it outgrows half the workers' memory, on a filesystem every worker sees "
-                    "(default: dask config 'stemdask.scratch', else this machine's temporary folder — refused "
-                    "with workers on other hosts)")
+                    "(default: dask config 'stemdask.scratch', else this machine's temporary folder; refused when a "
+                    "worker cannot see it)")
 
 
 def defocus_from_args(args, calibration: Calibration) -> tuple[float, str]:
