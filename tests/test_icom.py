@@ -15,6 +15,8 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stemdask.methods.icom import integrate_com, mirror_extend
 from stemdask.methods.integration import icom, scan_frame_com
@@ -126,6 +128,28 @@ def test_mirror_extension_is_the_gradient_of_the_even_extension():
     assert np.allclose(ey[6:, :5], -gy[::-1]) and np.allclose(ey[:6, 5:], gy[:, ::-1])
     assert np.allclose(ex[:6, 5:], -gx[:, ::-1]) and np.allclose(ex[6:, :5], gx[::-1])
     assert even.shape == ey.shape == ex.shape
+
+
+@settings(max_examples=25, deadline=None)
+@given(ny=st.integers(2, 24), nx=st.integers(2, 24), sy=st.floats(0.05, 2.0), sx=st.floats(0.05, 2.0),
+       filtered=st.booleans(), seed=st.integers(0, 2**16))
+def test_mirror_integral_equals_the_fft_of_the_mirror_extension(ny, nx, sy, sx, filtered, seed):
+    """The cosine/sine-transform integral on the scan grid against brute force: the FFT
+    integral over the 2ny × 2nx mirror extension, its Nyquist row and column (no frequency of
+    the extension's symmetry) set to zero."""
+    gy, gx = np.random.default_rng(seed).normal(size=(2, ny, nx))
+    hp, lp = (0.3 / max(sy, sx), 2.0 / max(sy, sx)) if filtered else (None, None)
+    ey, ex = mirror_extend(gy, gx)
+    qy = np.fft.fftfreq(2 * ny, sy)[:, None]
+    qx = np.fft.fftfreq(2 * nx, sx)[None, :]
+    q2 = qy**2 + qx**2
+    spectrum = (qy * np.fft.fft2(ey) + qx * np.fft.fft2(ex)) / (1j * np.where(q2 > 0, q2, 1.0))
+    spectrum[0, 0] = spectrum[ny, :] = spectrum[:, nx] = 0.0
+    if filtered:
+        spectrum *= -np.expm1(-q2 / (2 * hp**2)) * np.exp(-q2 / (2 * lp**2))
+    want = np.fft.ifft2(spectrum).real[:ny, :nx]
+    got = integrate_com(gy, gx, (sy, sx), pad="mirror", highpass=hp, lowpass=lp)
+    assert np.allclose(got, want, rtol=0, atol=1e-10 * max(np.abs(want).max(), 1e-300))
 
 
 def test_filters_cut_the_stated_frequencies():

@@ -15,7 +15,7 @@ Regularisation: ``lambda1`` (Å⁻²) damps spatial frequencies below √λ1 (a 
 background, e.g. from a COM reference error); ``lambda2`` (Å²) damps those above
 λ2^(−1/2) (a low-pass against noise). Stopping rule: stop when the relative update
 ‖μ Δφ‖ / ‖φ‖ (over the padded grid) falls below ``tol``, or after ``iterations`` steps.
-φ is kept as its spectrum, so a step costs four real FFTs.
+φ is kept as its spectrum, so a step costs four real FFTs (on all cores: ``workers=-1``).
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ def dpc_phase(
     resid_x = np.zeros(shape)
     for _ in range(int(iterations)):
         # residual on the scan only; the padding carries no measurement
-        resid_y[inside] = com_y - scipy.fft.irfft2(1j * qy * spec, s=shape)[inside]
-        resid_x[inside] = com_x - scipy.fft.irfft2(1j * qx * spec, s=shape)[inside]
-        update = step * (qy * scipy.fft.rfft2(resid_y) + qx * scipy.fft.rfft2(resid_x)) / (1j * precond)
+        resid_y[inside] = com_y - scipy.fft.irfft2(1j * qy * spec, s=shape, workers=-1)[inside]
+        resid_x[inside] = com_x - scipy.fft.irfft2(1j * qx * spec, s=shape, workers=-1)[inside]
+        update = step * (qy * scipy.fft.rfft2(resid_y, workers=-1) + qx * scipy.fft.rfft2(resid_x, workers=-1)) \
+            / (1j * precond)
         spec += update
         norm = (weight * np.abs(spec) ** 2).sum()
         if norm > 0 and (weight * np.abs(update) ** 2).sum() <= tol**2 * norm:
