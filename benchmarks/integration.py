@@ -19,22 +19,17 @@ Prints the best of ``--repeat`` runs of each (after a warm-up) and the ratios to
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from ricom import best_time  # benchmarks/ricom.py: the shortest of a few runs
 
 from stemdask.methods.dpc import dpc_phase
 from stemdask.methods.icom import integrate_com
 
 
 def _best(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    fn()  # warm-up
+    return best_time(fn, repeat)
 
 
 def main() -> None:
