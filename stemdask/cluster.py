@@ -241,7 +241,8 @@ def connect(spec: str | os.PathLike | None, timeout: float = DEFAULT_TIMEOUT):
     profile = load_profile(spec)
     kind = profile["cluster"]
     with dask.config.set({**DISTRIBUTED_DEFAULTS, **(profile.get("dask") or {})}):
-        with _SubmitErrors() as submit_errors:
+        # batch systems only: a local cluster's start raises its errors itself
+        with _SubmitErrors() if kind in SUBMIT else contextlib.nullcontext() as submit_errors:
             if kind in SUBMIT and not profile.get("scale"):
                 raise ClusterError(f"{spec}: the {kind} profile requests no jobs: give it 'scale: N' (jobs)")
             cluster = make_cluster(profile)
