@@ -517,7 +517,8 @@ def cmd_cluster_show(args) -> int:
     if script is None:
         print(f"# a {profile['cluster']} cluster starts its workers on this machine: no job script")
     else:
-        print(f"# the job script each of its {profile.get('scale', 0)} job(s) would run (not submitted)")
+        print(f"# the job script each of its {profile.get('scale', 0)} job(s) would run (not submitted; the "
+              "scheduler address is this command's: a run starts a scheduler of its own)")
         print(script.rstrip())
     return 0
 

@@ -83,7 +83,7 @@ def test_cluster_show_prints_the_profile_and_its_job_script_without_submitting(c
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: showing needs none, and submits nothing
     assert main(["cluster", "show", "slurm"]) == 0
     out = capsys.readouterr().out
-    assert "queue: regular" in out and "#SBATCH -p regular" in out and "(not submitted)" in out
+    assert "queue: regular" in out and "#SBATCH -p regular" in out and "(not submitted;" in out
     assert "python -m distributed.cli.dask_worker" in out
     assert main(["cluster", "show", "local"]) == 0
     assert "no job script" in capsys.readouterr().out
