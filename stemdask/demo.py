@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from .calibrate import calibrate_store
-from .cluster import connect
+from .cluster import DEFAULT_TIMEOUT, connect
 from .events import open as open_dataset
 from .io import ingest
 from .optics import Aberrations
@@ -45,8 +45,8 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector: int = 64, dose: float = 2000.0,
-             c10: float = 0.0, seed: int = 1, cluster: str | None = "local", cluster_timeout: float = 300.0,
-             progress: bool = True, overwrite: bool = True) -> dict:
+             c10: float = 0.0, seed: int = 1, cluster: str | None = "local",
+             cluster_timeout: float = DEFAULT_TIMEOUT, progress: bool = True, overwrite: bool = True) -> dict:
     """Run the demo into ``out_dir``; returns paths, timings, each phase image's r with the truth
     and the calibration found.
 

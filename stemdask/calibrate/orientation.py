@@ -176,6 +176,13 @@ def bf_images(dense: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.nda
     return iy, ix, fft.fft2(imgs * window, workers=-1)
 
 
+def _shifted(spec: np.ndarray, shifts_a: np.ndarray, step) -> np.ndarray:
+    """The spectra (n, ny, nx) of images shifted by ``shifts_a`` (n, 2) Å (scan step ``step``)."""
+    q_y = 2 * np.pi * np.fft.fftfreq(spec.shape[1]) / step[0]
+    q_x = 2 * np.pi * np.fft.fftfreq(spec.shape[2]) / step[1]
+    return spec * np.exp(1j * shifts_a[:, :1] * q_y)[:, :, None] * np.exp(1j * shifts_a[:, 1:] * q_x)[:, None, :]
+
+
 def _similarity(m: np.ndarray, flip: bool) -> tuple[float, float]:
     """(p·cos θ, p·sin θ) of the ``p·R(θ)·F`` closest to ``m`` (R, F as in
     :func:`stemdask.optics.detector_to_scan_frame` acting on (y, x) vectors)."""
@@ -203,7 +210,7 @@ class AlignedPower:
 
     def __init__(self, spec: np.ndarray, k: np.ndarray, flip: bool, step):
         n, ny, nx = spec.shape
-        self.spec = spec
+        self.spec, self.step = spec, step
         self.q_y = 2 * np.pi * np.fft.fftfreq(ny)[:, None] / step[0]  # phase per Å of shift
         self.q_x = 2 * np.pi * np.fft.fftfreq(nx)[None, :] / step[1]
         self.k, self.flip, self.sign = k, flip, -1.0 if flip else 1.0
@@ -213,8 +220,7 @@ class AlignedPower:
     def __call__(self, v) -> tuple[float, np.ndarray, np.ndarray]:
         """(P, ∂P/∂v (2,), ∂²P/∂v² (2, 2)) at v."""
         d = self.k @ _form(v[0], v[1], self.flip).T
-        ramps = np.exp(1j * d[:, :1] * self.q_y.T)[:, :, None] * np.exp(1j * d[:, 1:] * self.q_x)[:, None, :]
-        terms = (self.spec * ramps).reshape(len(d), -1)
+        terms = _shifted(self.spec, d, self.step).reshape(len(d), -1)
         a, s_y, s_x, s_yy, s_yx, s_xx = (self.monomials @ terms).reshape(6, *self.spec.shape[1:])
         f, qy, qx = self.sign, self.q_y, self.q_x
         # ∂φ_j/∂(pc, ps) = (qy·k_y + f·qx·k_x, f·qy·k_x − qx·k_y)
@@ -286,14 +292,9 @@ def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.nda
                 cross += spec[j2] * spec[j].conj()
         dk = (k_y[1] - k_y[0]) if axis == 0 else (k_x[1] - k_x[0])
         m0[:, axis] = _peak(fft.ifft2(cross).real, window=window) * step / dk
-    q_y = np.fft.fftfreq(ny)
-    q_x = np.fft.fftfreq(nx)
 
     def aligned_mean(shifts_a):
-        s = shifts_a / step
-        ramp_y = np.exp(2j * np.pi * s[:, :1] * q_y[None, :])
-        ramp_x = np.exp(2j * np.pi * s[:, 1:] * q_x[None, :])
-        return np.mean(spec * ramp_y[:, :, None] * ramp_x[:, None, :], axis=0)
+        return _shifted(spec, shifts_a, step).mean(axis=0)
 
     design = np.column_stack([k, np.ones(len(k))])
     fit = k @ m0.T
