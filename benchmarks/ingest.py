@@ -147,15 +147,23 @@ def profile(indices, offsets, scan, workdir):
     print(f"  CRC-32                 {n / t / 1e6:8.0f} M events/s")
     for cname, clevel, shuffle in [("zstd", 3, "bitshuffle"), ("zstd", 1, "bitshuffle"), ("lz4", 5, "bitshuffle"),
                                    ("zstd", 1, "shuffle"), ("lz4", 5, "shuffle")]:
-        codec = numcodecs.Blosc(cname=cname, clevel=clevel,
-                                shuffle={"bitshuffle": numcodecs.Blosc.BITSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE}[shuffle])
+        modes = {"bitshuffle": numcodecs.Blosc.BITSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE}
+        codec = numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=modes[shuffle])
         numcodecs.blosc.set_nthreads(1)
         enc, t = timed(lambda: codec.encode(block))
-        print(f"  blosc {cname}/{clevel}/{shuffle:10s} {n / t / 1e6:6.0f} M events/s (1 thread)  {len(enc) / n:5.2f} B/event")
+        print(
+            f"  blosc {cname}/{clevel}/{shuffle:10s} {n / t / 1e6:6.0f} M events/s (1 thread)  "
+            f"{len(enc) / n:5.2f} B/event"
+        )
         for chunk in (1 << 18, 1 << 20, 1 << 22):
             path = workdir / f"prof_{cname}{clevel}{shuffle}_{chunk}.zarr"
-            arr = zarr.create_array(str(path), shape=(n,), chunks=(chunk,), dtype="uint32",
-                                    compressors=[BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle)])
+            arr = zarr.create_array(
+                str(path),
+                shape=(n,),
+                chunks=(chunk,),
+                dtype="uint32",
+                compressors=[BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle)],
+            )
             _, t = timed(lambda: arr.__setitem__(slice(0, n), block))
             print(f"      zarr write, chunks of {chunk:>8d}: {n / t / 1e6:6.0f} M events/s")
             shutil.rmtree(path)
@@ -174,12 +182,20 @@ def bench_encodings(workdir: Path) -> None:
         store = ingest(src, workdir / "enc.zarr", overwrite=True, progress=False, assume_defaults=True)
         per = store.nbytes_stored() / scan**2
         raw = det * det * 2
-        line = (f"{cpp:g} counts/px, {scan}² scan × {det}² detector: auto → {store.encoding}, "
-                f"{per:,.0f} B/position stored; raw dense uint16 {raw:,} B/position ({per / raw:.3f}×)")
+        line = (
+            f"{cpp:g} counts/px, {scan}² scan × {det}² detector: auto → {store.encoding}, "
+            f"{per:,.0f} B/position stored; raw dense uint16 {raw:,} B/position ({per / raw:.3f}×)"
+        )
         if store.encoding == "events":
             indices, offsets = store.to_csr()
-            old = create_store(workdir / "v2.zarr", store.scan_shape, store.detector_shape, overwrite=True,
-                               rows_per_block=store.rows_per_block, format_version=2)
+            old = create_store(
+                workdir / "v2.zarr",
+                store.scan_shape,
+                store.detector_shape,
+                overwrite=True,
+                rows_per_block=store.rows_per_block,
+                format_version=2,
+            )
             counts = np.diff(offsets).reshape(store.scan_shape)
             for b in range(old.n_blocks):
                 r0, r1 = old.block_rows(b)
@@ -197,8 +213,13 @@ def main():
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--repeat", type=int, default=3, help="report the best of this many runs (shared machines)")
     ap.add_argument("--profile", action="store_true", help="also time the write path's parts")
-    ap.add_argument("--codec", action="append", default=[], metavar="CNAME:CLEVEL:SHUFFLE",
-                    help="also ingest with this Blosc codec instead of the store's (repeatable)")
+    ap.add_argument(
+        "--codec",
+        action="append",
+        default=[],
+        metavar="CNAME:CLEVEL:SHUFFLE",
+        help="also ingest with this Blosc codec instead of the store's (repeatable)",
+    )
     ap.add_argument("--encodings", action="store_true", help="only: stored bytes/position, weighted vs events")
     args = ap.parse_args()
 
@@ -212,14 +233,18 @@ def main():
             return
         (indices, offsets), t = timed(lambda: make_events(args.scan, args.epp))
         n = int(offsets[-1])
-        print(f"data: {args.scan}×{args.scan} scan, {DET[0]}×{DET[1]} detector, {n / 1e6:.1f} M events "
-              f"({n / offsets.size:.0f}/position), made in {t:.1f} s; {os.cpu_count()} CPUs")
+        print(
+            f"data: {args.scan}×{args.scan} scan, {DET[0]}×{DET[1]} detector, {n / 1e6:.1f} M events "
+            f"({n / offsets.size:.0f}/position), made in {t:.1f} s; {os.cpu_count()} CPUs"
+        )
         csr = workdir / "events.npz"
         np.savez(csr, indices=indices, offsets=offsets, scan_shape=[args.scan] * 2, detector_shape=DET)
         stempy = workdir / "events_stempy.h5"
         _, t = timed(lambda: write_stempy(stempy, indices, offsets, args.scan))
-        print(f"wrote {csr.name} ({csr.stat().st_size / 1e6:.0f} MB) and {stempy.name} "
-              f"({stempy.stat().st_size / 1e6:.0f} MB, {t:.1f} s)\n")
+        print(
+            f"wrote {csr.name} ({csr.stat().st_size / 1e6:.0f} MB) and {stempy.name} "
+            f"({stempy.stat().st_size / 1e6:.0f} MB, {t:.1f} s)\n"
+        )
 
         def baseline():
             src = np.load(csr)  # the same bytes, read and written back plainly
@@ -231,23 +256,27 @@ def main():
         base_rate = report("NumPy baseline (np.load + np.save)", n, t, cpu, base_bytes)
 
         deflated = workdir / "events_deflated.npz"
-        np.savez_compressed(deflated, indices=indices, offsets=offsets, scan_shape=[args.scan] * 2,
-                            detector_shape=DET)
+        np.savez_compressed(deflated, indices=indices, offsets=offsets, scan_shape=[args.scan] * 2, detector_shape=DET)
         runs = [("CSR npz → store", csr), ("stempy HDF5 v1 → store", stempy), ("CSR npz (deflated) → store", deflated)]
         for name, src in runs:
-            store, t, cpu = best_of(lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False, assume_defaults=True),
-                                    args.repeat)
+            store, t, cpu = best_of(
+                lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False, assume_defaults=True),
+                args.repeat,
+            )
             assert store.n_events == n
             report(name, n, t, cpu, store.nbytes_stored(), base_rate)
         for codec in args.codec:
-            import stemdask.store
             from zarr.codecs import BloscCodec
+
+            import stemdask.store
 
             cname, clevel, shuffle = codec.split(":")
             stemdask.store._compressor = lambda: BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle)
             for name, src in runs[:2]:
-                store, t, cpu = best_of(lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False, assume_defaults=True),
-                                        args.repeat)
+                store, t, cpu = best_of(
+                    lambda: ingest(src, workdir / "store.zarr", overwrite=True, progress=False, assume_defaults=True),
+                    args.repeat,
+                )
                 report(f"{name} [{codec}]", n, t, cpu, store.nbytes_stored(), base_rate)
         del indices
         if args.profile:

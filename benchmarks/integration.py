@@ -6,7 +6,7 @@ A random (white) COM field of ``--field``² positions in Å⁻¹ (the integrator
 depend on the content):
 
 * stemdask iCOM, the default ``pad="mirror"`` (the mirror extension, by cosine/sine transforms
-  on the scan grid: :func:`stemdask.methods.icom.integrate_mirrored`) and ``pad="none"``;
+  on the scan grid: :func:`stemdask.kernels.icom.integrate_mirrored`) and ``pad="none"``;
 * stempy's ``stempy.image.phase_from_com`` (one complex FFT integration, no padding), where
   stempy is installed (the test extras install it on Linux x86-64);
 * stemdask DPC (``dpc_phase``, padding 0.25 per side) for ``--iterations`` steps (``tol=0``:
@@ -23,8 +23,8 @@ import argparse
 import numpy as np
 from ricom import best_time  # benchmarks/ricom.py: the shortest of a few runs
 
-from stemdask.methods.dpc import dpc_phase
-from stemdask.methods.icom import integrate_com
+from stemdask.kernels.dpc import dpc_phase
+from stemdask.kernels.icom import integrate_com
 
 
 def _best(fn, repeat: int) -> float:

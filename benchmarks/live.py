@@ -82,27 +82,38 @@ def main():
     scan = 64 if args.quick else args.scan
     pool = frame_pool(electrons=args.electrons)
     run(pool, 16, args.kernel, ssb_crop=args.ssb_crop)  # compile / load the numba caches
-    print(f"{os.cpu_count()} cores; {scan}×{scan} scan of {DET}×{DET} 6-bit frames "
-          f"({pool.shape[1] / 1e3:.1f} kB each, {args.electrons:g} e⁻ in the BF disk), riCOM n = {args.kernel} + virtual image/BF/ADF + COM")
+    print(
+        f"{os.cpu_count()} cores; {scan}×{scan} scan of {DET}×{DET} 6-bit frames "
+        f"({pool.shape[1] / 1e3:.1f} kB each, {args.electrons:g} e⁻ in the BF disk), "
+        f"riCOM n = {args.kernel} + virtual image/BF/ADF + COM"
+    )
     fps, lat, _ = run(pool, scan, args.kernel)
-    print(f"socket → snapshot, no save:  {fps:8,.0f} frames/s; latency median {np.median(lat):.1f} ms, "
-          f"p99 {np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms")
+    print(
+        f"socket → snapshot, no save:  {fps:8,.0f} frames/s; latency median {np.median(lat):.1f} ms, "
+        f"p99 {np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms"
+    )
     tmp = tempfile.mkdtemp(prefix="stemdask-live-bench-")
     try:
         fps, lat, session = run(pool, scan, args.kernel, save=os.path.join(tmp, "s.zarr"))
         stored = sum(f.stat().st_size for f in Path(tmp, "s.zarr").rglob("*") if f.is_file())
-        print(f"socket → snapshot, --save:   {fps:8,.0f} frames/s; latency median {np.median(lat):.1f} ms, "
-              f"p99 {np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms; store {session._writer.encoding}, "
-              f"{stored / 2**20:,.0f} MiB on disk")
+        print(
+            f"socket → snapshot, --save:   {fps:8,.0f} frames/s; latency median {np.median(lat):.1f} ms, "
+            f"p99 {np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms; store {session._writer.encoding}, "
+            f"{stored / 2**20:,.0f} MiB on disk"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fps, lat, session = run(pool, scan, args.kernel, ssb_crop=args.ssb_crop)
     w = session.live_ssb.window
-    print(f"socket → snapshot, + SSB:    {fps:8,.0f} frames/s; {w.n}×{w.n} crops (bin {w.bin}), "
-          f"{session.live_ssb.nbytes / 2**20:,.0f} MiB kept; SSB phase {session.ssb_seconds:.2f} s after the last frame")
+    print(
+        f"socket → snapshot, + SSB:    {fps:8,.0f} frames/s; {w.n}×{w.n} crops (bin {w.bin}), "
+        f"{session.live_ssb.nbytes / 2**20:,.0f} MiB kept; SSB phase {session.ssb_seconds:.2f} s after the last frame"
+    )
     fps, lat, _ = run(pool, min(scan, 64), args.kernel, rate=args.paced)
-    print(f"detector paced at {args.paced:,.0f}/s: {fps:8,.0f} frames/s; latency median {np.median(lat):.2f} ms, "
-          f"p99 {np.percentile(lat, 99):.2f} ms, max {lat.max():.2f} ms")
+    print(
+        f"detector paced at {args.paced:,.0f}/s: {fps:8,.0f} frames/s; latency median {np.median(lat):.2f} ms, "
+        f"p99 {np.percentile(lat, 99):.2f} ms, max {lat.max():.2f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -47,11 +47,12 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 import stemdask  # noqa: E402
-from stemdask import reduce  # noqa: E402
+from stemdask import reductions  # noqa: E402
 from stemdask.kernels import events as K  # noqa: E402
 from stemdask.optics import Calibration  # noqa: E402
-from stemdask.parallel import run_jobs  # noqa: E402
+from stemdask.progress import run_jobs  # noqa: E402
 from stemdask.store import FORMAT_VERSION, create_store  # noqa: E402
+from stemdask.testing import peak_rss_bytes, reset_peak_rss  # noqa: E402
 
 DET = 576
 
@@ -139,8 +140,9 @@ def main(argv=None):
                          "(format 2: chunk and block CRC-32C on every read) and without (format 1)")
     args = ap.parse_args(argv)
     if args.codec:
-        import stemdask.store
         from zarr.codecs import BloscCodec, Crc32cCodec
+
+        import stemdask.store
 
         cname, clevel, shuffle = args.codec.split(":")
         stemdask.store._compressors = lambda version: [BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle)] + (
@@ -185,8 +187,8 @@ def run(store, args):
     block_events = sum(b.indices.size for b in blocks)
     center = ds.calibration.bf_center
     presets = {"bf": "bf", "abf": "abf", "adf": "adf"}
-    masks, _, _ = reduce.detector_masks(ds, presets)
-    labels, table = reduce.mask_groups(masks)
+    masks, _, _ = reductions.detector_masks(ds, presets)
+    labels, table = reductions.mask_groups(masks)
     frames, dense_n = dense_frames(blocks, min(args.dense_rows, store.rows_per_block), nx)
     mask_matrix = masks.reshape(3, -1).T.astype(np.float32)
     axis = np.arange(DET, dtype=np.float32)
@@ -286,7 +288,7 @@ def out_of_core(store, args, limit):
                 trace.append(max(p.memory_info().rss for p in procs))
                 time.sleep(0.05)
 
-        client.run(_reset_peak_rss)
+        client.run(reset_peak_rss)
         poller = threading.Thread(target=poll)
         poller.start()
         t = time.perf_counter()
@@ -294,7 +296,7 @@ def out_of_core(store, args, limit):
         elapsed = time.perf_counter() - t
         done.set()
         poller.join()
-        peaks = client.run(_peak_rss_since_reset)
+        peaks = client.run(peak_rss_bytes)
         restarted = set(client.scheduler_info()["workers"]) != before
     same = np.array_equal(got.com_y.values, expected.com_y.values, equal_nan=True) and \
         np.array_equal(got.com_x.values, expected.com_x.values, equal_nan=True)
@@ -303,22 +305,6 @@ def out_of_core(store, args, limit):
           f"max {max(trace) / 1e6:.0f} MB; kernel's peak RSS (VmHWM, catches transients) "
           f"{max(peaks.values()) / 1e6:.0f} MB; limit {limit / 1e6:.0f} MB; workers restarted: {restarted}; "
           f"result equals the threaded one: {same}")
-
-
-def _reset_peak_rss():
-    """Reset this process's peak-RSS mark (Linux). getrusage's ru_maxrss cannot be used for
-    workers: it keeps the parent's high-water mark across fork/exec (a big client process
-    makes every worker look big)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_since_reset() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def densify_product(ds, frames, b, out_sizes):
@@ -336,7 +322,7 @@ def densify_product(ds, frames, b, out_sizes):
         win[:, sy - y0 : ey - y0, sx - x0 : ex - x0] = frames[:, sy:ey, sx:ex]
         return win.reshape(-1, n_out, b, n_out, b).sum(axis=(2, 4))
 
-    return (lambda blk: reduce._block_densify(blk, lookup, n_out),
+    return (lambda blk: reductions._block_densify(blk, lookup, n_out),
             lambda: ds.densify(bin=b).data.sum(axis=(2, 3)), dense)
 
 

@@ -36,9 +36,9 @@ import numpy as np
 import scipy.ndimage
 
 from stemdask.kernels.events import center_of_mass
-from stemdask.kernels.ricom import accumulator_zero, com_from_frames, scatter_com
+from stemdask.kernels.ricom import accumulator_zero, com_from_frames, correlate_zero_padded, ricom_kernel, scatter_com
 from stemdask.live import LiveRiCOM
-from stemdask.methods.ricom import correlate_zero_padded, ricom_dask, ricom_kernel
+from stemdask.methods.ricom import ricom_dask
 from stemdask.optics import Calibration
 
 DET = 256
@@ -175,7 +175,8 @@ def bench_frames(rows: int, n: int, batch_frames: int = 256) -> None:
     ours = batch_frames / best_time(ours_inside)
     base = batch_frames / best_time(numpy_inside)
     print(f"COM + riCOM from frames  {DET}×{DET} uint16, {rows}×{nx} scan, n = {n}, 1 core: {whole:,.0f} frames/s "
-          f"over the scan, {ours:,.0f} frames/s inside; NumPy baseline inside {base:,.0f} frames/s → {ours / base:.0f}×")
+          f"over the scan, {ours:,.0f} frames/s inside; NumPy baseline inside {base:,.0f} frames/s "
+          f"→ {ours / base:.0f}×")
 
 
 def bench_mib_file(n_frames: int, cpp: float, n: int, folder: str) -> None:
@@ -209,9 +210,11 @@ def bench_mib_file(n_frames: int, cpp: float, n: int, folder: str) -> None:
     end_to_end()  # warm: page cache and numba
     read = n_frames / best_time(read_only)
     whole = n_frames / best_time(end_to_end)
-    print(f"COM + riCOM from a .mib  {n_frames} frames {DET}×{DET} U16 at {cpp:g} counts/px "
-          f"({os.path.getsize(path) / 1e9:.2f} GB), n = {n}, 1 core: {whole:,.0f} frames/s end to end "
-          f"(read + decode alone {read:,.0f} frames/s: COM + riCOM cost {read / whole:.2f}× reading it)")
+    print(
+        f"COM + riCOM from a .mib  {n_frames} frames {DET}×{DET} U16 at {cpp:g} counts/px "
+        f"({os.path.getsize(path) / 1e9:.2f} GB), n = {n}, 1 core: {whole:,.0f} frames/s end to end "
+        f"(read + decode alone {read:,.0f} frames/s: COM + riCOM cost {read / whole:.2f}× reading it)"
+    )
     os.remove(path)
     os.remove(os.path.splitext(path)[0] + ".hdr")
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from dask.utils import format_bytes, parse_bytes
 
 import stemdask
-from stemdask.cluster import connect, load_profile, peak_rss_per_worker
-from stemdask.methods.integration import ricom
+from stemdask.cluster import connect, load_profile
+from stemdask.methods.ricom import ricom
 from stemdask.methods.ssb import ssb
-from stemdask.simulate import random_event_store
+from stemdask.testing import peak_rss_per_worker, random_event_store
 
 
 def main(argv=None) -> None:
@@ -43,8 +43,11 @@ def main(argv=None) -> None:
         event_bytes = store.n_events * store.index_dtype.itemsize
         print(f"events            {store.n_events:,} ({format_bytes(event_bytes)} of indices, "
               f"{format_bytes(store.nbytes_stored())} on disk; made in {made:.1f} s)")
-        print(f"memory limit      {profile.get('n_workers')} workers × {format_bytes(limit)} = {format_bytes(total_limit)}"
-              f"  → event bytes / total limit = {event_bytes / total_limit:.1f}×")
+        print(
+            f"memory limit      {profile.get('n_workers')} workers × {format_bytes(limit)} = "
+            f"{format_bytes(total_limit)}"
+            f"  → event bytes / total limit = {event_bytes / total_limit:.1f}×"
+        )
         with connect(args.profile) as client:
             ds = stemdask.open(store.path)
             for name, build in [

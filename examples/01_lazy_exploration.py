@@ -21,7 +21,7 @@ from dask.callbacks import Callback
 import stemdask
 from stemdask.simulate import SimulationParams, load_truth, simulate
 
-from _common import pearson, pick, plt, output_dir, save
+from _common import output_dir, pearson, pick, plt, save
 
 out = output_dir("01_lazy_exploration")
 print("output folder:", out)

@@ -21,7 +21,7 @@ from stemdask.methods.ssb import ssb
 from stemdask.optics import Aberrations
 from stemdask.simulate import SimulationParams, load_truth, simulate
 
-from _common import pearson, pick, plt, output_dir, save
+from _common import output_dir, pearson, pick, plt, save
 
 out = output_dir("02_ssb_aberration_tuning")
 C10_TRUE = -120.0  # Å, underfocus: the microscope's actual defocus, unknown to SSB

@@ -16,11 +16,11 @@
 import numpy as np
 
 import stemdask
-from stemdask.methods.integration import ricom
-from stemdask.methods.ricom import line_integral_weight, ricom_kernel, ricom_transfer
+from stemdask.kernels.ricom import line_integral_weight, ricom_kernel, ricom_transfer
+from stemdask.methods.ricom import ricom
 from stemdask.simulate import SimulationParams, load_truth, probe_real_space, simulate
 
-from _common import pearson, pick, plt, output_dir, save
+from _common import output_dir, pearson, pick, plt, save
 
 out = output_dir("03_ricom_kernel_tuning")
 

@@ -18,10 +18,10 @@ import numpy as np
 
 import stemdask
 from stemdask.live import LiveRiCOM, LiveView, replay_store
-from stemdask.methods.integration import ricom
+from stemdask.methods.ricom import ricom
 from stemdask.simulate import SimulationParams, load_truth, simulate
 
-from _common import pearson, pick, plt, output_dir, save
+from _common import output_dir, pearson, pick, plt, save
 
 out = output_dir("04_live_ricom_replay")
 KERNEL = dict(kernel_size=pick(small=11, full=31), kmin=0.1, kmax=1.5)  # kmin, kmax in Å⁻¹

@@ -41,6 +41,8 @@ from pathlib import Path
 import dask
 import yaml
 
+from .errors import InvalidParameter, UserError
+
 KINDS = {
     "local": ("distributed", "LocalCluster"),
     "local-cuda": ("dask_cuda", "LocalCUDACluster"),
@@ -56,13 +58,15 @@ SUBMIT = {"slurm": "sbatch", "pbs": "qsub"}
 DEFAULT_TIMEOUT = 300.0
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """A cluster that cannot start: one line for the user (the cause, and what was cleaned up)."""
 
 
 def profile_names() -> list[str]:
     """Names of the profiles shipped with stemdask."""
-    return sorted(p.name[:-5] for p in resources.files("stemdask.cluster_configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("stemdask.cluster_configs").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load_profile(spec: str | os.PathLike) -> dict:
@@ -76,18 +80,20 @@ def load_profile(spec: str | os.PathLike) -> dict:
     else:
         res = resources.files("stemdask.cluster_configs") / f"{spec}.yaml"
         if not res.is_file():
-            raise ValueError(f"unknown cluster profile {spec!r}: not a file, not one of {profile_names()}, "
-                             f"not a scheduler address (tcp://host:port)")
+            raise InvalidParameter(
+                f"unknown cluster profile {spec!r}: not a file, not one of {profile_names()}, "
+                f"not a scheduler address (tcp://host:port)"
+            )
         text = res.read_text()
         where = f"profile {spec!r}"
     try:
         profile = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"{where}: not valid YAML ({e})") from None
+        raise InvalidParameter(f"{where}: not valid YAML ({e})") from None
     if not isinstance(profile, dict) or "cluster" not in profile:
-        raise ValueError(f"{where}: a profile needs a 'cluster:' kind, one of {sorted(KINDS)}")
+        raise InvalidParameter(f"{where}: a profile needs a 'cluster:' kind, one of {sorted(KINDS)}")
     if profile["cluster"] not in KINDS:
-        raise ValueError(f"{where}: unknown cluster kind {profile['cluster']!r}; choose from {sorted(KINDS)}")
+        raise InvalidParameter(f"{where}: unknown cluster kind {profile['cluster']!r}; choose from {sorted(KINDS)}")
     return profile
 
 
@@ -105,8 +111,10 @@ def make_cluster(profile: dict, scale: bool = True):
         extra = {"dask_cuda": "gpu", "dask_jobqueue": "hpc"}.get(module, "")
         raise ImportError(f"cluster kind {kind!r} needs {module}: pip install 'stemdask[{extra}]'") from None
     if scale and kind in SUBMIT and shutil.which(SUBMIT[kind]) is None:
-        raise ClusterError(f"a {kind} cluster submits its workers with {SUBMIT[kind]!r}, which is not on PATH here: "
-                           "run on the cluster's login node, or choose another --cluster")
+        raise ClusterError(
+            f"a {kind} cluster submits its workers with {SUBMIT[kind]!r}, which is not on PATH here: "
+            "run on the cluster's login node, or choose another --cluster"
+        )
     if kind in SUBMIT:
         kwargs["job_cls"] = _closed_on_close(getattr(mod, cls).job_cls)
     cluster = getattr(mod, cls)(**kwargs)
@@ -202,8 +210,10 @@ def _wait_for_first_worker(cluster, client, kind: str, submit_errors: _SubmitErr
         if time.monotonic() > deadline:
             jobs = [getattr(w, "job_id", None) for w in cluster.workers.values()]
             jobs = ", ".join(j for j in jobs if j) or "none"
-            raise ClusterError(f"no Dask worker joined within {timeout:g} s (--cluster-timeout); {kind} job(s) {jobs} "
-                               "did not start (still queued? see squeue/qstat) and were cancelled")
+            raise ClusterError(
+                f"no Dask worker joined within {timeout:g} s (--cluster-timeout); {kind} job(s) {jobs} "
+                "did not start (still queued? see squeue/qstat) and were cancelled"
+            )
         time.sleep(0.2)
 
 
@@ -223,12 +233,12 @@ def connect(spec: str | os.PathLike | None, timeout: float = DEFAULT_TIMEOUT):
     """Context manager yielding a ``distributed.Client`` (or None for ``spec=None``).
 
     ``spec``: a shipped profile name (``local``, ``local-cuda``, ``slurm``…), a YAML path, or a
-    scheduler address (``tcp://host:8786``). With None, nothing is started: dask's threaded
+    scheduler address (``tcp://host:8786``). With None or ``"none"``, nothing is started: dask's threaded
     scheduler runs in this process (fast, no serialisation; the default for one machine).
     Clusters started here are closed on exit (their jobs cancelled). A batch-system cluster
     waits at most ``timeout`` s for its first worker (:class:`ClusterError` otherwise).
     """
-    if spec is None:
+    if spec is None or str(spec) == "none":
         yield None
         return
     from distributed import Client
@@ -261,20 +271,3 @@ def connect(spec: str | os.PathLike | None, timeout: float = DEFAULT_TIMEOUT):
                 yield client
         finally:
             _close(cluster)
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak resident memory (bytes): VmHWM, which unlike ``getrusage`` does not
-    inherit the peak of the process a worker was forked or spawned from."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource  # not Linux: best available figure
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def peak_rss_per_worker(client) -> dict[str, int]:
-    """Peak resident memory (bytes) of every worker process since it started."""
-    return client.run(_peak_rss_bytes)

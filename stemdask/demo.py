@@ -7,7 +7,6 @@ events on a local Dask cluster → ``results.zarr`` (xarray) + ``results.png``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -16,28 +15,19 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .calibrate import calibrate_store
+from .calibrate import calibrate_store, calibration_lines
 from .cluster import DEFAULT_TIMEOUT, connect
 from .events import open as open_dataset
 from .io import ingest
 from .optics import Aberrations
+from .outputs import OutputFolderError
 from .plotting import image_panel
-from .reconstruct import build_result, calibration_lines, run_record, write_result
+from .reconstruct import reconstruct, write_result
 from .simulate import SimulationParams, export_csr, load_truth, simulate
 
 PHASE_METHODS = ["icom", "dpc", "ricom", "ssb"]
 #: A file marking a folder as the demo's own, which a later run may replace.
 MARKER = ".stemdask-demo"
-
-
-def _method_args(**overrides) -> argparse.Namespace:
-    """Every registered method's CLI defaults (what ``stemdask reconstruct`` would use)."""
-    from .cli import build_parser
-
-    args = build_parser().parse_args(["reconstruct", "STORE", "--method", "com", "--out", "OUT"])
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return args
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -62,7 +52,10 @@ def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector
         if not overwrite:
             raise FileExistsError(f"{out} already exists")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.resolve().parent.is_dir():
+        raise OutputFolderError(f"{out}: the folder {out.resolve().parent} does not exist (the demo creates only "
+                                "its own folder)")
+    out.mkdir(exist_ok=True)
     (out / MARKER).write_text("made by `stemdask demo`; the next demo run replaces this folder\n")
     say = print if progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
@@ -97,12 +90,10 @@ def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector
     t = time.perf_counter()
     with connect(cluster, timeout=cluster_timeout):
         ds = open_dataset(store.path)
-        method_args = _method_args()  # no C10: SSB takes the calibrated estimate
-        result = build_result(ds, ["com", *PHASE_METHODS], method_args)
-        result = xr.merge([ds.virtual_detectors({"bf": "bf", "adf": "adf"}).rename(bf="virtual_bf", adf="virtual_adf"),
-                           result], combine_attrs="drop_conflicts")
-        result.attrs = {**run_record(ds, ["com", *PHASE_METHODS], method_args),
-                        "demo": json.dumps({"scan": scan, "detector": detector, "dose": dose, "c10": c10, "seed": seed})}
+        # no C10: SSB takes the calibrated estimate, as on real data
+        result = reconstruct(ds, ["virtual", "com", *PHASE_METHODS])
+        result = result.rename(bf="virtual_bf", abf="virtual_abf", adf="virtual_adf")
+        result.attrs["demo"] = json.dumps({"scan": scan, "detector": detector, "dose": dose, "c10": c10, "seed": seed})
         result["phase_truth"] = xr.DataArray(truth, dims=("scan_y", "scan_x"),
                                              attrs={"units": "rad", "long_name": "true phase (simulation)"})
         path = write_result(result, out / "results.zarr", overwrite=True, progress=progress)

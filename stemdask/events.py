@@ -29,7 +29,8 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from . import reduce
+from . import reductions
+from .errors import InvalidParameter
 from .kernels import events as kernels
 from .optics import Calibration
 from .store import Block, EventStore, open_store
@@ -44,7 +45,7 @@ def _read_block(path: str, b: int, allow_incomplete: bool) -> Block:
 
 def _select_toa(block: Block, t_min: int, t_max: int) -> Block:
     if block.toa is None:  # (a weighted block never has them)
-        raise ValueError("dose fractionation needs arrival times; this block has none")
+        raise InvalidParameter("dose fractionation needs arrival times; this block has none")
     counts, indices, toa = kernels.select_toa(block.counts.ravel(), block.indices, block.toa, t_min, t_max)
     return Block(block.index, block.row_start, counts.reshape(block.counts.shape), indices, toa)
 
@@ -119,12 +120,12 @@ class EventDataset:
 
     def with_mask(self, mask, fill) -> "EventDataset":
         """The same events with another detector mask (bool (det_y, det_x), True = excluded) and
-        its fill weights (float (det_y, det_x), see :mod:`stemdask.reduce`); ``None, None``: no mask."""
+        its fill weights (float (det_y, det_x), see :mod:`stemdask.reductions`); ``None, None``: no mask."""
         if mask is not None:
             mask = np.asarray(mask, dtype=bool)
             fill = np.asarray(fill, dtype=np.float64)
             if mask.shape != self.detector_shape or fill.shape != self.detector_shape:
-                raise ValueError(f"mask and fill must have the detector's shape {self.detector_shape}, "
+                raise InvalidParameter(f"mask and fill must have the detector's shape {self.detector_shape}, "
                                  f"got {mask.shape} and {fill.shape}")
         return EventDataset(self.store, self.calibration, _events=self._events, _mask=(mask, fill))
 
@@ -134,14 +135,20 @@ class EventDataset:
         Needs a store made with arrival times (``create_store(..., has_toa=True)``).
         """
         if not self.store.has_toa:
-            raise ValueError(f"{self.store.path}: store has no arrival times (toa); dose fractionation needs them")
+            raise InvalidParameter(f"{self.store.path}: store has no arrival times (toa); dose fractionation "
+                                   "needs them")
         if not self._events.has_toa:
-            raise ValueError("scan binning drops arrival times: fractionate first, then bin_scan")
+            raise InvalidParameter("scan binning drops arrival times: fractionate first, then bin_scan")
         if not (math.isfinite(t_max_ns) and t_max_ns > t_min_ns >= 0):
-            raise ValueError(f"need 0 ≤ t_min_ns < t_max_ns, got t_min_ns={t_min_ns}, t_max_ns={t_max_ns}")
+            raise InvalidParameter(f"need 0 ≤ t_min_ns < t_max_ns, got t_min_ns={t_min_ns}, t_max_ns={t_max_ns}")
         lo, hi = int(math.ceil(t_min_ns)), int(math.ceil(t_max_ns))
         arr = self._events.array.map_blocks(
-            _select_toa, lo, hi, dtype=object, meta=_OBJECT_META, name=f"events-toa-{tokenize(self._events.array.name, lo, hi)}"
+            _select_toa,
+            lo,
+            hi,
+            dtype=object,
+            meta=_OBJECT_META,
+            name=f"events-toa-{tokenize(self._events.array.name, lo, hi)}",
         )
         return self._derived(_Events(arr, self._events.scan_offset_a, has_toa=True))
 
@@ -154,10 +161,10 @@ class EventDataset:
         """
         f = int(factor)
         if f != factor or f < 1:
-            raise ValueError(f"scan binning factor must be a positive integer, got {factor!r}")
+            raise InvalidParameter(f"scan binning factor must be a positive integer, got {factor!r}")
         ny, nx = self.scan_shape
         if f > min(ny, nx):
-            raise ValueError(f"scan binning factor {f} is larger than the scan {self.scan_shape}")
+            raise InvalidParameter(f"scan binning factor {f} is larger than the scan {self.scan_shape}")
         if f == 1:
             return self
         src = self._events.array
@@ -183,31 +190,31 @@ class EventDataset:
     # ------------------------------------------------------------------ products
     def counts(self):
         """Electrons per position, (scan_y, scan_x) uint32 DataArray."""
-        return reduce.counts(self)
+        return reductions.counts(self)
 
     def com(self, reference="bf", units: str = "px", vacuum=None):
-        """Centre of mass per position (detector frame): Dataset {com_y, com_x}. See :func:`stemdask.reduce.com`."""
-        return reduce.com(self, reference=reference, units=units, vacuum=vacuum)
+        """Centre of mass per position (detector frame): Dataset {com_y, com_x}. See :func:`stemdask.reductions.com`."""
+        return reductions.com(self, reference=reference, units=units, vacuum=vacuum)
 
     def virtual(self, inner=0.0, outer=math.inf, units: str = "mrad", name: str = "image"):
-        """One annular virtual detector image. See :func:`stemdask.reduce.virtual`."""
-        return reduce.virtual(self, inner=inner, outer=outer, units=units, name=name)
+        """One annular virtual detector image. See :func:`stemdask.reductions.virtual`."""
+        return reductions.virtual(self, inner=inner, outer=outer, units=units, name=name)
 
     def virtual_detectors(self, detectors):
-        """Several virtual detectors in one pass over the events. See :func:`stemdask.reduce.virtual_detectors`."""
-        return reduce.virtual_detectors(self, detectors)
+        """Several virtual detectors in one pass over the events. See :func:`stemdask.reductions.virtual_detectors`."""
+        return reductions.virtual_detectors(self, detectors)
 
     def pacbed(self):
-        """Sum of all patterns (k_y, k_x). See :func:`stemdask.reduce.pacbed`."""
-        return reduce.pacbed(self)
+        """Sum of all patterns (k_y, k_x). See :func:`stemdask.reductions.pacbed`."""
+        return reductions.pacbed(self)
 
     def radial_profile(self, bin_px: float = 1.0):
-        """Position-averaged radial profile around the BF centre. See :func:`stemdask.reduce.radial_profile`."""
-        return reduce.radial_profile(self, bin_px=bin_px)
+        """Position-averaged radial profile around the BF centre. See :func:`stemdask.reductions.radial_profile`."""
+        return reductions.radial_profile(self, bin_px=bin_px)
 
     def densify(self, radius_px=None, center=None, bin: int = 1):
-        """Crop + bin + densify to (scan_y, scan_x, k_y, k_x) float32. See :func:`stemdask.reduce.densify`."""
-        return reduce.densify(self, radius_px=radius_px, center=center, bin=bin)
+        """Crop + bin + densify to (scan_y, scan_x, k_y, k_x) float32. See :func:`stemdask.reductions.densify`."""
+        return reductions.densify(self, radius_px=radius_px, center=center, bin=bin)
 
     # ------------------------------------------------------------------ helpers for reduce
     def map_events(self, fn, *args, dtype, chunks, new_axis=None, drop_axis=None, name: str):
@@ -215,8 +222,14 @@ class EventDataset:
         meta = np.empty((0,) * len(chunks), dtype=dtype)
         token = tokenize(self._events.array.name, fn, args, chunks)
         return self._events.array.map_blocks(
-            fn, *args, dtype=dtype, chunks=chunks, new_axis=new_axis, drop_axis=drop_axis,
-            meta=meta, name=f"{name}-{token}",
+            fn,
+            *args,
+            dtype=dtype,
+            chunks=chunks,
+            new_axis=new_axis,
+            drop_axis=drop_axis,
+            meta=meta,
+            name=f"{name}-{token}",
         )
 
     @property
@@ -224,15 +237,10 @@ class EventDataset:
         return self._events.array.chunks[0]
 
     def scan_coords(self) -> dict:
-        """xarray coords of the scan axes (Å)."""
-        import xarray as xr
-
-        (ny, nx), (sy, sx) = self.scan_shape, self.calibration.scan_step_a
-        oy, ox = self._events.scan_offset_a
-        return {
-            "scan_y": xr.Variable("scan_y", oy + sy * np.arange(ny), {"units": "Å", "long_name": "scan position y"}),
-            "scan_x": xr.Variable("scan_x", ox + sx * np.arange(nx), {"units": "Å", "long_name": "scan position x"}),
-        }
+        """xarray coords of the scan axes (Å): :func:`scan_coordinates`."""
+        ny, nx = self.scan_shape
+        (sy, sx), (oy, ox) = self.calibration.scan_step_a, self._events.scan_offset_a
+        return scan_coordinates(oy + sy * np.arange(ny), ox + sx * np.arange(nx))
 
     def __repr__(self) -> str:
         c = self.calibration
@@ -240,6 +248,17 @@ class EventDataset:
             f"<EventDataset {self.store.path} scan={self.scan_shape} detector={self.detector_shape} "
             f"bf_center={c.bf_center} bf_radius={c.bf_radius} rotation={c.rotation_deg}° flip={c.flip}>"
         )
+
+
+def scan_coordinates(y_a, x_a) -> dict:
+    """xarray coords ``scan_y``, ``scan_x`` of probe positions ``y_a``, ``x_a`` (Å; units
+    spelled ``angstrom`` so that pint / cf-xarray parse them)."""
+    import xarray as xr
+
+    return {
+        "scan_y": xr.Variable("scan_y", np.asarray(y_a, float), {"units": "angstrom", "long_name": "scan position y"}),
+        "scan_x": xr.Variable("scan_x", np.asarray(x_a, float), {"units": "angstrom", "long_name": "scan position x"}),
+    }
 
 
 def open(store_or_path: EventStore | str | os.PathLike, *, allow_incomplete: bool = False) -> EventDataset:

@@ -5,11 +5,11 @@ Yu et al. 2022's live scheme: riCOM is linear in the COM, so each new position `
 be discarded at once. :class:`LiveRiCOM` does this in numba kernels
 (:mod:`stemdask.kernels.events`, :mod:`stemdask.kernels.ricom`): the COM of each position
 from its events (or dense frame), then its scatter — a whole scan row per call, no Python
-per position. The final image equals batch riCOM (:func:`stemdask.methods.integration.ricom`)
+per position. The final image equals batch riCOM (:func:`stemdask.methods.ricom.ricom`)
 with the same kernel.
 
 Units: the image is in rad, exactly like batch riCOM. The kernel is built in the scan frame
-(Å, :func:`stemdask.methods.ricom.ricom_kernel`) and mapped once into the detector frame and
+(Å, :func:`stemdask.kernels.ricom.ricom_kernel`) and mapped once into the detector frame and
 detector pixels — ``k·R(c) = (Rᵀk)·c`` for the rotation/flip R of the calibration, times the
 detector's Å⁻¹ per pixel — so a position's COM is used as measured, in px from the reference.
 
@@ -38,9 +38,10 @@ from typing import Iterable
 import numpy as np
 import xarray as xr
 
+from .errors import InvalidParameter
+from .events import scan_coordinates
 from .kernels.events import center_of_mass
-from .kernels.ricom import accumulator_zero, com_from_frames, scatter_com
-from .methods.ricom import ricom_kernel
+from .kernels.ricom import accumulator_zero, com_from_frames, ricom_kernel, scatter_com
 from .optics import Calibration, scan_to_detector_frame
 from .store import EventStore, open_store
 
@@ -76,12 +77,14 @@ class LiveRiCOM(ScanProgress):
         self.scan_shape = tuple(int(v) for v in scan_shape)
         self.detector_shape = tuple(int(v) for v in detector_shape)
         if len(self.scan_shape) != 2 or min(self.scan_shape) < 1:
-            raise ValueError(f"scan_shape must be two positive integers, got {scan_shape!r}")
+            raise InvalidParameter(f"scan_shape must be two positive integers, got {scan_shape!r}")
         if len(self.detector_shape) != 2 or min(self.detector_shape) < 1:
-            raise ValueError(f"detector_shape must be two positive integers, got {detector_shape!r}")
+            raise InvalidParameter(f"detector_shape must be two positive integers, got {detector_shape!r}")
         reference = calibration.bf_center if reference is None else reference
         if reference is None:
-            raise ValueError("live riCOM needs a COM reference: calibrate the BF centre or pass reference=(y, x) px")
+            raise InvalidParameter(
+                "live riCOM needs a COM reference: calibrate the BF centre or pass reference=(y, x) px"
+            )
         self.reference = (float(reference[0]), float(reference[1]))
         self.calibration = calibration
         self.kernel_size = int(kernel_size)
@@ -96,7 +99,7 @@ class LiveRiCOM(ScanProgress):
         if out is None:
             out = np.zeros(self.scan_shape)
         elif tuple(out.shape) != self.scan_shape:
-            raise ValueError(f"out has shape {tuple(out.shape)}, the scan is {self.scan_shape}")
+            raise InvalidParameter(f"out has shape {tuple(out.shape)}, the scan is {self.scan_shape}")
         self.out = out
         self._final = 0  # rows [0, _final) are finished and written to ``out``
         self._lock = threading.Lock()
@@ -121,7 +124,7 @@ class LiveRiCOM(ScanProgress):
     def _claim(self, m: int) -> int:
         start = self.positions_done
         if start + m > self.n_positions:
-            raise ValueError(
+            raise InvalidParameter(
                 f"{m} more positions after {start} overrun the {self.scan_shape[0]}×{self.scan_shape[1]} scan"
             )
         return start
@@ -133,14 +136,16 @@ class LiveRiCOM(ScanProgress):
         indices = np.ascontiguousarray(indices).ravel()
         weights = None if weights is None else np.ascontiguousarray(weights).ravel()
         if counts.size and counts.min() < 0:
-            raise ValueError("event counts must be ≥ 0")
+            raise InvalidParameter("event counts must be ≥ 0")
         if int(counts.sum(dtype=np.int64)) != indices.size:
-            raise ValueError(f"{indices.size} event indices but counts sum to {int(counts.sum(dtype=np.int64))}")
+            raise InvalidParameter(f"{indices.size} event indices but counts sum to {int(counts.sum(dtype=np.int64))}")
         n_pix = self.detector_shape[0] * self.detector_shape[1]
         if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n_pix):
-            raise ValueError(f"detector index outside the {self.detector_shape[0]}×{self.detector_shape[1]} detector")
+            raise InvalidParameter(
+                f"detector index outside the {self.detector_shape[0]}×{self.detector_shape[1]} detector"
+            )
         if weights is not None and weights.shape != indices.shape:
-            raise ValueError(f"{weights.size} weights for {indices.size} entries")
+            raise InvalidParameter(f"{weights.size} weights for {indices.size} entries")
         self.push_com(*center_of_mass(counts, indices, self.detector_shape[1], *self.reference, weights=weights))
 
     def push_position(self, indices) -> None:
@@ -154,7 +159,9 @@ class LiveRiCOM(ScanProgress):
         if frames.ndim == 2:
             frames = frames[None]
         if frames.shape[1:] != self.detector_shape:
-            raise ValueError(f"frames of shape {frames.shape[1:]} do not match the detector {self.detector_shape}")
+            raise InvalidParameter(
+                f"frames of shape {frames.shape[1:]} do not match the detector {self.detector_shape}"
+            )
         ref_y, ref_x = self.reference
         zero = accumulator_zero(frames.dtype)
         if frames.strides[1] < 0 and frames[:, ::-1].flags.c_contiguous:
@@ -170,7 +177,7 @@ class LiveRiCOM(ScanProgress):
         com_y = np.ascontiguousarray(com_y, dtype=np.float64).ravel()
         com_x = np.ascontiguousarray(com_x, dtype=np.float64).ravel()
         if com_y.shape != com_x.shape:
-            raise ValueError(f"com_y and com_x differ in length ({com_y.size}, {com_x.size})")
+            raise InvalidParameter(f"com_y and com_x differ in length ({com_y.size}, {com_x.size})")
         ny, nx = self.scan_shape
         h = self.kernel_size // 2
         with self._lock:
@@ -181,8 +188,15 @@ class LiveRiCOM(ScanProgress):
                 row = p // nx
                 stop = min(end, (row + 1) * nx)
                 self._finish_rows(row - h)  # frees the slot that row + h needs
-                scatter_com(self._ring, ny, p, com_y[p - start : stop - start], com_x[p - start : stop - start],
-                            self._kfy, self._kfx)
+                scatter_com(
+                    self._ring,
+                    ny,
+                    p,
+                    com_y[p - start : stop - start],
+                    com_x[p - start : stop - start],
+                    self._kfy,
+                    self._kfx,
+                )
                 p = stop
             self.positions_done = end
             self._finish_rows(ny if end == self.n_positions else end // nx - h)
@@ -207,14 +221,18 @@ class LiveRiCOM(ScanProgress):
         """The current image as ``phase`` with scan coordinates (Å), like batch riCOM."""
         ny, nx = self.scan_shape
         sy, sx = self.calibration.scan_step_a
-        coords = {
-            "scan_y": ("scan_y", np.arange(ny) * sy, {"units": "Å", "long_name": "scan y"}),
-            "scan_x": ("scan_x", np.arange(nx) * sx, {"units": "Å", "long_name": "scan x"}),
-        }
+        coords = scan_coordinates(np.arange(ny) * sy, np.arange(nx) * sx)
         return xr.DataArray(
-            self.snapshot(), dims=("scan_y", "scan_x"), coords=coords, name="phase",
-            attrs={"units": "rad", "long_name": f"live riCOM phase (kernel {self.kernel_size})",
-                   "method": "ricom-live", "positions_done": self.positions_done},
+            self.snapshot(),
+            dims=("scan_y", "scan_x"),
+            coords=coords,
+            name="phase",
+            attrs={
+                "units": "rad",
+                "long_name": f"live riCOM phase (kernel {self.kernel_size})",
+                "method": "ricom-live",
+                "positions_done": self.positions_done,
+            },
         )
 
     def run_in_background(self, feed, *args, **kwargs) -> "LiveThread":
@@ -281,8 +299,16 @@ def replay_store(store: EventStore | str | os.PathLike, live: LiveRiCOM | None =
     return live
 
 
-def replay_csr(path, scan_shape, detector_shape, calibration: Calibration, *, live: LiveRiCOM | None = None,
-               rows_per_update: int = 1, **kwargs) -> LiveRiCOM:
+def replay_csr(
+    path,
+    scan_shape,
+    detector_shape,
+    calibration: Calibration,
+    *,
+    live: LiveRiCOM | None = None,
+    rows_per_update: int = 1,
+    **kwargs,
+) -> LiveRiCOM:
     """Stream a CSR event list (``.npz`` with ``indices`` and ``offsets``, position p owns
     ``indices[offsets[p]:offsets[p+1]]``) into live riCOM, ``rows_per_update`` scan rows at a
     time, read lazily and checked like ``stemdask ingest --format csr`` reads it."""
@@ -292,7 +318,7 @@ def replay_csr(path, scan_shape, detector_shape, calibration: Calibration, *, li
         if live is None:
             live = LiveRiCOM(src.scan_shape, src.detector_shape, calibration, **kwargs)
         if tuple(src.scan_shape) != tuple(live.scan_shape):
-            raise ValueError(f"{path}: scan {src.scan_shape}, but the live image is {live.scan_shape}")
+            raise InvalidParameter(f"{path}: scan {src.scan_shape}, but the live image is {live.scan_shape}")
         ny, step = src.scan_shape[0], max(1, int(rows_per_update))
         for r0 in range(0, ny, step):
             counts, indices, _ = src.read_rows(r0, min(r0 + step, ny))
@@ -360,8 +386,10 @@ class LiveView:
         shown = snap[: max(self.live.rows_final, 1)] if self.live.positions_done else snap
         lo, hi = np.percentile(shown, [0.5, 99.5])
         self.image.set_clim(lo, hi if hi > lo else lo + 1e-12)
-        self.ax.set_title(f"riCOM (n = {self.live.kernel_size})\n{self.live.positions_done:,} / "
-                          f"{self.live.n_positions:,} positions", fontsize=10)
+        self.ax.set_title(
+            f"riCOM (n = {self.live.kernel_size})\n{self.live.positions_done:,} / {self.live.n_positions:,} positions",
+            fontsize=10,
+        )
         self.fig.canvas.draw_idle()
 
     def follow(self, thread: threading.Thread, interval: float = 0.25) -> None:

@@ -6,9 +6,9 @@
 * the COM as measured — ``Σ I·k / Σ I`` in detector pixels (2 numbers a position, NaN
   without electrons) — so riCOM can be re-rendered for every position seen so far when the
   kernel size, band-pass, rotation/flip or COM reference changes (:meth:`LiveSession.retune`);
-* electrons per position and the virtual detector images (annuli around the calibrated BF
-  centre: ``image`` for ``inner_mrad ≤ θ < outer_mrad`` like ``reconstruct --method virtual``,
-  and ``bf``/``adf`` (the presets of :mod:`stemdask.reduce`) when a BF radius is calibrated).
+* electrons per position and the virtual detector images, as ``reconstruct --method virtual``
+  names them (annuli around the calibrated BF centre: ``bf``/``abf``/``adf``, the presets of
+  :mod:`stemdask.reductions`, or ``image`` for ``inner_mrad ≤ θ < outer_mrad`` when given).
   Unlike batch, live annuli stay at the scan-centre BF position (they do not follow a descan)
   and masked pixels are left out, not filled; ``counts`` are the electrons on kept pixels;
 * riCOM through :class:`stemdask.live.LiveRiCOM` (rad; the same kernel as batch riCOM, the
@@ -49,6 +49,8 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
+from .errors import InvalidParameter
+from .events import scan_coordinates
 from .io.dense import choose_encoding, pieces, weight_dtype_for
 from .kernels.dense import counted_frames_to_events, counted_frames_to_weighted
 from .kernels.events import center_of_mass, masked_counts, position_sums
@@ -58,7 +60,7 @@ from .live import LiveRiCOM, ScanProgress
 from .live_ssb import CROP_SIDE, LiveSSB
 from .methods.ssb import SSBResult, signed_c10, stored_defocus, unsigned_magnitude
 from .optics import Aberrations, Calibration, descan_offsets
-from .reduce import Annulus, MaskTerms, detector_masks, mask_groups
+from .reductions import PRESETS, Annulus, MaskTerms, detector_masks, detector_name, mask_groups
 from .store import FORMAT_NAME, check_replaceable, create_store, index_dtype_for
 
 METHODS = ("ricom", "virtual", "com", "ssb")
@@ -73,34 +75,55 @@ class LiveSession(ScanProgress):
     methods: any of ``ricom``, ``virtual``, ``com``, ``ssb`` (COM is always kept: riCOM needs it).
     kernel_size, kmin, kmax: riCOM kernel full width (odd) and band-pass (Å⁻¹).
     reference: COM reference (y, x) px; default the calibration's BF centre.
-    inner_mrad, outer_mrad: the ``image`` virtual detector (mrad around the BF centre).
+    inner_mrad, outer_mrad: one ``image`` virtual detector (mrad around the BF centre); without
+    either, the named BF/ABF/ADF annuli of the calibrated BF radius (as ``reconstruct``).
     save: path of an event store to write as the data arrive (``overwrite`` to replace one).
     ssb_crop: largest side (output pixels) of SSB's crop of each position (the BF disk is
     binned to fit); aberrations: SSB's (:class:`~stemdask.optics.Aberrations`; default C10 the
     calibration's stored estimate, else 0 — :attr:`ssb_c10_source` says which).
     mask, fill: the detector mask (bool, True = excluded) and its fill weights, as ``stemdask
     calibrate`` stores them: the COM excludes the masked pixels and fills them as batch COM
-    does; the virtual detectors and ``counts`` only exclude them (the electrons on kept pixels). The calibration's descan is
+    does; the virtual detectors and ``counts`` only exclude them (the electrons on kept pixels).
+    The calibration's descan is
     followed per position in the COM (the K·offset of batch COM), so live riCOM equals batch
     riCOM with ``--com-reference bf``.
     """
 
-    def __init__(self, scan_shape, detector_shape, calibration: Calibration, *, methods=DEFAULT_METHODS,
-                 kernel_size: int = 61, kmin: float | None = None, kmax: float | None = None, reference=None,
-                 inner_mrad: float = 0.0, outer_mrad: float = math.inf, save=None, overwrite: bool = False,
-                 rows_per_block: int | None = None, provenance: dict | None = None, mask=None, fill=None,
-                 ssb_crop: int = CROP_SIDE, aberrations: Aberrations | None = None):
+    def __init__(
+        self,
+        scan_shape,
+        detector_shape,
+        calibration: Calibration,
+        *,
+        methods=DEFAULT_METHODS,
+        kernel_size: int = 61,
+        kmin: float | None = None,
+        kmax: float | None = None,
+        reference=None,
+        inner_mrad: float | None = None,
+        outer_mrad: float | None = None,
+        save=None,
+        overwrite: bool = False,
+        rows_per_block: int | None = None,
+        provenance: dict | None = None,
+        mask=None,
+        fill=None,
+        ssb_crop: int = CROP_SIDE,
+        aberrations: Aberrations | None = None,
+    ):
         self.scan_shape = tuple(int(v) for v in scan_shape)
         self.detector_shape = tuple(int(v) for v in detector_shape)
         unknown = set(methods) - set(METHODS)
         if unknown:
-            raise ValueError(f"unknown live method(s) {sorted(unknown)}; choose from {list(METHODS)}")
+            raise InvalidParameter(f"unknown live method(s) {sorted(unknown)}; choose from {list(METHODS)}")
         self.methods = tuple(dict.fromkeys(methods))
         self.calibration = calibration
         reference = calibration.bf_center if reference is None else reference
         if reference is None:
-            raise ValueError("a live session needs a COM reference: give the BF centre (--bf-center Y X, "
-                             "or --calibration-from a calibrated store) or reference=(y, x) px")
+            raise InvalidParameter(
+                "a live session needs a COM reference: give the BF centre (--bf-center Y X, "
+                "or --calibration-from a calibrated store) or reference=(y, x) px"
+            )
         self.reference = (float(reference[0]), float(reference[1]))
         self._setup_corrections(mask, fill)
         ny, nx = self.scan_shape
@@ -109,15 +132,23 @@ class LiveSession(ScanProgress):
         self._setup_virtual(inner_mrad, outer_mrad)
         self.kernel_size, self.kmin, self.kmax = int(kernel_size), kmin, kmax
         self.ricom = self._new_ricom() if "ricom" in self.methods else None
-        self.live_ssb = LiveSSB(self.scan_shape, self.detector_shape, calibration, crop_side=ssb_crop,
-                              terms=self._terms) if "ssb" in self.methods else None
+        self.live_ssb = (
+            LiveSSB(self.scan_shape, self.detector_shape, calibration, crop_side=ssb_crop, terms=self._terms)
+            if "ssb" in self.methods
+            else None
+        )
         self._setup_ssb_focus(aberrations)
         if self.live_ssb is not None:
             self.live_ssb.warm_up(calibration)
         self.positions_done = 0
         self._lock = threading.Lock()
-        self._writer = None if save is None else _StoreWriter(
-            save, self.scan_shape, self.detector_shape, calibration, rows_per_block, provenance, overwrite)
+        self._writer = (
+            None
+            if save is None
+            else _StoreWriter(
+                save, self.scan_shape, self.detector_shape, calibration, rows_per_block, provenance, overwrite
+            )
+        )
         self.started = time.perf_counter()
         self.latencies: list[float] = []  # s, from a batch's first frame arriving to its contribution
 
@@ -125,15 +156,24 @@ class LiveSession(ScanProgress):
     def _setup_virtual(self, inner_mrad, outer_mrad) -> None:
         self.detectors: dict = {}
         if "virtual" in self.methods:
-            self.detectors["image"] = Annulus(inner_mrad, outer_mrad, "mrad")
-            if self.calibration.bf_radius is not None:
-                self.detectors.update({"bf": "bf", "adf": "adf"})
+            if inner_mrad is not None or outer_mrad is not None:  # as reconstruct --method virtual
+                self.detectors["image"] = Annulus(inner_mrad or 0.0, math.inf if outer_mrad is None else outer_mrad)
+            elif self.calibration.bf_radius is not None:
+                self.detectors.update({name: name for name in PRESETS})
+            else:
+                raise InvalidParameter("the BF/ABF/ADF virtual detectors need the BF-disk radius: give --bf-radius "
+                                       "(or --calibration-from a calibrated store), or --inner-mrad/--outer-mrad")
         if self.detectors:
             if self.calibration.bf_center is None:
-                raise ValueError("virtual detectors are annuli around the BF centre: calibrate it first "
-                                 "(--bf-center Y X or --calibration-from STORE)")
-            geometry = SimpleNamespace(detector_shape=self.detector_shape, calibration=self.calibration,
-                                       store=SimpleNamespace(path="live session"))  # what detector_masks reads
+                raise InvalidParameter(
+                    "virtual detectors are annuli around the BF centre: calibrate it first "
+                    "(--bf-center Y X or --calibration-from STORE)"
+                )
+            geometry = SimpleNamespace(
+                detector_shape=self.detector_shape,
+                calibration=self.calibration,
+                store=SimpleNamespace(path="live session"),
+            )  # what detector_masks reads
             masks, self.detector_attrs, _ = detector_masks(geometry, self.detectors)
         else:
             masks, self.detector_attrs = np.zeros((0,) + self.detector_shape, bool), {}
@@ -144,7 +184,10 @@ class LiveSession(ScanProgress):
         if len(masks):  # events: pixel groups for kernels.events.masked_counts
             self._labels, self._table = mask_groups(masks)
         else:
-            self._labels, self._table = np.zeros(int(np.prod(self.detector_shape)), np.uint8), np.zeros((1, 0), np.uint32)
+            self._labels, self._table = (
+                np.zeros(int(np.prod(self.detector_shape)), np.uint8),
+                np.zeros((1, 0), np.uint32),
+            )
         self.virtual = np.zeros((len(self.detectors),) + self.scan_shape)
         if self._terms is not None:
             self._masks = self._masks[:-1]  # frames: the kept frames' total is the kept count
@@ -155,15 +198,17 @@ class LiveSession(ScanProgress):
         if mask is not None and np.asarray(mask).any():
             mask = np.asarray(mask, dtype=bool)
             if mask.shape != self.detector_shape or fill is None or np.shape(fill) != self.detector_shape:
-                raise ValueError(f"the detector mask and its fill must be {self.detector_shape}, got "
-                                 f"{mask.shape} and {np.shape(fill)}")
+                raise InvalidParameter(
+                    f"the detector mask and its fill must be {self.detector_shape}, got "
+                    f"{mask.shape} and {np.shape(fill)}"
+                )
             self._terms = MaskTerms.from_arrays(mask, fill)
             self._keep_frame = (~mask).astype(np.uint8)
             self._fill_moments = self._terms.mean_offset(self.detector_shape[1])
         descan = self.calibration.descan
         dy, dx = descan_offsets(descan, self.scan_shape)
         k = np.asarray((descan or {}).get("com_response", np.eye(2)), dtype=np.float64)
-        self._com_offset = (k @ np.stack([dy.ravel(), dx.ravel()]))  # what the COM sees of the disk's move
+        self._com_offset = k @ np.stack([dy.ravel(), dx.ravel()])  # what the COM sees of the disk's move
 
     def _setup_ssb_focus(self, aberrations) -> None:
         self.ssb: SSBResult | None = None  # after the last position, with "ssb"
@@ -178,8 +223,10 @@ class LiveSession(ScanProgress):
         self.aberrations = Aberrations(C10=c10)
         self._ssb_magnitude = unsigned_magnitude(self.calibration)
         if self._ssb_magnitude is not None:
-            self.ssb_c10_source = (f"calibrate measured |C10| = {self._ssb_magnitude:.1f} Å but not its sign: "
-                                   "the focus criterion picks it when the scan completes")
+            self.ssb_c10_source = (
+                f"calibrate measured |C10| = {self._ssb_magnitude:.1f} Å but not its sign: "
+                "the focus criterion picks it when the scan completes"
+            )
 
     def _filled(self, com_y, com_x):
         """Kept-pixel COM (px, no reference) → with the masked pixels filled (batch COM's rule)."""
@@ -190,18 +237,29 @@ class LiveSession(ScanProgress):
 
     def _relative(self, com_y, com_x, where):
         """COM minus the reference and the descan of positions ``where`` (px)."""
-        return (com_y - self.reference[0] - self._com_offset[0][where],
-                com_x - self.reference[1] - self._com_offset[1][where])
+        return (
+            com_y - self.reference[0] - self._com_offset[0][where],
+            com_x - self.reference[1] - self._com_offset[1][where],
+        )
 
     def _new_ricom(self) -> LiveRiCOM:
-        return LiveRiCOM(self.scan_shape, self.detector_shape, self.calibration, kernel_size=self.kernel_size,
-                         kmin=self.kmin, kmax=self.kmax, reference=self.reference)
+        return LiveRiCOM(
+            self.scan_shape,
+            self.detector_shape,
+            self.calibration,
+            kernel_size=self.kernel_size,
+            kmin=self.kmin,
+            kmax=self.kmax,
+            reference=self.reference,
+        )
 
     # ------------------------------------------------------------------ pushing
     def _claim(self, m: int) -> slice:
         p0 = self.positions_done
         if p0 + m > self.n_positions:
-            raise ValueError(f"{m} more positions after {p0} overrun the {self.scan_shape[0]}×{self.scan_shape[1]} scan")
+            raise InvalidParameter(
+                f"{m} more positions after {p0} overrun the {self.scan_shape[0]}×{self.scan_shape[1]} scan"
+            )
         return slice(p0, p0 + m)
 
     def push_frames(self, frames, arrival: float | None = None) -> None:
@@ -211,7 +269,9 @@ class LiveSession(ScanProgress):
         """
         frames = np.asarray(frames)
         if frames.ndim != 3 or frames.shape[1:] != self.detector_shape:
-            raise ValueError(f"frames of shape {frames.shape[1:]} do not match the detector {self.detector_shape}")
+            raise InvalidParameter(
+                f"frames of shape {frames.shape[1:]} do not match the detector {self.detector_shape}"
+            )
         kept = frames if self._terms is None else frames * self._keep_frame
         total, sum_y, sum_x, virtual = frame_sums(kept, self._masks, accumulator_zero(kept.dtype))
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -230,19 +290,22 @@ class LiveSession(ScanProgress):
         weights = None if weights is None else np.ascontiguousarray(weights).ravel()
         n_pix = self.detector_shape[0] * self.detector_shape[1]
         if int(counts.sum(dtype=np.int64)) != indices.size:
-            raise ValueError(f"{indices.size} event indices but counts sum to {int(counts.sum(dtype=np.int64))}")
+            raise InvalidParameter(f"{indices.size} event indices but counts sum to {int(counts.sum(dtype=np.int64))}")
         if indices.size and int(indices.max()) >= n_pix:
-            raise ValueError(f"detector index {int(indices.max())} outside the {self.detector_shape} detector")
+            raise InvalidParameter(f"detector index {int(indices.max())} outside the {self.detector_shape} detector")
         keep = None if self._terms is None else self._terms.keep
-        com_y, com_x = self._filled(*center_of_mass(counts, indices, self.detector_shape[1], 0.0, 0.0, keep,
-                                                    weights))
+        com_y, com_x = self._filled(*center_of_mass(counts, indices, self.detector_shape[1], 0.0, 0.0, keep, weights))
         virtual = masked_counts(counts, indices, weights, self._labels, self._table)
         electrons = counts if weights is None else position_sums(counts, weights)
         kept = electrons if self._terms is None else virtual[:, -1]
-        crop = None if self.live_ssb is None else functools.partial(self.live_ssb.push_events, counts=counts,
-                                                                   indices=indices, weights=weights)
-        self._push(com_y, com_x, kept, virtual[:, : len(self.detectors)], (counts, indices, weights, electrons),
-                   arrival, crop)
+        crop = (
+            None
+            if self.live_ssb is None
+            else functools.partial(self.live_ssb.push_events, counts=counts, indices=indices, weights=weights)
+        )
+        self._push(
+            com_y, com_x, kept, virtual[:, : len(self.detectors)], (counts, indices, weights, electrons), arrival, crop
+        )
 
     def _push(self, com_y, com_x, counts, virtual, events, arrival, crop=None) -> None:
         """Record a batch's per-position products (``crop(where)`` fills its SSB crops)."""
@@ -281,8 +344,9 @@ class LiveSession(ScanProgress):
             self.ssb_seconds = time.perf_counter() - t
 
     # ------------------------------------------------------------------ tuning
-    def retune(self, *, kernel_size=_KEEP, kmin=_KEEP, kmax=_KEEP, rotation_deg=_KEEP, flip=_KEEP,
-               reference=_KEEP) -> None:
+    def retune(
+        self, *, kernel_size=_KEEP, kmin=_KEEP, kmax=_KEEP, rotation_deg=_KEEP, flip=_KEEP, reference=_KEEP
+    ) -> None:
         """Change riCOM's kernel size, band-pass (Å⁻¹; None: none), rotation (deg) / flip or the
         COM reference ((y, x) px) mid-scan: riCOM is re-rendered from the kept COM of every
         position so far, then continues. Nothing measured is lost."""
@@ -339,37 +403,68 @@ class LiveSession(ScanProgress):
 
         snap = self.snapshot()
         (ny, nx), (sy, sx) = self.scan_shape, self.calibration.scan_step_a
-        coords = {"scan_y": ("scan_y", np.arange(ny) * sy, {"units": "Å", "long_name": "scan position y"}),
-                  "scan_x": ("scan_x", np.arange(nx) * sx, {"units": "Å", "long_name": "scan position x"})}
+        coords = scan_coordinates(np.arange(ny) * sy, np.arange(nx) * sx)
         dims = ("scan_y", "scan_x")
         parts = {}
         if "phase" in snap:
-            parts["ricom"] = {"phase": (snap["phase"], {"units": "rad", "long_name": f"riCOM phase (kernel {self.kernel_size})",
-                                                        "kernel_size": self.kernel_size,
-                                                        "kmin_inv_a": self.kmin, "kmax_inv_a": self.kmax})}
+            parts["ricom"] = {
+                "phase": (
+                    snap["phase"],
+                    {
+                        "units": "rad",
+                        "long_name": f"riCOM phase (kernel {self.kernel_size})",
+                        "kernel_size": self.kernel_size,
+                        "kmin_inv_a": self.kmin,
+                        "kmax_inv_a": self.kmax,
+                    },
+                )
+            }
         if "com" in self.methods:
-            parts["com"] = {c: (snap[c], {"units": "px", "frame": "detector", "reference_px": list(self.reference),
-                                          "long_name": f"centre of mass k_{c[-1]} (detector frame)"})
-                            for c in ("com_y", "com_x")}
+            parts["com"] = {
+                c: (
+                    snap[c],
+                    {
+                        "units": "px",
+                        "frame": "detector",
+                        "reference_px": list(self.reference),
+                        "long_name": f"centre of mass k_{c[-1]} (detector frame)",
+                    },
+                )
+                for c in ("com_y", "com_x")
+            }
         if self.detectors:
-            parts["virtual"] = {name: (snap[name].astype(np.uint32), {"units": "electrons", "long_name": f"virtual detector {name}",
-                                                                      **self.detector_attrs[name]})
-                                for name in self.detectors}
+            parts["virtual"] = {
+                name: (
+                    snap[name].astype(np.uint32),
+                    {"units": "electrons", "long_name": detector_name(name, self.detector_attrs[name]),
+                     **self.detector_attrs[name]},
+                )
+                for name in self.detectors
+            }
         if "ssb_phase" in snap:
             parts["ssb"] = {"phase": (snap["ssb_phase"], {**self.ssb_attrs, "crop_bin": self.live_ssb.window.bin})}
-        merged = merge_method_parts({m: xr.Dataset({k: xr.Variable(dims, *v) for k, v in part.items()}, coords=coords)
-                                     for m, part in parts.items()})
-        merged.attrs = {"methods": list(self.methods), "positions_done": self.positions_done,
-                        "n_positions": self.n_positions, "complete": self.done,
-                        **calibration_record(self.calibration)}
+        merged = merge_method_parts(
+            {
+                m: xr.Dataset({k: xr.Variable(dims, *v) for k, v in part.items()}, coords=coords)
+                for m, part in parts.items()
+            }
+        )
+        merged.attrs = {
+            "methods": list(self.methods),
+            "positions_done": self.positions_done,
+            "n_positions": self.n_positions,
+            "complete": self.done,
+            **calibration_record(self.calibration),
+        }
         return merged
 
     # ------------------------------------------------------------------ running
     def run(self, source) -> "LiveSession":
         """Consume an opened source (:mod:`stemdask.live_sources`) until the scan is complete."""
         if tuple(source.detector_shape) != self.detector_shape:
-            raise ValueError(f"{source.url}: detector {tuple(source.detector_shape)}, the session expects "
-                             f"{self.detector_shape}")
+            raise InvalidParameter(
+                f"{source.url}: detector {tuple(source.detector_shape)}, the session expects {self.detector_shape}"
+            )
         for kind, payload in source.batches(self.n_positions - self.positions_done):
             arrival = getattr(source, "batch_arrival", None) or time.perf_counter()
             if kind == "frames":
@@ -412,8 +507,16 @@ class _StoreWriter:
                 raise FileExistsError(f"{self.path} already exists (pass --overwrite to replace it)")
             check_replaceable(self.path, FORMAT_NAME)
         prov = {"source": "live", "stemdask_version": __version__, **(provenance or {})}
-        self._create = functools.partial(create_store, self.path, scan_shape, detector_shape, calibration,
-                                         rows_per_block=rows_per_block, provenance=prov, overwrite=overwrite)
+        self._create = functools.partial(
+            create_store,
+            self.path,
+            scan_shape,
+            detector_shape,
+            calibration,
+            rows_per_block=rows_per_block,
+            provenance=prov,
+            overwrite=overwrite,
+        )
         self.nx, self.n_positions = scan_shape[1], scan_shape[0] * scan_shape[1]
         self.index_dtype = index_dtype_for(detector_shape)
         self.store = None
@@ -441,18 +544,23 @@ class _StoreWriter:
             weight_dtype = self._first[1] if self.store is None else self.store.weight_dtype
             entries, indices, weights, n_bad, top = counted_frames_to_weighted(flat, self.index_dtype, weight_dtype)
             if top > np.iinfo(weight_dtype).max:
-                raise ValueError(f"a pixel counts {top} electrons, more than a {weight_dtype} weight holds")
+                raise InvalidParameter(f"a pixel counts {top} electrons, more than a {weight_dtype} weight holds")
             electrons = position_sums(entries, weights)
         if n_bad:
-            raise ValueError(f"{n_bad} pixels are negative or not whole numbers: cannot store them as electron counts")
+            raise InvalidParameter(
+                f"{n_bad} pixels are negative or not whole numbers: cannot store them as electron counts"
+            )
         return entries, indices, weights, electrons
 
     def add(self, entries, indices, weights=None, electrons=None) -> None:
         """The next positions' entries (``weights`` None: one per electron; ``electrons``: per
         position, with weights)."""
-        batch = (np.asarray(entries).ravel(), np.asarray(indices).ravel(),
-                 None if weights is None else np.asarray(weights).ravel(),
-                 np.asarray(entries if weights is None else electrons).ravel())
+        batch = (
+            np.asarray(entries).ravel(),
+            np.asarray(indices).ravel(),
+            None if weights is None else np.asarray(weights).ravel(),
+            np.asarray(entries if weights is None else electrons).ravel(),
+        )
         if self.store is None:
             self._waiting.append(batch)
             self._waiting_positions += batch[0].size
@@ -475,10 +583,12 @@ class _StoreWriter:
             n, weight_dtype = self._first
             entries = np.concatenate([w[0] for w in waiting])[:n]
             electrons = np.concatenate([w[3] for w in waiting])[:n]
-            self.encoding, per_position = choose_encoding("auto", int(electrons.sum()), int(entries.sum()),
-                                                          entries.size, self.index_dtype, weight_dtype)
-            self.store = self._create(encoding=self.encoding, weight_dtype=weight_dtype,
-                                      bytes_per_position=per_position)
+            self.encoding, per_position = choose_encoding(
+                "auto", int(electrons.sum()), int(entries.sum()), entries.size, self.index_dtype, weight_dtype
+            )
+            self.store = self._create(
+                encoding=self.encoding, weight_dtype=weight_dtype, bytes_per_position=per_position
+            )
         for batch in waiting:
             self._append(*batch)
 
@@ -493,8 +603,9 @@ class _StoreWriter:
             r0, r1 = self.store.block_rows(self.block)
             take = min((r1 - r0) * self.nx - self._have, entries.size)
             n = int(entries[:take].sum(dtype=np.int64))
-            self._rows.append((entries[:take], indices[e : e + n], None if weights is None else weights[e : e + n],
-                               electrons[:take]))
+            self._rows.append(
+                (entries[:take], indices[e : e + n], None if weights is None else weights[e : e + n], electrons[:take])
+            )
             self._have += take
             entries, electrons, e = entries[take:], electrons[take:], e + n
             if self._have == (r1 - r0) * self.nx:
@@ -503,8 +614,9 @@ class _StoreWriter:
     def _write_block(self, rows: int) -> None:
         part = list(zip(*self._rows))
         weights = None if part[2][0] is None else np.concatenate(part[2])
-        self.events += self.store.write_block(self.block, np.concatenate(part[0]).reshape(rows, self.nx),
-                                              np.concatenate(part[1]), weights=weights)
+        self.events += self.store.write_block(
+            self.block, np.concatenate(part[0]).reshape(rows, self.nx), np.concatenate(part[1]), weights=weights
+        )
         self.block += 1
         self._rows, self._have = [], 0
 
@@ -512,84 +624,13 @@ class _StoreWriter:
         if not self.block:
             return f"{self.path}: no complete row block yet (nothing saved)"
         rows = self.store.block_rows(self.block - 1)[1]
-        return (f"{self.path}: {self.block} of {self.store.n_blocks} row blocks saved "
-                f"(scan rows 0..{rows - 1}, {self.events:,} electrons, encoding {self.encoding})")
+        return (
+            f"{self.path}: {self.block} of {self.store.n_blocks} row blocks saved "
+            f"(scan rows 0..{rows - 1}, {self.events:,} electrons, encoding {self.encoding})"
+        )
 
     def finish(self, complete: bool):
         """Write what waits for the encoding (a scan that ended early), then finalize a
         ``complete`` scan's store (returned; else None)."""
         self._settle()
         return self.store.finalize(source_events=self.events) if complete else None
-
-
-def live_calibration(args, source) -> Calibration:
-    """The session's calibration: ``--calibration-from STORE`` (or a replayed store's own), then
-    the explicit options (--bf-center, --bf-radius, --rotation-deg, --flip, --scan-step, …)."""
-    from .store import open_store
-
-    if args.calibration_from:
-        calibration = open_store(args.calibration_from, allow_incomplete=True).calibration
-    else:
-        calibration = getattr(source, "calibration", None) or Calibration()
-    changes = {"energy_ev": None if args.energy_kev is None else args.energy_kev * 1e3,
-               "scan_step_a": args.scan_step, "detector_pixel_mrad": args.detector_pixel_mrad,
-               "bf_center": None if args.bf_center is None else tuple(args.bf_center), "bf_radius": args.bf_radius,
-               "rotation_deg": args.rotation_deg, "flip": args.flip}
-    return calibration.replace(**{k: v for k, v in changes.items() if v is not None})
-
-
-def run_live(args) -> int:
-    """``stemdask live``: open the source, run the session (and its view), save, report."""
-    from .live_sources import StreamError, open_source
-    from .reconstruct import RESULT_FORMAT, write_result
-    from .store import open_store
-
-    ny, nx = args.scan_shape
-    source = open_source(args.source, timeout=args.timeout, rate=args.rate, batch_frames=nx)
-    with source:
-        if source.n_frames is not None and source.n_frames < ny * nx:
-            raise StreamError(f"{args.source}: the acquisition has {source.n_frames} frames, "
-                              f"the {ny}×{nx} scan needs {ny * nx}")
-        # the mask comes from where the calibration comes from (live_calibration)
-        mask, fill = open_store(args.calibration_from, allow_incomplete=True).detector_mask() \
-            if args.calibration_from else getattr(source, "detector_mask", (None, None))
-        session = LiveSession(
-            (ny, nx), source.detector_shape, live_calibration(args, source), methods=args.method or DEFAULT_METHODS,
-            mask=mask, fill=fill, ssb_crop=args.ssb_crop, aberrations=None if args.c10 is None else Aberrations(C10=args.c10),
-            kernel_size=args.kernel_size, kmin=args.kmin, kmax=args.kmax, inner_mrad=args.inner_mrad,
-            outer_mrad=args.outer_mrad, save=args.save, overwrite=args.overwrite, rows_per_block=args.rows_per_block,
-            provenance={"source": str(args.source), "format": "live"},
-        )
-        if session.live_ssb is not None:
-            c10 = "" if session._ssb_magnitude is not None else f" = {session.aberrations.C10:g} Å"
-            print(f"{session.live_ssb.describe()}; SSB C10{c10} ({session.ssb_c10_source})", flush=True)
-        view = None
-        if args.view:
-            from .live_view import serve
-
-            view = serve(session, port=args.port)
-            print(f"live view on {view.url}", flush=True)
-        failure = None
-        try:
-            session.run(source)
-        except StreamError as e:
-            failure = e
-    store = session.finish()
-    if args.out:
-        result = session.result()
-        result.attrs.update({"format": RESULT_FORMAT, "source": str(args.source)})
-        if store is not None:
-            result.attrs.update({"store": str(store.path.resolve()), "store_n_events": int(store.n_events)})
-        write_result(result, args.out, overwrite=args.overwrite, progress=False)
-    lat = np.array(session.latencies) * 1e3
-    summary = (f"{session.positions_done:,} of {session.n_positions:,} positions, "
-               f"{session.frames_per_second:,.0f} frames/s; latency to the snapshot median "
-               f"{np.median(lat) if lat.size else 0:.1f} ms, max {lat.max(initial=0):.1f} ms"
-               + (f"; SSB phase {session.ssb_seconds:.2f} s after the last frame" if session.ssb_seconds is not None else ""))
-    if failure is not None:
-        raise StreamError(f"{failure}; {session.saved}{'; partial images in ' + str(args.out) if args.out else ''}")
-    print(summary + (f"; wrote {store.path}" if store is not None else "")
-          + (f"; images in {args.out}" if args.out else ""))
-    if view is not None:
-        view.stop()
-    return 0

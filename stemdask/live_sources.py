@@ -22,9 +22,19 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .io.merlin import (MPX_PREFIX_BYTES, AcquisitionHeader, FrameHeader, MerlinError, MibFile, decode_frames,
-                        mpx_prefix, parse_acquisition_header, parse_frame_header, parse_mpx_prefix,
-                        to_store_orientation)
+from .io.merlin import (
+    MPX_PREFIX_BYTES,
+    AcquisitionHeader,
+    FrameHeader,
+    MerlinError,
+    MibFile,
+    decode_frames,
+    mpx_prefix,
+    parse_acquisition_header,
+    parse_frame_header,
+    parse_mpx_prefix,
+    to_store_orientation,
+)
 from .store import open_store
 
 #: Bytes of whole frames received per batch, at most (a batch is also at most one scan row).

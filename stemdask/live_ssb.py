@@ -1,8 +1,8 @@
 """Live SSB: each scan row's scan-x FFT of its BF-disk pixels made as it arrives, SSB when the scan completes.
 
-:class:`LiveSSB` crops every position like :func:`stemdask.reduce.densify` — binned so that
+:class:`LiveSSB` crops every position like :func:`stemdask.reductions.densify` — binned so that
 the crop's side ``n`` is at most ``crop_side`` output pixels
-(:meth:`stemdask.reduce.CropWindow.fitting`) — and, each time a scan row is complete, keeps
+(:meth:`stemdask.reductions.CropWindow.fitting`) — and, each time a scan row is complete, keeps
 only what SSB needs of it: the rfft over scan_x of its pixels inside the BF disk (the first
 stage of :func:`stemdask.methods.ssb.ssb`). When the last position is in, the FFT over scan_y
 (all cores) gives G, kept in memory, and the trotter sums give the phase; refocusing is the
@@ -23,12 +23,13 @@ import dask.array as da
 import numpy as np
 import scipy.fft
 
+from .errors import InvalidParameter
 from .kernels import events as kernels
 from .kernels.dense import counted_frames_to_weighted
 from .kernels.live import binned_crop
 from .methods.ssb import SSBResult, bf_pixels, select_and_rfft
 from .optics import Aberrations, Calibration, descan_offsets
-from .reduce import CropWindow, MaskTerms
+from .reductions import CropWindow, MaskTerms
 
 #: Default largest side (output pixels) of the crop of each position.
 CROP_SIDE = 32
@@ -38,14 +39,14 @@ class LiveSSB:
     """What SSB keeps of a ``scan_shape`` scan on a ``detector_shape`` detector (module docstring).
 
     calibration: needs the BF centre and radius (the crop is ``ceil(1.1·R) + 1`` px around the
-    centre, as batch densify's); ``terms``: the detector mask (:class:`stemdask.reduce.MaskTerms`,
+    centre, as batch densify's); ``terms``: the detector mask (:class:`stemdask.reductions.MaskTerms`,
     None for none). Positions are pushed in scan order, ``where`` a slice of flat positions.
     """
 
     def __init__(self, scan_shape, detector_shape, calibration: Calibration, *, crop_side: int = CROP_SIDE,
                  terms: MaskTerms | None = None):
         if calibration.bf_center is None or calibration.bf_radius is None:
-            raise ValueError("live SSB crops the BF disk: calibrate its centre and radius first "
+            raise InvalidParameter("live SSB crops the BF disk: calibrate its centre and radius first "
                              "(--calibration-from STORE, or --bf-center Y X and --bf-radius R)")
         self.scan_shape = tuple(scan_shape)
         self.detector_shape = tuple(detector_shape)
@@ -97,14 +98,16 @@ class LiveSSB:
         entries, indices, weights, n_bad, _ = counted_frames_to_weighted(
             np.ascontiguousarray(frames).reshape(frames.shape[0], -1))
         if n_bad:
-            raise ValueError(f"{n_bad} pixels are negative or not whole numbers: live SSB with a detector mask "
+            raise InvalidParameter(f"{n_bad} pixels are negative or not whole numbers: live SSB with a detector mask "
                              "or descan needs counted frames")
         self.push_events(where, entries, indices, weights)
 
     def _add(self, where: slice, crops) -> None:
         """The crops of positions ``where``: every row they complete goes through the scan-x FFT."""
         if where.start != self._next:
-            raise ValueError(f"positions {where.start}… pushed after {self._next}: live SSB takes them in scan order")
+            raise InvalidParameter(
+                f"positions {where.start}… pushed after {self._next}: live SSB takes them in scan order"
+            )
         nx, w = self.scan_shape[1], self.window
         if len(self._pending):
             crops = np.concatenate([self._pending, crops])
@@ -121,20 +124,20 @@ class LiveSSB:
         the scan frame of ``calibration`` (rotation/flip as tuned by the end)."""
         ny, nx = self.scan_shape
         if self._next != ny * nx:
-            raise ValueError(f"live SSB needs the whole scan: {self._next} of {ny * nx} positions are in")
+            raise InvalidParameter(f"live SSB needs the whole scan: {self._next} of {ny * nx} positions are in")
         disk = bf_pixels(self._coords["k_y"].values, self._coords["k_x"].values, calibration)
         if not np.array_equal(disk.pixels, self.disk.pixels):
-            raise ValueError("the BF disk's size changed since the scan began: live SSB kept other pixels")
+            raise InvalidParameter("the BF disk's size changed since the scan began: live SSB kept other pixels")
         if self._G is None:  # the scan-y FFT in place: the rows are not needed after it
             self._bf = float(self.rows[:, 0, :].real.sum(axis=1, dtype=np.float64).mean())
             self._G = scipy.fft.fft(self.rows, axis=0, norm="forward", overwrite_x=True, workers=os.cpu_count())
             self.rows = None
         npix = len(disk.pixels)
-        G = da.from_array(self._G, chunks=(ny, nx // 2 + 1, max(1, math.ceil(npix / 8))),
-                          name=f"live-ssb-G-{uuid.uuid4().hex}")  # named: hashing 150 MB would cost 0.1 s
+        G = da.from_array(
+            self._G, chunks=(ny, nx // 2 + 1, max(1, math.ceil(npix / 8))), name=f"live-ssb-G-{uuid.uuid4().hex}"
+        )  # named: hashing 150 MB would cost 0.1 s
         (sy, sx) = calibration.scan_step_a
-        return disk.result(G, self._bf, (np.arange(ny) * sy, np.arange(nx) * sx), calibration, aberrations,
-                           kept=True)
+        return disk.result(G, self._bf, (np.arange(ny) * sy, np.arange(nx) * sx), calibration, aberrations, kept=True)
 
     def warm_up(self, calibration: Calibration) -> None:
         """SSB once on a 4×4 scan of this crop, so that the one at the scan's end pays no first-call

@@ -69,8 +69,17 @@ class ViewServer:
     # ------------------------------------------------------------------ the page
     def _document(self, doc) -> None:
         from bokeh.layouts import column, gridplot, row
-        from bokeh.models import (Checkbox, ColorBar, ColumnDataSource, Div, LinearColorMapper, Metric, RangeSlider,
-                                  ScaleBar, Slider)
+        from bokeh.models import (
+            Checkbox,
+            ColorBar,
+            ColumnDataSource,
+            Div,
+            LinearColorMapper,
+            Metric,
+            RangeSlider,
+            ScaleBar,
+            Slider,
+        )
         from bokeh.plotting import figure
 
         session = self.session
@@ -104,8 +113,13 @@ class ViewServer:
 
         def retune(attr, old, new):
             lo, hi = band.value
-            session.retune(kernel_size=int(kernel.value), kmin=lo if lo > 0 else None,
-                           kmax=hi if hi < nyquist else None, rotation_deg=float(rotation.value), flip=bool(flip.active))
+            session.retune(
+                kernel_size=int(kernel.value),
+                kmin=lo if lo > 0 else None,
+                kmax=hi if hi < nyquist else None,
+                rotation_deg=float(rotation.value),
+                flip=bool(flip.active),
+            )
             refresh()
 
         for widget in (kernel, band, rotation):
@@ -143,14 +157,16 @@ class ViewServer:
             return f"riCOM phase, n = {self.session.kernel_size}"
         if name == "ssb_phase":
             s = self.session
-            return (f"SSB phase, C10 = {s.aberrations.C10:g} Å" if s.ssb_phase is not None
-                    else "SSB phase (when the scan completes)")
+            return (
+                f"SSB phase, C10 = {s.aberrations.C10:g} Å"
+                if s.ssb_phase is not None
+                else "SSB phase (when the scan completes)"
+            )
         return {"com_y": "COM k_y", "com_x": "COM k_x"}.get(name, f"virtual {name}")
 
     def _status(self) -> str:
         s = self.session
-        return (f"<b>{s.positions_done:,}</b> / {s.n_positions:,} positions · "
-                f"<b>{s.frames_per_second:,.0f}</b> frames/s")
+        return f"<b>{s.positions_done:,}</b> / {s.n_positions:,} positions · <b>{s.frames_per_second:,.0f}</b> frames/s"
 
 
 def serve(session, port: int = 5006, interval_ms: int = 250) -> ViewServer:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidParameter
+
 #: Electron rest energy (eV), Planck constant × speed of light (eV·Å).
 _MC2_EV = 510998.95
 _HC_EV_A = 12398.419843320026
@@ -31,7 +33,7 @@ _HC_EV_A = 12398.419843320026
 def wavelength_a(energy_ev: float) -> float:
     """Relativistic electron wavelength (Å) at an accelerating voltage ``energy_ev`` (eV)."""
     if not (math.isfinite(energy_ev) and energy_ev > 0):
-        raise ValueError(f"energy must be a positive number of eV, got {energy_ev!r}")
+        raise InvalidParameter(f"energy must be a positive number of eV, got {energy_ev!r}")
     return _HC_EV_A / math.sqrt(energy_ev * (2 * _MC2_EV + energy_ev))
 
 
@@ -77,7 +79,7 @@ class Calibration:
         def positive(name, value):
             v = float(value)
             if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"calibration {name} must be a positive finite number, got {value!r}")
+                raise InvalidParameter(f"calibration {name} must be a positive finite number, got {value!r}")
             return v
 
         self.energy_ev = positive("energy_ev", self.energy_ev)
@@ -86,28 +88,28 @@ class Calibration:
             step = (step, step)
         self.scan_step_a = tuple(positive("scan_step_a", s) for s in step)
         if len(self.scan_step_a) != 2:
-            raise ValueError(f"scan_step_a must be a number or (y, x), got {step!r}")
+            raise InvalidParameter(f"scan_step_a must be a number or (y, x), got {step!r}")
         self.detector_pixel_mrad = positive("detector_pixel_mrad", self.detector_pixel_mrad)
         if self.semiangle_mrad is not None:
             self.semiangle_mrad = positive("semiangle_mrad", self.semiangle_mrad)
         if self.bf_center is not None:
             c = tuple(float(v) for v in self.bf_center)
             if len(c) != 2 or not all(math.isfinite(v) for v in c):
-                raise ValueError(f"bf_center must be (y, x) finite pixels, got {self.bf_center!r}")
+                raise InvalidParameter(f"bf_center must be (y, x) finite pixels, got {self.bf_center!r}")
             self.bf_center = c
         if self.bf_radius is not None:
             self.bf_radius = positive("bf_radius", self.bf_radius)
         if not math.isfinite(float(self.rotation_deg)):
-            raise ValueError(f"rotation_deg must be finite, got {self.rotation_deg!r}")
+            raise InvalidParameter(f"rotation_deg must be finite, got {self.rotation_deg!r}")
         self.rotation_deg = float(self.rotation_deg)
         self.flip = bool(self.flip)
         if self.descan is not None:
             check_descan(self.descan)
         if self.c10_estimate_a is not None and not math.isfinite(float(self.c10_estimate_a)):
-            raise ValueError(f"c10_estimate_a must be finite, got {self.c10_estimate_a!r}")
+            raise InvalidParameter(f"c10_estimate_a must be finite, got {self.c10_estimate_a!r}")
         bad = {k: v for k, v in dict(self.origins).items() if v not in ORIGINS}
         if bad:
-            raise ValueError(f"calibration origins must be among {ORIGINS}, got {bad}")
+            raise InvalidParameter(f"calibration origins must be among {ORIGINS}, got {bad}")
         self.origins = dict(self.origins)
 
     @property
@@ -146,14 +148,14 @@ def check_descan(descan: dict) -> None:
     """Raise ValueError unless ``descan`` is a valid ``Calibration.descan`` record."""
     model = descan.get("model") if isinstance(descan, dict) else None
     if model not in DESCAN_TERMS:
-        raise ValueError(f"descan model must be one of {sorted(DESCAN_TERMS)}, got {descan!r}")
+        raise InvalidParameter(f"descan model must be one of {sorted(DESCAN_TERMS)}, got {descan!r}")
     for key in ("coef_y", "coef_x"):
         coef = descan.get(key)
         if coef is None or len(coef) != len(DESCAN_TERMS[model]) or not all(math.isfinite(float(c)) for c in coef):
-            raise ValueError(f"descan {key} must be {len(DESCAN_TERMS[model])} finite numbers (px), got {coef!r}")
+            raise InvalidParameter(f"descan {key} must be {len(DESCAN_TERMS[model])} finite numbers (px), got {coef!r}")
     k = descan.get("com_response")
     if k is not None and (np.shape(k) != (2, 2) or not np.all(np.isfinite(np.asarray(k, dtype=float)))):
-        raise ValueError(f"descan com_response must be a finite 2×2 matrix, got {k!r}")
+        raise InvalidParameter(f"descan com_response must be a finite 2×2 matrix, got {k!r}")
 
 
 def descan_terms(model: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -209,10 +211,19 @@ class Aberrations:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             if not math.isfinite(getattr(self, f.name)):
-                raise ValueError(f"aberration {f.name} must be finite, got {getattr(self, f.name)!r}")
+                raise InvalidParameter(f"aberration {f.name} must be finite, got {getattr(self, f.name)!r}")
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
+
+    def label(self) -> str:
+        """``C10 −150 Å, C12 20 Å @ 30°``: C10 always, the other non-zero coefficients (for titles)."""
+        parts = [f"C10 {self.C10:g} Å"]
+        for name, angle in (("C12", "phi12"), ("C21", "phi21"), ("C23", "phi23"), ("C30", None)):
+            value = getattr(self, name)
+            if value:
+                parts.append(f"{name} {value:g} Å" + (f" @ {getattr(self, angle):g}°" if angle else ""))
+        return ", ".join(parts).replace("-", "−")
 
 
 def chi(k_y: np.ndarray, k_x: np.ndarray, wavelength: float, ab: Aberrations) -> np.ndarray:
@@ -266,7 +277,7 @@ def check_scan_step(calibration: Calibration, data) -> None:
             continue
         spacing = float(np.median(np.diff(np.asarray(data.coords[name], dtype=float))))
         if not math.isclose(spacing, step, rel_tol=1e-6):
-            raise ValueError(
+            raise InvalidParameter(
                 f"{name} coordinates are {spacing:.6g} Å apart but the calibration's scan step is {step:.6g} Å; "
                 "pass the calibration of this data (e.g. ds.bin_scan(f).calibration for binned data)"
             )

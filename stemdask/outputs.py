@@ -37,6 +37,7 @@ import time
 from os import replace as _replace
 from pathlib import Path
 
+from .errors import InvalidParameter, UserError
 from .store import check_replaceable
 
 HOST = socket.gethostname()
@@ -48,7 +49,12 @@ SCRATCH_PREFIX = ".stemdask-scratch"
 _QUIET_S = 0.5
 
 
-class OutputBusyError(FileExistsError):
+class OutputFolderError(UserError, FileNotFoundError):
+    """The folder an output would go into does not exist (it is never created: a typo in a
+    path must not create folders, e.g. at the filesystem root)."""
+
+
+class OutputBusyError(UserError, FileExistsError):
     """Another live run holds the output's lock."""
 
 
@@ -115,15 +121,15 @@ def check_target(out: Path, inputs=()) -> None:
     out = out.resolve()
     for parent in out.parents:
         if (parent / "zarr.json").is_file():
-            raise ValueError(f"{out}: is inside the Zarr store {parent}; choose an output outside it")
+            raise InvalidParameter(f"{out}: is inside the Zarr store {parent}; choose an output outside it")
     for inp in inputs:
         inp = Path(inp).resolve()
         if out == inp:
-            raise ValueError(f"{out}: the output is the input {inp}; choose another output path")
+            raise InvalidParameter(f"{out}: the output is the input {inp}; choose another output path")
         if inp in out.parents:
-            raise ValueError(f"{out}: the output is inside the input {inp}; choose another output path")
+            raise InvalidParameter(f"{out}: the output is inside the input {inp}; choose another output path")
         if out in inp.parents:
-            raise ValueError(f"{out}: the output folder holds the input {inp}; choose another output path")
+            raise InvalidParameter(f"{out}: the output folder holds the input {inp}; choose another output path")
 
 
 class OutputSlot:
@@ -151,7 +157,10 @@ class OutputSlot:
 
     def __enter__(self) -> "OutputSlot":
         check_target(self.out, self.inputs)
-        self.out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        parent = self.out.resolve().parent
+        if not parent.is_dir():
+            raise OutputFolderError(f"{self.out}: the folder {parent} does not exist (stemdask creates only the "
+                                    "output itself, not the folders above it)")
         self._acquire()
         try:
             self._recover()

@@ -1,5 +1,9 @@
 """Run several reconstruction methods in one pass over the events and write the result.
 
+``reconstruct(ds, {"ssb": {"c10": -150.0}, "com": {}})`` is the Python form of
+``stemdask reconstruct STORE --method ssb --c10 -150 --method com``: each method's options are
+the keyword parameters of its ``run`` (:mod:`stemdask.methods`).
+
 The methods' lazy graphs share the per-block read tasks of one
 :class:`stemdask.events.EventDataset`, so computing them together reads every row block once.
 
@@ -16,17 +20,17 @@ onto the result). JSON strings, because every Zarr/xarray reader round-trips the
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import json
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import xarray as xr
 
-from .methods import load_methods
+from .errors import InvalidParameter
+from .methods import runner
 from .outputs import OutputSlot
 from .progress import compute
 
@@ -34,20 +38,32 @@ from .progress import compute
 RESULT_FORMAT = "stemdask-result"
 
 
-def build_result(ds, methods: list[str], args: argparse.Namespace) -> xr.Dataset:
-    """The lazy xarray Dataset of all ``methods`` on ``ds``.
+def reconstruct(ds, methods: dict[str, dict] | list[str] | tuple[str, ...]) -> xr.Dataset:
+    """The lazy xarray Dataset of ``methods`` on the event dataset ``ds``.
 
-    Variables keep their method's names (``phase``, ``image``, ``com_y``…); when two
-    methods produce the same name, each is prefixed with its method (``ssb_phase``).
+    ``methods``: ``{name: {option: value}}`` (options of :func:`stemdask.methods.<name>.run`;
+    those not given take its defaults), or a list of names with default options. Variables
+    keep their method's names (``phase``, ``image``, ``com_y``…); when two methods produce the
+    same name, each is prefixed with its method (``ssb_phase``). The Dataset's attrs are the
+    run record (module docstring).
     """
-    registry = load_methods()
-    unknown = [m for m in methods if m not in registry]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(registry)}")
-    parts = {m: registry[m].run(ds, args) for m in dict.fromkeys(methods)}
+    requested = dict.fromkeys(methods, None) if isinstance(methods, (list, tuple)) else dict(methods)
+    options = {name: bound_options(name, opts or {}) for name, opts in requested.items()}
+    parts = {name: runner(name)(ds, **opts) for name, opts in options.items()}
     result = merge_method_parts(parts)
-    result.attrs = run_record(ds, list(parts), args)
+    result.attrs = run_record(ds, options)
     return result
+
+
+def bound_options(name: str, given: dict) -> dict:
+    """Every option of method ``name``: ``given`` and the defaults of the rest."""
+    signature = inspect.signature(runner(name))
+    known = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(given) - {p.name for p in known})
+    if unknown:
+        raise InvalidParameter(f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
+                               f"its options: {', '.join(p.name for p in known)}")
+    return {p.name: given.get(p.name, p.default) for p in known}
 
 
 def merge_method_parts(parts: dict[str, xr.Dataset]) -> xr.Dataset:
@@ -78,24 +94,13 @@ def _json_safe(value):
         return str(value)
 
 
-def method_options(methods: list[str], args: argparse.Namespace) -> dict:
-    """Each method's own CLI options and their values in ``args`` (defaults included)."""
-    registry = load_methods()
-    out = {}
-    for m in methods:
-        probe = argparse.ArgumentParser(add_help=False)
-        registry[m].add_arguments(probe)
-        dests = [a.dest for a in probe._actions if a.dest not in ("help", "cluster")]
-        out[m] = {d: _json_safe(getattr(args, d, None)) for d in dests}
-    return out
-
-
-def run_record(ds, methods: list[str], args: argparse.Namespace | None) -> dict:
-    """The result's Dataset attrs: how it was made (module docstring)."""
+def run_record(ds, options: dict[str, dict]) -> dict:
+    """The result's Dataset attrs: how it was made (module docstring); ``options``: each
+    method's options (:func:`bound_options`)."""
     return {
         "format": RESULT_FORMAT,
-        "methods": list(methods),
-        "method_options": json.dumps(method_options(methods, args) if args is not None else {}),
+        "methods": list(options),
+        "method_options": json.dumps({m: {k: _json_safe(v) for k, v in o.items()} for m, o in options.items()}),
         **calibration_record(ds.calibration),
         "store": str(Path(ds.store.path).resolve()),
         "store_n_events": int(ds.store.n_events),
@@ -144,55 +149,3 @@ def write_result(result: xr.Dataset, out: str | os.PathLike, *, overwrite: bool 
             delayed = result.to_zarr(slot.target, mode="w", compute=False, consolidated=True)
         compute(delayed, progress=progress, desc="reconstruct")
         return slot.commit()
-
-
-def calibrate_first(path, quiet: bool = False) -> dict:
-    """Calibrate a store that never was (``bf_center`` is None) and print what was found."""
-    from .calibrate import calibrate_store
-
-    print(f"{path}: never calibrated; calibrating it first (as `stemdask calibrate {path}` would)", file=sys.stderr)
-    found = calibrate_store(path)
-    for line in calibration_lines(found):
-        print(line, file=sys.stderr)
-    return found
-
-
-def calibration_lines(found: dict) -> list[str]:
-    """What ``calibrate_store`` found, as lines to print: the summary, each message, and
-    exactly one line on the rotation/flip when they are not reliable."""
-    lines = [str(found.get("summary", ""))]
-    unreliable = [m for m in found.get("messages", []) if str(m).startswith("rotation/flip NOT reliable")]
-    lines += [str(m) for m in found.get("messages", []) if m not in unreliable]
-    if not found.get("rotation_reliable", False):
-        lines.append(unreliable[0] if unreliable else
-                     "rotation/flip: NOT reliable; kept the stored rotation and flip — set them with "
-                     "`stemdask calibrate STORE --set rotation-deg=… --set flip=…` or `reconstruct --rotation-deg`")
-    return [line for line in lines if line]
-
-
-def reconstruct_cli(args: argparse.Namespace) -> int:
-    """``stemdask reconstruct``; the CLI has already connected to ``--cluster``."""
-    from .events import open as open_dataset
-
-    ds = open_dataset(args.store)
-    if ds.calibration.bf_center is None:
-        calibrate_first(args.store, quiet=args.quiet)
-        ds = open_dataset(args.store)
-    overrides = {}
-    if args.rotation_deg is not None:
-        overrides["rotation_deg"] = args.rotation_deg
-    if args.flip is not None:
-        overrides["flip"] = args.flip
-    if overrides:
-        origins = {**ds.calibration.origins, **{k: "command line" for k in overrides}}
-        ds = ds.with_calibration(**overrides, origins=origins)
-    result = build_result(ds, args.method, args)
-    out = write_result(result, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote {out}: variables {sorted(result.data_vars)}")
-    if args.png:
-        from .plotting import image_panel
-
-        saved = xr.open_zarr(out)
-        image_panel({k: saved[k] for k in saved.data_vars}, args.png, title=f"{args.store}: {', '.join(args.method)}")
-        print(f"wrote {args.png}")
-    return 0

@@ -60,6 +60,7 @@ import numpy as np
 import scipy.fft
 import zarr
 
+from .errors import InvalidParameter
 from .kernels.sampling import sample_events
 from .optics import (
     Aberrations,
@@ -69,7 +70,7 @@ from .optics import (
     descan_offsets,
     wavelength_a,
 )
-from .parallel import run_jobs
+from .progress import run_jobs
 from .store import EventStore, create_store, open_store
 
 TRUTH = "phase_truth"
@@ -128,47 +129,47 @@ class SimulationParams:
     def __post_init__(self):
         n = self.detector
         if n < 4 or n % 2:
-            raise ValueError(f"detector must be an even number of pixels ≥ 4, got {n}")
+            raise InvalidParameter(f"detector must be an even number of pixels ≥ 4, got {n}")
         if not (self.dose >= 0 and math.isfinite(self.dose)):
-            raise ValueError(f"dose must be ≥ 0 electrons per position, got {self.dose}")
+            raise InvalidParameter(f"dose must be ≥ 0 electrons per position, got {self.dose}")
         if len(self.scan_shape) != 2 or min(self.scan_shape) < 1:
-            raise ValueError(f"scan_shape must be two positive integers, got {self.scan_shape}")
+            raise InvalidParameter(f"scan_shape must be two positive integers, got {self.scan_shape}")
         if self.scan_step_px < 1:
-            raise ValueError("scan_step_px must be a positive integer")
+            raise InvalidParameter("scan_step_px must be a positive integer")
         if not math.isfinite(self.rotation_deg):
-            raise ValueError(f"rotation_deg must be finite, got {self.rotation_deg!r}")
+            raise InvalidParameter(f"rotation_deg must be finite, got {self.rotation_deg!r}")
 
         def pair(name, value):
             v = tuple(float(x) for x in value)
             if len(v) != 2 or not all(math.isfinite(x) for x in v):
-                raise ValueError(f"{name} must be two finite numbers (y, x), got {value!r}")
+                raise InvalidParameter(f"{name} must be two finite numbers (y, x), got {value!r}")
             return v
 
         def pixel(name, y, x):
             if not (0 <= int(y) < n and 0 <= int(x) < n) or int(y) != y or int(x) != x:
-                raise ValueError(f"{name} ({y}, {x}) is not a pixel of the {n}×{n} detector")
+                raise InvalidParameter(f"{name} ({y}, {x}) is not a pixel of the {n}×{n} detector")
             return int(y), int(x)
 
         def line(name, values):
             out = tuple(int(v) for v in values)
             if any(not 0 <= v < n or v != w for v, w in zip(out, values)):
-                raise ValueError(f"{name} must be detector indices in [0, {n}), got {values!r}")
+                raise InvalidParameter(f"{name} must be detector indices in [0, {n}), got {values!r}")
             return out
 
         hot = []
         for entry in self.hot_pixels:
             y, x, rate = entry
             if not (math.isfinite(rate) and rate >= 0):
-                raise ValueError(f"hot pixel rate must be ≥ 0 events per position, got {entry!r}")
+                raise InvalidParameter(f"hot pixel rate must be ≥ 0 events per position, got {entry!r}")
             hot.append((*pixel("hot pixel", y, x), float(rate)))
         if hot and self.dose == 0:
-            raise ValueError("hot pixels need dose > 0 (their rate is stored relative to the dose)")
+            raise InvalidParameter("hot pixels need dose > 0 (their rate is stored relative to the dose)")
         if not (math.isfinite(self.bragg) and self.bragg >= 0):
-            raise ValueError(f"bragg must be ≥ 0, got {self.bragg!r}")
+            raise InvalidParameter(f"bragg must be ≥ 0, got {self.bragg!r}")
         if not (math.isfinite(self.max_phase) and 0 <= self.max_phase < math.pi):
-            raise ValueError(f"max_phase must be in [0, π) rad, got {self.max_phase!r}")
+            raise InvalidParameter(f"max_phase must be in [0, π) rad, got {self.max_phase!r}")
         if not (math.isfinite(self.tds) and 0 <= self.tds < 1):
-            raise ValueError(f"tds must be a fraction in [0, 1), got {self.tds!r}")
+            raise InvalidParameter(f"tds must be a fraction in [0, 1), got {self.tds!r}")
         descan = None
         if self.descan is not None:
             check_descan(self.descan)
@@ -771,35 +772,3 @@ def load_faults(path: str | os.PathLike) -> dict:
     if "faults" not in sim:
         raise KeyError(f"{path}: has no simulation faults record (not made by stemdask.simulate)")
     return sim["faults"]
-
-
-def random_event_store(
-    path: str | os.PathLike,
-    scan_shape: tuple[int, int],
-    detector: int,
-    events_per_position: float,
-    *,
-    rows_per_block: int | None = None,
-    bf_radius: float = 4.0,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> EventStore:
-    """A store of any size, fast: Poisson(``events_per_position``) events per position at
-    scattered detector pixels, no physics — for scale tests and benchmarks.
-
-    The calibration declares a ``bf_radius``-pixel BF disk at the detector centre (1 mrad/px,
-    semi-angle = ``bf_radius`` mrad, 0.5 Å steps) so dense methods get a small, known input.
-    """
-    rng = np.random.default_rng(seed)
-    ny, nx = scan_shape
-    cal = Calibration(scan_step_a=0.5, detector_pixel_mrad=1.0, semiangle_mrad=float(bf_radius),
-                      bf_center=(detector / 2, detector / 2), bf_radius=float(bf_radius))
-    store = create_store(path, scan_shape, (detector, detector), cal, rows_per_block=rows_per_block,
-                         provenance={"source": "stemdask.simulate.random_event_store"}, overwrite=overwrite)
-    n_pix = detector * detector
-    for b in range(store.n_blocks):
-        r0, r1 = store.block_rows(b)
-        counts = rng.poisson(events_per_position, size=(r1 - r0, nx)).astype(np.uint32)
-        indices = (np.arange(int(counts.sum()), dtype=np.int64) * 7919 + b) % n_pix
-        store.write_block(b, counts, indices)
-    return store.finalize()

@@ -52,7 +52,8 @@ another block's (it carries a valid chunk checksum, but not this block's). Then 
 many events must come back and, last, every index must lie on the detector (so even a bug
 cannot make a kernel read out of bounds). Binding chunks to blocks by their trailers, rather
 than by a second CRC over the decoded events, is what keeps verification cheap: every byte
-is checksummed once (``python benchmarks/reductions.py --checksum-cost``). The attrs that decide how bytes are interpreted
+is checksummed once (``python benchmarks/reductions.py --checksum-cost``). The attrs that
+decide how bytes are interpreted
 (:data:`LAYOUT_ATTRS`) are covered by ``layout_sha256``, checked on open together with the
 arrays' own shapes, chunks and dtypes; ``calibration`` and ``provenance`` are not covered
 (``stemdask calibrate`` rewrites the calibration legitimately). Any failure raises
@@ -92,14 +93,27 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from .errors import InvalidParameter, UserError
 from .kernels.events import position_sums
 from .optics import Calibration
 
 FORMAT_NAME = "stemdask-events"
 FORMAT_VERSION = 3
 #: Attrs that decide how the stored bytes are read; covered by the ``layout_sha256`` attr.
-LAYOUT_ATTRS = ("format", "format_version", "scan_shape", "detector_shape", "rows_per_block", "cap",
-                "index_dtype", "has_toa", "encoding", "weight_dtype", "n_events", "complete")
+LAYOUT_ATTRS = (
+    "format",
+    "format_version",
+    "scan_shape",
+    "detector_shape",
+    "rows_per_block",
+    "cap",
+    "index_dtype",
+    "has_toa",
+    "encoding",
+    "weight_dtype",
+    "n_events",
+    "complete",
+)
 ENCODINGS = ("events", "weighted")
 #: Most electrons one position may hold (the ``counts`` dtype).
 MAX_PER_POSITION = (1 << 32) - 2
@@ -113,7 +127,7 @@ MAX_BLOCK_POSITIONS = 1 << 14
 MASK, MASK_FILL = "detector_mask", "mask_fill"
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A store is missing, malformed, or not what the caller asked for."""
 
 
@@ -129,8 +143,10 @@ class CorruptStoreError(StoreError):
 _NO_CHUNK = bytes(4)
 
 #: What to do about a damaged store; ends every :class:`CorruptStoreError` of a read.
-_REMEDY = ("the store is damaged: re-ingest it from its source (stemdask ingest … --overwrite) or restore "
-           "a backup; `stemdask validate` lists every damaged block")
+_REMEDY = (
+    "the store is damaged: re-ingest it from its source (stemdask ingest … --overwrite) or restore "
+    "a backup; `stemdask validate` lists every damaged block"
+)
 
 
 @dataclass
@@ -150,7 +166,7 @@ class Block:
 
     def __post_init__(self):
         if (self.weights is None) != (self.entry_counts is None):
-            raise ValueError("a weighted block needs both weights and entry_counts")
+            raise InvalidParameter("a weighted block needs both weights and entry_counts")
 
     @property
     def entries(self) -> np.ndarray:
@@ -213,8 +229,9 @@ class EventStore:
             self._indices = group["indices"]
             self._crc = group["block_crc"]
         except (KeyError, TypeError, ValueError) as e:
-            raise CorruptStoreError(f"{self.path}: damaged store metadata ({type(e).__name__}: {e}); "
-                                    f"{_REMEDY}") from None
+            raise CorruptStoreError(
+                f"{self.path}: damaged store metadata ({type(e).__name__}: {e}); {_REMEDY}"
+            ) from None
         self.has_toa: bool = bool(attrs.get("has_toa", False))
         self._toa = group["toa"] if self.has_toa and "toa" in group else None
         self.encoding: str = attrs.get("encoding", "events")
@@ -235,15 +252,18 @@ class EventStore:
         recorded = self.attrs.get("layout_sha256")
         if self.version >= 2 and recorded != layout_sha256(self.attrs):
             changed = "missing" if recorded is None else "does not match"
-            raise self._corrupt(f"the layout attrs {list(LAYOUT_ATTRS)} were edited or damaged "
-                                f"(their checksum layout_sha256 {changed})")
+            raise self._corrupt(
+                f"the layout attrs {list(LAYOUT_ATTRS)} were edited or damaged (their checksum layout_sha256 {changed})"
+            )
         ny, nx = self.scan_shape
         rpb, cap = self.rows_per_block, self.cap
         if not 1 <= rpb <= ny:
             raise self._corrupt(f"rows_per_block {rpb} outside 1..{ny}")
-        expect = {"counts": ((ny, nx), (rpb, nx), np.dtype(np.uint32)),
-                  "indices": ((self.n_blocks * cap,), None, index_dtype_for(self.detector_shape)),
-                  "block_crc": ((self.n_blocks,), (1,), np.dtype(np.uint32))}
+        expect = {
+            "counts": ((ny, nx), (rpb, nx), np.dtype(np.uint32)),
+            "indices": ((self.n_blocks * cap,), None, index_dtype_for(self.detector_shape)),
+            "block_crc": ((self.n_blocks,), (1,), np.dtype(np.uint32)),
+        }
         if self.has_toa:
             if self._toa is None:
                 raise self._corrupt("attrs say has_toa but the array toa is missing")
@@ -258,8 +278,10 @@ class EventStore:
         for name, (shape, chunks, dtype) in expect.items():
             arr = self._group[name]
             if arr.shape != shape or (chunks and arr.chunks != chunks) or arr.dtype != dtype:
-                raise self._corrupt(f"array {name} is {arr.dtype} shape {arr.shape} chunks {arr.chunks}, but the "
-                                    f"attrs (scan, detector, rows_per_block, cap) imply {dtype} shape {shape}")
+                raise self._corrupt(
+                    f"array {name} is {arr.dtype} shape {arr.shape} chunks {arr.chunks}, but the "
+                    f"attrs (scan, detector, rows_per_block, cap) imply {dtype} shape {shape}"
+                )
             if self.version >= 2 and not any(isinstance(c, Crc32cCodec) for c in arr.metadata.codecs):
                 raise self._corrupt(f"array {name} has lost its crc32c codec (its metadata were edited)")
             if name in ("indices", "toa", "weights") and cap % arr.chunks[0]:
@@ -311,8 +333,14 @@ class EventStore:
         c = self._counts[...]
         return np.array([not np.any(c[slice(*self.block_rows(b))] == UNWRITTEN) for b in range(self.n_blocks)])
 
-    def write_block(self, b: int, counts: np.ndarray, indices: np.ndarray, toa: np.ndarray | None = None,
-                    weights: np.ndarray | None = None) -> int:
+    def write_block(
+        self,
+        b: int,
+        counts: np.ndarray,
+        indices: np.ndarray,
+        toa: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+    ) -> int:
         """Write row block ``b`` (idempotent): entry chunks first, then the ``counts`` commit mark.
 
         ``counts``: (rows, nx) entries per position (electrons, without ``weights``);
@@ -326,47 +354,51 @@ class EventStore:
         nx = self.scan_shape[1]
         entries = np.asarray(counts)
         if entries.shape != (r1 - r0, nx):
-            raise ValueError(
+            raise InvalidParameter(
                 f"{self.path}: block {b} counts has shape {entries.shape}, expected {(r1 - r0, nx)} "
                 f"(rows {r0}..{r1} of a {self.scan_shape} scan)"
             )
         if entries.size and (entries.min() < 0):
-            raise ValueError(f"{self.path}: block {b} has negative counts")
+            raise InvalidParameter(f"{self.path}: block {b} has negative counts")
         if entries.size and entries.max() > MAX_PER_POSITION:
-            raise ValueError(f"{self.path}: block {b} has more than {MAX_PER_POSITION} entries at one position")
+            raise InvalidParameter(f"{self.path}: block {b} has more than {MAX_PER_POSITION} entries at one position")
         entries = entries.astype(np.uint32)
         n = int(entries.sum(dtype=np.int64))
         indices = np.asarray(indices)
         if indices.ndim != 1 or indices.size != n:
-            raise ValueError(f"{self.path}: block {b} has {indices.size} indices but counts sum to {n}")
+            raise InvalidParameter(f"{self.path}: block {b} has {indices.size} indices but counts sum to {n}")
         n_pix = self.detector_shape[0] * self.detector_shape[1]
         if n:
             lo, hi = int(indices.min()), int(indices.max())
             if lo < 0 or hi >= n_pix:
                 bad = hi if hi >= n_pix else lo
-                raise ValueError(
+                raise InvalidParameter(
                     f"{self.path}: block {b} has detector index {bad} outside the "
                     f"{self.detector_shape[0]}×{self.detector_shape[1]} detector (0..{n_pix - 1})"
                 )
         if n > self.cap:
-            raise ValueError(f"{self.path}: block {b} has {n} entries, more than its slot of {self.cap}"
-                             + ("" if self.version >= 3 else " (a version-2 store's per-position cap)"))
+            raise InvalidParameter(
+                f"{self.path}: block {b} has {n} entries, more than its slot of {self.cap}"
+                + ("" if self.version >= 3 else " (a version-2 store's per-position cap)")
+            )
         indices = indices.astype(self.index_dtype, copy=False)
         if self.has_toa:
             if toa is None or np.shape(toa) != (n,):
-                raise ValueError(f"{self.path}: store has arrival times; block {b} needs toa of length {n}")
+                raise InvalidParameter(f"{self.path}: store has arrival times; block {b} needs toa of length {n}")
             toa = np.asarray(toa).astype(np.uint32, copy=False)
         elif toa is not None:
-            raise ValueError(f"{self.path}: store was created without arrival times (has_toa=False)")
+            raise InvalidParameter(f"{self.path}: store was created without arrival times (has_toa=False)")
         electrons = entries
         if self.weighted:
             weights = self._checked_weights(b, weights, n)
             electrons = position_sums(entries.ravel(), weights).reshape(entries.shape)
             if electrons.size and electrons.max() > MAX_PER_POSITION:
-                raise ValueError(f"{self.path}: block {b} has more than {MAX_PER_POSITION} electrons at one position")
+                raise InvalidParameter(
+                    f"{self.path}: block {b} has more than {MAX_PER_POSITION} electrons at one position"
+                )
             electrons = electrons.astype(np.uint32)
         elif weights is not None:
-            raise ValueError(f"{self.path}: store has encoding 'events' (one entry per electron): no weights")
+            raise InvalidParameter(f"{self.path}: store has encoding 'events' (one entry per electron): no weights")
         start = b * self.cap
         if n:
             self._indices[start : start + n] = indices
@@ -376,8 +408,11 @@ class EventStore:
                 self._weights[start : start + n] = weights
         if self.weighted:
             self._entries[r0:r1] = entries
-        record = (self.block_record(b, electrons, n, entries if self.weighted else None) if self.version >= 2
-                  else block_crc(electrons, indices, toa))
+        record = (
+            self.block_record(b, electrons, n, entries if self.weighted else None)
+            if self.version >= 2
+            else block_crc(electrons, indices, toa)
+        )
         self._crc[b : b + 1] = np.array([record], dtype=np.uint32)
         self._counts[r0:r1] = electrons  # commit mark: last
         return int(electrons.sum(dtype=np.int64))
@@ -385,13 +420,13 @@ class EventStore:
     def _checked_weights(self, b: int, weights, n: int) -> np.ndarray:
         """``weights`` of block ``b`` as ``weight_dtype``: n non-negative whole numbers that fit it."""
         if weights is None or np.shape(weights) != (n,):
-            raise ValueError(f"{self.path}: a weighted store needs the weights of block {b}'s {n} entries")
+            raise InvalidParameter(f"{self.path}: a weighted store needs the weights of block {b}'s {n} entries")
         weights = np.asarray(weights)
         top = np.iinfo(self.weight_dtype).max
         if n and (weights.min() < 0 or weights.max() > top):
-            raise ValueError(f"{self.path}: block {b} has a weight outside 0..{top} ({self.weight_dtype})")
+            raise InvalidParameter(f"{self.path}: block {b} has a weight outside 0..{top} ({self.weight_dtype})")
         if weights.dtype.kind == "f" and n and not np.array_equal(weights, np.round(weights)):
-            raise ValueError(f"{self.path}: block {b} has weights that are not whole numbers")
+            raise InvalidParameter(f"{self.path}: block {b} has weights that are not whole numbers")
         return weights.astype(self.weight_dtype, copy=False)
 
     def finalize(self, **provenance) -> "EventStore":
@@ -409,8 +444,9 @@ class EventStore:
         prov = dict(self.attrs.get("provenance", {}))
         prov.update(provenance)
         layout = {**self.attrs, "n_events": int(counts.sum(dtype=np.int64)), "complete": True}
-        self._set_attrs(n_events=layout["n_events"], provenance=prov, complete=True,
-                        layout_sha256=layout_sha256(layout))
+        self._set_attrs(
+            n_events=layout["n_events"], provenance=prov, complete=True, layout_sha256=layout_sha256(layout)
+        )
         return self
 
     def set_calibration(self, calibration: Calibration) -> None:
@@ -419,7 +455,7 @@ class EventStore:
 
     def set_detector_mask(self, mask: np.ndarray | None, fill: np.ndarray | None) -> None:
         """Store the detector mask (bool (det_y, det_x), True = excluded pixel) and its fill
-        weights (see :mod:`stemdask.reduce`) as arrays ``detector_mask`` / ``mask_fill``;
+        weights (see :mod:`stemdask.reductions`) as arrays ``detector_mask`` / ``mask_fill``;
         ``None`` removes them. Part of the calibration: write it with :meth:`set_calibration`."""
         grp = self._group if self.writable else zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
         for name in (MASK, MASK_FILL):
@@ -428,8 +464,9 @@ class EventStore:
         if mask is not None:
             shape = self.detector_shape
             for name, data, dtype in ((MASK, mask, "uint8"), (MASK_FILL, fill, "float64")):
-                arr = grp.create_array(name, shape=shape, chunks=shape, dtype=dtype, fill_value=0,
-                                       compressors=_compressors(self.version))
+                arr = grp.create_array(
+                    name, shape=shape, chunks=shape, dtype=dtype, fill_value=0, compressors=_compressors(self.version)
+                )
                 arr[...] = np.asarray(data).astype(dtype)
         self._set_attrs(has_detector_mask=mask is not None)
 
@@ -462,16 +499,19 @@ class EventStore:
         if np.any(counts == UNWRITTEN):
             if not self.complete:
                 raise IncompleteStoreError(f"{self.path}: {where} was never written")
-            raise self._corrupt(f"counts chunk {self._chunk_key('counts', b)} ({where}) is missing "
-                                f"from a complete store")
+            raise self._corrupt(
+                f"counts chunk {self._chunk_key('counts', b)} ({where}) is missing from a complete store"
+            )
         entries = self._read(self._entries, b, slice(r0, r1)) if self.weighted else counts
         if self.weighted and np.any(entries == UNWRITTEN):
             raise self._corrupt(f"entries chunk {self._chunk_key('entries', b)} ({where}) is missing")
         n = int(entries.sum(dtype=np.int64))
         if n > self.cap:
             name = "entries" if self.weighted else "counts"
-            raise self._corrupt(f"{name} chunk {self._chunk_key(name, b)} ({where}) sums to {n} entries, "
-                                f"more than the block's slot of {self.cap}")
+            raise self._corrupt(
+                f"{name} chunk {self._chunk_key(name, b)} ({where}) sums to {n} entries, "
+                f"more than the block's slot of {self.cap}"
+            )
         if self.version >= 2:
             stored = int(self._read(self._crc, b, slice(b, b + 1))[0])
             if self.block_record(b, counts, n, entries if self.weighted else None) != stored:
@@ -488,8 +528,10 @@ class EventStore:
         if n and int(indices.max()) >= n_pix:
             raise self._corrupt(f"{where} holds detector index {int(indices.max())} ≥ {n_pix} (damaged data)")
         if self.weighted and int(weights.sum(dtype=np.int64)) != int(counts.sum(dtype=np.int64)):
-            raise self._corrupt(f"{where}: its weights sum to {int(weights.sum(dtype=np.int64))} electrons but its "
-                                f"counts to {int(counts.sum(dtype=np.int64))} (damaged data)")
+            raise self._corrupt(
+                f"{where}: its weights sum to {int(weights.sum(dtype=np.int64))} electrons but its "
+                f"counts to {int(counts.sum(dtype=np.int64))} (damaged data)"
+            )
         return Block(b, r0, counts, indices, toa, weights, entries if self.weighted else None)
 
     def _chunk_key(self, name: str, i: int) -> str:
@@ -549,10 +591,15 @@ class EventStore:
                     bad = i
                     break
             r0, r1 = self.block_rows(b)
-            reason = ("its CRC-32C does not match its bytes (damaged or truncated)" if "checksum" in str(e)
-                      else f"{type(e).__name__}: {e}")
-            raise self._corrupt(f"{name} chunk {self._chunk_key(name, bad)} of row block {b} (rows {r0}..{r1 - 1}) "
-                                f"cannot be read: {reason}") from e
+            reason = (
+                "its CRC-32C does not match its bytes (damaged or truncated)"
+                if "checksum" in str(e)
+                else f"{type(e).__name__}: {e}"
+            )
+            raise self._corrupt(
+                f"{name} chunk {self._chunk_key(name, bad)} of row block {b} (rows {r0}..{r1 - 1}) "
+                f"cannot be read: {reason}"
+            ) from e
 
     def _explain_crc_mismatch(self, b: int, n: int) -> str:
         """Why block ``b``'s record does not match (the failure path only): a missing record
@@ -569,9 +616,11 @@ class EventStore:
         last = max((k for k in range(per_array) if present[k]), default=-1)
         if per_array - 1 - last > 1:  # far more entries than chunks: the counts, not the chunks
             name = "entries" if self.weighted else "counts"
-            return (f"{name} chunk {self._chunk_key(name, b)} (row block {b}, rows {r0}..{r1 - 1}) sums to {n} "
-                    f"entries, more than its entry chunks hold ({per_array - 1 - last} chunks from "
-                    f"{keys[last + 1]} on are absent): the counts are damaged, or those chunks were deleted")
+            return (
+                f"{name} chunk {self._chunk_key(name, b)} (row block {b}, rows {r0}..{r1 - 1}) sums to {n} "
+                f"entries, more than its entry chunks hold ({per_array - 1 - last} chunks from "
+                f"{keys[last + 1]} on are absent): the counts are damaged, or those chunks were deleted"
+            )
         if missing:
             return f"chunk {', '.join(missing)} of row block {b} (rows {r0}..{r1 - 1}) is missing (deleted?)"
         start = b * self.cap
@@ -579,8 +628,10 @@ class EventStore:
             self._read(self._group[name], b, slice(start, start + n))
         heads = [("counts", b), ("block_crc", b)] + ([("entries", b)] if self.weighted else [])
         keys = [self._chunk_key(name, i) for name, i in [*heads, *self._event_chunks(b, n)]]
-        return (f"row block {b} (rows {r0}..{r1 - 1}) fails its checksum: one of its chunks "
-                f"{', '.join(keys)} was replaced, swapped with another block's or changed")
+        return (
+            f"row block {b} (rows {r0}..{r1 - 1}) fails its checksum: one of its chunks "
+            f"{', '.join(keys)} was replaced, swapped with another block's or changed"
+        )
 
     def iter_blocks(self) -> Iterator[Block]:
         for b in range(self.n_blocks):
@@ -597,8 +648,13 @@ class EventStore:
         """All events as (indices, offsets) CSR, one index per electron (weighted entries
         repeated) — the whole dataset in memory; an exporter."""
         blocks = list(self.iter_blocks())
-        indices = np.concatenate([blk.indices if blk.weights is None else np.repeat(blk.indices, blk.weights)
-                                  for blk in blocks]) if blocks else np.empty(0, self.index_dtype)
+        indices = (
+            np.concatenate(
+                [blk.indices if blk.weights is None else np.repeat(blk.indices, blk.weights) for blk in blocks]
+            )
+            if blocks
+            else np.empty(0, self.index_dtype)
+        )
         offsets = np.zeros(self.scan_shape[0] * self.scan_shape[1] + 1, np.int64)
         np.cumsum(np.concatenate([blk.counts.ravel() for blk in blocks]), out=offsets[1:])
         return indices, offsets
@@ -663,9 +719,9 @@ def check_shape(name: str, shape) -> tuple[int, int]:
     try:
         s = tuple(int(v) for v in shape)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be two positive integers, got {shape!r}") from None
+        raise InvalidParameter(f"{name} must be two positive integers, got {shape!r}") from None
     if len(s) != 2 or min(s) < 1:
-        raise ValueError(f"{name} must be two positive integers, got {shape!r}")
+        raise InvalidParameter(f"{name} must be two positive integers, got {shape!r}")
     return s
 
 
@@ -700,13 +756,13 @@ def create_store(
     detector_shape = check_shape("detector_shape", detector_shape)
     calibration = calibration or Calibration()
     if encoding not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        raise InvalidParameter(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     weighted = encoding == "weighted"
     if weighted and (has_toa or format_version < 3):
-        raise ValueError("a weighted store (format version ≥ 3) has no arrival times")
+        raise InvalidParameter("a weighted store (format version ≥ 3) has no arrival times")
     weight_dtype = np.dtype(weight_dtype)
     if weighted and weight_dtype not in (np.uint8, np.uint16, np.uint32):
-        raise ValueError(f"weight_dtype must be uint8, uint16 or uint32, got {weight_dtype}")
+        raise InvalidParameter(f"weight_dtype must be uint8, uint16 or uint32, got {weight_dtype}")
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -716,7 +772,7 @@ def create_store(
         rows_per_block = default_rows_per_block(scan_shape, bytes_per_position)
     rows_per_block = int(rows_per_block)
     if not 1 <= rows_per_block:
-        raise ValueError(f"rows_per_block must be ≥ 1, got {rows_per_block}")
+        raise InvalidParameter(f"rows_per_block must be ≥ 1, got {rows_per_block}")
     rows_per_block = min(rows_per_block, ny)
     n_pixels = detector_shape[0] * detector_shape[1]
     if format_version >= 3:  # the most entries a position can hold: no per-position cap
@@ -732,29 +788,43 @@ def create_store(
     per_position = ["counts", "entries"] if weighted else ["counts"]
     for name in per_position:
         group.create_array(
-            name, shape=(ny, nx), chunks=(rows_per_block, nx), dtype="uint32",
-            fill_value=int(UNWRITTEN), compressors=_compressors(format_version),
+            name,
+            shape=(ny, nx),
+            chunks=(rows_per_block, nx),
+            dtype="uint32",
+            fill_value=int(UNWRITTEN),
+            compressors=_compressors(format_version),
         )
     slotted = [("indices", idx_dtype)] + [("toa", "uint32")] * has_toa + [("weights", weight_dtype)] * weighted
     for name, dtype in slotted:
         group.create_array(
-            name, shape=(n_blocks * cap,), chunks=(chunk_events,), dtype=dtype,
-            fill_value=0, compressors=_compressors(format_version),
+            name,
+            shape=(n_blocks * cap,),
+            chunks=(chunk_events,),
+            dtype=dtype,
+            fill_value=0,
+            compressors=_compressors(format_version),
         )
-    group.create_array("block_crc", shape=(n_blocks,), chunks=(1,), dtype="uint32", fill_value=0,
-                       compressors=[Crc32cCodec()] if format_version >= 2 else "auto")
+    group.create_array(
+        "block_crc",
+        shape=(n_blocks,),
+        chunks=(1,),
+        dtype="uint32",
+        fill_value=0,
+        compressors=[Crc32cCodec()] if format_version >= 2 else "auto",
+    )
     attrs = {
-            "format": FORMAT_NAME,
-            "format_version": int(format_version),
-            "scan_shape": list(scan_shape),
-            "detector_shape": list(detector_shape),
-            "rows_per_block": rows_per_block,
-            "cap": cap,
-            "index_dtype": idx_dtype.name,
-            "has_toa": bool(has_toa),
-            "calibration": calibration.to_dict(),
-            "provenance": dict(provenance or {}),
-            "complete": False,
+        "format": FORMAT_NAME,
+        "format_version": int(format_version),
+        "scan_shape": list(scan_shape),
+        "detector_shape": list(detector_shape),
+        "rows_per_block": rows_per_block,
+        "cap": cap,
+        "index_dtype": idx_dtype.name,
+        "has_toa": bool(has_toa),
+        "calibration": calibration.to_dict(),
+        "provenance": dict(provenance or {}),
+        "complete": False,
     }
     if format_version >= 3:
         attrs["encoding"] = encoding
@@ -806,10 +876,16 @@ def default_rows_per_block(scan_shape, bytes_per_position: float | None = None) 
 def _read_group_attrs(path: Path) -> tuple[zarr.Group, dict]:
     if not path.exists():
         raise StoreError(f"{path}: no such store")
+    if path.is_file():
+        raise StoreError(
+            f"{path}: a file, not a store (a store is a .zarr folder; `stemdask ingest` makes one from a detector file)"
+        )
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"{path}: not a stemdask store (a folder without zarr.json)")
     try:
         group = zarr.open_group(str(path), mode="r")
-    except Exception as e:  # zarr raises several kinds for "not a group"
-        raise StoreError(f"{path}: not a Zarr v3 group ({type(e).__name__}: {e})") from None
+    except Exception:  # zarr raises several kinds for "not a group" / unreadable metadata
+        raise StoreError(f"{path}: not a stemdask store (its zarr.json is not that of a Zarr v3 group)") from None
     return group, dict(group.attrs)
 
 

@@ -55,7 +55,12 @@ def test_set_fixes_optics_without_measuring(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "set after ingest" in out and "was 1 × 1 Å, assumed" in out
     cal = open_store(store.path).calibration
-    assert (cal.scan_step_a, cal.energy_ev, cal.semiangle_mrad, cal.detector_pixel_mrad) == ((0.2, 0.2), 300e3, 20.0, 1.0)
+    assert (cal.scan_step_a, cal.energy_ev, cal.semiangle_mrad, cal.detector_pixel_mrad) == (
+        (0.2, 0.2),
+        300e3,
+        20.0,
+        1.0,
+    )
     assert (cal.rotation_deg, cal.flip) == (-12.5, True)
     for f in ("scan_step_a", "energy_ev", "semiangle_mrad", "detector_pixel_mrad", "rotation_deg", "flip"):
         assert cal.origins[f] == "set after ingest"
@@ -66,17 +71,20 @@ def test_set_fixes_optics_without_measuring(tmp_path, capsys, monkeypatch):
     assert "0.3 × 0.25 Å [set after ingest]" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("item, needle", [
-    ("bogus=1", "unknown field 'bogus'"),
-    ("scan-step=-0.2", "positive finite"),
-    ("energy-kev=0", "positive finite"),
-    ("energy-kev=inf", "positive finite"),
-    ("semiangle-mrad=nan", "positive finite"),
-    ("detector-pixel-mrad=abc", "not a number"),
-    ("rotation-deg=nan", "finite"),
-    ("flip=maybe", "true or false"),
-    ("scan-step", "expected NAME=VALUE"),
-])
+@pytest.mark.parametrize(
+    "item, needle",
+    [
+        ("bogus=1", "unknown field 'bogus'"),
+        ("scan-step=-0.2", "positive finite"),
+        ("energy-kev=0", "positive finite"),
+        ("energy-kev=inf", "positive finite"),
+        ("semiangle-mrad=nan", "positive finite"),
+        ("detector-pixel-mrad=abc", "not a number"),
+        ("rotation-deg=nan", "finite"),
+        ("flip=maybe", "true or false"),
+        ("scan-step", "expected NAME=VALUE"),
+    ],
+)
 def test_bad_set_is_one_line_and_leaves_the_store_unchanged(tmp_path, capsys, item, needle):
     store = _store(tmp_path)
     before = _attrs_bytes(store)
@@ -112,15 +120,19 @@ def test_load_mask_npy_and_tif(tmp_path):
         assert got.dtype == bool and np.array_equal(got, m), name
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("shape", "the mask has shape (16, 15), the detector is 16×16"),
-    ("values", "only 0 and 1"),
-    ("garbage", "not a readable mask"),
-    ("suffix", "a mask must be a .npy or .tif"),
-    ("missing", "no such mask file"),
-])
-def test_bad_mask_is_one_line_naming_the_file_and_leaves_the_store_unchanged(tmp_path, capsys, monkeypatch,
-                                                                           case, needle):
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("shape", "the mask has shape (16, 15), the detector is 16×16"),
+        ("values", "only 0 and 1"),
+        ("garbage", "not a readable mask"),
+        ("suffix", "a mask must be a .npy or .tif"),
+        ("missing", "no such mask file"),
+    ],
+)
+def test_bad_mask_is_one_line_naming_the_file_and_leaves_the_store_unchanged(
+    tmp_path, capsys, monkeypatch, case, needle
+):
     import stemdask.calibrate
 
     store = _store(tmp_path)
@@ -152,12 +164,22 @@ def test_mask_and_descan_reach_calibrate_store(tmp_path, capsys, monkeypatch):
 
     def fake(path, write=True, mask=None, descan="plane", vacuum=None):
         seen.update(path=str(path), write=write, mask=mask, descan=descan, vacuum=vacuum)
-        return {"rotation_reliable": True, "bf_center": [8.0, 8.0], "bf_radius": 3.0, "rotation_deg": 0.0,
-                "flip": False, "c10_estimate_a": None, "messages": ["a warning"], "summary": "the summary"}
+        return {
+            "rotation_reliable": True,
+            "bf_center": [8.0, 8.0],
+            "bf_radius": 3.0,
+            "rotation_deg": 0.0,
+            "flip": False,
+            "c10_estimate_a": None,
+            "messages": ["a warning"],
+            "summary": "the summary",
+        }
 
     monkeypatch.setattr(stemdask.calibrate, "calibrate_store", fake)
-    assert main(["calibrate", str(store.path), "--mask", str(tmp_path / "m.npy"), "--descan", "quadratic",
-                 "--dry-run"]) == 0
+    assert (
+        main(["calibrate", str(store.path), "--mask", str(tmp_path / "m.npy"), "--descan", "quadratic", "--dry-run"])
+        == 0
+    )
     assert seen["descan"] == "quadratic" and seen["write"] is False
     assert seen["mask"].dtype == bool and np.array_equal(seen["mask"], m.astype(bool))
     lines = capsys.readouterr().out.strip().splitlines()
@@ -169,9 +191,11 @@ def test_mask_and_descan_reach_calibrate_store(tmp_path, capsys, monkeypatch):
 def test_descan_from_a_vacuum_scan_refuses_what_cannot_be_one(tmp_path, capsys):
     store = _store(tmp_path)
     before = open_store(store.path).calibration
-    for argv, message in [(["--descan-from", str(store.path)], "the sample store itself"),
-                          (["--descan-from", str(tmp_path / "none.zarr")], "none.zarr"),
-                          (["--descan-from", str(store.path), "--descan", "off"], "nothing would be fitted")]:
+    for argv, message in [
+        (["--descan-from", str(store.path)], "the sample store itself"),
+        (["--descan-from", str(tmp_path / "none.zarr")], "none.zarr"),
+        (["--descan-from", str(store.path), "--descan", "off"], "nothing would be fitted"),
+    ]:
         assert main(["calibrate", str(store.path), *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -185,12 +209,25 @@ def test_unreliable_rotation_is_exactly_one_line(tmp_path, capsys, monkeypatch, 
     store = _store(tmp_path)
     messages = ["the ADF image does not decide the half turn"]
     if with_message:  # calibrate_store's own line: printed once, not doubled
-        messages.append("rotation/flip NOT reliable: the ADF image does not decide the half turn — kept the stored "
-                        "rotation 0°, flip False (set them with `stemdask calibrate --set rotation-deg=… "
-                        "--set flip=…` or `reconstruct --rotation-deg`)")
-    monkeypatch.setattr(stemdask.calibrate, "calibrate_store", lambda *a, **k: {
-        "rotation_reliable": False, "bf_center": [8.0, 8.0], "bf_radius": 3.0, "rotation_deg": 177.0, "flip": False,
-        "c10_estimate_a": None, "messages": messages, "summary": "summary line"})
+        messages.append(
+            "rotation/flip NOT reliable: the ADF image does not decide the half turn — kept the stored "
+            "rotation 0°, flip False (set them with `stemdask calibrate --set rotation-deg=… "
+            "--set flip=…` or `reconstruct --rotation-deg`)"
+        )
+    monkeypatch.setattr(
+        stemdask.calibrate,
+        "calibrate_store",
+        lambda *a, **k: {
+            "rotation_reliable": False,
+            "bf_center": [8.0, 8.0],
+            "bf_radius": 3.0,
+            "rotation_deg": 177.0,
+            "flip": False,
+            "c10_estimate_a": None,
+            "messages": messages,
+            "summary": "summary line",
+        },
+    )
     assert main(["calibrate", str(store.path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     flagged = [x for x in lines if "NOT reliable" in x]

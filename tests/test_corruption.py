@@ -17,8 +17,8 @@ import pytest
 import zarr
 
 from stemdask.cli import main
-from stemdask.simulate import random_event_store
 from stemdask.store import CorruptStoreError, create_store, open_store
+from stemdask.testing import random_event_store
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +80,38 @@ CASES = {
     "counts byte flipped": (lambda s: _flip(s / "counts/c/2/0", bit=False), "counts chunk counts/c/2/0 of row block 2"),
     "counts bit flipped": (lambda s: _flip(s / "counts/c/2/0", bit=True), "counts chunk counts/c/2/0 of row block 2"),
     "block_crc bit flipped": (lambda s: _flip(s / "block_crc/c/0", bit=True), "block_crc chunk block_crc/c/0"),
-    "indices chunk deleted": (lambda s: _idx(s, 1).unlink(), "chunk indices/c/{c1} of row block 1 (rows 4..7) is missing"),
+    "indices chunk deleted": (
+        lambda s: _idx(s, 1).unlink(),
+        "chunk indices/c/{c1} of row block 1 (rows 4..7) is missing",
+    ),
     "counts chunk deleted": (lambda s: (s / "counts/c/0/0").unlink(), "counts chunk counts/c/0/0 (row block 0"),
-    "block_crc chunk deleted": (lambda s: (s / "block_crc/c/2").unlink(), "chunk block_crc/c/2 (the record of row block 2"),
+    "block_crc chunk deleted": (
+        lambda s: (s / "block_crc/c/2").unlink(),
+        "chunk block_crc/c/2 (the record of row block 2",
+    ),
     "indices chunk truncated": (lambda s: _truncate(_idx(s, 0)), "indices chunk indices/c/{c0} of row block 0"),
     "counts chunk truncated": (lambda s: _truncate(s / "counts/c/1/0"), "counts chunk counts/c/1/0 of row block 1"),
-    "indices chunks of two blocks swapped": (lambda s: _swap(_idx(s, 0), _idx(s, 2)),
-                                             r"row block ([02]) \(rows .*\) fails its checksum: .*indices/c/"),
-    "counts chunks of two blocks swapped": (lambda s: _swap(s / "counts/c/0/0", s / "counts/c/1/0"),
-                                            r"row block ([01]) \(rows .*\) fails its checksum: .*counts/c/\1/0"),
+    "indices chunks of two blocks swapped": (
+        lambda s: _swap(_idx(s, 0), _idx(s, 2)),
+        r"row block ([02]) \(rows .*\) fails its checksum: .*indices/c/",
+    ),
+    "counts chunks of two blocks swapped": (
+        lambda s: _swap(s / "counts/c/0/0", s / "counts/c/1/0"),
+        r"row block ([01]) \(rows .*\) fails its checksum: .*counts/c/\1/0",
+    ),
     "scan_shape attr edited": (lambda s: _edit_attr(s, "scan_shape", lambda v: [v[0], v[1] - 1]), "layout attrs"),
-    "detector_shape attr edited": (lambda s: _edit_attr(s, "detector_shape", lambda v: [v[0], v[1] + 4]), "layout attrs"),
+    "detector_shape attr edited": (
+        lambda s: _edit_attr(s, "detector_shape", lambda v: [v[0], v[1] + 4]),
+        "layout attrs",
+    ),
     "rows_per_block attr edited": (lambda s: _edit_attr(s, "rows_per_block", lambda v: v + 1), "layout attrs"),
     "cap attr edited": (lambda s: _edit_attr(s, "cap", lambda v: v // 2), "layout attrs"),
     "n_events attr edited": (lambda s: _edit_attr(s, "n_events", lambda v: v + 1), "layout attrs"),
     "index_dtype attr edited": (lambda s: _edit_attr(s, "index_dtype", lambda v: "uint32"), "layout attrs"),
-    "crc32c codec removed from indices": (lambda s: _drop_crc32c(s, "indices"), "array indices has lost its crc32c codec"),
+    "crc32c codec removed from indices": (
+        lambda s: _drop_crc32c(s, "indices"),
+        "array indices has lost its crc32c codec",
+    ),
 }
 
 
@@ -115,8 +131,11 @@ def test_damage_is_a_clear_error_for_reconstruct_and_validate(case, clean, tmp_p
     damage(store)
     expected = expected.replace("{c0}", str(_first_chunk(store, 0))).replace("{c1}", str(_first_chunk(store, 1)))
     out = tmp_path / "r.zarr"
-    err = _expect_clear_error(capsys, ["reconstruct", str(store), "--method", "com", "--method", "virtual",
-                                       "--out", str(out), "--quiet"], expected)
+    err = _expect_clear_error(
+        capsys,
+        ["reconstruct", str(store), "--method", "com", "--method", "virtual", "--out", str(out), "--quiet"],
+        expected,
+    )
     assert str(store) in err and "re-ingest" in err
     assert not out.exists() and not list(tmp_path.glob("r.zarr*"))  # no result, no leftovers
     err = _expect_clear_error(capsys, ["validate", str(store)], expected)
@@ -148,7 +167,9 @@ def test_a_wrong_count_with_a_valid_chunk_checksum_is_caught_before_reading(clea
     shutil.copytree(clean, store)
     counts = zarr.open_array(str(store / "counts"), mode="r+")
     counts[5, 3] = int(counts[5, 3]) | (1 << 30)
-    with pytest.raises(CorruptStoreError, match=r"counts chunk counts/c/1/0 \(row block 1, .*more than its entry chunks hold"):
+    with pytest.raises(
+        CorruptStoreError, match=r"counts chunk counts/c/1/0 \(row block 1, .*more than its entry chunks hold"
+    ):
         open_store(store).read_block(1)
 
 

@@ -1,10 +1,12 @@
 """`stemdask demo` end to end at a small size: files written, every phase method finds the atoms."""
 
+import pytest
 import xarray as xr
 
 from stemdask.cli import main
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--scan", "72", "--detector", "32", "--dose", "3000",

@@ -6,10 +6,11 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from stemdask.methods.dpc import dpc_phase
-from stemdask.methods.icom import integrate_com
-from stemdask.methods.integration import dpc
-from test_icom import WEAK, com_dataset, expected_com, pearson, probe_blurred, slope
+from stemdask.kernels.dpc import dpc_phase
+from stemdask.kernels.icom import integrate_com
+from stemdask.methods.dpc import dpc
+
+from helpers import WEAK, com_dataset, expected_com, pearson, probe_blurred, slope
 
 
 def test_dpc_recovers_the_probe_blurred_phase_in_radians():

@@ -43,6 +43,7 @@ def test_every_example_is_listed():
     assert [p.stem for p in SCRIPTS] == sorted(OUTPUTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
 def test_example_runs_headless_at_the_small_size(script, tmp_path):
     env = {**os.environ, "STEMDASK_EXAMPLE_SIZE": "small", "STEMDASK_EXAMPLE_OUT": str(tmp_path)}

@@ -9,7 +9,7 @@ import pytest
 
 from stemdask.cli import main
 from stemdask.progress import StalledError, compute
-from stemdask.simulate import random_event_store
+from stemdask.testing import random_event_store
 
 
 @pytest.fixture
@@ -29,16 +29,17 @@ def test_a_worker_memory_death_is_one_line_naming_the_limit(store, tmp_path, cap
     class Worker:
         address, memory_limit = "tcp://127.0.0.1:4321", 300 * 2**20
 
-    def die(args):
+    def die(*args):
         raise KilledWorker(("com-abc", 1, 0), Worker(), 3)
 
-    monkeypatch.setattr(stemdask.reconstruct, "reconstruct_cli", die)
+    monkeypatch.setattr(stemdask.reconstruct, "reconstruct", die)
     assert _reconstruct(store, tmp_path / "r.zarr", "com") == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "died 4 times running task ('com-abc', 1, 0)" in err and "worker memory limit 300.00 MiB" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("progress", [False, True])
 def test_the_watchdog_stops_a_computation_that_makes_no_progress(progress):
     from distributed import Client, LocalCluster
@@ -55,9 +56,9 @@ def test_the_watchdog_stops_a_computation_that_makes_no_progress(progress):
 def test_a_stalled_computation_is_one_line_from_the_cli(store, tmp_path, capsys, monkeypatch):
     import stemdask.reconstruct
 
-    def stall(args):
+    def stall(*args):
         raise StalledError("no task made progress for 600 s")
 
-    monkeypatch.setattr(stemdask.reconstruct, "reconstruct_cli", stall)
+    monkeypatch.setattr(stemdask.reconstruct, "reconstruct", stall)
     assert _reconstruct(store, tmp_path / "r.zarr", "com") == 2
     assert capsys.readouterr().err == "stemdask reconstruct: error: no task made progress for 600 s\n"

@@ -46,6 +46,7 @@ def _reconstruct(store, out, c10, methods) -> dict:
     return {m: _pearson(result[f"{m}_phase" if len(methods) > 1 else "phase"].values, truth) for m in methods}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c10, bragg, methods, vacuum", [
     (0.0, 0.0, METHODS, True), (-100.0, 0.0, ("ssb",), True),
     (0.0, 0.6, ("ssb",), True), (-100.0, 0.6, ("ssb",), False)])
@@ -67,7 +68,9 @@ def test_faults_cost_at_most_002_of_r(tmp_path, capsys, c10, bragg, methods, vac
     found = open_store(tmp_path / "faulted.zarr").calibration
     if not found.rotation_reliable:
         assert "NOT reliable" in capsys.readouterr().out
-        assert main(["calibrate", str(tmp_path / "faulted.zarr"), "--set", "rotation-deg=17", "--set", "flip=false"]) == 0
+        assert (
+            main(["calibrate", str(tmp_path / "faulted.zarr"), "--set", "rotation-deg=17", "--set", "flip=false"]) == 0
+        )
     else:
         assert abs((found.rotation_deg - 17 + 180) % 360 - 180) < 1 and found.flip is False
     r_clean = _reconstruct(tmp_path / "clean.zarr", tmp_path / "clean-result.zarr", c10, methods)

@@ -1,16 +1,13 @@
 """iCOM against the simulator's known phase: sign, scale (rad), units, rotation/flip, padding.
 
-Helpers here (``expected_com``, ``probe_blurred``, ``com_dataset``) are shared with the DPC,
-riCOM and live tests. Physics used: for a phase object the COM (Å⁻¹) is exactly
+Its helpers (``expected_com``, ``probe_blurred``, ``com_dataset``, ``WEAK``) are in ``helpers.py``,
+shared with the DPC and riCOM tests. Physics used: for a phase object the COM (Å⁻¹) is exactly
 |ψ|² ⋆ ∇φ / 2π, so the integrated COM is the true phase cross-correlated with the probe
 intensity — iCOM must match that with slope 1 (a check of sign, units and scale).
 """
 
 from __future__ import annotations
 
-import functools
-
-import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -18,67 +15,14 @@ import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stemdask.methods.icom import integrate_com, mirror_extend
-from stemdask.methods.integration import icom, scan_frame_com
+from stemdask.kernels.icom import integrate_com, mirror_extend
+from stemdask.methods.com import scan_frame_com
+from stemdask.methods.icom import icom
 from stemdask.optics import scan_to_detector_frame
-from stemdask.simulate import SimulationParams, diffraction_rows, phase_object, probe_real_space, truth_on_scan
+from stemdask.simulate import SimulationParams
+from stemdask.testing import raise_if_dask_computes
 
-
-def pearson(a, b) -> float:
-    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
-
-
-def slope(y, x) -> float:
-    """Least-squares slope of y against x (means removed)."""
-    y = np.ravel(y) - np.mean(y)
-    x = np.ravel(x) - np.mean(x)
-    return float((x * y).sum() / (x * x).sum())
-
-
-@functools.lru_cache(maxsize=8)
-def expected_com(p: SimulationParams):
-    """Noise-free COM (px from pixel N/2, detector frame) of the simulator's expected patterns,
-    and the true phase on the scan; rows in batches to keep memory small."""
-    obj = phase_object(p)
-    probe = probe_real_space(p)
-    n = p.detector
-    k = np.arange(n) - n // 2
-    ny, nx = p.scan_shape
-    cy, cx = np.empty((ny, nx)), np.empty((ny, nx))
-    for r0 in range(0, ny, 16):
-        rows = range(r0, min(r0 + 16, ny))
-        inten = diffraction_rows(p, rows, obj, probe)
-        tot = inten.sum((-2, -1))
-        cy[rows.start : rows.stop] = (inten.sum(-1) * k).sum(-1) / tot
-        cx[rows.start : rows.stop] = (inten.sum(-2) * k).sum(-1) / tot
-    return cy, cx, truth_on_scan(obj, p).astype(np.float64)
-
-
-def probe_blurred(truth: np.ndarray, p: SimulationParams) -> np.ndarray:
-    """Σ_r |ψ(r − R)|² φ(r) on the periodic scan (needs scan_step_px = 1)."""
-    assert p.scan_step_px == 1
-    inten = np.abs(probe_real_space(p)) ** 2
-    m = inten.shape[0]
-    ny, nx = truth.shape
-    kernel = np.zeros((ny, nx))
-    iy, ix = np.meshgrid(np.arange(m) - m // 2, np.arange(m) - m // 2, indexing="ij")
-    np.add.at(kernel, (iy % ny, ix % nx), inten)
-    return np.fft.ifft2(np.fft.fft2(truth) * np.conj(np.fft.fft2(kernel))).real
-
-
-def com_dataset(cy, cx, p: SimulationParams, units: str = "px", chunks=16) -> xr.Dataset:
-    """A lazy COM Dataset shaped like ``EventDataset.com()``'s output."""
-    ny, nx = cy.shape
-    coords = {"scan_y": np.arange(ny) * p.scan_step, "scan_x": np.arange(nx) * p.scan_step}
-    scale = p.pixel_mrad if units == "mrad" else 1.0
-    return xr.Dataset({
-        name: xr.DataArray(da.from_array(v * scale, chunks=(chunks, nx)), dims=("scan_y", "scan_x"),
-                           coords=coords, attrs={"units": units})
-        for name, v in (("com_y", cy), ("com_x", cx))
-    })
-
-
-WEAK = SimulationParams(scan_shape=(64, 64), detector=64, max_phase=0.1)
+from helpers import WEAK, com_dataset, expected_com, pearson, probe_blurred, slope
 
 
 def test_icom_is_the_probe_blurred_phase_in_radians():
@@ -157,12 +101,18 @@ def test_filters_cut_the_stated_frequencies():
     cal = WEAK.calibration()
     full = integrate_com(cy * cal.detector_pixel_inv_a, cx * cal.detector_pixel_inv_a, cal.scan_step_a, pad="none")
     k = 0.5  # Å⁻¹
-    low = integrate_com(cy * cal.detector_pixel_inv_a, cx * cal.detector_pixel_inv_a, cal.scan_step_a, pad="none", lowpass=k)
-    high = integrate_com(cy * cal.detector_pixel_inv_a, cx * cal.detector_pixel_inv_a, cal.scan_step_a, pad="none", highpass=k)
-    q = np.hypot(*np.meshgrid(np.fft.fftfreq(64, cal.scan_step_a[0]), np.fft.fftfreq(64, cal.scan_step_a[1]), indexing="ij"))
+    low = integrate_com(
+        cy * cal.detector_pixel_inv_a, cx * cal.detector_pixel_inv_a, cal.scan_step_a, pad="none", lowpass=k
+    )
+    high = integrate_com(
+        cy * cal.detector_pixel_inv_a, cx * cal.detector_pixel_inv_a, cal.scan_step_a, pad="none", highpass=k
+    )
+    q = np.hypot(
+        *np.meshgrid(np.fft.fftfreq(64, cal.scan_step_a[0]), np.fft.fftfreq(64, cal.scan_step_a[1]), indexing="ij")
+    )
     f_full, f_low, f_high = (np.fft.fft2(a) for a in (full, low, high))
     sel = (q > 0) & (np.abs(f_full) > 1e-6 * np.abs(f_full).max())
-    g = np.exp(-q[sel] ** 2 / (2 * k**2))
+    g = np.exp(-(q[sel] ** 2) / (2 * k**2))
     assert np.allclose(f_low[sel], f_full[sel] * g, atol=1e-9 * np.abs(f_full).max())
     assert np.allclose(f_high[sel], f_full[sel] * (1 - g), atol=1e-9 * np.abs(f_full).max())
 
@@ -170,14 +120,16 @@ def test_filters_cut_the_stated_frequencies():
 @pytest.mark.parametrize("quarter_turns,flip", [(1, False), (2, False), (3, True), (0, True)])
 def test_rotation_and_flip_are_undone(quarter_turns, flip):
     p = SimulationParams(scan_shape=(32, 32), detector=32, max_phase=0.3)
-    q = SimulationParams(scan_shape=(32, 32), detector=32, max_phase=0.3,
-                         rotation_quarter_turns=quarter_turns, flip=flip)
+    q = SimulationParams(
+        scan_shape=(32, 32), detector=32, max_phase=0.3, rotation_quarter_turns=quarter_turns, flip=flip
+    )
     ref = icom(com_dataset(*expected_com(p)[:2], p), p.calibration(), pad="none").phase.values
     turned = icom(com_dataset(*expected_com(q)[:2], q), q.calibration(), pad="none").phase.values
     assert np.allclose(turned, ref, atol=1e-4 * np.ptp(ref))
     # ignoring the calibrated rotation/flip ruins the image
-    wrong = icom(com_dataset(*expected_com(q)[:2], q), q.calibration().replace(rotation_deg=0.0, flip=False),
-                 pad="none").phase.values
+    wrong = icom(
+        com_dataset(*expected_com(q)[:2], q), q.calibration().replace(rotation_deg=0.0, flip=False), pad="none"
+    ).phase.values
     assert pearson(wrong, ref) < 0.6
 
 
@@ -204,22 +156,16 @@ def test_scan_frame_com_maps_units_rotation_and_missing_positions():
 
 def test_icom_graph_is_lazy_and_has_physical_coords():
     cy, cx, _ = expected_com(WEAK)
-    calls = []
-
-    def load(v):
-        calls.append(1)
-        return v
-
     com = com_dataset(cy, cx, WEAK)
-    com = com.map(lambda v: v.copy(data=v.data.map_blocks(load, dtype=v.dtype, meta=np.empty((0, 0)))), keep_attrs=True)
-    out = icom(com, WEAK.calibration())
-    assert calls == [] and isinstance(out.phase.data, da.Array)
-    assert out.phase.dims == ("scan_y", "scan_x")
-    assert out.phase.attrs["units"] == "rad"
-    assert np.allclose(out.scan_x.values, np.arange(64) * WEAK.scan_step)
-    with dask.config.set(scheduler="sync"):
+    with raise_if_dask_computes():
+        out = icom(com, WEAK.calibration())
+        assert isinstance(out.phase.data, da.Array)
+        assert out.phase.dims == ("scan_y", "scan_x")
+        assert out.phase.attrs["units"] == "rad"
+        assert np.allclose(out.scan_x.values, np.arange(64) * WEAK.scan_step)
+    with raise_if_dask_computes(max_computes=1) as counter:
         out.compute()
-    assert calls
+    assert counter.total_computes == 1
 
 
 def test_bad_input_is_named():
@@ -249,8 +195,25 @@ def test_cli_runs_icom_dpc_and_ricom_on_an_event_store(tmp_path):
     p = SimulationParams(scan_shape=(48, 48), detector=32, dose=2000, seed=3)
     simulate(tmp_path / "s.zarr", p, progress=False)
     out = tmp_path / "r.zarr"
-    argv = ["reconstruct", str(tmp_path / "s.zarr"), "--method", "icom", "--method", "dpc", "--method", "ricom",
-            "--kernel-size", "21", "--kmin", "0.05", "--dpc-iterations", "50", "--out", str(out), "--quiet"]
+    argv = [
+        "reconstruct",
+        str(tmp_path / "s.zarr"),
+        "--method",
+        "icom",
+        "--method",
+        "dpc",
+        "--method",
+        "ricom",
+        "--kernel-size",
+        "21",
+        "--kmin",
+        "0.05",
+        "--dpc-iterations",
+        "50",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     result = xr.open_zarr(out)
     truth = load_truth(tmp_path / "s.zarr")
@@ -265,10 +228,9 @@ def test_cli_runs_icom_dpc_and_ricom_on_an_event_store(tmp_path):
 
 
 def test_registered_methods_build_without_reading_the_store(tmp_path, monkeypatch):
-    """run(ds, args) of icom, dpc and ricom only builds graphs: no row block is read until compute."""
+    """run(ds, **options) of icom, dpc and ricom only builds graphs: no row block is read until compute."""
     import stemdask.events
-    from stemdask.cli import build_parser
-    from stemdask.methods import load_methods
+    from stemdask.methods import runner
     from stemdask.simulate import simulate
     from stemdask.store import EventStore
 
@@ -277,11 +239,10 @@ def test_registered_methods_build_without_reading_the_store(tmp_path, monkeypatc
     reads = []
     original = EventStore.read_block
     monkeypatch.setattr(EventStore, "read_block", lambda self, b: reads.append(b) or original(self, b))
-    args = build_parser().parse_args(["reconstruct", str(tmp_path / "s.zarr"), "--method", "icom", "--out", "x",
-                                      "--kernel-size", "9"])
     ds = stemdask.events.open(tmp_path / "s.zarr")
-    methods = load_methods()
-    results = {m: methods[m].run(ds, args) for m in ("icom", "dpc", "ricom")}
+    options = {"icom": {}, "dpc": {}, "ricom": {"kernel_size": 9}}
+    with raise_if_dask_computes():
+        results = {m: runner(m)(ds, **options[m]) for m in ("icom", "dpc", "ricom")}
     assert reads == []
     for m, res in results.items():
         assert res.phase.attrs["method"] == m and res.phase.dims == ("scan_y", "scan_x")

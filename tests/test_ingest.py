@@ -16,100 +16,10 @@ from stemdask.cli import main
 from stemdask.io import ingest, open_source, sniff_format, validate_against_source
 from stemdask.store import open_store
 
-SCAN = (12, 10)
-DET = (16, 16)
+from helpers import DET, SCAN, dense_from_csr, per_position, random_csr, write_mib, write_stempy
 
 
-# ------------------------------------------------------------------ test data and writers
-def random_csr(seed=0, scan=SCAN, det=DET, mean=20.0):
-    """A random event set: (indices uint32, offsets int64), ascending within a position."""
-    rng = np.random.default_rng(seed)
-    n_pos, n_pix = scan[0] * scan[1], det[0] * det[1]
-    counts = rng.poisson(mean, n_pos)
-    counts[3 % n_pos] = 0  # an empty position
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    indices = np.concatenate([np.sort(rng.integers(0, n_pix, c)) for c in counts]).astype(np.uint32)
-    return indices, offsets
-
-
-def per_position(indices, offsets):
-    return [indices[offsets[p] : offsets[p + 1]] for p in range(offsets.size - 1)]
-
-
-def write_stempy(path, events, scan_file, det, version=1, frames_per_position=1, two_d=False, split=False,
-                 shuffle=False):
-    """A stempy HDF5 file exactly as stempy lays it out (see stemdask.io.stempy).
-
-    ``events``: one array per file position (scan_file order). v1: one frame per position;
-    v2 with ``split``: each position's events in two frames, the second frames appended after
-    all first frames (scan_positions repeats, non-contiguous); v3: ``frames_per_position``
-    frames per position, flattened (or 2-D with ``two_d``). ``shuffle``: frames stored in a
-    random order, scan_positions saying where each belongs.
-    Returns (indices, offsets) of what an ingest must give: each position's frames merged
-    in file order.
-    """
-    rng = np.random.default_rng(1)
-    n = len(events)
-    F = frames_per_position
-    parts = [np.array_split(ev, sorted(rng.integers(0, ev.size + 1, F - 1))) for ev in events]
-    if version < 3 and split:
-        first = [ev[: ev.size // 2] for ev in events]
-        second = [ev[ev.size // 2 :] for ev in events]
-        frames = first + second
-        positions = np.concatenate([np.arange(n), np.arange(n)])
-    elif version < 3:
-        frames, positions = list(events), np.arange(n)
-    else:
-        frames, positions = [f for p in parts for f in p], np.arange(n)
-    if shuffle:
-        assert version < 3, "v3 frames are tied to their row; shuffle v1/v2 only"
-        perm = rng.permutation(len(frames))
-        frames, positions = [frames[i] for i in perm], positions[perm]
-    vlen = h5py.vlen_dtype(np.uint32)
-    with h5py.File(path, "w") as f:
-        if version > 1:
-            f.attrs["version"] = version
-        g = f.create_group("electron_events")
-        sp = g.create_dataset("scan_positions", data=positions.astype(np.int32))
-        sp.attrs["Nx"], sp.attrs["Ny"] = scan_file[1], scan_file[0]
-        if two_d:
-            fr = g.create_dataset("frames", (n, F), dtype=vlen)
-            for i in range(n):
-                for j in range(F):
-                    fr[i, j] = parts[i][j].astype(np.uint32)
-        else:
-            fr = g.create_dataset("frames", (len(frames),), dtype=vlen)
-            for i, x in enumerate(frames):
-                fr[i] = np.asarray(x, np.uint32)
-        fr.attrs["Nx"], fr.attrs["Ny"] = det[0], det[1]
-    if version >= 3:
-        return np.concatenate(events), np.concatenate([[0], np.cumsum([e.size for e in events])])
-    merged = [np.concatenate([x for x, q in zip(frames, positions) if q == p] or [np.empty(0, np.uint32)])
-              for p in range(n)]
-    return np.concatenate(merged).astype(np.uint32), np.concatenate([[0], np.cumsum([m.size for m in merged])])
-
-
-def dense_from_csr(indices, offsets, scan=SCAN, det=DET, dtype=np.uint16):
-    frames = np.zeros((scan[0] * scan[1], det[0] * det[1]), dtype)
-    pos = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
-    np.add.at(frames, (pos, indices.astype(np.int64)), 1)
-    return frames.reshape(*scan, *det)
-
-
-def write_mib(path, frames, dtype=">u2"):
-    """Merlin .mib: per frame a 384-byte ASCII header (comma-separated; rosettasciio reads the
-    size at fields 4/5, the pixel type at 6, timestamp/exposure at fields −4/−3) + big-endian data."""
-    n, h, w = frames.shape
-    kind = {">u1": "U08", ">u2": "U16", ">u4": "U32"}[dtype]
-    with open(path, "wb") as f:
-        for i, frame in enumerate(frames):
-            head = (f"MQ1,{i + 1:06d},00384,01,{w:04d},{h:04d},{kind},   1x1,01,2024-01-01 00:00:00.000000,"
-                    f"0.001000,0,0,0,1.000000E+2,0,0,0,0,0,0,0,12,0,0,0,0,0,0,"
-                    f"2024-01-01T00:00:{i // 100:02d}.{i % 100:06d}000Z,1000000ns,12,")
-            f.write(head.ljust(384).encode())
-            f.write(np.ascontiguousarray(frame, dtype=dtype).tobytes())
-
-
+# ------------------------------------------------------------------ test data (the writers are in helpers.py)
 def assert_store_equals(store, indices, offsets, toa=None):
     got_indices, got_offsets = store.to_csr()
     np.testing.assert_array_equal(got_offsets, offsets)
@@ -126,7 +36,15 @@ def test_csr_round_trip(tmp_path, compressed):
     indices, offsets = random_csr()
     src = tmp_path / "ev.npz"
     (np.savez_compressed if compressed else np.savez)(src, indices=indices, offsets=offsets)
-    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, detector_shape=DET, rows_per_block=5, progress=False, assume_defaults=True)
+    store = ingest(
+        src,
+        tmp_path / "s.zarr",
+        scan_shape=SCAN,
+        detector_shape=DET,
+        rows_per_block=5,
+        progress=False,
+        assume_defaults=True,
+    )
     assert store.complete and store.n_blocks == 3
     assert_store_equals(store, indices, offsets)
     prov = store.provenance
@@ -152,15 +70,23 @@ def test_csr_shapes_from_npz_keys_and_calibration(tmp_path):
 # ------------------------------------------------------------------ stempy
 @pytest.mark.parametrize(
     "version, F, two_d, split, shuffle",
-    [(1, 1, False, False, False), (1, 1, False, False, True), (2, 1, False, True, False),
-     (2, 1, False, True, True), (3, 1, False, False, False), (3, 3, False, False, False), (3, 2, True, False, False)],
+    [
+        (1, 1, False, False, False),
+        (1, 1, False, False, True),
+        (2, 1, False, True, False),
+        (2, 1, False, True, True),
+        (3, 1, False, False, False),
+        (3, 3, False, False, False),
+        (3, 2, True, False, False),
+    ],
 )
 def test_stempy_round_trip(tmp_path, version, F, two_d, split, shuffle):
     indices, offsets = random_csr(seed=version + F)
     events = per_position(indices, offsets)
     src = tmp_path / "s.h5"
-    exp_indices, exp_offsets = write_stempy(src, events, SCAN, DET, version=version, frames_per_position=F,
-                                            two_d=two_d, split=split, shuffle=shuffle)
+    exp_indices, exp_offsets = write_stempy(
+        src, events, SCAN, DET, version=version, frames_per_position=F, two_d=two_d, split=split, shuffle=shuffle
+    )
     np.testing.assert_array_equal(exp_offsets, offsets)
     assert sniff_format(src) == "stempy"
     store = ingest(src, tmp_path / "s.zarr", rows_per_block=4, progress=False, assume_defaults=True)
@@ -221,7 +147,9 @@ def test_dense_threshold_mode(tmp_path):
     noise = np.random.default_rng(0).uniform(0, 0.4, counts.shape)
     analogue = (counts * 3.0 + noise).astype(np.float32)  # ~3 units per electron, noise below 0.5
     np.save(tmp_path / "a.npy", analogue)
-    store = ingest(tmp_path / "a.npy", tmp_path / "s.zarr", mode="threshold", threshold=0.5, progress=False, assume_defaults=True)
+    store = ingest(
+        tmp_path / "a.npy", tmp_path / "s.zarr", mode="threshold", threshold=0.5, progress=False, assume_defaults=True
+    )
     hit = counts.reshape(SCAN[0] * SCAN[1], -1) > 0  # one event per lit pixel
     exp_idx = np.concatenate([np.flatnonzero(h) for h in hit]).astype(np.uint32)
     exp_off = np.concatenate([[0], np.cumsum(hit.sum(1))])
@@ -287,14 +215,25 @@ def test_other_rosettasciio_format_hspy(tmp_path):
     rsciio_hspy = pytest.importorskip("rsciio.hspy")
     indices, offsets = random_csr(seed=10)
     frames = dense_from_csr(indices, offsets)
-    axes = [{"size": n, "index_in_array": i, "name": name, "scale": 1.0, "offset": 0.0, "units": "",
-             "navigate": i < 2} for i, (n, name) in enumerate(zip(frames.shape, ["y", "x", "ky", "kx"]))]
+    axes = [
+        {"size": n, "index_in_array": i, "name": name, "scale": 1.0, "offset": 0.0, "units": "", "navigate": i < 2}
+        for i, (n, name) in enumerate(zip(frames.shape, ["y", "x", "ky", "kx"]))
+    ]
     src = tmp_path / "scan.hspy"
-    rsciio_hspy.file_writer(str(src), {
-        "data": frames, "axes": axes, "metadata": {"General": {"title": ""}, "Signal": {"signal_type": ""}},
-        "original_metadata": {}, "attributes": {"_lazy": False}, "tmp_parameters": {},
-        "package_info": {"name": "stemdask-tests", "version": "0"}, "learning_results": {}, "models": {},
-    })
+    rsciio_hspy.file_writer(
+        str(src),
+        {
+            "data": frames,
+            "axes": axes,
+            "metadata": {"General": {"title": ""}, "Signal": {"signal_type": ""}},
+            "original_metadata": {},
+            "attributes": {"_lazy": False},
+            "tmp_parameters": {},
+            "package_info": {"name": "stemdask-tests", "version": "0"},
+            "learning_results": {},
+            "models": {},
+        },
+    )
     assert sniff_format(src) == "dense"
     store = ingest(src, tmp_path / "s.zarr", rows_per_block=5, progress=False, assume_defaults=True)
     assert store.provenance["ingest"]["reader"] == "rsciio.hspy"
@@ -323,8 +262,16 @@ def test_timestamped_round_trip(tmp_path, container):
         with h5py.File(src, "w") as f:
             f["index"], f["toa_ns"] = index, toa
     assert sniff_format(src) == "events"
-    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=dwell,
-                   rows_per_block=5, progress=False, assume_defaults=True)
+    store = ingest(
+        src,
+        tmp_path / "s.zarr",
+        scan_shape=SCAN,
+        detector_shape=DET,
+        dwell_ns=dwell,
+        rows_per_block=5,
+        progress=False,
+        assume_defaults=True,
+    )
     assert store.has_toa
     # events of a position keep their arrival order (toa sorted); toa stored within the dwell
     order = np.argsort(pos, kind="stable")
@@ -349,9 +296,18 @@ def test_resume_complete_store_is_a_no_op_and_resume_from_scratch_works(tmp_path
     indices, offsets = random_csr()
     np.savez(tmp_path / "ev.npz", indices=indices, offsets=offsets)
     kw = dict(scan_shape=SCAN, detector_shape=DET, progress=False)
-    store = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, **kw, assume_defaults=True)  # nothing to resume: ingests
+    store = ingest(
+        tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, **kw, assume_defaults=True
+    )  # nothing to resume: ingests
     assert store.complete
-    again = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, calibration={"energy_ev": 60e3}, **kw, assume_defaults=True)
+    again = ingest(
+        tmp_path / "ev.npz",
+        tmp_path / "s.zarr",
+        resume=True,
+        calibration={"energy_ev": 60e3},
+        **kw,
+        assume_defaults=True,
+    )
     assert again.complete and again.n_events == offsets[-1]
     assert open_store(tmp_path / "s.zarr").calibration.energy_ev == 60e3  # a resume may add calibration
 
@@ -360,8 +316,21 @@ def test_cli_ingest_and_info(tmp_path, capsys):
     indices, offsets = random_csr()
     np.savez(tmp_path / "ev.npz", indices=indices, offsets=offsets)
     out = tmp_path / "s.zarr"
-    argv = ["ingest", str(tmp_path / "ev.npz"), str(out), "--scan-shape", *map(str, SCAN),
-            "--detector-shape", *map(str, DET), "--energy-kev", "80", "--scan-step", "0.3", "--quiet", "--assume-defaults"]
+    argv = [
+        "ingest",
+        str(tmp_path / "ev.npz"),
+        str(out),
+        "--scan-shape",
+        *map(str, SCAN),
+        "--detector-shape",
+        *map(str, DET),
+        "--energy-kev",
+        "80",
+        "--scan-step",
+        "0.3",
+        "--quiet",
+        "--assume-defaults",
+    ]
     assert main(argv) == 0
     capsys.readouterr()
     assert main(["info", str(out), "--json"]) == 0
@@ -370,25 +339,48 @@ def test_cli_ingest_and_info(tmp_path, capsys):
     assert info["calibration"]["energy_ev"] == 80e3
 
 
-def test_shared_abtem_case_via_cli(tmp_path, capsys, abtem_case):
+def test_shared_abtem_case_via_cli(tmp_path, capsys, abtem_events):
+    dose, events = abtem_events  # dose 50 always (shipped), dose 1000 where the test data hold it
     out = tmp_path / "OUT.zarr"
-    argv = ["ingest", str(abtem_case / "events_dose1000.npz"), str(out), "--scan-shape", "96", "96",
-            "--detector-shape", "96", "96", "--energy-kev", "300", "--scan-step", "0.2033854",
-            "--semiangle-mrad", "20", "--detector-pixel-mrad", "1.00832", "--quiet"]
+    argv = [
+        "ingest",
+        str(events),
+        str(out),
+        "--scan-shape",
+        "96",
+        "96",
+        "--detector-shape",
+        "96",
+        "96",
+        "--energy-kev",
+        "300",
+        "--scan-step",
+        "0.2033854",
+        "--semiangle-mrad",
+        "20",
+        "--detector-pixel-mrad",
+        "1.00832",
+        "--quiet",
+    ]
     assert main(argv) == 0
     capsys.readouterr()
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["n_events"] == 9212252
-    with np.load(abtem_case / "events_dose1000.npz") as z:
+    assert info["n_events"] == {1000: 9212252, 50: 460615}[dose]  # the case's README
+    with np.load(events) as z:
         indices, offsets = z["indices"], z["offsets"]
     assert_store_equals(open_store(out), indices, offsets)
 
 
 # ------------------------------------------------------------------ block boundaries (property)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ny=st.integers(1, 7), nx=st.integers(1, 6), rows=st.integers(1, 8), mean=st.sampled_from([0.0, 0.5, 6.0]),
-       fmt=st.sampled_from(["csr", "stempy", "events"]))
+@given(
+    ny=st.integers(1, 7),
+    nx=st.integers(1, 6),
+    rows=st.integers(1, 8),
+    mean=st.sampled_from([0.0, 0.5, 6.0]),
+    fmt=st.sampled_from(["csr", "stempy", "events"]),
+)
 def test_any_block_layout_round_trips(ny, nx, rows, mean, fmt):
     """Scan shapes, rows per block (dividing the scan or not, larger than it) and empty
     positions/blocks: the store always equals the source."""

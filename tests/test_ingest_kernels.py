@@ -54,7 +54,9 @@ def test_counted_flags_nan_and_inf():
 @given(data=st.data(), dtype=st.sampled_from([np.uint16, np.int16, np.float32]),
        threshold=st.floats(-2, 20, allow_nan=False))
 def test_thresholded_matches_brute_force(data, dtype, threshold):
-    frames = data.draw(arrays(dtype, shapes, elements=st.integers(-2, 20) if dtype != np.uint16 else st.integers(0, 20)))
+    frames = data.draw(
+        arrays(dtype, shapes, elements=st.integers(-2, 20) if dtype != np.uint16 else st.integers(0, 20))
+    )
     counts, indices = thresholded_frames_to_events(frames, threshold)
     exp_counts, exp_indices = brute_thresholded(frames, threshold)
     np.testing.assert_array_equal(counts, exp_counts)

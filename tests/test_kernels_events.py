@@ -132,7 +132,8 @@ def test_empty_block():
     counts = np.zeros(0, np.uint32)
     idx = np.zeros(0, np.uint16)
     assert K.center_of_mass(counts, idx, 4, 0.0, 0.0)[0].shape == (0,)
-    assert K.densify(counts, idx, None, K.densify_lookup(4, 4, 0, 0, 1, 2, 2), np.zeros((0, 2, 2), np.float32)).shape == (0, 2, 2)
+    lookup = K.densify_lookup(4, 4, 0, 0, 1, 2, 2)
+    assert K.densify(counts, idx, None, lookup, np.zeros((0, 2, 2), np.float32)).shape == (0, 2, 2)
     assert K.masked_counts(counts, idx, None, np.zeros(16, np.uint8), np.ones((1, 1), np.uint32)).shape == (0, 1)
 
 

@@ -15,12 +15,12 @@ import xarray as xr
 import zarr
 
 import stemdask.events
+from stemdask.kernels.ricom import correlate_zero_padded, ricom_kernel
 from stemdask.live import LiveRiCOM, LiveView, consume, replay_csr, replay_store
-from stemdask.methods.integration import ricom
-from stemdask.methods.ricom import correlate_zero_padded, ricom_kernel
+from stemdask.methods.ricom import ricom
 from stemdask.optics import Calibration
-from stemdask.store import StoreError
 from stemdask.simulate import SimulationParams, simulate
+from stemdask.store import StoreError
 
 KW = dict(kernel_size=21, kmin=0.05, kmax=2.0)
 
@@ -233,5 +233,6 @@ def test_shared_abtem_case_replays_to_batch(abtem_case):
         cy = np.bincount(pos, indices // n, minlength=cnt.size) / cnt - cal.bf_center[0]
         cx = np.bincount(pos, indices % n, minlength=cnt.size) / cnt - cal.bf_center[1]
     shape = tuple(params["scan"]["shape_yx"])
-    com = xr.Dataset({k: (("scan_y", "scan_x"), v.reshape(shape), {"units": "px"}) for k, v in (("com_y", cy), ("com_x", cx))})
+    com = xr.Dataset({k: (("scan_y", "scan_x"), v.reshape(shape), {"units": "px"})
+                      for k, v in (("com_y", cy), ("com_x", cx))})
     assert_matches(live.snapshot(), ricom(com, cal, kernel_size=31).phase.values)

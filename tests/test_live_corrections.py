@@ -8,9 +8,9 @@ import pytest
 
 import stemdask
 from stemdask.live_session import LiveSession
-from stemdask.methods.integration import ricom
+from stemdask.methods.ricom import ricom
 
-from conftest import realistic_calibrated
+from helpers import realistic_calibrated
 
 KW = dict(kernel_size=21, kmin=0.05, kmax=2.0)
 

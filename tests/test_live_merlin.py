@@ -17,7 +17,7 @@ import stemdask.io.dense
 from stemdask.cli import main
 from stemdask.live_session import LiveSession
 from stemdask.live_sources import MerlinSocket, StreamEnded, StreamError
-from stemdask.methods.integration import ricom
+from stemdask.methods.ricom import ricom
 from stemdask.optics import Calibration
 from stemdask.simulate import SimulationParams, simulate
 from stemdask.store import IncompleteStoreError, open_store
@@ -224,9 +224,24 @@ def test_retune_from_another_thread_while_the_socket_streams(scan):
 
 def test_dropped_connection_stops_cleanly_with_committed_rows_saved(scan, capsys):
     saved = scan["tmp"] / "dropped.zarr"
-    with MerlinReplayServer(scan["mib"], drop_after=300, chunk_frames=300) as server:  # 15 rows: two 7-row blocks committed
-        rc = main(["live", server.url, "--scan-shape", *map(str, SCAN), "--calibration-from", str(scan["store"]),
-                   "--save", str(saved), "--rows-per-block", "7", "--out", str(scan["tmp"] / "partial.zarr")])
+    # 300 frames = 15 rows: two 7-row blocks committed
+    with MerlinReplayServer(scan["mib"], drop_after=300, chunk_frames=300) as server:
+        rc = main(
+            [
+                "live",
+                server.url,
+                "--scan-shape",
+                *map(str, SCAN),
+                "--calibration-from",
+                str(scan["store"]),
+                "--save",
+                str(saved),
+                "--rows-per-block",
+                "7",
+                "--out",
+                str(scan["tmp"] / "partial.zarr"),
+            ]
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert "connection closed" in err[0] and "300 frames received" in err[0] and "2 of 4 row blocks saved" in err[0]
@@ -246,15 +261,18 @@ def _rows(store, r0, r1):
     counts = store.counts()[r0:r1]
     indices, offsets = store.to_csr()
     nx = store.scan_shape[1]
-    return counts, indices[offsets[r0 * nx]:offsets[r1 * nx]]
+    return counts, indices[offsets[r0 * nx] : offsets[r1 * nx]]
 
 
-@pytest.mark.parametrize("fault,message", [
-    ({"garbage": b"GARBAGE" * 10}, "expected the Merlin framing 'MPX,<10-digit length>,', got b'GARBAGEGA"),
-    ({"hdr": acquisition_header(480, 12)}, "frame 0's header says counter depth 6, the acquisition header 12"),
-    ({"hdr": acquisition_header(100, 6)}, "the acquisition has 100 frames, the 24×20 scan needs 480"),
-    ({"stall_after": 50}, "no data for 0.5 s while waiting for frame 50 (50 frames received; detector slower"),
-])
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        ({"garbage": b"GARBAGE" * 10}, "expected the Merlin framing 'MPX,<10-digit length>,', got b'GARBAGEGA"),
+        ({"hdr": acquisition_header(480, 12)}, "frame 0's header says counter depth 6, the acquisition header 12"),
+        ({"hdr": acquisition_header(100, 6)}, "the acquisition has 100 frames, the 24×20 scan needs 480"),
+        ({"stall_after": 50}, "no data for 0.5 s while waiting for frame 50 (50 frames received; detector slower"),
+    ],
+)
 def test_faults_are_one_clear_line(scan, capsys, fault, message):
     with MerlinReplayServer(scan["mib"], **fault) as server:
         rc = live(scan, server.url, "--timeout", "0.5", "--save", str(scan["tmp"] / "fault.zarr"), "--overwrite")
@@ -268,8 +286,14 @@ def test_a_frame_header_that_changes_mid_scan_is_refused(scan):
     whole[40, 20:24] = np.frombuffer(b"0128", np.uint8)  # frame 40's header: width 128 ("MQ1,000041,00384,01,0128")
     with MerlinReplayServer(whole, hdr=acquisition_header(480, 6)) as server:
         session = LiveSession(SCAN, (DET, DET), scan["calibration"], kernel_size=11)
-        with MerlinSocket(server.url, timeout=2) as src, pytest.raises(StreamError, match=r"frame 40's header "
-                                                                         r"\(128×32 U08 6-bit 1x1"):
+        with (
+            MerlinSocket(server.url, timeout=2) as src,
+            pytest.raises(
+                StreamError,
+                match=r"frame 40's header "
+                r"\(128×32 U08 6-bit 1x1",
+            ),
+        ):
             session.run(src)
     assert session.positions_done == 40  # the frames before it were used
 

@@ -13,12 +13,12 @@ from stemdask.live_session import LiveSession
 from stemdask.live_ssb import LiveSSB
 from stemdask.methods.ssb import ssb
 from stemdask.optics import Aberrations
-from stemdask.reduce import CropWindow
+from stemdask.reductions import CropWindow
 from stemdask.simulate import SimulationParams, load_truth, simulate
 from stemdask.store import open_store
 from stemdask.testing.merlin import MerlinReplayServer, write_mib
 
-from conftest import pearson, realistic_calibrated
+from helpers import pearson, realistic_calibrated
 
 
 def _frames(store):
@@ -73,7 +73,9 @@ def test_without_corrections_frames_are_cut_from_the_detector_and_equal_batch(tm
     sim = simulate(tmp_path / "s.zarr", p, rows_per_block=8, progress=False)
     cal = sim.calibration
     assert cal.descan is None and sim.detector_mask()[0] is None
-    by_events = LiveSession(sim.scan_shape, sim.detector_shape, cal, methods=("ssb", "ricom"), aberrations=Aberrations())
+    by_events = LiveSession(
+        sim.scan_shape, sim.detector_shape, cal, methods=("ssb", "ricom"), aberrations=Aberrations()
+    )
     by_frames = LiveSession(sim.scan_shape, sim.detector_shape, cal, methods=("ssb",), aberrations=Aberrations())
     assert by_frames.live_ssb.window.within(sim.detector_shape)  # the sliced path
     for blk, frames in zip(sim.iter_blocks(), _frames(sim)):
@@ -139,32 +141,89 @@ def test_cli_live_ssb_from_the_merlin_socket_equals_reconstruct(tmp_path, capsys
     sim = simulate(tmp_path / "sim.zarr", p, rows_per_block=5, progress=False)
     frames = np.concatenate(list(_frames(sim)))
     mib = write_mib(tmp_path / "scan.mib", frames[:, ::-1], counter_depth=6)  # ingest flips .mib rows back
-    optics = ["--energy-kev", str(p.energy_ev / 1e3), "--scan-step", str(p.scan_step),
-              "--semiangle-mrad", str(p.semiangle_mrad), "--detector-pixel-mrad", str(p.pixel_mrad)]
+    optics = [
+        "--energy-kev",
+        str(p.energy_ev / 1e3),
+        "--scan-step",
+        str(p.scan_step),
+        "--semiangle-mrad",
+        str(p.semiangle_mrad),
+        "--detector-pixel-mrad",
+        str(p.pixel_mrad),
+    ]
     store = tmp_path / "ingested.zarr"
     assert main(["ingest", str(mib), str(store), "--scan-shape", "24", "20", *optics, "--quiet"]) == 0
     open_store(store, mode="r+").set_calibration(sim.calibration)
     out, live_out = tmp_path / "batch.zarr", tmp_path / "live.zarr"
     with MerlinReplayServer(mib, chunk_frames=7) as server:
-        assert main(["live", server.url, "--scan-shape", "24", "20", "--calibration-from", str(store),
-                     "--method", "ssb", "--method", "ricom", "--kernel-size", "11", "--ssb-crop", "9", "--c10", "-20",
-                     "--out", str(live_out)]) == 0
+        assert (
+            main(
+                [
+                    "live",
+                    server.url,
+                    "--scan-shape",
+                    "24",
+                    "20",
+                    "--calibration-from",
+                    str(store),
+                    "--method",
+                    "ssb",
+                    "--method",
+                    "ricom",
+                    "--kernel-size",
+                    "11",
+                    "--ssb-crop",
+                    "9",
+                    "--c10",
+                    "-20",
+                    "--out",
+                    str(live_out),
+                ]
+            )
+            == 0
+        )
     said = capsys.readouterr().out
     assert "live SSB crops" in said and "SSB C10 = -20 Å (given)" in said and "SSB phase" in said
     bin_ = xr.open_zarr(live_out).ssb_phase.attrs["crop_bin"]
     assert bin_ > 1
-    assert main(["reconstruct", str(store), "--method", "ssb", "--method", "ricom", "--kernel-size", "11",
-                 "--com-reference", "bf", "--bin", str(bin_), "--c10", "-20", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "reconstruct",
+                str(store),
+                "--method",
+                "ssb",
+                "--method",
+                "ricom",
+                "--kernel-size",
+                "11",
+                "--com-reference",
+                "bf",
+                "--bin",
+                str(bin_),
+                "--c10",
+                "-20",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     batch, live = xr.open_zarr(out), xr.open_zarr(live_out)
     _assert_close(live.ssb_phase.values, batch.ssb_phase.values)
-    assert np.abs(live.ricom_phase.values - batch.ricom_phase.values).max() <= 1e-9 * np.abs(batch.ricom_phase.values).max()
+    assert (
+        np.abs(live.ricom_phase.values - batch.ricom_phase.values).max()
+        <= 1e-9 * np.abs(batch.ricom_phase.values).max()
+    )
 
 
 def test_a_measured_unsigned_defocus_gets_its_sign_as_in_batch(tmp_path, capsys):
     """calibrate measured |C10| but not its sign: live SSB picks it by the focus criterion at the
     end, as `reconstruct --method ssb` does, and never says C10 = 0 while doing so."""
-    p = SimulationParams(scan_shape=(32, 32), detector=32, dose=2000, max_phase=0.5,
-                         aberrations=Aberrations(C10=-100.0), seed=3)
+    p = SimulationParams(
+        scan_shape=(32, 32), detector=32, dose=2000, max_phase=0.5, aberrations=Aberrations(C10=-100.0), seed=3
+    )
     sim = simulate(tmp_path / "sim.zarr", p, rows_per_block=8, progress=False)
     cal = sim.calibration.replace(report={"c10_magnitude_a": 100.0})
     open_store(sim.path, mode="r+").set_calibration(cal)

@@ -23,12 +23,16 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
 def _browser():
-    binary = next((b for b in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome"))
-                   if b), None)
+    binary = next(
+        (b for b in (shutil.which("chromium"), shutil.which("chromium-browser"), shutil.which("google-chrome")) if b),
+        None,
+    )
     driver = shutil.which("chromedriver")
     if binary is None or driver is None:
-        pytest.skip(f"no headless browser: chromium {'found' if binary else 'missing'}, chromedriver "
-                    f"{'found' if driver else 'missing'} (CI installs them: apt-get install chromium chromium-driver)")
+        pytest.skip(
+            f"no headless browser: chromium {'found' if binary else 'missing'}, chromedriver "
+            f"{'found' if driver else 'missing'} (CI installs them: apt-get install chromium chromium-driver)"
+        )
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
@@ -48,16 +52,21 @@ def _wait(condition, timeout=30.0):
     raise AssertionError("timed out waiting for the page")
 
 
-JS_STATUS = ("const d = window.Bokeh && Bokeh.documents[0];"
-             "const m = d && d.get_model_by_name('status'); return m ? m.text : null;")
+JS_STATUS = (
+    "const d = window.Bokeh && Bokeh.documents[0];"
+    "const m = d && d.get_model_by_name('status'); return m ? m.text : null;"
+)
 
 
 def _image_sum(browser, name):
     return browser.execute_script(
         "const m = Bokeh.documents[0].get_model_by_name(arguments[0]);"
-        "let s = 0; for (const v of m.data.image[0]) s += Math.abs(v); return s;", f"{name}_source")
+        "let s = 0; for (const v of m.data.image[0]) s += Math.abs(v); return s;",
+        f"{name}_source",
+    )
 
 
+@pytest.mark.slow
 def test_view_shows_the_replay_and_its_kernel_can_change_and_ssb_at_the_end(tmp_path):
     scan, det = (40, 40), 32
     cal = Calibration(scan_step_a=0.3, detector_pixel_mrad=1.0, bf_center=(16.0, 16.0), bf_radius=6.0)
@@ -69,8 +78,12 @@ def test_view_shows_the_replay_and_its_kernel_can_change_and_ssb_at_the_end(tmp_
     browser = _browser()
     view = serve(session, port=0, interval_ms=100)
     try:
-        with MerlinReplayServer(encode_frames(np.minimum(frames, 63), 6), hdr=acquisition_header(1600, 6),
-                                rate=300) as server, MerlinSocket(server.url, batch_frames=10) as src:
+        with (
+            MerlinReplayServer(
+                encode_frames(np.minimum(frames, 63), 6), hdr=acquisition_header(1600, 6), rate=300
+            ) as server,
+            MerlinSocket(server.url, batch_frames=10) as src,
+        ):
             feed = threading.Thread(target=session.run, args=(src,), daemon=True)
             feed.start()
             browser.get(view.url)
@@ -80,24 +93,41 @@ def test_view_shows_the_replay_and_its_kernel_can_change_and_ssb_at_the_end(tmp_
             assert done0 < 1600 and _image_sum(browser, "ssb_phase") == 0  # NaN (shown as 0) until the scan completes
             _wait(lambda: session.positions_done > 300)
             before = _image_sum(browser, "phase")
-            browser.execute_script("const k = Bokeh.documents[0].get_model_by_name('kernel_size');"
-                                   "k.value = 21; k.value_throttled = 21;")
+            browser.execute_script(
+                "const k = Bokeh.documents[0].get_model_by_name('kernel_size');k.value = 21; k.value_throttled = 21;"
+            )
             _wait(lambda: session.kernel_size == 21)
-            title = _wait(lambda: (t := browser.execute_script(
-                "return Bokeh.documents[0].get_model_by_name('phase_figure').title.text")) and "n = 21" in t and t)
+            title = _wait(
+                lambda: (
+                    (
+                        t := browser.execute_script(
+                            "return Bokeh.documents[0].get_model_by_name('phase_figure').title.text"
+                        )
+                    )
+                    and "n = 21" in t
+                    and t
+                )
+            )
             assert "n = 21" in title
             after = _wait(lambda: (s := _image_sum(browser, "phase")) != before and s)
             assert after != before
-            later = _wait(lambda: (t := status()) and int(t.split("</b>")[0].split("<b>")[1].replace(",", "")) > done0
-                          and t)
+            later = _wait(
+                lambda: (t := status()) and int(t.split("</b>")[0].split("<b>")[1].replace(",", "")) > done0 and t
+            )
             assert "frames/s" in later
             ARTIFACTS.mkdir(exist_ok=True)
             for path in (tmp_path / "live_view.png", ARTIFACTS / "live_view.png"):
                 browser.save_screenshot(str(path))
             assert (tmp_path / "live_view.png").stat().st_size > 10_000
             feed.join(timeout=60)
-            _wait(lambda: "C10 = 0 Å" in browser.execute_script(
-                "return Bokeh.documents[0].get_model_by_name('ssb_phase_figure').title.text"))
+            _wait(
+                lambda: (
+                    "C10 = 0 Å"
+                    in browser.execute_script(
+                        "return Bokeh.documents[0].get_model_by_name('ssb_phase_figure').title.text"
+                    )
+                )
+            )
             assert _wait(lambda: _image_sum(browser, "ssb_phase")) > 0
         assert session.done and session.kernel_size == 21
     finally:

@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-import zipfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from stemdask.io.merlin import (MerlinError, decode_frames, mib_frames, mpx_prefix, parse_acquisition_header,
-                                parse_frame_header, parse_mpx_prefix, to_store_orientation)
+from stemdask.io.merlin import (
+    MerlinError,
+    decode_frames,
+    mib_frames,
+    mpx_prefix,
+    parse_acquisition_header,
+    parse_frame_header,
+    parse_mpx_prefix,
+    to_store_orientation,
+)
 from stemdask.testing.merlin import acquisition_header, encode_frames, encode_pixels, split_quad
 
-REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real-merlin" / "Merlin_Single_Quad.zip"
-
-
-@pytest.fixture(scope="module")
-def real(tmp_path_factory) -> Path:
-    if not REAL.exists():
-        pytest.skip("../shared/data/real-merlin not present")
-    out = tmp_path_factory.mktemp("real-merlin")
-    with zipfile.ZipFile(REAL) as z:
-        z.extractall(out)
-    return out
-
-
-CASES = [(d, raw, shape) for d, raw in [(1, False), (6, False), (12, False), (24, False), (1, True), (6, True), (12, True)]
-         for shape in [(256, 256), (512, 512), (8, 64)] if not (raw and shape == (8, 64))]  # RAW: whole chips
+CASES = [
+    (d, raw, shape)
+    for d, raw in [(1, False), (6, False), (12, False), (24, False), (1, True), (6, True), (12, True)]
+    for shape in [(256, 256), (512, 512), (8, 64)]
+    if not (raw and shape == (8, 64))
+]  # RAW: whole chips
 
 
 @pytest.mark.parametrize("depth,raw,shape", CASES)
@@ -37,7 +33,7 @@ def test_decode_equals_the_encoded_frames(depth, raw, shape):
     header = parse_frame_header(whole[0].tobytes(), "test")
     assert (header.counter_depth, header.raw, header.shape, header.frame_bytes) == (depth, raw, shape, whole.shape[1])
     assert header.layout == ("2x2" if shape == (512, 512) else "1x1")
-    assert np.array_equal(decode_frames(whole[:, header.header_bytes:], header), frames)
+    assert np.array_equal(decode_frames(whole[:, header.header_bytes :], header), frames)
 
 
 def test_raw_bit_order_by_hand():
@@ -58,37 +54,37 @@ def test_quad_raw_chip_layout():
     assert chips[0, 0, 0] == 2  # chip 0 is the bottom-right one, rotated 180°
 
 
-def test_real_processed_files_decode_like_rosettasciio(real):
+def test_real_processed_files_decode_like_rosettasciio(real_merlin):
     from rsciio.quantumdetector import file_reader
 
-    files = sorted(p for p in real.glob("*.mib") if "RAW" not in p.name)
+    files = sorted(p for p in real_merlin.glob("*.mib") if "RAW" not in p.name)
     assert len(files) == 16
     for f in files:
         header, whole = mib_frames(f)
         acq = parse_acquisition_header(f.with_suffix(".hdr").read_bytes(), str(f))
         assert acq.frames == whole.shape[0] and acq.counter_depth == header.counter_depth
         assert acq.assembly == header.layout
-        ours = to_store_orientation(decode_frames(whole[:, header.header_bytes:], header))
+        ours = to_store_orientation(decode_frames(whole[:, header.header_bytes :], header))
         theirs = np.asarray(file_reader(str(f))[0]["data"]).reshape(ours.shape)
         assert np.array_equal(ours, theirs), f.name
 
 
-def test_real_raw_files_match_their_processed_twins(real):
+def test_real_raw_files_match_their_processed_twins(real_merlin):
     """rosettasciio cannot read RAW: the RAW and processed acquisitions of one pattern correlate (r > 0.99),
     a vertical flip of either falls well below."""
     for name in ("Single_9_Frame_CounterDepth_1_Rows_256", "Quad_9_Frame_CounterDepth_1_Rows_256"):
         images = []
-        for f in (real / f"{name}RAW.mib", real / f"{name}.mib"):
+        for f in (real_merlin / f"{name}RAW.mib", real_merlin / f"{name}.mib"):
             header, whole = mib_frames(f)
-            images.append(decode_frames(whole[:, header.header_bytes:], header).sum(axis=0).astype(float))
+            images.append(decode_frames(whole[:, header.header_bytes :], header).sum(axis=0).astype(float))
         raw, processed = images
         assert np.corrcoef(raw.ravel(), processed.ravel())[0, 1] > 0.99
         assert np.corrcoef(raw[::-1].ravel(), processed.ravel())[0, 1] < 0.9
         # re-encoding the decoded RAW frames gives the file's bytes back
-        header, whole = mib_frames(real / f"{name}RAW.mib")
-        frames = decode_frames(whole[:, header.header_bytes:], header)
+        header, whole = mib_frames(real_merlin / f"{name}RAW.mib")
+        frames = decode_frames(whole[:, header.header_bytes :], header)
         sent = split_quad(frames) if header.layout == "2x2" else frames
-        assert np.array_equal(encode_pixels(sent, 1, raw=True), whole[:, header.header_bytes:])
+        assert np.array_equal(encode_pixels(sent, 1, raw=True), whole[:, header.header_bytes :])
 
 
 def test_headers_and_framing_errors_name_the_source():

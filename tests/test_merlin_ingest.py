@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_merlin import real  # noqa: F401 - the real files, extracted once
-
 from stemdask.cli import main
 from stemdask.io import ingest
 from stemdask.io.merlin import decode_frames, mib_frames, to_store_orientation
 from stemdask.testing.merlin import acquisition_header, write_mib
+
 
 def _dense(store) -> np.ndarray:
     indices, offsets = store.to_csr()
@@ -33,8 +32,9 @@ def _hdr_field(mib: Path, key: str) -> str:
     raise KeyError(key)
 
 
-def test_every_real_mib_ingests_exactly(real, tmp_path, capsys):
-    files = sorted(real.glob("*.mib"))
+@pytest.mark.slow
+def test_every_real_mib_ingests_exactly(real_merlin, tmp_path, capsys):
+    files = sorted(real_merlin.glob("*.mib"))
     assert len(files) == 20
     rsciio = pytest.importorskip("rsciio.quantumdetector")
     for f in files:

@@ -8,7 +8,14 @@ import json
 import h5py
 import numpy as np
 import pytest
-from test_ingest import (
+
+from stemdask.cli import main
+from stemdask.io import MissingOpticsError, ingest, open_source
+from stemdask.optics import wavelength_a
+from stemdask.outputs import OutputFolderError
+from stemdask.store import open_store
+
+from helpers import (
     DET,
     SCAN,
     dense_from_csr,
@@ -17,11 +24,6 @@ from test_ingest import (
     write_mib,
     write_stempy,
 )
-
-from stemdask.cli import main
-from stemdask.io import MissingOpticsError, ingest, open_source
-from stemdask.optics import wavelength_a
-from stemdask.store import open_store
 
 FULL = {"energy_ev": 200e3, "scan_step_a": 0.5, "semiangle_mrad": 25.0, "detector_pixel_mrad": 2.0}
 FLAGS = ["--energy-kev E", "--scan-step Å", "--semiangle-mrad A", "--detector-pixel-mrad P"]
@@ -42,13 +44,15 @@ def test_python_ingest_refuses_before_creating_anything(tmp_path, csr, compresse
             arrays = dict(z)
         csr.unlink()
         np.savez_compressed(csr, **arrays)
-    out = tmp_path / "new" / "deeper" / "s.zarr"
+    out = tmp_path / "s.zarr"
     with pytest.raises(MissingOpticsError) as e:
         ingest(csr, out, progress=False)
     assert e.value.missing == ["energy_ev", "scan_step_a", "semiangle_mrad", "detector_pixel_mrad"]
     assert str(csr) in str(e.value) and all(f in str(e.value) for f in FLAGS)
-    assert not (tmp_path / "new").exists()  # not the store, not its folder, no scratch
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev.npz"]  # not the store, no lock, no scratch
+    with pytest.raises(OutputFolderError, match="does not exist"):  # and folders above an output: never made
+        ingest(csr, tmp_path / "new" / "deeper" / "s.zarr", progress=False)
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_refusal_is_one_line_listing_only_the_missing_flags(tmp_path, csr, capsys):
@@ -56,8 +60,10 @@ def test_cli_refusal_is_one_line_listing_only_the_missing_flags(tmp_path, csr, c
     assert main(["ingest", str(csr), str(out), "--energy-kev", "300", "--scan-step", "0.2", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith(f"stemdask ingest: error: {csr}: the source does not record the probe semi-angle, "
-                             "detector pixel size; give --semiangle-mrad A --detector-pixel-mrad P or --assume-defaults")
+    assert err[0].startswith(
+        f"stemdask ingest: error: {csr}: the source does not record the probe semi-angle, "
+        "detector pixel size; give --semiangle-mrad A --detector-pixel-mrad P or --assume-defaults"
+    )
     assert "--energy-kev" not in err[0] and not out.exists()
 
 
@@ -86,8 +92,10 @@ def test_info_shows_each_origin_and_flags_assumed_ones(tmp_path, csr, capsys):
     text = capsys.readouterr().out
     assert "60 keV [command line]" in text and "semi-angle 21 mrad [command line]" in text
     assert "1 × 1 Å [ASSUMED]" in text and "1 mrad/px [ASSUMED]" in text
-    assert any(line.startswith("ASSUMED") and "scan step" in line and "detector pixel size" in line
-               for line in text.splitlines())
+    assert any(
+        line.startswith("ASSUMED") and "scan step" in line and "detector pixel size" in line
+        for line in text.splitlines()
+    )
     assert main(["info", str(out), "--json"]) == 0
     origins = json.loads(capsys.readouterr().out)["calibration"]["origins"]
     assert origins["scan_step_a"] == "assumed" and origins["energy_ev"] == "command line"
@@ -96,8 +104,17 @@ def test_info_shows_each_origin_and_flags_assumed_ones(tmp_path, csr, capsys):
 def test_csr_metadata_is_used_and_the_command_line_wins(tmp_path, capsys):
     indices, offsets = random_csr()
     src = tmp_path / "ev.npz"
-    np.savez(src, indices=indices, offsets=offsets, scan_shape=SCAN, detector_shape=DET,
-             energy_kev=300.0, scan_step_a=[0.25, 0.3], semiangle_mrad=20.0, detector_pixel_mrad=1.5)
+    np.savez(
+        src,
+        indices=indices,
+        offsets=offsets,
+        scan_shape=SCAN,
+        detector_shape=DET,
+        energy_kev=300.0,
+        scan_step_a=[0.25, 0.3],
+        semiangle_mrad=20.0,
+        detector_pixel_mrad=1.5,
+    )
     out = tmp_path / "s.zarr"
     assert main(["ingest", str(src), str(out), "--scan-step", "0.4", "--quiet"]) == 0
     cal = open_store(out).calibration
@@ -124,7 +141,12 @@ def test_stempy_metadata_group(tmp_path):
         meta.attrs["semiangle_mrad"] = 20.0
         meta.attrs["beam energy"] = "ignored: not one of stemdask's names"
     cal = ingest(src, tmp_path / "s.zarr", progress=False).calibration
-    assert (cal.energy_ev, cal.scan_step_a, cal.detector_pixel_mrad, cal.semiangle_mrad) == (300e3, (0.2, 0.2), 1.0, 20.0)
+    assert (cal.energy_ev, cal.scan_step_a, cal.detector_pixel_mrad, cal.semiangle_mrad) == (
+        300e3,
+        (0.2, 0.2),
+        1.0,
+        20.0,
+    )
     assert all(cal.origins[k] == "source metadata" for k in FULL)
 
 
@@ -134,16 +156,29 @@ def test_rosettasciio_metadata_and_axes(tmp_path):
     frames = dense_from_csr(indices, offsets)
     units = ["nm", "nm", "1/nm", "1/nm"]
     scales = [0.05, 0.04, 0.5, 0.5]
-    axes = [{"size": n, "index_in_array": i, "name": nm, "scale": sc, "offset": 0.0, "units": u, "navigate": i < 2}
-            for i, (n, nm, sc, u) in enumerate(zip(frames.shape, ["y", "x", "ky", "kx"], scales, units))]
+    axes = [
+        {"size": n, "index_in_array": i, "name": nm, "scale": sc, "offset": 0.0, "units": u, "navigate": i < 2}
+        for i, (n, nm, sc, u) in enumerate(zip(frames.shape, ["y", "x", "ky", "kx"], scales, units))
+    ]
     src = tmp_path / "scan.hspy"
-    rsciio_hspy.file_writer(str(src), {
-        "data": frames, "axes": axes,
-        "metadata": {"General": {"title": ""}, "Signal": {"signal_type": ""},
-                     "Acquisition_instrument": {"TEM": {"beam_energy": 200.0, "convergence_angle": 22.0}}},
-        "original_metadata": {}, "attributes": {"_lazy": False}, "tmp_parameters": {},
-        "package_info": {"name": "stemdask-tests", "version": "0"}, "learning_results": {}, "models": {},
-    })
+    rsciio_hspy.file_writer(
+        str(src),
+        {
+            "data": frames,
+            "axes": axes,
+            "metadata": {
+                "General": {"title": ""},
+                "Signal": {"signal_type": ""},
+                "Acquisition_instrument": {"TEM": {"beam_energy": 200.0, "convergence_angle": 22.0}},
+            },
+            "original_metadata": {},
+            "attributes": {"_lazy": False},
+            "tmp_parameters": {},
+            "package_info": {"name": "stemdask-tests", "version": "0"},
+            "learning_results": {},
+            "models": {},
+        },
+    )
     with open_source(src) as s:
         optics = s.optics()
     assert optics["energy_ev"] == 200e3 and optics["semiangle_mrad"] == 22.0
@@ -168,10 +203,11 @@ def test_merlin_records_no_optics(tmp_path, capsys):
 
 
 def test_shared_csr_file_is_refused_without_optics(tmp_path, capsys, abtem_case):
-    src = abtem_case / "events_dose1000.npz"
+    src = abtem_case / "events_dose50.npz"  # shipped in tests/data: runs in every checkout
     out = tmp_path / "o.zarr"
-    assert main(["ingest", str(src), str(out), "--scan-shape", "96", "96", "--detector-shape", "96", "96",
-                 "--quiet"]) == 2
+    assert (
+        main(["ingest", str(src), str(out), "--scan-shape", "96", "96", "--detector-shape", "96", "96", "--quiet"]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "events_dose1000.npz: the source does not record the beam energy" in err[0]
+    assert len(err) == 1 and "events_dose50.npz: the source does not record the beam energy" in err[0]
     assert "--assume-defaults" in err[0] and not out.exists()

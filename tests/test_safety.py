@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from stemdask.cli import main
-from stemdask.simulate import random_event_store
+from stemdask.testing import random_event_store
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_com_reference_may_be_an_array(store):
 
 def test_methods_refuse_a_calibration_from_another_scan_sampling(store):
     import stemdask
-    from stemdask.methods.integration import icom
+    from stemdask.methods.icom import icom
     from stemdask.methods.ssb import ssb
 
     ds = stemdask.open(store.path)

@@ -13,8 +13,8 @@ from dask.utils import parse_bytes
 
 import stemdask
 from stemdask.cli import main
-from stemdask.cluster import connect, load_profile, peak_rss_per_worker
-from stemdask.simulate import random_event_store
+from stemdask.cluster import connect, load_profile
+from stemdask.testing import peak_rss_per_worker, random_event_store
 
 distributed = pytest.importorskip("distributed")
 
@@ -30,7 +30,7 @@ def big_store(tmp_path_factory):
 
 
 def _methods(ds):
-    from stemdask.methods.integration import ricom
+    from stemdask.methods.ricom import ricom
     from stemdask.methods.ssb import ssb
 
     com = ds.com()
@@ -52,7 +52,9 @@ def test_out_of_core_com_ricom_ssb_with_bounded_worker_memory(big_store):
     np.testing.assert_allclose(got[0].com_y.values, expected[0].com_y.values)
     np.testing.assert_allclose(got[0].com_x.values, expected[0].com_x.values)
     np.testing.assert_allclose(got[1].values, expected[1].values, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(got[2].values, expected[2].values, rtol=1e-4, atol=1e-6 * np.abs(expected[2].values).max())
+    np.testing.assert_allclose(
+        got[2].values, expected[2].values, rtol=1e-4, atol=1e-6 * np.abs(expected[2].values).max()
+    )
 
 
 @pytest.mark.slow
@@ -60,8 +62,22 @@ def test_cli_reconstruct_com_on_a_300mb_worker_profile(big_store, tmp_path, caps
     profile = tmp_path / "two-small-workers.yaml"
     profile.write_text(yaml.safe_dump(load_profile("local-lowmem")))
     out = tmp_path / "com.zarr"
-    assert main(["reconstruct", str(big_store.path), "--method", "com", "--cluster", str(profile),
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "reconstruct",
+                str(big_store.path),
+                "--method",
+                "com",
+                "--cluster",
+                str(profile),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     import xarray as xr
 
     com = xr.open_zarr(out)
@@ -72,8 +88,12 @@ def test_cli_reconstruct_com_on_a_300mb_worker_profile(big_store, tmp_path, caps
 def test_killed_worker_does_not_change_the_result(tmp_path):
     store = random_event_store(tmp_path / "s.zarr", (256, 128), 128, 400, rows_per_block=2)
     expected = stemdask.open(store.path).com().compute(scheduler="threads")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=50
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         com = stemdask.open(store.path).com()
         fut = client.compute(com)
         # wait until the computation is under way, then kill one worker process outright

@@ -268,7 +268,8 @@ def test_cli_simulate_realistic_options_reach_the_store(tmp_path, capsys):
     for bad, message in [(["--descan", "plane", "1", "2"], "give 4 coefficients"),
                          (["--descan", "cubic", "1"], "model must be one of"),
                          (["--dead-pixel", "40", "3"], "not a pixel"), (["--tds", "2"], "tds must be a fraction")]:
-        assert main(["simulate", str(tmp_path / "b.zarr"), "--scan", "4", "4", "--detector", "32", "--quiet", *bad]) == 2
+        argv = ["simulate", str(tmp_path / "b.zarr"), "--scan", "4", "4", "--detector", "32", "--quiet", *bad]
+        assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "b.zarr").exists()

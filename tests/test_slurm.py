@@ -63,6 +63,7 @@ def _profile(tmp_path, partition, directives=()) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_reconstruct_on_slurm_equals_the_local_result(tmp_path, partition, capsys):
     store = tmp_path / "s.zarr"
     simulate(store, SimulationParams(scan_shape=(24, 24), detector=32, dose=300, seed=3), progress=False)
@@ -89,6 +90,7 @@ def test_a_refused_submission_is_one_line_and_leaves_no_job(tmp_path, partition,
     assert _our_jobs() == []
 
 
+@pytest.mark.slow
 def test_a_job_that_never_starts_times_out_in_one_line_and_is_cancelled(tmp_path, partition, capsys):
     profile = _profile(tmp_path, partition, ["--begin=now+3600"])  # queued for an hour
     rc = main(["reconstruct", str(tmp_path / "s.zarr"), "--method", "com", "--out", str(tmp_path / "r.zarr"),

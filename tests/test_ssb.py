@@ -1,7 +1,7 @@
 """SSB ptychography against an independent brute-force NumPy SSB and the simulator's phase.
 
-Also holds the small helpers the other ``test_ssb_*`` files import (dense arrays in the
-``EventDataset.densify`` layout, band limits, correlations).
+The small helpers the ``test_ssb_*`` files share (dense arrays in the ``EventDataset.densify``
+layout, band limits, correlations) are in ``helpers.py``.
 """
 
 from __future__ import annotations
@@ -14,61 +14,12 @@ import xarray as xr
 
 from stemdask.methods.ssb import SSBResult, ssb, to_gpu
 from stemdask.optics import Aberrations, chi, detector_to_scan_frame
-from stemdask.simulate import SimulationParams, simulate_dense
+from stemdask.testing import raise_if_dask_computes
 
-HIGH_DOSE = 1e6  # electrons per position: Poisson noise well below a 0.08 rad object's signal
+from helpers import as_dense, band_limited, filtered, pearson, scan_frequencies, simulated, slope
 
 
 # ---------------------------------------------------------------------- helpers
-def as_dense(counts: np.ndarray, calibration, rows_per_block: int = 8, shift_px: float = 0.0) -> xr.DataArray:
-    """(ny, nx, N, N) counts as ``densify`` gives them: float32, row-block chunks, k in mrad
-    relative to the calibrated BF centre (``shift_px`` mis-states that centre on purpose)."""
-    ny, nx, n, _ = counts.shape
-    cy, cx = calibration.bf_center
-    p = calibration.detector_pixel_mrad
-    data = da.from_array(counts.astype(np.float32), chunks=(rows_per_block, nx, n, n))
-    sy, sx = calibration.scan_step_a
-    return xr.DataArray(
-        data, dims=("scan_y", "scan_x", "k_y", "k_x"),
-        coords={"scan_y": np.arange(ny) * sy, "scan_x": np.arange(nx) * sx,
-                "k_y": (np.arange(n) - cy + shift_px) * p, "k_x": (np.arange(n) - cx + shift_px) * p},
-    )
-
-
-def simulated(c10=0.0, *, scan=(48, 48), detector=32, dose=HIGH_DOSE, seed=0, **kw):
-    """Poisson counts (ny, nx, N, N), true phase, calibration of a weak phase object (0.08 rad)."""
-    p = SimulationParams(scan_shape=scan, detector=detector, max_phase=0.08,
-                         aberrations=Aberrations(C10=c10), **kw)
-    intensity, truth = simulate_dense(p)
-    counts = np.random.default_rng(seed).poisson(intensity * dose).astype(np.float32)
-    return counts, truth, p.calibration()
-
-
-def scan_frequencies(shape, step):
-    qy = np.fft.fftfreq(shape[0], d=step[0])
-    qx = np.fft.fftfreq(shape[1], d=step[1])
-    return np.meshgrid(qy, qx, indexing="ij")
-
-
-def filtered(truth, step, transfer):
-    """``truth`` filtered by ``transfer(q_y, q_x)`` on the full scan-frequency plane."""
-    qy, qx = scan_frequencies(truth.shape, step)
-    return np.fft.ifft2(np.fft.fft2(truth) * transfer(qy, qx)).real
-
-
-def band_limited(truth, step, q_max):
-    return filtered(truth, step, lambda qy, qx: (np.hypot(qy, qx) < q_max) & (np.hypot(qy, qx) > 0))
-
-
-def pearson(a, b) -> float:
-    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
-
-
-def slope(image, reference) -> float:
-    a, b = image - image.mean(), reference - reference.mean()
-    return float((a * b).sum() / (b * b).sum())
-
-
 def pixel_grid(calibration, n):
     """Detector pixel frequencies (Å⁻¹, scan frame), (N, N) each."""
     lam = calibration.wavelength_a
@@ -146,10 +97,11 @@ def counted_dense(counts, cal):
 def test_building_the_graph_computes_nothing_and_phase_reads_each_block_once():
     counts, _, cal = simulated(scan=(16, 16), detector=16, dose=1e3)
     dense, calls = counted_dense(counts, cal)
-    with dask.config.set(scheduler="sync"):
+    with raise_if_dask_computes():
         result = ssb(dense, cal, Aberrations(C10=-20))
         phase = result.phase
         assert isinstance(phase.data, da.Array) and calls == []
+    with dask.config.set(scheduler="sync"):
         phase.compute()
     assert sorted(calls) == [0, 1]  # 16 rows, 8 per block: each block once
 
@@ -313,7 +265,7 @@ def test_result_is_a_labelled_dataarray(tmp_path):
     assert phase.attrs["units"] == "rad" and phase.attrs["weighting"] == "snr"
     assert phase.attrs["aberration_C10"] == -30.0 and phase.attrs["aberration_C30"] == 1e4
     np.testing.assert_allclose(phase.scan_x.values, np.arange(12) * cal.scan_step_a[1])
-    assert phase.scan_y.attrs["units"] == "Å"
+    assert phase.scan_y.attrs["units"] == "angstrom"
     xr.Dataset({"phase": phase}).to_zarr(tmp_path / "out.zarr")
     back = xr.open_zarr(tmp_path / "out.zarr")["phase"]
     np.testing.assert_array_equal(back.values, phase.values)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stemdask.kernels.ssb import chi_coefficients, chi_poly, ssb_partial, trotter_counts
-from stemdask.kernels.ssb_gpu import ssb_partial_xp
+from stemdask.kernels.ssb_broadcast import ssb_partial_xp
 from stemdask.optics import Aberrations, chi, wavelength_a
 
 LAM = wavelength_a(300e3)

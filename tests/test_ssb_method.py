@@ -1,4 +1,4 @@
-"""The "ssb" method: CLI options, ``run(ds, args)`` on an event store, ``stemdask reconstruct``."""
+"""The "ssb" method: CLI options, ``run(ds, **options)`` on an event store, ``stemdask reconstruct``."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ import pytest
 import xarray as xr
 
 import stemdask
-from stemdask.cli import build_parser, main
-from stemdask.methods import load_methods
-from stemdask.methods.ssb import aberrations_from_args, ssb
+from stemdask.cli import main, parse
+from stemdask.cli.method_options import chosen_options
+from stemdask.methods import NAMES, runner
+from stemdask.methods.ssb import run as run_ssb
+from stemdask.methods.ssb import ssb
 from stemdask.optics import Aberrations
-from stemdask.store import open_store
 from stemdask.simulate import SimulationParams, load_truth, simulate
-from test_ssb import as_dense, band_limited, pearson
-from test_ssb_abtem import r_detrended
+from stemdask.store import open_store
+
+from helpers import as_dense, band_limited, pearson, r_detrended
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +38,23 @@ def dense_counts(store):
 
 
 def test_options_and_registration():
-    assert "ssb" in load_methods()
-    args = build_parser().parse_args(
+    assert "ssb" in NAMES and runner("ssb") is run_ssb
+    args = parse(
         ["reconstruct", "s.zarr", "--method", "ssb", "--out", "o.zarr", "--c10", "-150", "--c12", "20",
          "--c12-angle", "30", "--c21", "100", "--c21-angle", "-45", "--c23", "50", "--c23-angle", "10",
          "--c30", "1e4", "--bin", "2", "--quantitative"]
     )
-    assert aberrations_from_args(args) == Aberrations(C10=-150, C12=20, phi12=30, C21=100, phi21=-45, C23=50,
-                                                      phi23=10, C30=1e4)
-    assert args.bin == 2 and args.quantitative
-    defaults = build_parser().parse_args(["reconstruct", "s.zarr", "--method", "ssb", "--out", "o.zarr"])
-    assert aberrations_from_args(defaults) == Aberrations() and defaults.bin == 1 and not defaults.quantitative
+    assert chosen_options(args, ["ssb"]) == {"ssb": {"c10": -150.0, "c12": 20.0, "c12_angle": 30.0, "c21": 100.0,
+                                                     "c21_angle": -45.0, "c23": 50.0, "c23_angle": 10.0, "c30": 1e4,
+                                                     "bin": 2, "quantitative": True}}
+    defaults = parse(["reconstruct", "s.zarr", "--method", "ssb", "--out", "o.zarr"])
+    assert chosen_options(defaults, ["ssb"]) == {"ssb": {}}  # the method's own defaults apply
+    assert parse(["reconstruct", "s", "--method", "ssb", "--out", "o", "--c10", "auto"]).c10 == "auto"
 
 
 def test_run_on_an_event_store_equals_the_pipeline_on_its_counts(store):
     ds = stemdask.open(store.path)
-    args = build_parser().parse_args(["reconstruct", str(store.path), "--method", "ssb", "--out", "x", "--c10", "-80"])
-    result = load_methods()["ssb"].run(ds, args)
+    result = run_ssb(ds, c10=-80.0)
     assert isinstance(result, xr.Dataset) and list(result.data_vars) == ["phase"]
     got = result["phase"].values
     cal = store.calibration
@@ -89,18 +91,20 @@ def test_cli_ssb_on_the_gpu_equals_the_cpu(tmp_path):
     np.testing.assert_array_equal(gpu.com_y.values, cpu.com_y.values)
 
 
-def test_ssb_without_c10_uses_what_calibrate_measured_and_says_so(abtem_case, tmp_path, capsys):
+@pytest.mark.slow
+def test_ssb_without_c10_uses_what_calibrate_measured_and_says_so(abtem_case, abtem_dose1000, tmp_path, capsys):
     """On the abTEM case calibrate measures |C10| (the parallax) but, honestly, not its sign: that
     thin, phonon-free crystal has too little dark field at 96² positions for the ADF to decide the
     half turn. SSB without --c10 then picks the sign with the focus criterion for the stored
-    orientation; with a stored signed estimate it uses that; --c10 auto searches around it."""
+    orientation; with a stored signed estimate it uses that; --c10 auto searches around it.
+    Dose 1000 only: at dose 50 calibrate cannot measure the parallax (test_calibrate's dose-50 test)."""
     import json
 
     from stemdask.calibrate import calibrate_store
     from stemdask.io.ingest import ingest
 
     params = json.loads((abtem_case / "params.json").read_text())
-    store = ingest(abtem_case / "events_dose1000.npz", tmp_path / "s.zarr", format="csr", scan_shape=(96, 96),
+    store = ingest(abtem_dose1000, tmp_path / "s.zarr", format="csr", scan_shape=(96, 96),
                    detector_shape=(96, 96), progress=False,
                    calibration={"energy_ev": params["energy_eV"], "scan_step_a": params["scan"]["step_A"],
                                 "semiangle_mrad": params["semiangle_mrad"],

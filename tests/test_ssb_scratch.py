@@ -15,7 +15,8 @@ import xarray as xr
 
 from stemdask.methods.ssb import ssb
 from stemdask.optics import Aberrations, Calibration
-from test_ssb import as_dense, simulated
+
+from helpers import as_dense, simulated
 
 AB = Aberrations(C10=-60.0, C30=2e4)
 
@@ -120,6 +121,7 @@ def _can_unshare_mounts() -> bool:
         ["unshare", "--mount", "true"], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_see_the_scratch_folder_makes_ssb_refuse(tmp_path, monkeypatch):
     """A real worker process in a mount namespace of its own, where ``hidden/`` is an empty tmpfs:
     like a worker on another node, it cannot see a scratch folder there (this machine's

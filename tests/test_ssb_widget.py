@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from stemdask.methods.ssb import ssb
-from test_ssb import as_dense, simulated
+
+from helpers import as_dense, simulated
 
 pytest.importorskip("ipywidgets")
 pytest.importorskip("matplotlib")

@@ -35,7 +35,8 @@ A route is *confirmed* when its own evidence measured θ and the flip — θ to 
 error ≤ :data:`MAX_SIGMA_DEG` (3σ within 1°); the parallax only where aligning the BF images
 sharpens them (:data:`PARALLAX_MIN_GAIN`: in-focus crystals show DPC-like BF-image "shifts"
 of about an ångström that are no parallax) — and the ADF image decides its half turn at
-|z| ≥ :data:`~stemdask.calibrate.orientation.MIN_ADF_Z`. The ADF agreement decides only the half turn: on a crystal a candidate rotated by a
+|z| ≥ :data:`~stemdask.calibrate.orientation.MIN_ADF_Z`. The ADF agreement decides only the
+half turn: on a crystal a candidate rotated by a
 symmetry of the lattice resembles the ADF image too, so θ and the flip rest on the COM and
 the parallax alone, and ``rotation_reliable`` is true only when a route is confirmed and no
 two measured orientations disagree. C10 is estimated where the parallax is measured, its
@@ -51,12 +52,12 @@ import os
 import dask
 import numpy as np
 
+from ..errors import InvalidParameter
 from ..optics import descan_offsets
 from ..store import open_store
 from .descan import com_response, corrected, descan_span_px, fit_descan
 from .disk import find_defects, fit_bf_disk, inpaint
-from .orientation import (MIN_ADF_Z, half_turn, icom_phase, parallax, probe_otf, rotation_from_com,
-                          _wrap180, _wrap90)
+from .orientation import MIN_ADF_Z, _wrap90, _wrap180, half_turn, icom_phase, parallax, probe_otf, rotation_from_com
 
 #: Parallax is used when the shifts across the BF disk reach this many (binned) scan steps …
 PARALLAX_MIN_SHIFT_STEPS = 2.0
@@ -110,8 +111,9 @@ def _bin_image(img: np.ndarray, f: int) -> np.ndarray:
     return img[:ny, :nx].reshape(ny // f, f, nx // f, f).mean(axis=(1, 3))
 
 
-def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
-              vacuum=None) -> tuple[dict, np.ndarray, np.ndarray]:
+def calibrate(
+    ds, mask=None, descan: str = "plane", detect_defects: bool = True, vacuum=None
+) -> tuple[dict, np.ndarray, np.ndarray]:
     """Calibrate an :class:`~stemdask.events.EventDataset`; see the module docstring.
 
     ``mask``: a user's bool (det_y, det_x) mask (True = exclude), joined with the defects
@@ -126,7 +128,7 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != det:
-            raise ValueError(f"the mask has shape {mask.shape}, the detector is {det[0]}×{det[1]}")
+            raise InvalidParameter(f"the mask has shape {mask.shape}, the detector is {det[0]}×{det[1]}")
         mask = mask.astype(bool)
     cal = ds.calibration
     raw = ds.with_mask(None, None).with_calibration(descan=None)
@@ -139,19 +141,30 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
     pacbed, dense, *planned_com = dask.compute(raw.pacbed().data, whole.data, *planned_com)
     pacbed = np.asarray(pacbed, dtype=np.float64)
 
-    defects = find_defects(pacbed) if detect_defects else {"mask": np.zeros(det, bool), "hot": np.zeros(det, bool),
-                                                           "dead": np.zeros(det, bool), "dead_rows": [], "dead_columns": []}
+    defects = (
+        find_defects(pacbed)
+        if detect_defects
+        else {
+            "mask": np.zeros(det, bool),
+            "hot": np.zeros(det, bool),
+            "dead": np.zeros(det, bool),
+            "dead_rows": [],
+            "dead_columns": [],
+        }
+    )
     full_mask = defects["mask"] | (mask if mask is not None else False)
     try:
         disk = fit_bf_disk(pacbed, full_mask)
     except ValueError as e:
         hint = " (the mask may hide it)" if mask is not None and mask.any() else ""
-        raise ValueError(f"{ds.store.path}: {e}{hint}") from None
+        raise InvalidParameter(f"{ds.store.path}: {e}{hint}") from None
     yy, xx = np.indices(det)
     in_disk = np.hypot(yy - disk["center"][0], xx - disk["center"][1]) < disk["radius"]
     if mask is not None and in_disk.any() and full_mask[in_disk].mean() > 0.5:
-        raise ValueError(f"the mask hides {100 * full_mask[in_disk].mean():.0f} % of the bright-field disk; "
-                         "nothing would be left to measure")
+        raise InvalidParameter(
+            f"the mask hides {100 * full_mask[in_disk].mean():.0f} % of the bright-field disk; "
+            "nothing would be left to measure"
+        )
     filled = inpaint(pacbed, full_mask) if full_mask.any() else pacbed
     fill = _fill_weights(filled, full_mask, ~full_mask)
 
@@ -170,13 +183,15 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
         record = corrected(own, _response(filled, keep, region_fill)) if vacuum is None else vacuum_record
         drift = _max_drift_px(record, ds.scan_shape)
         if not math.isfinite(drift):
-            raise ValueError(f"{ds.store.path}: the descan fit is not finite (too few electrons in the BF disk?)")
+            raise InvalidParameter(f"{ds.store.path}: the descan fit is not finite (too few electrons in the BF disk?)")
         if drift <= margin - 1.0:
             break
         margin = drift + 2.0  # the disk leaves the region somewhere: again with room for it
     else:
-        raise ValueError(f"{ds.store.path}: the BF disk drifts {drift:.1f} px over the scan, more than the "
-                         "calibration can follow; try --descan off to see the raw drift, or check the scan")
+        raise InvalidParameter(
+            f"{ds.store.path}: the BF disk drifts {drift:.1f} px over the scan, more than the "
+            "calibration can follow; try --descan off to see the raw drift, or check the scan"
+        )
     fitted_span = descan_span_px(record, ds.scan_shape)
     if vacuum is None and record is not None and fitted_span < DESCAN_MIN_SPAN_PX:
         record = own = None  # below what the COM can tell from phase contrast: applying it would only add a ramp
@@ -188,18 +203,28 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
     res_y, res_x = com_y - c0[0] - own_y, com_x - c0[1] - own_x
 
     result = {
-        "bf_center": [float(center[0]), float(center[1])], "bf_radius": float(disk["radius"]),
+        "bf_center": [float(center[0]), float(center[1])],
+        "bf_radius": float(disk["radius"]),
         "bf_fit": {k: v for k, v in disk.items() if k not in ("center", "radius")},
-        "defects": {"hot": np.argwhere(defects["hot"]).tolist(), "dead": np.argwhere(defects["dead"]).tolist(),
-                    "dead_rows": defects["dead_rows"], "dead_columns": defects["dead_columns"],
-                    "user_mask_pixels": int(mask.sum()) if mask is not None else 0,
-                    "masked_pixels": int(full_mask.sum())},
-        "descan": record, "descan_source": "sample COM" if vacuum is None else f"vacuum scan {vacuum.store.path}",
-        "descan_span_px": descan_span_px(record, ds.scan_shape), "descan_fitted_span_px": fitted_span,
+        "defects": {
+            "hot": np.argwhere(defects["hot"]).tolist(),
+            "dead": np.argwhere(defects["dead"]).tolist(),
+            "dead_rows": defects["dead_rows"],
+            "dead_columns": defects["dead_columns"],
+            "user_mask_pixels": int(mask.sum()) if mask is not None else 0,
+            "masked_pixels": int(full_mask.sum()),
+        },
+        "descan": record,
+        "descan_source": "sample COM" if vacuum is None else f"vacuum scan {vacuum.store.path}",
+        "descan_span_px": descan_span_px(record, ds.scan_shape),
+        "descan_fitted_span_px": fitted_span,
         "messages": [],
     }
-    result.update(_orientation(ds, cal, small, f, whole, dense, full_mask, center, disk["radius"],
-                               result["descan_span_px"], res_y, res_x))
+    result.update(
+        _orientation(
+            ds, cal, small, f, whole, dense, full_mask, center, disk["radius"], result["descan_span_px"], res_y, res_x
+        )
+    )
     result["messages"] = result.pop("notes")
     if cal.semiangle_mrad is not None:
         measured = disk["radius"] * cal.detector_pixel_mrad
@@ -207,10 +232,11 @@ def calibrate(ds, mask=None, descan: str = "plane", detect_defects: bool = True,
         result["radius_vs_semiangle"] = rel
         if abs(rel) > RADIUS_TOLERANCE:
             result["messages"].append(
-                f"BF radius {disk['radius']:.2f} px × {cal.detector_pixel_mrad:g} mrad/px = {measured:.2f} mrad differs by "
-                f"{100 * rel:+.1f} % from the nominal semi-angle {cal.semiangle_mrad:g} mrad: the pixel size or the "
-                "semi-angle is wrong. SSB and virtual detectors use the measured radius (trotter boundaries, BF/ADF "
-                "annuli); every reciprocal length (Å⁻¹) comes from the pixel size")
+                f"BF radius {disk['radius']:.2f} px × {cal.detector_pixel_mrad:g} mrad/px = {measured:.2f} mrad "
+                f"differs by {100 * rel:+.1f} % from the nominal semi-angle {cal.semiangle_mrad:g} mrad: the pixel "
+                "size or the semi-angle is wrong. SSB and virtual detectors use the measured radius (trotter "
+                "boundaries, BF/ADF annuli); every reciprocal length (Å⁻¹) comes from the pixel size"
+            )
     result["summary"] = _summary(result)
     return result, full_mask, fill
 
@@ -220,16 +246,20 @@ def _response(pattern, keep, fill) -> np.ndarray:
     k = com_response(pattern, keep, fill)
     eig = np.linalg.eigvals(k).real
     if eig.min() < 0.2 or eig.max() > 1.2:
-        raise ValueError(f"the COM window follows the disk by {eig.min():.2f}–{eig.max():.2f} of its move (expected "
-                         "≈ 1): the mask or the background hides the BF disk; check the mask")
+        raise InvalidParameter(
+            f"the COM window follows the disk by {eig.min():.2f}–{eig.max():.2f} of its move (expected "
+            "≈ 1): the mask or the background hides the BF disk; check the mask"
+        )
     return k
 
 
 def _vacuum_descan(vacuum, ds, mask, model: str) -> dict | None:
     """The descan fitted to the whole-detector COM of a vacuum scan of the same field."""
     if tuple(vacuum.detector_shape) != tuple(ds.detector_shape):
-        raise ValueError(f"{vacuum.store.path}: the vacuum scan's detector is {vacuum.detector_shape}, "
-                         f"the sample's {ds.detector_shape}")
+        raise InvalidParameter(
+            f"{vacuum.store.path}: the vacuum scan's detector is {vacuum.detector_shape}, "
+            f"the sample's {ds.detector_shape}"
+        )
     raw = vacuum.with_mask(None, None).with_calibration(descan=None)
     pacbed = np.asarray(raw.pacbed().compute().values, dtype=np.float64)
     filled = inpaint(pacbed, mask) if mask.any() else pacbed
@@ -241,7 +271,7 @@ def _vacuum_descan(vacuum, ds, mask, model: str) -> dict | None:
 
 
 def _fill_weights(filled, masked, kept) -> np.ndarray:
-    """Fill weights of the ``masked`` pixels (see :mod:`stemdask.reduce`): the inpainted PACBED
+    """Fill weights of the ``masked`` pixels (see :mod:`stemdask.reductions`): the inpainted PACBED
     ``filled`` relative to the ``kept`` pixels' sum; 0 elsewhere."""
     return np.where(masked, filled / filled[kept].sum(), 0.0)
 
@@ -323,19 +353,29 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
     px_result = None
     if inside.sum() >= 4:
         px_result = parallax(dense, k_y, k_x, inside, small_step, lam)
-    defocused = (px_result is not None
-                 and px_result["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(small_step)
-                 and px_result["similarity_error"] <= PARALLAX_MAX_SIMILARITY_ERROR
-                 and px_result["alignment_gain"] >= PARALLAX_MIN_GAIN)
-    if (px_result is not None and not defocused
-            and px_result["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(small_step)):
-        notes.append(f"BF-image shifts up to {px_result['max_shift_a']:.2f} Å that are no parallax (aligning by them "
-                     f"sharpens the BF images {px_result['alignment_gain']:.2f}×, need ≥ {PARALLAX_MIN_GAIN}; "
-                     f"fit error {px_result['similarity_error']:.2f}, need ≤ {PARALLAX_MAX_SIMILARITY_ERROR}): "
-                     "treated as in focus, no C10 estimate")
-    out = {"curl_fraction": {str(k).lower(): float(v) for k, v in curl.items()},
-           "com_rotation_deg": float(rot["rotation_deg"]), "com_rotation_sigma_deg": float(rot["rotation_sigma_deg"]),
-           "parallax": px_result}
+    defocused = (
+        px_result is not None
+        and px_result["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(small_step)
+        and px_result["similarity_error"] <= PARALLAX_MAX_SIMILARITY_ERROR
+        and px_result["alignment_gain"] >= PARALLAX_MIN_GAIN
+    )
+    if (
+        px_result is not None
+        and not defocused
+        and px_result["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(small_step)
+    ):
+        notes.append(
+            f"BF-image shifts up to {px_result['max_shift_a']:.2f} Å that are no parallax (aligning by them "
+            f"sharpens the BF images {px_result['alignment_gain']:.2f}×, need ≥ {PARALLAX_MIN_GAIN}; "
+            f"fit error {px_result['similarity_error']:.2f}, need ≤ {PARALLAX_MAX_SIMILARITY_ERROR}): "
+            "treated as in focus, no C10 estimate"
+        )
+    out = {
+        "curl_fraction": {str(k).lower(): float(v) for k, v in curl.items()},
+        "com_rotation_deg": float(rot["rotation_deg"]),
+        "com_rotation_sigma_deg": float(rot["rotation_sigma_deg"]),
+        "parallax": px_result,
+    }
 
     def checked(theta, flip):
         """(θ after the half turn, the ADF agreement or None) of the iCOM image for (θ, flip):
@@ -344,8 +384,13 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
         if adf is None:
             return theta, None
         candidate = _bin_image(icom_phase(res_y, res_x, theta, flip, step), f)
-        ht = half_turn(candidate[: adf.shape[0], : adf.shape[1]], adf, small_step,
-                       lambda q: probe_otf(q, lam, semiangle, otf_c10), band)
+        ht = half_turn(
+            candidate[: adf.shape[0], : adf.shape[1]],
+            adf,
+            small_step,
+            lambda q: probe_otf(q, lam, semiangle, otf_c10),
+            band,
+        )
         return (theta if ht["keep"] else theta + 180.0), ht
 
     otf_c10 = px_result["c10_abs_a"] if defocused else 0.0
@@ -355,12 +400,16 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
     com_theta, com_ht = checked(rot["rotation_deg"], rot["flip"])
     com_confirmed = com_ok and com_ht is not None and com_ht["decided"]
     if not com_measured:
-        notes.append(f"the COM field is dominated by noise (curl fraction {curl[rot['flip']]:.2f} > {COM_MAX_CURL_FRACTION})")
+        notes.append(
+            f"the COM field is dominated by noise (curl fraction {curl[rot['flip']]:.2f} > {COM_MAX_CURL_FRACTION})"
+        )
     elif not com_flip_ok:
         notes.append(f"the COM curl does not tell the flip apart (curl fractions {curl[False]:.2f} / {curl[True]:.2f})")
     elif not com_precise:
-        notes.append(f"the COM rotation {rot['rotation_deg']:.1f}° (mod 180) is uncertain by ±{rot['rotation_sigma_deg']:.1f}° "
-                     f"(1σ; trusted at ≤ {MAX_SIGMA_DEG:.2f}°): more dose or positions would tell")
+        notes.append(
+            f"the COM rotation {rot['rotation_deg']:.1f}° (mod 180) is uncertain by ±{rot['rotation_sigma_deg']:.1f}° "
+            f"(1σ; trusted at ≤ {MAX_SIGMA_DEG:.2f}°): more dose or positions would tell"
+        )
     # route 2: the parallax (θ mod 180° and flip from M; the half turn from the iCOM image
     # with that orientation; the parallax member θ_p goes with C10 < 0)
     px_theta = px_ht = None
@@ -370,8 +419,11 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
         c10_abs = px_result["c10_abs_a"]
         px_theta, px_ht = checked(px_result["rotation_deg"], px_result["flip"])
         if not px_precise:
-            spread = "of unknown precision (a pixel group's refinement left the lattice-safe neighbourhood)" \
-                if sigma is None else f"uncertain by ±{sigma:.1f}° (1σ; trusted at ≤ {MAX_SIGMA_DEG:.2f}°)"
+            spread = (
+                "of unknown precision (a pixel group's refinement left the lattice-safe neighbourhood)"
+                if sigma is None
+                else f"uncertain by ±{sigma:.1f}° (1σ; trusted at ≤ {MAX_SIGMA_DEG:.2f}°)"
+            )
             notes.append(f"the parallax rotation {_wrap90(px_result['rotation_deg']):.1f}° (mod 180) is {spread}")
     px_confirmed = px_precise and px_ht is not None and px_ht["decided"]
 
@@ -380,8 +432,10 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
     # every orientation measured (θ mod 180° and flip) must agree with each confirmed one
     conflict = com_measured and px_o is not None and not _agree(com_o, px_o, 180.0)
     if conflict:
-        notes.append(f"the COM curl ({_wrap90(com_theta):.1f}° mod 180, flip {rot['flip']}) and the parallax "
-                     f"({_wrap90(px_theta):.1f}° mod 180, flip {px_result['flip']}) disagree")
+        notes.append(
+            f"the COM curl ({_wrap90(com_theta):.1f}° mod 180, flip {rot['flip']}) and the parallax "
+            f"({_wrap90(px_theta):.1f}° mod 180, flip {px_result['flip']}) disagree"
+        )
     if px_confirmed and com_confirmed and not _agree(com_o, px_o):
         conflict = True
         notes.append("the COM and the parallax images agree with the ADF image only at opposite half turns")
@@ -407,34 +461,49 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
         c10 = -c10_abs if px_ht["keep"] else c10_abs
     elif defocused:
         why = "the COM and the parallax disagree" if conflict else "the ADF image does not decide it"
-        notes.append(f"BF-image shifts up to {px_result['max_shift_a']:.2f} Å: |C10| = {c10_abs:.0f} Å, but not its "
-                     f"sign ({why}): no C10 estimate (SSB without --c10 picks the sign by its focus criterion)")
-    out.update({
-        "rotation_deg": float(_wrap180(theta)), "flip": bool(flip), "method": method,
-        "rotation_reliable": bool(reliable),
-        "c10_estimate_a": None if c10 is None else float(c10),
-        "c10_magnitude_a": float(c10_abs) if defocused else None,
-        "adf_agreement": None if ht is None else {"r": ht["r"], "z": ht["z"]},
-        "adf_agreement_routes": {name: None if h is None else {"r": h["r"], "z": h["z"]}
-                                 for name, h in (("com", com_ht), ("parallax", px_ht))},
-        "notes": notes,
-    })
+        notes.append(
+            f"BF-image shifts up to {px_result['max_shift_a']:.2f} Å: |C10| = {c10_abs:.0f} Å, but not its "
+            f"sign ({why}): no C10 estimate (SSB without --c10 picks the sign by its focus criterion)"
+        )
+    out.update(
+        {
+            "rotation_deg": float(_wrap180(theta)),
+            "flip": bool(flip),
+            "method": method,
+            "rotation_reliable": bool(reliable),
+            "c10_estimate_a": None if c10 is None else float(c10),
+            "c10_magnitude_a": float(c10_abs) if defocused else None,
+            "adf_agreement": None if ht is None else {"r": ht["r"], "z": ht["z"]},
+            "adf_agreement_routes": {
+                name: None if h is None else {"r": h["r"], "z": h["z"]}
+                for name, h in (("com", com_ht), ("parallax", px_ht))
+            },
+            "notes": notes,
+        }
+    )
     return out
 
 
 def _summary(r: dict) -> str:
     c10 = "none measured" if r["c10_estimate_a"] is None else f"{r['c10_estimate_a']:.1f} Å"
     d = r["defects"]
-    return (f"BF centre ({r['bf_center'][0]:.2f}, {r['bf_center'][1]:.2f}) px, radius {r['bf_radius']:.2f} px "
-            f"(edge fit rms {r['bf_fit']['rms_px']:.2f} px); masked {d['masked_pixels']} px "
-            f"({len(d['hot'])} hot, {len(d['dead'])} dead, dead columns {d['dead_columns']}, rows {d['dead_rows']}); "
-            f"descan {r['descan']['model'] if r['descan'] else 'off'} (moves ≤ {r['descan_span_px']:.2f} px); "
-            f"rotation {r['rotation_deg']:.2f}°, flip {r['flip']} ({r['method']}, "
-            f"{'reliable' if r['rotation_reliable'] else 'NOT reliable'}); C10 {c10}")
+    return (
+        f"BF centre ({r['bf_center'][0]:.2f}, {r['bf_center'][1]:.2f}) px, radius {r['bf_radius']:.2f} px "
+        f"(edge fit rms {r['bf_fit']['rms_px']:.2f} px); masked {d['masked_pixels']} px "
+        f"({len(d['hot'])} hot, {len(d['dead'])} dead, dead columns {d['dead_columns']}, rows {d['dead_rows']}); "
+        f"descan {r['descan']['model'] if r['descan'] else 'off'} (moves ≤ {r['descan_span_px']:.2f} px); "
+        f"rotation {r['rotation_deg']:.2f}°, flip {r['flip']} ({r['method']}, "
+        f"{'reliable' if r['rotation_reliable'] else 'NOT reliable'}); C10 {c10}"
+    )
 
 
-def calibrate_store(path: str | os.PathLike, write: bool = True, mask=None, descan: str = "plane",
-                    vacuum: str | os.PathLike | None = None) -> dict:
+def calibrate_store(
+    path: str | os.PathLike,
+    write: bool = True,
+    mask=None,
+    descan: str = "plane",
+    vacuum: str | os.PathLike | None = None,
+) -> dict:
     """Calibrate the store at ``path`` (:func:`calibrate`); with ``write`` store the BF disk, the
     detector mask, the descan, the C10 estimate and — only when ``rotation_reliable`` — the
     rotation and flip (otherwise the stored ones are kept and a message says so).
@@ -445,20 +514,26 @@ def calibrate_store(path: str | os.PathLike, write: bool = True, mask=None, desc
     from ..events import open as open_dataset
 
     ds = open_dataset(path)
-    result, full_mask, fill = calibrate(ds, mask=mask, descan=descan,
-                                        vacuum=None if vacuum is None else open_dataset(vacuum))
+    result, full_mask, fill = calibrate(
+        ds, mask=mask, descan=descan, vacuum=None if vacuum is None else open_dataset(vacuum)
+    )
     old = ds.calibration
     if not result["rotation_reliable"]:
         result["messages"].append(
             "rotation/flip NOT reliable (the lines above say why) — "
             + (f"kept the stored rotation {old.rotation_deg:g}°, flip {old.flip}" if write else "not stored")
-            + " (set them with `stemdask calibrate --set rotation-deg=… --set flip=…` or `reconstruct --rotation-deg`)")
+            + " (set them with `stemdask calibrate --set rotation-deg=… --set flip=…` or `reconstruct --rotation-deg`)"
+        )
     if write:
         store = open_store(path, mode="r+")
-        changes = {"bf_center": tuple(result["bf_center"]), "bf_radius": result["bf_radius"],
-                   "descan": result["descan"], "c10_estimate_a": result["c10_estimate_a"],
-                   "rotation_reliable": result["rotation_reliable"],
-                   "report": {k: v for k, v in result.items() if k != "messages"}}
+        changes = {
+            "bf_center": tuple(result["bf_center"]),
+            "bf_radius": result["bf_radius"],
+            "descan": result["descan"],
+            "c10_estimate_a": result["c10_estimate_a"],
+            "rotation_reliable": result["rotation_reliable"],
+            "report": {k: v for k, v in result.items() if k != "messages"},
+        }
         measured = ["bf_center", "bf_radius", "descan", "c10_estimate_a"]
         if result["rotation_reliable"]:
             changes.update(rotation_deg=result["rotation_deg"], flip=result["flip"])
@@ -467,3 +542,19 @@ def calibrate_store(path: str | os.PathLike, write: bool = True, mask=None, desc
         store.set_detector_mask(full_mask if full_mask.any() else None, fill)
         store.set_calibration(store.calibration.replace(**changes))
     return result
+
+
+def calibration_lines(found: dict) -> list[str]:
+    """What ``calibrate_store`` found, as lines to print: the summary, each message, and
+    exactly one line on the rotation/flip when they are not reliable."""
+    lines = [str(found.get("summary", ""))]
+    unreliable = [m for m in found.get("messages", []) if str(m).startswith("rotation/flip NOT reliable")]
+    lines += [str(m) for m in found.get("messages", []) if m not in unreliable]
+    if not found.get("rotation_reliable", False):
+        lines.append(
+            unreliable[0]
+            if unreliable
+            else "rotation/flip: NOT reliable; kept the stored rotation and flip — set them with "
+            "`stemdask calibrate STORE --set rotation-deg=… --set flip=…` or `reconstruct --rotation-deg`"
+        )
+    return [line for line in lines if line]

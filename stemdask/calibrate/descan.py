@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InvalidParameter
 from ..optics import DESCAN_TERMS, descan_offsets, descan_terms, scan_fractions
 
 MODELS = ("off", *DESCAN_TERMS)
@@ -27,12 +28,12 @@ def fit_descan(com_y: np.ndarray, com_x: np.ndarray, model: str = "plane") -> tu
     scan centre (y, x) px — the constant term). The record's offsets have no constant term.
     """
     if model not in MODELS:
-        raise ValueError(f"descan model must be one of {MODELS}, got {model!r}")
+        raise InvalidParameter(f"descan model must be one of {MODELS}, got {model!r}")
     com_y = np.asarray(com_y, dtype=np.float64)
     com_x = np.asarray(com_x, dtype=np.float64)
     good = np.isfinite(com_y) & np.isfinite(com_x)
     if good.sum() < 10:
-        raise ValueError("too few positions with electrons to fit the descan")
+        raise InvalidParameter("too few positions with electrons to fit the descan")
     if model == "off":
         return None, np.array([np.median(com_y[good]), np.median(com_x[good])])
     u, v = scan_fractions(com_y.shape)
@@ -61,7 +62,7 @@ def com_response(pattern: np.ndarray, keep: np.ndarray, fill: np.ndarray, step_p
     from its own neighbourhood).
 
     ``keep`` (det_y, det_x) bool: the pixels counted; ``fill``: the masked pixels' fill weights
-    (as :mod:`stemdask.reduce` applies them: COM = (mean of the kept + Σ fill·position) /
+    (as :mod:`stemdask.reductions` applies them: COM = (mean of the kept + Σ fill·position) /
     (1 + Σ fill)). K = 1 for a pattern wholly inside an unmasked window; intensity at the
     window's edge (a Bragg or diffuse background that does not leave the window as the disk
     moves) and static fills shrink it — a COM-measured descan divided by K is the disk's move.

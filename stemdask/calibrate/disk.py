@@ -31,6 +31,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from ..errors import InvalidParameter
+
 #: Defect thresholds (see the module docstring).
 DEAD_FRACTION = 0.05
 HOT_FACTOR = 3.0
@@ -50,7 +52,7 @@ def find_defects(pacbed: np.ndarray, min_expected: float = MIN_EXPECTED) -> dict
     lists of indices, mask: hot | dead (with whole dead lines)}."""
     img = np.asarray(pacbed, dtype=np.float64)
     if img.ndim != 2 or not np.isfinite(img).all():
-        raise ValueError("PACBED must be a finite 2-D image")
+        raise InvalidParameter("PACBED must be a finite 2-D image")
     # next to the disk edge half the neighbourhood is dark: a dead pixel is far below even its
     # darker neighbours (25th percentile), a hot one far above even its brighter ones (75th)
     low, high = _ring_percentile(img, 25), _ring_percentile(img, 75)
@@ -74,7 +76,7 @@ def inpaint(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out = np.asarray(img, dtype=np.float64).copy()
     todo = np.asarray(mask, dtype=bool).copy()
     if todo.all():
-        raise ValueError("the mask covers every detector pixel")
+        raise InvalidParameter("the mask covers every detector pixel")
     kernel = np.ones((3, 3))
     while todo.any():
         known = (~todo).astype(np.float64)
@@ -91,11 +93,11 @@ def _coarse_disk(smooth: np.ndarray) -> tuple[float, float, float]:
     bright = smooth > 0.5 * smooth.max()
     labels, n = ndimage.label(bright)
     if n == 0:
-        raise ValueError("no bright-field disk found in the PACBED")
+        raise InvalidParameter("no bright-field disk found in the PACBED")
     sizes = np.bincount(labels.ravel())[1:]
     region = labels == 1 + int(np.argmax(sizes))
     if region.sum() < 5:
-        raise ValueError("no bright-field disk found in the PACBED (fewer than 5 bright pixels)")
+        raise InvalidParameter("no bright-field disk found in the PACBED (fewer than 5 bright pixels)")
     yy, xx = np.nonzero(region)
     return float(yy.mean()), float(xx.mean()), math.sqrt(region.sum() / math.pi)
 
@@ -150,7 +152,7 @@ def fit_bf_disk(pacbed: np.ndarray, mask: np.ndarray | None = None, passes: int 
     """
     img = np.asarray(pacbed, dtype=np.float64)
     if img.ndim != 2 or not np.isfinite(img).all() or img.max() <= 0:
-        raise ValueError("PACBED must be a finite 2-D image with some counts")
+        raise InvalidParameter("PACBED must be a finite 2-D image with some counts")
     if mask is not None and np.any(mask):
         img = inpaint(img, mask)
     smooth = ndimage.gaussian_filter(img, 1.0)
@@ -161,16 +163,20 @@ def fit_bf_disk(pacbed: np.ndarray, mask: np.ndarray | None = None, passes: int 
         keep = fall > 0
         for _ in range(3):
             if keep.sum() < 8:
-                raise ValueError("no bright-field disk edge found in the PACBED")
+                raise InvalidParameter("no bright-field disk edge found in the PACBED")
             cy, cx, radius = _fit_circle(py[keep], px[keep])
             resid = np.hypot(py - cy, px - cx) - radius
             mad = np.median(np.abs(resid[keep] - np.median(resid[keep])))
             keep = (fall > 0) & (np.abs(resid) <= max(3 * 1.4826 * mad, 0.3))
     rms = float(np.sqrt(np.mean(resid[keep] ** 2)))
-    inner = np.hypot(*np.meshgrid(np.arange(img.shape[0]) - cy, np.arange(img.shape[1]) - cx, indexing="ij")) < 0.6 * radius
+    yy, xx = np.meshgrid(np.arange(img.shape[0]) - cy, np.arange(img.shape[1]) - cx, indexing="ij")
+    inner = np.hypot(yy, xx) < 0.6 * radius
     plateau = float(np.median(img[inner])) if inner.any() else float(img.max())
     return {
-        "center": (cy, cx), "radius": radius, "rms_px": rms,
-        "inlier_fraction": float(keep.mean()), "center_error_px": rms / math.sqrt(max(keep.sum() / 2, 1)),
+        "center": (cy, cx),
+        "radius": radius,
+        "rms_px": rms,
+        "inlier_fraction": float(keep.mean()),
+        "center_error_px": rms / math.sqrt(max(keep.sum() / 2, 1)),
         "edge_contrast": float(np.median(fall[keep]) / plateau) if plateau > 0 else 0.0,
     }

@@ -39,7 +39,8 @@ import math
 import numpy as np
 from scipy import fft, optimize
 
-from ..methods.icom import integrate_com, mirror_extend
+from ..errors import InvalidParameter
+from ..kernels.icom import integrate_com, mirror_extend
 from ..optics import detector_to_scan_frame
 
 #: The half turn is decided only when the ADF agreement is this significant. z is normalised
@@ -83,14 +84,16 @@ def rotation_from_com(com_y: np.ndarray, com_x: np.ndarray, step=(1.0, 1.0)) -> 
     """
     v_y, v_x = _clean(com_y), _clean(com_x)
     if v_y.shape != v_x.shape or v_y.ndim != 2 or min(v_y.shape) < 3:
-        raise ValueError(f"COM fields must be two 2-D arrays of the same shape ≥ 3×3, got {v_y.shape}, {v_x.shape}")
+        raise InvalidParameter(
+            f"COM fields must be two 2-D arrays of the same shape ≥ 3×3, got {v_y.shape}, {v_x.shape}"
+        )
     best, fractions = None, {}
     for flip in (False, True):
         basis = [_transverse(*detector_to_scan_frame(v_y, v_x, angle, flip), step) for angle in (0.0, 90.0)]
         m = np.array([[np.vdot(a, b).real for b in basis] for a in basis])
         evals, evecs = np.linalg.eigh(m)
         if evals[1] <= 0:
-            raise ValueError("the COM field is constant: no rotation can be estimated from it")
+            raise InvalidParameter("the COM field is constant: no rotation can be estimated from it")
         fractions[flip] = float(evals[0] / evals[1])
         c, s = evecs[:, 0]
         theta = _wrap90(math.degrees(math.atan2(s, c)))
@@ -161,7 +164,7 @@ def _tukey(n: int, frac: float = 0.25) -> np.ndarray:
     w = np.ones(n)
     m = max(1, int(frac * n / 2))
     ramp = 0.5 * (1 - np.cos(np.pi * (np.arange(m) + 0.5) / m))
-    w[:m], w[n - m:] = ramp, ramp[::-1]
+    w[:m], w[n - m :] = ramp, ramp[::-1]
     return w
 
 
@@ -225,9 +228,11 @@ class AlignedPower:
         f, qy, qx = self.sign, self.q_y, self.q_x
         # ∂φ_j/∂(pc, ps) = (qy·k_y + f·qx·k_x, f·qy·k_x − qx·k_y)
         da = (1j * (qy * s_y + f * qx * s_x), 1j * (f * qy * s_x - qx * s_y))
-        d2a = {(0, 0): -(qy**2 * s_yy + 2 * f * qy * qx * s_yx + qx**2 * s_xx),
-               (1, 1): -(qy**2 * s_xx - 2 * f * qy * qx * s_yx + qx**2 * s_yy),
-               (0, 1): -(f * (qy**2 - qx**2) * s_yx + qy * qx * (s_xx - s_yy))}
+        d2a = {
+            (0, 0): -(qy**2 * s_yy + 2 * f * qy * qx * s_yx + qx**2 * s_xx),
+            (1, 1): -(qy**2 * s_xx - 2 * f * qy * qx * s_yx + qx**2 * s_yy),
+            (0, 1): -(f * (qy**2 - qx**2) * s_yx + qy * qx * (s_xx - s_yy)),
+        }
         ca = np.conj(a)
         power = float(np.sum(np.abs(a) ** 2))
         grad = np.array([2 * float(np.sum((ca * x).real)) for x in da])
@@ -257,13 +262,21 @@ class AlignedPower:
                 last[key] = (-q / p, -g * scale / p, -h * scale**2 / p)
             return last[key]
 
-        res = optimize.minimize(lambda u: at(u)[:2], u0, jac=True, hess=lambda u: at(u)[2], method="trust-exact",
-                                options={"gtol": gtol})
+        res = optimize.minimize(
+            lambda u: at(u)[:2], u0, jac=True, hess=lambda u: at(u)[2], method="trust-exact", options={"gtol": gtol}
+        )
         return res.x * scale
 
 
-def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.ndarray, step, wavelength: float,
-             iterations: int = 3) -> dict:
+def parallax(
+    dense: np.ndarray,
+    k_y: np.ndarray,
+    k_x: np.ndarray,
+    inside: np.ndarray,
+    step,
+    wavelength: float,
+    iterations: int = 3,
+) -> dict:
     """Parallax of bright-field images: M, hence flip, θ (mod 180°) and |C10| (defocused data).
 
     ``dense`` (ny, nx, n, n) counts; ``k_y, k_x`` (n,) detector-frame frequencies of its pixels
@@ -278,7 +291,7 @@ def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.nda
     ny, nx = dense.shape[:2]
     step = np.asarray(step, dtype=np.float64)
     if np.count_nonzero(inside) < 4:
-        raise ValueError("parallax needs at least 4 bright-field pixels")
+        raise InvalidParameter("parallax needs at least 4 bright-field pixels")
     iy, ix, spec = bf_images(dense, inside)
     window = lattice_window(np.mean(np.abs(spec) ** 2, axis=0))
     k = np.stack([k_y[iy], k_x[ix]], axis=1)
@@ -322,8 +335,12 @@ def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.nda
     # average (a quarter of the pixels refines θ worse than a quarter of the information
     # predicts) but, from 3 degrees of freedom, heavy-tailed: over benchmarks/calibration_grid.py
     # --seeds 1, half of it left rms(error/σ) = 1.36 and 2 of 33 cases beyond 3σ
-    groups = [refined(np.array([pc, ps]), (iy % 2 == a) & (ix % 2 == b))
-              for a in (0, 1) for b in (0, 1) if np.count_nonzero((iy % 2 == a) & (ix % 2 == b)) >= 2]
+    groups = [
+        refined(np.array([pc, ps]), (iy % 2 == a) & (ix % 2 == b))
+        for a in (0, 1)
+        for b in (0, 1)
+        if np.count_nonzero((iy % 2 == a) & (ix % 2 == b)) >= 2
+    ]
     sigma = None  # unknown: a group that would leave the neighbourhood, or fewer than 3 groups
     if len(groups) >= 3 and all(g is not None for g in groups):
         spread = np.array([_wrap180(math.degrees(math.atan2(g[1], g[0]) - math.atan2(ps, pc))) for g in groups])
@@ -337,10 +354,15 @@ def parallax(dense: np.ndarray, k_y: np.ndarray, k_x: np.ndarray, inside: np.nda
     gain = float(np.sum(np.abs(tcbf[ac]) ** 2) / max(np.sum(np.abs(unaligned[ac]) ** 2), 1e-300))
     rms = float(np.sqrt(np.mean(np.sum((shifts - fit) ** 2, axis=1))))
     return {
-        "flip": flip, "rotation_deg": _wrap180(math.degrees(math.atan2(ps, pc))), "c10_abs_a": size / wavelength,
-        "matrix": m.tolist(), "similarity_error": float(np.linalg.norm(m - nearest) / max(np.linalg.norm(nearest), 1e-30)),
-        "fit_rms_a": rms, "rotation_sigma_deg": sigma,
-        "max_shift_a": size * float(np.hypot(k[:, 0], k[:, 1]).max()), "window_px": float(window),
+        "flip": flip,
+        "rotation_deg": _wrap180(math.degrees(math.atan2(ps, pc))),
+        "c10_abs_a": size / wavelength,
+        "matrix": m.tolist(),
+        "similarity_error": float(np.linalg.norm(m - nearest) / max(np.linalg.norm(nearest), 1e-30)),
+        "fit_rms_a": rms,
+        "rotation_sigma_deg": sigma,
+        "max_shift_a": size * float(np.hypot(k[:, 0], k[:, 1]).max()),
+        "window_px": float(window),
         "alignment_gain": gain,
     }
 

@@ -14,12 +14,11 @@ import math
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 
+from ..errors import InvalidParameter
 from ..store import check_shape
-
-#: Bytes read per call when streaming a file through SHA-256.
-_HASH_PIECE = 1 << 24
 
 #: The optics every store needs (:class:`~stemdask.optics.Calibration` field names and units:
 #: eV, Å, mrad, mrad per pixel). Each comes from the source's metadata, the caller, or an
@@ -29,7 +28,7 @@ OPTICS_FIELDS = ("energy_ev", "scan_step_a", "semiangle_mrad", "detector_pixel_m
 OPTICS_NAMES = (*OPTICS_FIELDS, "energy_kev")
 
 
-class SourceError(ValueError):
+class SourceError(InvalidParameter):
     """An input file is unreadable, malformed, or disagrees with what the caller said.
 
     The message always starts with the file's path.
@@ -37,12 +36,45 @@ class SourceError(ValueError):
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a file, streamed in 16 MiB pieces (never the whole file in memory)."""
-    h = hashlib.sha256()
+    """SHA-256 (hex) of a file, streamed (:func:`hashlib.file_digest`; never the whole file in memory)."""
     with open(path, "rb") as f:
-        while piece := f.read(_HASH_PIECE):
-            h.update(piece)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def open_h5(path) -> h5py.File:
+    """Open an HDF5 file read-only; an unreadable/truncated/corrupt file → SourceError naming it.
+
+    Files whose data live partly in other files — external links, virtual datasets, external
+    raw storage — are refused: the source checksum covers only this file, so such data could
+    change unnoticed (and a link can point anywhere). Copy them in first (``h5repack``)."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise SourceError(f"{path}: not a readable HDF5 file ({e})") from None
+    try:
+        _refuse_outside_data(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _refuse_outside_data(group: h5py.Group, path) -> None:
+    for name in group:
+        link = group.get(name, getlink=True)
+        where = f"{group.name.rstrip('/')}/{name}"
+        if isinstance(link, h5py.ExternalLink):
+            raise SourceError(f"{path}: {where} is an external link to {link.filename}:{link.path}; data outside "
+                              f"the file are not covered by its checksum — copy them in first (h5repack)")
+        if isinstance(link, h5py.SoftLink):
+            continue  # points inside this file: checked where it points
+        obj = group[name]
+        if isinstance(obj, h5py.Group):
+            _refuse_outside_data(obj, path)
+        elif isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
+            kind = "a virtual dataset" if obj.is_virtual else "stored in external files"
+            raise SourceError(f"{path}: dataset {where} is {kind}; data outside the file are not covered by "
+                              f"its checksum — copy them in first (h5repack)")
 
 
 def as_shape(name: str, value, path) -> tuple[int, int] | None:

@@ -4,7 +4,8 @@
 
 Scan and detector shape come from the arguments or from ``scan_shape`` / ``detector_shape``
 arrays in the npz (both given → they must agree). Optics: small arrays named as
-:data:`~stemdask.io.common.OPTICS_NAMES` (``energy_ev``, ``scan_step_a``, …), if present. ``offsets`` is loaded (8 bytes per
+:data:`~stemdask.io.common.OPTICS_NAMES` (``energy_ev``, ``scan_step_a``, …), if present.
+``offsets`` is loaded (8 bytes per
 position); ``indices`` is memory-mapped (see :mod:`stemdask.io.npzfile`), so a row block
 reads only its own slice.
 """
@@ -37,7 +38,9 @@ class CSRSource(Source):
         if missing:
             raise SourceError(f"{path}: CSR .npz needs arrays 'indices' and 'offsets'; missing {sorted(missing)}")
         recorded = {k: as_shape(k, self.npz.small(k), path) for k in ("scan_shape", "detector_shape") if k in self.npz}
-        self.scan_shape = agree("scan_shape", as_shape("scan_shape", scan_shape, path), recorded.get("scan_shape"), path)
+        self.scan_shape = agree(
+            "scan_shape", as_shape("scan_shape", scan_shape, path), recorded.get("scan_shape"), path
+        )
         self.detector_shape = agree(
             "detector_shape", as_shape("detector_shape", detector_shape, path), recorded.get("detector_shape"), path
         )

@@ -51,10 +51,10 @@ from .common import (
     SourceError,
     agree,
     as_shape,
+    open_h5,
     optics_from_mapping,
 )
 from .merlin import MerlinError, MibFile
-from .stempy import open_h5
 
 #: Largest piece of frames read at once (bytes).
 PIECE_BYTES = 64 << 20

@@ -5,11 +5,12 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from .common import Source, SourceError
+from ..errors import InvalidParameter
+from .common import Source, SourceError, open_h5
 from .csr import CSRSource
 from .dense import DenseSource, rsciio_plugin, split_h5_path
 from .npzfile import NpzArrays
-from .stempy import GROUP, StempySource, open_h5
+from .stempy import GROUP, StempySource
 from .timestamped import FIELDS, TimestampedSource
 
 READERS = {
@@ -47,7 +48,9 @@ def sniff_format(spec) -> str:
             return "csr"
         if set(FIELDS) <= keys:
             return "events"
-        raise SourceError(f"{path}: .npz has neither indices+offsets (CSR) nor index+toa_ns (event list): {sorted(keys)}")
+        raise SourceError(
+            f"{path}: .npz has neither indices+offsets (CSR) nor index+toa_ns (event list): {sorted(keys)}"
+        )
     with open(path, "rb") as f:
         magic = f.read(len(_HDF5_MAGIC))
     if magic == _HDF5_MAGIC or suffix in (".h5", ".hdf5", ".hdf", ".emd", ".nxs"):
@@ -65,11 +68,12 @@ def sniff_format(spec) -> str:
 def open_source(spec, format: str = "auto", **options) -> Source:
     """Open ``spec`` as an ingest source.
 
-    ``options``: ``scan_shape``, ``detector_shape``, ``mode``, ``threshold``, ``encoding``, ``dwell_ns``, ``frames_range``,
+    ``options``: ``scan_shape``, ``detector_shape``, ``mode``, ``threshold``, ``encoding``, ``dwell_ns``,
+    ``frames_range``,
     ``scratch`` (folder for decompressed npz members) — each reader takes what it uses.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; one of {FORMATS}")
+        raise InvalidParameter(f"unknown format {format!r}; one of {FORMATS}")
     path = split_h5_path(spec)[0]
     if path.is_file() and path.stat().st_size == 0:
         raise SourceError(f"{path}: is empty (0 bytes)")
@@ -82,8 +86,10 @@ def open_source(spec, format: str = "auto", **options) -> Source:
     if fmt not in ("dense", "mib") and "frames_range" in used:
         raise SourceError(f"{spec}: frames_range applies to dense frame stacks only, not to {fmt} input")
     if fmt not in ("dense", "mib") and used.get("encoding", "auto") == "weighted":
-        raise SourceError(f"{spec}: encoding 'weighted' (a count per pixel) applies to dense frames only; "
-                          f"{fmt} input has one entry per electron")
+        raise SourceError(
+            f"{spec}: encoding 'weighted' (a count per pixel) applies to dense frames only; "
+            f"{fmt} input has one entry per electron"
+        )
     if fmt != "events" and "dwell_ns" in used:
         raise SourceError(f"{spec}: dwell_ns applies to time-stamped event lists only, not to {fmt} input")
     return READERS[fmt](spec, format=fmt, **used)

@@ -6,7 +6,8 @@ always leaves one marked incomplete: refuse an existing output (unless ``overwri
 (:class:`stemdask.outputs.OutputSlot`); open and check the source (shapes, indices layout);
 settle the optics (:func:`resolve_optics`: refuse, before any store is created, when the
 source and the caller leave one unknown); stream the source through SHA-256; create the
-store (provenance already holds the source's checksum and the ingest parameters); run the block jobs (each reads only its rows and
+store (provenance already holds the source's checksum and the ingest parameters); run the
+block jobs (each reads only its rows and
 writes with :meth:`EventStore.write_block`, idempotent, commit mark last); finalize.
 """
 
@@ -20,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..errors import InvalidParameter
 from ..optics import Calibration
 from ..outputs import SCRATCH_PREFIX, OutputSlot, run_tag
-from ..parallel import run_jobs
+from ..progress import run_jobs
 from ..store import (
     FORMAT_NAME,
     CorruptStoreError,
@@ -56,8 +58,10 @@ class MissingOpticsError(SourceError):
         self.missing = list(missing)
         what = ", ".join(OPTICS_FLAGS[m][0] for m in self.missing)
         flags = " ".join(OPTICS_FLAGS[m][1] for m in self.missing)
-        super().__init__(f"{path}: the source does not record the {what}; give {flags} "
-                         "or --assume-defaults (300 keV, 1 Å, 1 mrad/px, semi-angle unknown; recorded as assumed)")
+        super().__init__(
+            f"{path}: the source does not record the {what}; give {flags} "
+            "or --assume-defaults (300 keV, 1 Å, 1 mrad/px, semi-angle unknown; recorded as assumed)"
+        )
 
 
 def resolve_optics(given: dict, recorded: dict, assume_defaults: bool, path) -> dict:
@@ -103,7 +107,7 @@ def _calibration(overrides: dict | None) -> Calibration:
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(_CALIBRATION_KEYS)
     if unknown:
-        raise ValueError(f"unknown calibration fields {sorted(unknown)}; known: {_CALIBRATION_KEYS}")
+        raise InvalidParameter(f"unknown calibration fields {sorted(unknown)}; known: {_CALIBRATION_KEYS}")
     return Calibration(**overrides)  # raises ValueError naming a negative / NaN field
 
 
@@ -187,33 +191,34 @@ def ingest(
     """
     out = Path(out)
     if overwrite and resume:
-        raise ValueError("choose one of overwrite (start again) and resume (finish an interrupted ingest)")
+        raise InvalidParameter("choose one of overwrite (start again) and resume (finish an interrupted ingest)")
     if out.exists() and not (overwrite or resume):
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it, --resume to finish it)")
     given = dict(calibration or {})
     _calibration(given)  # unknown / negative / NaN fields: refused before reading anything
-    parent = out.resolve().parent
-    new_dirs = [p for p in (parent, *parent.parents) if not p.exists()]
-    try:
-        return _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_per_block, given,
-                               threshold, dwell_ns, frames_range, encoding, overwrite, resume, progress,
-                               assume_defaults)
-    except MissingOpticsError:
-        for d in new_dirs:  # leave nothing behind, not even the output's folder
-            if d.exists() and not any(d.iterdir()):
-                d.rmdir()
-        raise
+    return _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_per_block, given,
+                           threshold, dwell_ns, frames_range, encoding, overwrite, resume, progress, assume_defaults)
 
 
 def _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_per_block, given, threshold,
                     dwell_ns, frames_range, encoding, overwrite, resume, progress, assume_defaults) -> EventStore:
-    with OutputSlot(out, kind=FORMAT_NAME, overwrite=overwrite, inputs=[str(input).split(":/")[0]],
-                    in_place=True) as slot:
+    with OutputSlot(
+        out, kind=FORMAT_NAME, overwrite=overwrite, inputs=[str(input).split(":/")[0]], in_place=True
+    ) as slot:
         scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}-{run_tag()}-", dir=out.resolve().parent))
         try:
-            with open_source(input, format, mode=mode, scan_shape=scan_shape, detector_shape=detector_shape,
-                             threshold=threshold, dwell_ns=dwell_ns, frames_range=frames_range,
-                             encoding=encoding, scratch=scratch) as src:
+            with open_source(
+                input,
+                format,
+                mode=mode,
+                scan_shape=scan_shape,
+                detector_shape=detector_shape,
+                threshold=threshold,
+                dwell_ns=dwell_ns,
+                frames_range=frames_range,
+                encoding=encoding,
+                scratch=scratch,
+            ) as src:
                 resuming = resume and out.exists()
                 if not resuming:
                     cal = _calibration(resolve_optics(given, src.optics(), assume_defaults, src.path))
@@ -223,24 +228,37 @@ def _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_p
                     _check_resumable(store, prov, rows_per_block)
                     if given:
                         old = store.calibration
-                        origins = {**old.origins, **{k: "command line" for k in given if k != "origins"},
-                                   **given.get("origins", {})}
+                        origins = {
+                            **old.origins,
+                            **{k: "command line" for k in given if k != "origins"},
+                            **given.get("origins", {}),
+                        }
                         store.set_calibration(old.replace(**{**given, "origins": origins}))
                     if store.complete:
                         return store
                     todo = np.flatnonzero(~store.committed_blocks())
                 else:
-                    store = create_store(slot.target, src.scan_shape, src.detector_shape, cal,
-                                         rows_per_block=rows_per_block, has_toa=src.has_toa, provenance=prov,
-                                         encoding=src.encoding, weight_dtype=src.weight_dtype or "uint16",
-                                         bytes_per_position=src.bytes_per_position)
+                    store = create_store(
+                        slot.target,
+                        src.scan_shape,
+                        src.detector_shape,
+                        cal,
+                        rows_per_block=rows_per_block,
+                        has_toa=src.has_toa,
+                        provenance=prov,
+                        encoding=src.encoding,
+                        weight_dtype=src.weight_dtype or "uint16",
+                        bytes_per_position=src.bytes_per_position,
+                    )
                     todo = np.arange(store.n_blocks)
                 _run(store, src, todo, progress, replacing=slot.out if slot.target != slot.out else None)
                 stored = store.n_events
                 source_events = src.count_events() if src.cheap_count else stored
                 if source_events != stored:
-                    raise CorruptStoreError(f"{store.path}: source {src.path} holds {source_events} events, "
-                                            f"{stored} were stored; the store stays incomplete")
+                    raise CorruptStoreError(
+                        f"{store.path}: source {src.path} holds {source_events} events, "
+                        f"{stored} were stored; the store stays incomplete"
+                    )
                 store.finalize(source_events=source_events)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -250,6 +268,7 @@ def _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_p
 def _run(store: EventStore, src: Source, todo, progress: bool, replacing: Path | None = None) -> None:
     """Write blocks ``todo``; a failure's message says what is left: an incomplete store to
     resume, or (``replacing`` an existing store) the old store untouched."""
+
     def job(b: int) -> int:
         r0, r1 = store.block_rows(b)
         return store.write_block(b, *src.read_rows(r0, r1))
@@ -289,17 +308,24 @@ def check_against_source(store, source=None) -> tuple[list[str], dict]:
         raise StoreError(f"{store.path}: records no source file; pass it")
     if params.get("dataset"):
         spec = f"{spec}:{params['dataset']}"
-    opts = {k: params.get(k) for k in ("scan_shape", "detector_shape", "mode", "threshold", "dwell_ns",
-                                       "frames_range")}
-    with tempfile.TemporaryDirectory(prefix=".stemdask-validate-") as scratch, \
-            open_source(spec, params.get("format", "auto"), scratch=scratch, **opts) as src:
+    opts = {k: params.get(k) for k in ("scan_shape", "detector_shape", "mode", "threshold", "dwell_ns", "frames_range")}
+    with (
+        tempfile.TemporaryDirectory(prefix=".stemdask-validate-") as scratch,
+        open_source(spec, params.get("format", "auto"), scratch=scratch, **opts) as src,
+    ):
         sha = file_sha256(src.path)
         total = src.count_events()
     problems, stored = store.check(source_checksum=sha)
     if not problems and total != stored:
         problems.append(f"{store.path}: source {spec} holds {total} events, the store {stored}")
-    summary = {"n_events": stored, "blocks": store.n_blocks, "ok": not problems, "source": str(spec),
-               "source_sha256": sha, "source_events": total}
+    summary = {
+        "n_events": stored,
+        "blocks": store.n_blocks,
+        "ok": not problems,
+        "source": str(spec),
+        "source_sha256": sha,
+        "source_events": total,
+    }
     return problems, summary
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from ..errors import InvalidParameter
+
 #: Bytes of the ``MPX,<10 digits>,`` prefix of every message on the data socket.
 MPX_PREFIX_BYTES = 15
 #: Bytes per pixel of processed data, by pixel type.
@@ -48,7 +50,7 @@ RAW_BITS = {1: 1, 6: 8, 12: 16}
 CHIP = 256
 
 
-class MerlinError(ValueError):
+class MerlinError(InvalidParameter):
     """Merlin bytes that cannot be parsed, or headers that disagree; the message names the source."""
 
 
@@ -236,7 +238,7 @@ def decode_frames(data: np.ndarray, header: FrameHeader) -> np.ndarray:
     """
     data = np.asarray(data)
     if data.ndim != 2 or data.shape[1] != header.data_bytes or data.dtype != np.uint8:
-        raise ValueError(f"expected (m, {header.data_bytes}) uint8 pixel data, got {data.dtype} {data.shape}")
+        raise InvalidParameter(f"expected (m, {header.data_bytes}) uint8 pixel data, got {data.dtype} {data.shape}")
     m = data.shape[0]
     if header.pixel_type == "U08":
         return data.reshape((m,) + header.shape)
@@ -374,8 +376,9 @@ class MibFile:
         for i in (0, len(msgs) - 1) if len(msgs) else ():
             got = parse_frame_header(bytes(msgs[i, :768]), f"{self.path}: frame {a + i + 1}")
             if not got.same_format(self.header):
-                raise MerlinError(f"{self.path}: frame {a + i + 1} is {got.describe()}, frame 1 {self.header.describe()}")
+                raise MerlinError(f"{self.path}: frame {a + i + 1} is {got.describe()}, "
+                                  f"frame 1 {self.header.describe()}")
 
     def decode(self, a: int, b: int) -> np.ndarray:
         """Frames ``[a, b)`` decoded, store orientation, without :meth:`check` (the caller did)."""
-        return to_store_orientation(decode_frames(self._raw[a:max(a, b), self.header.header_bytes:], self.header))
+        return to_store_orientation(decode_frames(self._raw[a : max(a, b), self.header.header_bytes :], self.header))

@@ -40,47 +40,12 @@ from .common import (
     SourceError,
     as_shape,
     check_indices,
+    open_h5,
     optics_from_mapping,
 )
 
 GROUP = "electron_events"
 SUPPORTED_VERSIONS = (1, 2, 3)
-
-
-def open_h5(path) -> h5py.File:
-    """Open an HDF5 file read-only; an unreadable/truncated/corrupt file → SourceError naming it.
-
-    Files whose data live partly in other files — external links, virtual datasets, external
-    raw storage — are refused: the source checksum covers only this file, so such data could
-    change unnoticed (and a link can point anywhere). Copy them in first (``h5repack``)."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise SourceError(f"{path}: not a readable HDF5 file ({e})") from None
-    try:
-        _refuse_outside_data(f, path)
-    except BaseException:
-        f.close()
-        raise
-    return f
-
-
-def _refuse_outside_data(group: h5py.Group, path) -> None:
-    for name in group:
-        link = group.get(name, getlink=True)
-        where = f"{group.name.rstrip('/')}/{name}"
-        if isinstance(link, h5py.ExternalLink):
-            raise SourceError(f"{path}: {where} is an external link to {link.filename}:{link.path}; data outside "
-                              f"the file are not covered by its checksum — copy them in first (h5repack)")
-        if isinstance(link, h5py.SoftLink):
-            continue  # points inside this file: checked where it points
-        obj = group[name]
-        if isinstance(obj, h5py.Group):
-            _refuse_outside_data(obj, path)
-        elif isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
-            kind = "a virtual dataset" if obj.is_virtual else "stored in external files"
-            raise SourceError(f"{path}: dataset {where} is {kind}; data outside the file are not covered by "
-                              f"its checksum — copy them in first (h5repack)")
 
 
 class StempySource(Source):

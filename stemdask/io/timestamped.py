@@ -28,10 +28,10 @@ from .common import (
     agree,
     as_shape,
     check_indices,
+    open_h5,
     optics_from_mapping,
 )
 from .npzfile import NpzArrays
-from .stempy import open_h5
 
 FIELDS = ("index", "toa_ns")
 

@@ -1,6 +1,26 @@
-"""Numba kernels of live riCOM: the kernel scatter and the centre of mass of dense frames.
+"""riCOM kernels (Yu et al. 2022): the kernel, its response, batch correlation, and the numba
+scatter of live riCOM.
 
-(The COM of event lists is :func:`stemdask.kernels.events.center_of_mass`.)
+Units and conventions (the same for batch and live riCOM, :mod:`stemdask.live`):
+
+* Input: the COM field in the **scan frame** (rotation/flip already applied) in **Å⁻¹**;
+  for a thin object COM = ∇φ / 2π (φ in rad, r in Å).
+* Kernel (paper eq. 4): for the offset ``s = r − r_p`` (Å) from the output position ``r_p``
+  to a contributing position ``r``, ``k(s) = a_y·a_x · (r_p − r) / |r_p − r|²`` (Å; ``a`` the
+  scan steps), full width ``n`` (odd) scan pixels, ``k(0) = 0``. riCOM is the
+  cross-correlation ``I(r_p) = Σ_s k(s)·COM(r_p + s)``, with zero COM beyond the scan. An
+  infinite kernel is the exact inverse of the gradient (the 2-D Green's function:
+  φ(r_p) = ∫ (r_p − r)/|r_p − r|² · ∇φ(r)/2π d²r), so riCOM is in **rad** and equals the
+  phase at high spatial frequencies; a finite kernel suppresses low frequencies, as paper
+  eq. 6–7 describe (:func:`ricom_transfer` gives the exact response). The paper's kernel
+  carries a/2π instead of a² because its COM has other units; the shape is the same.
+* Band-pass (paper eq. 8–9): ``kmin``, ``kmax`` are spatial frequencies in **Å⁻¹** (cycles per
+  Å; in cycles per scan pixel multiply by the step). The hard mask
+  ``kmin ≤ |q| ≤ kmax`` is applied to the kernel on a frequency grid the size of the scan
+  (``grid_shape``, at least n), and the filtered kernel is cut back to n × n around its
+  centre — so the cut-off becomes a slope, as the paper notes.
+
+Live riCOM (numba; the COM of event lists is :func:`stemdask.kernels.events.center_of_mass`):
 
 * A pixel's coordinate is its index along each axis (pixel centres), so the centre of mass
   (COM) of a frame is ``Σ I·(k_y, k_x) / Σ I`` minus the reference ``(ref_y, ref_x)`` (px),
@@ -17,8 +37,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
+import scipy.fft
+import scipy.signal
+
+from ..errors import InvalidParameter
+from .icom import scan_steps, spectral_grid
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -94,3 +121,88 @@ def accumulator_zero(dtype):
     if dtype.kind == "b" or (dtype.kind in "ui" and dtype.itemsize <= 4):
         return np.int64(0)
     return np.float64(0.0)
+
+
+def ricom_kernel(
+    n: int,
+    step_a=1.0,
+    kmin: float | None = None,
+    kmax: float | None = None,
+    grid_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The riCOM kernel (2, n, n) float64: components (k_y, k_x) in Å, index ``h = n // 2`` at s = 0.
+
+    ``step_a``: scan step (Å), a number or (y, x). ``kmin``, ``kmax``: optional band-pass
+    (Å⁻¹, see module docstring) applied on a ``grid_shape`` frequency grid (default n × n;
+    pass the scan shape, as the paper does).
+    """
+    if isinstance(n, bool) or int(n) != n or n < 3 or n % 2 == 0:
+        raise InvalidParameter(f"riCOM kernel size must be an odd integer ≥ 3 (full width in scan pixels), got {n!r}")
+    n = int(n)
+    ay, ax = scan_steps(step_a)
+    h = n // 2
+    sy = (np.arange(n) - h)[:, None] * ay
+    sx = (np.arange(n) - h)[None, :] * ax
+    r2 = sy**2 + sx**2
+    r2[h, h] = np.inf
+    kernel = -ay * ax * np.stack(np.broadcast_arrays(sy / r2, sx / r2))
+    if kmin is None and kmax is None:
+        return kernel
+    return _band_pass(kernel, (ay, ax), kmin, kmax, grid_shape)
+
+
+def _band_pass(kernel, step, kmin, kmax, grid_shape):
+    """Paper eq. 8–9: convolve the kernel with the filter F⁻¹{kmin ≤ |q| ≤ kmax}, keep n × n."""
+    kmin = 0.0 if kmin is None else float(kmin)
+    kmax = math.inf if kmax is None else float(kmax)
+    if not (kmin >= 0 and kmax > kmin) or math.isnan(kmax):
+        raise InvalidParameter(f"band-pass needs 0 ≤ kmin < kmax (Å⁻¹), got kmin={kmin}, kmax={kmax}")
+    n = kernel.shape[-1]
+    h = n // 2
+    grid = (n, n) if grid_shape is None else tuple(max(int(g), n) for g in grid_shape)
+    padded = np.zeros((2,) + grid)
+    padded[:, :n, :n] = kernel
+    padded = np.roll(padded, (-h, -h), axis=(1, 2))  # s = 0 at grid index (0, 0)
+    q = np.sqrt(spectral_grid(grid, step)[2])
+    mask = (q >= kmin) & (q <= kmax)
+    filtered = scipy.fft.irfft2(scipy.fft.rfft2(padded) * mask, s=grid)
+    return np.roll(filtered, (h, h), axis=(1, 2))[:, :n, :n].copy()
+
+
+def ricom_transfer(kernel: np.ndarray, shape: tuple[int, int], step_a=1.0) -> np.ndarray:
+    """Exact phase transfer H(q) of riCOM with ``kernel`` on a periodic ``shape`` scan.
+
+    For φ = exp(2πi q·r), COM = i q φ and riCOM = H(q)·φ with
+    H(q) = i Σ_s (q · k(s)) exp(2πi q·s) (real for an odd kernel). Returned in numpy FFT
+    layout (``fftfreq(shape[i], step)``), float64; H → 1 for |q| ≫ 1/(n·a), H(0) = 0.
+    """
+    ay, ax = scan_steps(step_a)
+    n = kernel.shape[-1]
+    h = n // 2
+    if shape[0] < n or shape[1] < n:
+        raise InvalidParameter(f"transfer grid {shape} is smaller than the kernel ({n} × {n})")
+    padded = np.zeros((2,) + tuple(shape))
+    padded[:, :n, :n] = kernel
+    padded = np.roll(padded, (-h, -h), axis=(1, 2))
+    kt = np.fft.ifft2(padded) * (shape[0] * shape[1])  # Σ_s k(s) exp(+2πi q·s)
+    qy = np.fft.fftfreq(shape[0], d=ay)[:, None]
+    qx = np.fft.fftfreq(shape[1], d=ax)[None, :]
+    return (1j * (qy * kt[0] + qx * kt[1])).real
+
+
+def line_integral_weight(m, n: int, size: int):
+    """Paper eq. 7: N/(2πm)·[1 − cos((n − 1)/2 · 2πm/N)], the line-integration estimate of the
+    kernel's weight at frequency index ``m`` of an ``size``-pixel (N) image, kernel width n."""
+    m = np.asarray(m, dtype=float)
+    return size / (2 * np.pi * m) * (1 - np.cos((n - 1) / 2 * 2 * np.pi * m / size))
+
+
+def correlate_zero_padded(com_y: np.ndarray, com_x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """riCOM of one 2-D COM block: ``Σ_s k(s)·COM(p + s)``, COM zero outside the block.
+
+    A linear (not circular) FFT convolution with the flipped kernel
+    (:func:`scipy.signal.fftconvolve`, ``mode="same"``), float64 out, the block's shape.
+    """
+    stacked = np.stack([np.asarray(com_y, dtype=np.float64), np.asarray(com_x, dtype=np.float64)])
+    flipped = kernel[:, ::-1, ::-1]  # correlation = convolution with the flipped kernel
+    return scipy.signal.fftconvolve(stacked, flipped, mode="same", axes=(1, 2)).sum(axis=0)

@@ -1,54 +1,43 @@
-"""Reconstruction methods behind ``stemdask reconstruct --method NAME``.
+"""Reconstruction methods: one module per method, named as the method.
 
-Each method module registers itself with :func:`register`: a name, its own CLI options and a
-``run(dataset, args) -> xarray.Dataset`` that builds a *lazy* result from a
-:class:`stemdask.events.EventDataset`. Several methods in one call share one read of the
-events because their graphs share the per-block read tasks.
+Each module has the method's science functions and a typed entry point
+
+    run(ds: EventDataset, *, option=default, ...) -> xarray.Dataset
+
+that builds the method's *lazy* result from an :class:`~stemdask.events.EventDataset`. Its
+keyword-only parameters are the method's options; the docstring's ``Parameters`` section
+states each one's meaning and units. ``stemdask reconstruct`` builds its command-line
+options from these signatures (:mod:`stemdask.cli.method_options`), and
+:func:`stemdask.reconstruct.reconstruct` runs several methods in one pass over the events
+(their graphs share the per-block read tasks).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import importlib
-from typing import Callable
+from typing import Annotated, Callable
 
-METHODS: dict[str, "Method"] = {}
-
-#: Modules that register methods; imported by :func:`load_methods`.
-METHOD_MODULES = [
-    "stemdask.methods.reductions",  # virtual, com
-    "stemdask.methods.ssb",  # ssb
-    "stemdask.methods.integration",  # icom, dpc, ricom
-]
+from ..errors import InvalidParameter
 
 
-@dataclasses.dataclass
-class Method:
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable
+class Positive:
+    """Marks an option that must be > 0 (the command line refuses others while parsing)."""
 
 
-def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None):
-    """Decorator: register ``run(dataset, args)`` as method ``name``."""
+PositiveFloat = Annotated[float, Positive]
+PositiveInt = Annotated[int, Positive]
 
-    def deco(run):
-        METHODS[name] = Method(name, help, add_arguments or (lambda p: None), run)
-        return run
-
-    return deco
+#: The methods, in the order results list them.
+NAMES = ("virtual", "com", "icom", "dpc", "ricom", "ssb")
 
 
-def add_option(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
-    """``parser.add_argument`` that tolerates an option another method already added."""
-    if any(f in parser._option_string_actions for f in flags):
-        return
-    parser.add_argument(*flags, **kwargs)
+def runner(name: str) -> Callable:
+    """The ``run`` function of method ``name`` (its module is imported on first use)."""
+    if name not in NAMES:
+        raise InvalidParameter(f"unknown method {name!r}; choose from {', '.join(NAMES)}")
+    return importlib.import_module(f"{__name__}.{name}").run
 
 
-def load_methods() -> dict[str, Method]:
-    for mod in METHOD_MODULES:
-        importlib.import_module(mod)
-    return METHODS
+def summary(name: str) -> str:
+    """The first line of method ``name``'s ``run`` docstring: what it computes."""
+    return (runner(name).__doc__ or "").strip().splitlines()[0].rstrip(".")

@@ -54,24 +54,26 @@ underfocus (abTEM ``defocus`` = −C10). Positive projected potential gives posi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 import sys
 import tempfile
 import warnings
+from typing import Literal
 
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ..errors import InvalidParameter, MissingExtra
+from ..events import EventDataset, scan_coordinates
 from ..kernels.ssb import chi_coefficients, ssb_partial, trotter_counts
-from ..kernels.ssb_gpu import array_module, ssb_partial_xp
+from ..kernels.ssb_broadcast import array_module, ssb_partial_xp
 from ..optics import Aberrations, Calibration, check_scan_step, detector_to_scan_frame
-from ..parallel import active_client
-from . import add_option, register
+from ..progress import active_client
+from . import PositiveFloat, PositiveInt
 
 #: Target size of one pixel chunk of G (bytes).
 G_CHUNK_BYTES = 64 * 2**20
@@ -147,14 +149,17 @@ def _spill_folder(nbytes: int) -> tempfile.TemporaryDirectory:
         os.makedirs(root, exist_ok=True)
     folder = tempfile.TemporaryDirectory(prefix="stemdask-ssb-", dir=root)
     client = active_client()
-    blind = [] if client is None else sorted(w for w, seen in client.run(os.path.isdir, folder.name).items() if not seen)
+    seen = {} if client is None else client.run(os.path.isdir, folder.name)
+    blind = sorted(w for w, sees in seen.items() if not sees)
     if blind:
         folder.cleanup()
         where = f"the scratch folder {root}" if root is not None else "this machine's temporary folder"
-        raise ValueError(f"SSB keeps G ({nbytes / 2**30:.2f} GiB, more than half the workers' memory) in a scratch store "
-                         f"under {where}, which {len(blind)} worker(s) cannot see ({', '.join(blind[:3])}"
-                         f"{' …' if len(blind) > 3 else ''}): give --scratch DIR on a filesystem every worker sees "
-                         f"(dask config {SCRATCH_CONFIG!r})")
+        raise InvalidParameter(
+            f"SSB keeps G ({nbytes / 2**30:.2f} GiB, more than half the workers' memory) in a scratch store "
+            f"under {where}, which {len(blind)} worker(s) cannot see ({', '.join(blind[:3])}"
+            f"{' …' if len(blind) > 3 else ''}): give --scratch DIR on a filesystem every worker sees "
+            f"(dask config {SCRATCH_CONFIG!r})"
+        )
     return folder
 
 
@@ -165,10 +170,12 @@ def _default_scratch_threshold() -> int:
         limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
         if limits and all(limits):
             return int(0.5 * sum(limits))
-    return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    from distributed.system import MEMORY_LIMIT  # this machine's memory, or its cgroup / rlimit limit
+
+    return int(0.5 * MEMORY_LIMIT)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class SSBResult:
     """The scan-FFT cube G of a dataset, and reductions of it (phase images).
 
@@ -203,6 +210,16 @@ class SSBResult:
     def scan_shape(self) -> tuple[int, int]:
         return (len(self.scan_coords[0]), len(self.scan_coords[1]))
 
+    def __repr__(self) -> str:
+        ny, nx = self.scan_shape
+        state = f"kept in {self.scratch}" if self.kept and self.scratch else "kept in memory" if self.kept else "lazy"
+        return (
+            f"<SSBResult G {ny}×{self.G.shape[1]}×{len(self.k_y)} (scan {ny}×{nx}, {len(self.k_y)} BF pixels, "
+            f"{self.G.nbytes / 2**20:.0f} MiB, {state}), "
+            f"semi-angle {self.k0 * self.calibration.wavelength_a * 1e3:.3g} mrad, {self.aberrations.label()}"
+            f"{', quantitative' if self.quantitative else ''}>"
+        )
+
     @property
     def phase(self) -> xr.DataArray:
         """The phase (rad) for the aberrations and weighting given to :func:`ssb`; lazy."""
@@ -231,8 +248,9 @@ class SSBResult:
             _, self.bf = dask.compute(host.to_zarr(os.fspath(path), overwrite=True, compute=False), self.bf)
             self.G = da.from_zarr(os.fspath(path))
             if self._tmp is not None:  # every graph built on G keeps the temporary directory alive
-                self.G = self.G.map_blocks(_held, _ScratchLease(self._tmp), dtype=self.G.dtype,
-                                           meta=np.empty((0, 0, 0), np.complex64))
+                self.G = self.G.map_blocks(
+                    _held, _ScratchLease(self._tmp), dtype=self.G.dtype, meta=np.empty((0, 0, 0), np.complex64)
+                )
             if xp is not np:  # pragma: no cover - GPU only: back onto the device chunk by chunk
                 self.G = self.G.map_blocks(xp.asarray, meta=xp.empty((0, 0, 0), np.complex64))
             self.scratch = path
@@ -241,8 +259,9 @@ class SSBResult:
         self.kept = True
         return self
 
-    def refocus(self, aberrations: Aberrations | dict | None = None, *, quantitative: bool | None = None,
-                **coefficients) -> xr.DataArray:
+    def refocus(
+        self, aberrations: Aberrations | dict | None = None, *, quantitative: bool | None = None, **coefficients
+    ) -> xr.DataArray:
         """Phase (rad) for other aberrations: only the trotter sums over the kept G rerun.
 
         ``aberrations``: an :class:`~stemdask.optics.Aberrations` or a dict of its fields
@@ -265,11 +284,14 @@ class SSBResult:
         """
         values = np.asarray(values, dtype=float)
         if field not in {f.name for f in dataclasses.fields(Aberrations)}:
-            raise ValueError(f"unknown aberration {field!r}; choose from {[f.name for f in dataclasses.fields(Aberrations)]}")
+            raise InvalidParameter(
+                f"unknown aberration {field!r}; choose from {[f.name for f in dataclasses.fields(Aberrations)]}"
+            )
         phases = [self.refocus(None, **{**fixed, field: float(v)}) for v in values]
-        unit = "deg" if field.startswith("phi") else "Å"
+        unit = "degree" if field.startswith("phi") else "angstrom"
         phase = xr.concat(phases, dim=field, combine_attrs="drop_conflicts").assign_coords(
-            {field: (field, values, {"units": unit, "long_name": f"aberration {field}"})})
+            {field: (field, values, {"units": unit, "long_name": f"aberration {field}"})}
+        )
         phase.attrs.pop(f"aberration_{field}", None)
         power = (phase.astype(np.float64) ** 2).sum(("scan_y", "scan_x"))
         power.attrs = {"units": "rad²", "long_name": "Σ phase² (focus criterion)"}
@@ -279,7 +301,8 @@ class SSBResult:
         """Trotter pixel count n_trotter(Q) (float64 (ny, nx//2+1)); lazy."""
         return da.from_delayed(
             dask.delayed(trotter_counts, pure=True)(self.k_y, self.k_x, self.q_y, self.q_x, self.k0),
-            shape=(len(self.q_y), len(self.q_x)), dtype=np.float64,
+            shape=(len(self.q_y), len(self.q_x)),
+            dtype=np.float64,
         )
 
     def _reduce(self, ab: Aberrations, quantitative: bool) -> xr.DataArray:
@@ -289,9 +312,21 @@ class SSBResult:
         k_y = da.from_array(self.k_y, chunks=(G.chunks[2],))
         k_x = da.from_array(self.k_x, chunks=(G.chunks[2],))
         parts = da.blockwise(
-            _partial_block, "pij", G, "ijp", k_y, "p", k_x, "p",
-            q_y=self.q_y, q_x=self.q_x, k0=self.k0, coef=coef,
-            adjust_chunks={"p": 1}, dtype=np.complex128, meta=_meta(G, 3, np.complex128),
+            _partial_block,
+            "pij",
+            G,
+            "ijp",
+            k_y,
+            "p",
+            k_x,
+            "p",
+            q_y=self.q_y,
+            q_x=self.q_x,
+            k0=self.k0,
+            coef=coef,
+            adjust_chunks={"p": 1},
+            dtype=np.complex128,
+            meta=_meta(G, 3, np.complex128),
             name="ssb-trotter-sum-" + dask.base.tokenize(G, k_y, k_x, self.q_y, self.q_x, self.k0, coef),
         )
         total = parts.sum(axis=0, split_every=8)
@@ -306,11 +341,17 @@ class SSBResult:
         else:
             spectrum = total / bf
         ny, nx = self.scan_shape
-        phase = spectrum.map_blocks(_irfft2, (ny, nx), chunks=((ny,), (nx,)), dtype=np.float32,
-                                   meta=_meta(spectrum, 2, np.float32), token="ssb-irfft2")
+        phase = spectrum.map_blocks(
+            _irfft2,
+            (ny, nx),
+            chunks=((ny,), (nx,)),
+            dtype=np.float32,
+            meta=_meta(spectrum, 2, np.float32),
+            token="ssb-irfft2",
+        )
         attrs = {
             "units": "rad",
-            "long_name": "SSB phase" + (" (quantitative)" if quantitative else ""),
+            "long_name": f"SSB phase ({ab.label()}" + (", quantitative)" if quantitative else ")"),
             "method": "ssb",
             "weighting": "quantitative" if quantitative else "snr",
             "semiangle_mrad": self.k0 * self.calibration.wavelength_a * 1e3,
@@ -318,11 +359,11 @@ class SSBResult:
             **{f"aberration_{k}": v for k, v in ab.to_dict().items()},
         }
         return xr.DataArray(
-            phase, dims=("scan_y", "scan_x"), name="phase", attrs=attrs,
-            coords={
-                "scan_y": ("scan_y", self.scan_coords[0], {"units": "Å", "long_name": "scan y"}),
-                "scan_x": ("scan_x", self.scan_coords[1], {"units": "Å", "long_name": "scan x"}),
-            },
+            phase,
+            dims=("scan_y", "scan_x"),
+            name="phase",
+            attrs=attrs,
+            coords=scan_coordinates(*self.scan_coords),
         )
 
     def g_at(self, q_y: float, q_x: float) -> np.ndarray:
@@ -371,8 +412,10 @@ def ssb(
     ``dense``'s own (Å). Under a distributed client the rechunk is a p2p shuffle.
     """
     if not isinstance(dense, xr.DataArray) or dense.dims != ("scan_y", "scan_x", "k_y", "k_x"):
-        raise ValueError("dense must be an xarray.DataArray with dims (scan_y, scan_x, k_y, k_x), "
-                         f"got {getattr(dense, 'dims', type(dense).__name__)}")
+        raise InvalidParameter(
+            "dense must be an xarray.DataArray with dims (scan_y, scan_x, k_y, k_x), "
+            f"got {getattr(dense, 'dims', type(dense).__name__)}"
+        )
     ny, nx, fy, fx = dense.shape
     data = dense.data if isinstance(dense.data, da.Array) else da.from_array(dense.data, chunks=-1)
     if len(data.chunks[1]) != 1 or len(data.chunks[2]) != 1 or len(data.chunks[3]) != 1:
@@ -384,8 +427,13 @@ def ssb(
     nxh = nx // 2 + 1
 
     rows = data.map_blocks(
-        select_and_rfft, pix_y, pix_x, drop_axis=3,
-        chunks=(data.chunks[0], (nxh,), (npix,)), dtype=np.complex64, meta=_meta(data, 3, np.complex64),
+        select_and_rfft,
+        pix_y,
+        pix_x,
+        drop_axis=3,
+        chunks=(data.chunks[0], (nxh,), (npix,)),
+        dtype=np.complex64,
+        meta=_meta(data, 3, np.complex64),
         token="ssb-rfft-x",
     )
     bytes_per_pixel = ny * nxh * 8
@@ -398,11 +446,20 @@ def ssb(
 
     # Σ_k G(k, Q=0): the mean bright-field counts per position (the normalisation).
     bf = rows[:, 0, :].real.astype(np.float64).sum(axis=1).mean()
-    scan_coords = tuple(np.asarray(dense.coords[d].values) if d in dense.coords else np.arange(n) * step
-                        for d, n, step in (("scan_y", ny, calibration.scan_step_a[0]),
-                                           ("scan_x", nx, calibration.scan_step_a[1])))
-    return disk.result(G, bf, scan_coords, calibration, _aberrations(aberrations), quantitative=quantitative,
-                       scratch=scratch, scratch_threshold=scratch_threshold)
+    scan_coords = tuple(
+        np.asarray(dense.coords[d].values) if d in dense.coords else np.arange(n) * step
+        for d, n, step in (("scan_y", ny, calibration.scan_step_a[0]), ("scan_x", nx, calibration.scan_step_a[1]))
+    )
+    return disk.result(
+        G,
+        bf,
+        scan_coords,
+        calibration,
+        _aberrations(aberrations),
+        quantitative=quantitative,
+        scratch=scratch,
+        scratch_threshold=scratch_threshold,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,10 +480,23 @@ class BFPixels:
     def result(self, G, bf, scan_coords, calibration: Calibration, aberrations: Aberrations, **kw) -> "SSBResult":
         """The :class:`SSBResult` of scan-FFT cube ``G`` (ny, nx//2+1, npix) of these pixels."""
         (sy, sx), (ny, nx) = calibration.scan_step_a, (len(scan_coords[0]), len(scan_coords[1]))
-        return SSBResult(G=G, k_y=self.k_y, k_x=self.k_x, pixels=self.pixels, k_y_mrad=self.k_y_mrad,
-                         k_x_mrad=self.k_x_mrad, q_y=np.fft.fftfreq(ny, d=sy), q_x=np.fft.rfftfreq(nx, d=sx),
-                         k0=self.k0, bf=bf, scan_coords=scan_coords, calibration=calibration,
-                         aberrations=aberrations, semiangle_source=self.alpha_source, **kw)
+        return SSBResult(
+            G=G,
+            k_y=self.k_y,
+            k_x=self.k_x,
+            pixels=self.pixels,
+            k_y_mrad=self.k_y_mrad,
+            k_x_mrad=self.k_x_mrad,
+            q_y=np.fft.fftfreq(ny, d=sy),
+            q_x=np.fft.rfftfreq(nx, d=sx),
+            k0=self.k0,
+            bf=bf,
+            scan_coords=scan_coords,
+            calibration=calibration,
+            aberrations=aberrations,
+            semiangle_source=self.alpha_source,
+            **kw,
+        )
 
 
 def bf_pixels(ky_mrad, kx_mrad, calibration: Calibration, semiangle_mrad: float | None = None) -> BFPixels:
@@ -442,8 +512,10 @@ def bf_pixels(ky_mrad, kx_mrad, calibration: Calibration, semiangle_mrad: float 
     elif calibration.semiangle_mrad is not None:
         alpha, alpha_source = calibration.semiangle_mrad, "nominal semi-angle"
     else:
-        raise ValueError("SSB needs the probe semi-angle: calibration.bf_radius (stemdask calibrate measures it), "
-                         "calibration.semiangle_mrad or semiangle_mrad=...")
+        raise InvalidParameter(
+            "SSB needs the probe semi-angle: calibration.bf_radius (stemdask calibrate measures it), "
+            "calibration.semiangle_mrad or semiangle_mrad=..."
+        )
     k0 = alpha * 1e-3 / lam
     ky_mrad = np.asarray(ky_mrad, dtype=float)
     kx_mrad = np.asarray(kx_mrad, dtype=float)
@@ -453,12 +525,15 @@ def bf_pixels(ky_mrad, kx_mrad, calibration: Calibration, semiangle_mrad: float 
     inside = sky**2 + skx**2 < k0**2
     pix_y, pix_x = np.nonzero(inside)
     if len(pix_y) == 0:
-        raise ValueError(f"no detector pixel of the crop lies inside the BF disk (semi-angle {alpha:g} mrad)")
+        raise InvalidParameter(f"no detector pixel of the crop lies inside the BF disk (semi-angle {alpha:g} mrad)")
     pitch = max(np.abs(np.diff(ky_mrad)).max(initial=0), np.abs(np.diff(kx_mrad)).max(initial=0))
     edge = np.hypot(dky, dkx)[[0, -1], :].min(initial=np.inf), np.hypot(dky, dkx)[:, [0, -1]].min(initial=np.inf)
     if min(edge) + pitch / 2 < alpha:
-        warnings.warn(f"the detector crop (edge at {min(edge):.3g} mrad) cuts the BF disk ({alpha:g} mrad): "
-                      "SSB uses only the pixels inside the crop", stacklevel=3)
+        warnings.warn(
+            f"the detector crop (edge at {min(edge):.3g} mrad) cuts the BF disk ({alpha:g} mrad): "
+            "SSB uses only the pixels inside the crop",
+            stacklevel=3,
+        )
     return BFPixels(np.stack([pix_y, pix_x], axis=1), sky[inside], skx[inside], ky_mrad, kx_mrad, k0, alpha_source)
 
 
@@ -492,13 +567,23 @@ def focus_span_a(result: SSBResult, start: float = 0.0, estimated: bool = False)
 
 def _powers(result: SSBResult, values, fixed: dict) -> np.ndarray:
     """Σ phase² (rad², SNR weighting) for each C10 in ``values``: one compute over the kept G."""
-    sums = [(result.refocus(None, quantitative=False, **{**fixed, "C10": float(v)}).data.astype(np.float64) ** 2).sum()
-            for v in values]
+    sums = [
+        (result.refocus(None, quantitative=False, **{**fixed, "C10": float(v)}).data.astype(np.float64) ** 2).sum()
+        for v in values
+    ]
     return np.array([float(_to_host(s)) for s in dask.compute(*sums)], dtype=np.float64)
 
 
-def focus_c10(result: SSBResult, start: float = 0.0, span: float | None = None, *, step: float | None = None,
-              xatol: float | None = None, warn: bool = True, **fixed) -> tuple[float, dict]:
+def focus_c10(
+    result: SSBResult,
+    start: float = 0.0,
+    span: float | None = None,
+    *,
+    step: float | None = None,
+    xatol: float | None = None,
+    warn: bool = True,
+    **fixed,
+) -> tuple[float, dict]:
     """The defocus C10 (Å) that maximises the truth-free focus criterion, and how it was found.
 
     Criterion: the power Σ phase² (rad², summed over the scan) of the SNR-weighted SSB phase
@@ -532,8 +617,10 @@ def focus_c10(result: SSBResult, start: float = 0.0, span: float | None = None, 
     span = float(focus_span_a(result, start) if span is None else span)
     step = float(0.5 * depth_of_focus_a(result) if step is None else step)
     if not (math.isfinite(start) and math.isfinite(span) and span > 0 and math.isfinite(step) and step > 0):
-        raise ValueError(f"focus search needs a finite start and a positive span and step (Å), got "
-                         f"start={start!r}, span={span!r}, step={step!r}")
+        raise InvalidParameter(
+            f"focus search needs a finite start and a positive span and step (Å), got "
+            f"start={start!r}, span={span!r}, step={step!r}"
+        )
     half = max(1, math.ceil(span / step))
     grid = start + np.linspace(-span, span, 2 * half + 1)
     h = grid[1] - grid[0]
@@ -550,8 +637,9 @@ def focus_c10(result: SSBResult, start: float = 0.0, span: float | None = None, 
             cache[c] = -_powers(result, [c], fixed)[0]
         return cache[c]
 
-    fine = minimize_scalar(negative_power, bounds=(lo, hi), method="bounded",
-                           options={"xatol": float(h / 25 if xatol is None else xatol)})
+    fine = minimize_scalar(
+        negative_power, bounds=(lo, hi), method="bounded", options={"xatol": float(h / 25 if xatol is None else xatol)}
+    )
     n_eval += len(cache)
     if -fine.fun > best_power:
         best, best_power = float(fine.x), float(-fine.fun)
@@ -560,83 +648,39 @@ def focus_c10(result: SSBResult, start: float = 0.0, span: float | None = None, 
     flat = not contrast >= FOCUS_MIN_CONTRAST
     lines = []
     if at_edge:
-        lines.append(f"the focus criterion is largest at the {'lower' if i == 0 else 'upper'} edge of the searched "
-                     f"C10 range {grid[0]:.1f}…{grid[-1]:.1f} Å: the optimum may be outside it (C10 = {best:.1f} Å "
-                     "is not a found focus; widen the search (--c10-span) or give C10)")
+        lines.append(
+            f"the focus criterion is largest at the {'lower' if i == 0 else 'upper'} edge of the searched "
+            f"C10 range {grid[0]:.1f}…{grid[-1]:.1f} Å: the optimum may be outside it (C10 = {best:.1f} Å "
+            "is not a found focus; widen the search (--c10-span) or give C10)"
+        )
     if flat:
-        lines.append(f"the focus criterion is flat over {grid[0]:.1f}…{grid[-1]:.1f} Å (best Σphase² only "
-                     f"{contrast:.2f}× its median): no focus found, C10 = {best:.1f} Å is not to be trusted")
+        lines.append(
+            f"the focus criterion is flat over {grid[0]:.1f}…{grid[-1]:.1f} Å (best Σphase² only "
+            f"{contrast:.2f}× its median): no focus found, C10 = {best:.1f} Å is not to be trusted"
+        )
     if warn:
         for line in lines:
             warnings.warn(line, stacklevel=2)
     info = {
-        "c10": best, "start": start, "span": span, "range": (float(grid[0]), float(grid[-1])), "step": float(h),
-        "grid": grid, "power": power, "best_power": best_power, "contrast": contrast, "n_evaluations": n_eval,
-        "at_edge": at_edge, "flat": flat, "warnings": lines, "seconds": time.perf_counter() - t0,
+        "c10": best,
+        "start": start,
+        "span": span,
+        "range": (float(grid[0]), float(grid[-1])),
+        "step": float(h),
+        "grid": grid,
+        "power": power,
+        "best_power": best_power,
+        "contrast": contrast,
+        "n_evaluations": n_eval,
+        "at_edge": at_edge,
+        "flat": flat,
+        "warnings": lines,
+        "seconds": time.perf_counter() - t0,
     }
     return best, info
 
 
-# ---------------------------------------------------------------------- CLI method
-def c10_argument(text: str) -> float | str:
-    """``--c10``'s value: a finite number (Å) or the word ``auto``."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number (Å) or 'auto', got {text!r}")
-    return value
-
-
-def _positive_a(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number (Å), got {text!r}")
-    return value
-
-
-def _add_arguments(parser) -> None:
-    add_option(parser, "--c10", type=c10_argument, default=None, metavar="Å|auto",
-               help="defocus C10 (Å); C10 < 0 is underfocus (default: the estimate `stemdask calibrate` stored; where it "
-                    "measured only |C10|, the sign the focus criterion picks; else 0). "
-                    "'auto': search C10 with the focus criterion Σphase² around that value")
-    add_option(parser, "--c10-span", type=_positive_a, default=None, metavar="Å",
-               help="with --c10 auto: search start ± this (default: ±300 Å around 0, ±max(100 Å, |estimate|/2) "
-                    "around a stored estimate; at least a few depths of focus λ/α²)")
-    add_option(parser, "--c12", type=float, default=0.0, metavar="Å", help="two-fold astigmatism C12 (Å)")
-    add_option(parser, "--c12-angle", type=float, default=0.0, metavar="DEG", help="C12 azimuth (deg)")
-    add_option(parser, "--c21", type=float, default=0.0, metavar="Å", help="axial coma C21 (Å)")
-    add_option(parser, "--c21-angle", type=float, default=0.0, metavar="DEG", help="C21 azimuth (deg)")
-    add_option(parser, "--c23", type=float, default=0.0, metavar="Å", help="three-fold astigmatism C23 (Å)")
-    add_option(parser, "--c23-angle", type=float, default=0.0, metavar="DEG", help="C23 azimuth (deg)")
-    add_option(parser, "--c30", type=float, default=0.0, metavar="Å", help="spherical aberration C30 (Å)")
-    add_option(parser, "--bin", type=int, default=1, metavar="N", help="detector binning before dense methods")
-    add_option(parser, "--gpu", action="store_true",
-               help="SSB: move the dense patterns to CuPy and run the scan FFT and reduction on the GPU "
-                    "(needs the gpu extra; use with --cluster local-cuda or slurm-gpu)")
-    add_option(parser, "--quantitative", action="store_true",
-               help="SSB: unit transfer (per-frequency trotter average) instead of the SNR-optimal sum")
-    add_option(parser, "--scratch", metavar="DIR",
-               help="SSB: folder for G when it outgrows half the workers' memory, on a filesystem every worker sees "
-                    "(default: dask config 'stemdask.scratch', else this machine's temporary folder; refused when a "
-                    "worker cannot see it)")
-
-
-def defocus_from_args(args, calibration: Calibration) -> tuple[float, str]:
-    """C10 (Å) for SSB and where it came from: ``--c10``, else the calibration's parallax
-    estimate (``c10_estimate_a``), else 0 (in focus). With ``--c10 auto``: the start of the
-    focus search (:func:`focus_c10`), i.e. the estimate or 0."""
-    if getattr(args, "c10", None) not in (None, "auto"):
-        return float(args.c10), "command line"
-    return stored_defocus(calibration)
-
-
+# ---------------------------------------------------------------------- the method
 def stored_defocus(calibration: Calibration) -> tuple[float, str]:
     """C10 (Å) for SSB when none is given, and where it came from: the calibration's parallax
     estimate (``c10_estimate_a``), else 0 (in focus)."""
@@ -645,23 +689,12 @@ def stored_defocus(calibration: Calibration) -> tuple[float, str]:
     return 0.0, "none given or stored: in focus assumed"
 
 
-def aberrations_from_args(args, c10: float | None = None) -> Aberrations:
-    """The :class:`~stemdask.optics.Aberrations` of the CLI options ``--c10 … --c30`` (``c10``
-    replaces ``--c10``, e.g. from :func:`defocus_from_args`; needed with ``--c10 auto``)."""
-    if c10 is None and args.c10 == "auto":
-        raise ValueError("--c10 auto: pass the C10 to use (focus_c10 finds it)")
-    return Aberrations(
-        C10=(args.c10 or 0.0) if c10 is None else c10, C12=args.c12, phi12=args.c12_angle, C21=args.c21, phi21=args.c21_angle,
-        C23=args.c23, phi23=args.c23_angle, C30=args.c30,
-    )
-
-
 def to_gpu(dense: xr.DataArray) -> xr.DataArray:
     """The same lazy patterns with CuPy chunks (each row block moves to the GPU in its task)."""
     try:
         import cupy
     except ImportError:
-        raise ImportError("--gpu needs CuPy: pip install 'stemdask[gpu]'") from None
+        raise MissingExtra("SSB on the GPU needs CuPy: pip install 'stemdask[gpu]'") from None
     meta = cupy.empty((0,) * dense.ndim, dtype=dense.dtype)
     return dense.copy(data=dense.data.map_blocks(cupy.asarray, dtype=dense.dtype, meta=meta))
 
@@ -670,18 +703,25 @@ def _searched(result: SSBResult, start: float, span: float, origin: str) -> tupl
     """:func:`focus_c10` from ``start`` over ±``span`` Å, said on stderr: (C10, its source, attrs)."""
     c10, info = focus_c10(result, start, span, warn=False)
     lo, hi = info["range"]
-    print(f"ssb: C10 = {c10:.1f} Å (auto: focus criterion over {lo:.1f}…{hi:.1f} Å, start {start:.1f} Å from "
-          f"{origin})", file=sys.stderr)
+    print(
+        f"ssb: C10 = {c10:.1f} Å (auto: focus criterion over {lo:.1f}…{hi:.1f} Å, start {start:.1f} Å from {origin})",
+        file=sys.stderr,
+    )
     for line in info["warnings"]:
         print(f"ssb: warning: {line}", file=sys.stderr)
-    source = (f"auto (focus criterion Σphase², searched {lo:.1f}…{hi:.1f} Å in steps of {info['step']:.1f} Å "
-              f"then refined, start {start:.1f} Å from {origin}")
+    source = (
+        f"auto (focus criterion Σphase², searched {lo:.1f}…{hi:.1f} Å in steps of {info['step']:.1f} Å "
+        f"then refined, start {start:.1f} Å from {origin}"
+    )
     if info["at_edge"]:
         source += "; OPTIMUM AT THE EDGE of the range: it may lie outside"
     if info["flat"]:
         source += f"; criterion FLAT (best/median {info['contrast']:.2f}): no focus found"
-    extra = {"c10_search_range_a": [lo, hi], "c10_at_edge": bool(info["at_edge"]),
-             "c10_criterion_contrast": float(info["contrast"])}
+    extra = {
+        "c10_search_range_a": [lo, hi],
+        "c10_at_edge": bool(info["at_edge"]),
+        "c10_criterion_contrast": float(info["contrast"]),
+    }
     return c10, source + ")", extra
 
 
@@ -697,40 +737,102 @@ def signed_c10(result: SSBResult, magnitude: float, span: float | None = None) -
     result's orientation: :func:`focus_c10` from 0 over ±``span`` (default both signs of it),
     said on stderr; returns (C10, its source, attrs) like ``--c10 auto``."""
     span = max(focus_span_a(result, 0.0, False), 1.5 * magnitude) if span is None else span
-    origin = (f"0: calibrate measured |C10| = {magnitude:.1f} Å but not its sign (the half turn is undecided), "
-              "so the focus criterion picks it for the stored orientation")
+    origin = (
+        f"0: calibrate measured |C10| = {magnitude:.1f} Å but not its sign (the half turn is undecided), "
+        "so the focus criterion picks it for the stored orientation"
+    )
     return _searched(result, 0.0, span, origin)
 
 
-@register("ssb", "single-sideband ptychography phase (rad)", _add_arguments)
-def run(ds, args) -> xr.Dataset:
-    scratch = getattr(args, "scratch", None)
+def run(
+    ds: EventDataset,
+    *,
+    c10: float | Literal["auto"] | None = None,
+    c10_span: PositiveFloat | None = None,
+    c12: float = 0.0,
+    c12_angle: float = 0.0,
+    c21: float = 0.0,
+    c21_angle: float = 0.0,
+    c23: float = 0.0,
+    c23_angle: float = 0.0,
+    c30: float = 0.0,
+    bin: PositiveInt = 1,
+    quantitative: bool = False,
+    gpu: bool = False,
+    scratch: str | None = None,
+) -> xr.Dataset:
+    """Single-sideband ptychography phase (rad): variable phase.
+
+    Parameters
+    ----------
+    c10
+        defocus C10, Å; C10 < 0 is underfocus (none: the estimate `stemdask calibrate` stored;
+        where it measured only |C10|, the sign the focus criterion picks; else 0, in focus).
+        'auto': search C10 with the focus criterion Σ phase² around that value
+    c10_span
+        with c10 auto: search the start ± this, Å (none: ±300 Å around 0, ±max(100 Å,
+        |estimate|/2) around a stored estimate; at least a few depths of focus λ/α²)
+    c12
+        two-fold astigmatism C12, Å
+    c12_angle
+        C12 azimuth, degrees from scan x towards scan y
+    c21
+        axial coma C21, Å
+    c21_angle
+        C21 azimuth, degrees
+    c23
+        three-fold astigmatism C23, Å
+    c23_angle
+        C23 azimuth, degrees
+    c30
+        spherical aberration C30, Å
+    bin
+        detector binning factor before SSB (whole detector pixels per output pixel)
+    quantitative
+        unit transfer (each frequency averaged over its trotter) instead of the SNR-optimal
+        trotter sum
+    gpu
+        move the dense patterns to CuPy and run the scan FFT and reduction on the GPU (needs
+        the gpu extra; use with a CUDA cluster profile)
+    scratch
+        folder for G when it outgrows half the workers' memory, on a filesystem every worker
+        sees (none: dask config 'stemdask.scratch', else this machine's temporary folder;
+        refused when a worker cannot see it)
+    """
+    if isinstance(c10, str) and c10 != "auto":
+        raise InvalidParameter(f"SSB c10 must be a number (Å), 'auto' or None, got {c10!r}")
+    if c10_span is not None and not (math.isfinite(c10_span) and c10_span > 0):
+        raise InvalidParameter(f"SSB c10_span must be a positive number of Å, got {c10_span!r}")
     with dask.config.set({SCRATCH_CONFIG: scratch} if scratch else {}):
-        return _run(ds, args)
-
-
-def _run(ds, args) -> xr.Dataset:
-    dense = ds.densify(bin=args.bin)
-    if getattr(args, "gpu", False):
-        dense = to_gpu(dense)
-    c10, source = defocus_from_args(args, ds.calibration)
-    extra = {}
-    magnitude = unsigned_magnitude(ds.calibration) if getattr(args, "c10", None) is None else None
-    if getattr(args, "c10", None) == "auto" or magnitude is not None:
-        result = ssb(dense, ds.calibration, aberrations_from_args(args, c10), quantitative=args.quantitative)
-        span = getattr(args, "c10_span", None)
-        if magnitude is not None:
-            c10, source, extra = signed_c10(result, magnitude, span)
+        dense = ds.densify(bin=bin)
+        if gpu:
+            dense = to_gpu(dense)
+        ab = Aberrations(C12=c12, phi12=c12_angle, C21=c21, phi21=c21_angle, C23=c23, phi23=c23_angle, C30=c30)
+        if c10 not in (None, "auto"):
+            start, source = float(c10), "command line"
         else:
-            estimated = ds.calibration.c10_estimate_a is not None
-            origin = "the stored estimate (stemdask calibrate, parallax)" if estimated else "the default (no estimate stored)"
-            c10, source, extra = _searched(result, c10, focus_span_a(result, c10, estimated) if span is None else span,
-                                           origin)
-        phase = result.refocus(C10=c10)
-    else:
-        if source != "command line":
-            print(f"ssb: C10 = {c10:.1f} Å ({source}); pass --c10 to override", file=sys.stderr)
-        phase = ssb(dense, ds.calibration, aberrations_from_args(args, c10), quantitative=args.quantitative).phase
+            start, source = stored_defocus(ds.calibration)
+        extra = {}
+        magnitude = unsigned_magnitude(ds.calibration) if c10 is None else None
+        if c10 == "auto" or magnitude is not None:
+            result = ssb(dense, ds.calibration, dataclasses.replace(ab, C10=start), quantitative=quantitative)
+            if magnitude is not None:
+                chosen, source, extra = signed_c10(result, magnitude, c10_span)
+            else:
+                estimated = ds.calibration.c10_estimate_a is not None
+                origin = (
+                    "the stored estimate (stemdask calibrate, parallax)"
+                    if estimated
+                    else "the default (no estimate stored)"
+                )
+                span = focus_span_a(result, start, estimated) if c10_span is None else c10_span
+                chosen, source, extra = _searched(result, start, span, origin)
+            phase = result.refocus(C10=chosen)
+        else:
+            if source != "command line":
+                print(f"ssb: C10 = {start:.1f} Å ({source}); pass --c10 to override", file=sys.stderr)
+            chosen = start
+            phase = ssb(dense, ds.calibration, dataclasses.replace(ab, C10=start), quantitative=quantitative).phase
     host = phase.data.map_blocks(_to_host, dtype=phase.dtype, meta=np.empty((0, 0), phase.dtype))
     out = phase.copy(data=host)
     out.attrs["c10_source"] = source

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InvalidParameter
 from ..io.merlin import CHIP, MPX_PREFIX_BYTES, RAW_BITS, mib_frames, mpx_prefix
 
 _PIXEL_TYPE = {1: "U08", 6: "U08", 12: "U16", 24: "U32"}
-_CHIP_DACS = "3RX,011,511,000,000,000,000,000,000,175,010,200,125,100,100,093,100,099,030,128,004,255,140,128,191,179,511,511,"
+_CHIP_DACS = (
+    "3RX,011,511,000,000,000,000,000,000,175,010,200,125,100,100,093,100,099,030,128,004,255,140,128,191,179,511,511,"
+)
 
 
 def acquisition_header(n_frames: int, counter_depth: int, quad: bool = False, **extra) -> bytes:
@@ -45,18 +48,24 @@ def frame_header(seq: int, shape: tuple[int, int], counter_depth: int, raw: bool
     chips = 4 if quad else 1
     size = 768 if quad else 384
     ptype = "R64" if raw else _PIXEL_TYPE[counter_depth]
-    text = (f"MQ1,{seq:06d},{size:05d},{chips:02d},{shape[1]:04d},{shape[0]:04d},{ptype},"
-            f"{'   2x2' if quad else '   1x1'},{'0F' if quad else '01'},2021-04-15 15:01:00.320786,0.001000,0,0,0,"
-            + "2.000000E+0,5.110000E+2," + "0.000000E+0," * 6 + _CHIP_DACS * chips
-            + f"MQ1A,2021-04-15T14:01:00.320786181Z,1000000ns,{counter_depth},")
+    text = (
+        f"MQ1,{seq:06d},{size:05d},{chips:02d},{shape[1]:04d},{shape[0]:04d},{ptype},"
+        f"{'   2x2' if quad else '   1x1'},{'0F' if quad else '01'},2021-04-15 15:01:00.320786,0.001000,0,0,0,"
+        + "2.000000E+0,5.110000E+2,"
+        + "0.000000E+0," * 6
+        + _CHIP_DACS * chips
+        + f"MQ1A,2021-04-15T14:01:00.320786181Z,1000000ns,{counter_depth},"
+    )
     return text.encode("latin-1").ljust(size, b" ")
 
 
 def split_quad(frames: np.ndarray) -> np.ndarray:
     """(m, 512, 512) → the RAW quad layout (m, 256, 1024): chips 0..3 side by side."""
     c = CHIP
-    return np.concatenate([frames[:, c:, c:][:, ::-1, ::-1], frames[:, c:, :c][:, ::-1, ::-1],
-                           frames[:, :c, c:], frames[:, :c, :c]], axis=2)
+    return np.concatenate(
+        [frames[:, c:, c:][:, ::-1, ::-1], frames[:, c:, :c][:, ::-1, ::-1], frames[:, :c, c:], frames[:, :c, :c]],
+        axis=2,
+    )
 
 
 def encode_pixels(frames: np.ndarray, counter_depth: int, raw: bool = False) -> np.ndarray:
@@ -64,7 +73,7 @@ def encode_pixels(frames: np.ndarray, counter_depth: int, raw: bool = False) -> 
     frames = np.asarray(frames)
     m = frames.shape[0]
     if frames.max(initial=0) >= 1 << counter_depth or frames.min(initial=0) < 0:
-        raise ValueError(f"values outside a {counter_depth}-bit counter")
+        raise InvalidParameter(f"values outside a {counter_depth}-bit counter")
     if not raw:
         dtype = {"U08": ">u1", "U16": ">u2", "U32": ">u4"}[_PIXEL_TYPE[counter_depth]]
         return frames.astype(dtype).reshape(m, -1).view(np.uint8)
@@ -84,8 +93,12 @@ def encode_frames(frames: np.ndarray, counter_depth: int, raw: bool = False, fir
     quad = frames.shape[1:] == (2 * CHIP, 2 * CHIP)
     sent = split_quad(frames) if raw and quad else frames
     data = encode_pixels(sent, counter_depth, raw)
-    headers = np.stack([np.frombuffer(frame_header(first_seq + i, sent.shape[1:], counter_depth, raw, quad), np.uint8)
-                        for i in range(frames.shape[0])])
+    headers = np.stack(
+        [
+            np.frombuffer(frame_header(first_seq + i, sent.shape[1:], counter_depth, raw, quad), np.uint8)
+            for i in range(frames.shape[0])
+        ]
+    )
     return np.concatenate([headers, data], axis=1)
 
 
@@ -110,16 +123,25 @@ class MerlinReplayServer(threading.Thread):
     send nothing more until :meth:`stop`. Use as a context manager; ``port`` is where it listens.
     """
 
-    def __init__(self, frames, *, hdr: bytes | None = None, n_frames: int | None = None, rate: float | None = None,
-                 garbage: bytes = b"", drop_after: int | None = None, stall_after: int | None = None,
-                 chunk_frames: int = 256):
+    def __init__(
+        self,
+        frames,
+        *,
+        hdr: bytes | None = None,
+        n_frames: int | None = None,
+        rate: float | None = None,
+        garbage: bytes = b"",
+        drop_after: int | None = None,
+        stall_after: int | None = None,
+        chunk_frames: int = 256,
+    ):
         super().__init__(daemon=True, name="merlin-replay")
         if isinstance(frames, (str, Path)):
             path = Path(frames)
             frames = mib_frames(path)[1]
             hdr = path.with_suffix(".hdr").read_bytes() if hdr is None else hdr
         if hdr is None:
-            raise ValueError("replaying frames needs an acquisition header (hdr=)")
+            raise InvalidParameter("replaying frames needs an acquisition header (hdr=)")
         self.frames, self.hdr = np.asarray(frames), hdr
         self.n_frames = self.frames.shape[0] if n_frames is None else int(n_frames)
         self.rate, self.garbage = rate, garbage

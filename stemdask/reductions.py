@@ -31,6 +31,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from .errors import InvalidParameter
 from .kernels import events as kernels
 from .optics import descan_offsets
 
@@ -51,9 +52,9 @@ class Annulus:
 
     def __post_init__(self):
         if self.units not in ("mrad", "px", "bf"):
-            raise ValueError(f"annulus units must be 'mrad', 'px' or 'bf', got {self.units!r}")
+            raise InvalidParameter(f"annulus units must be 'mrad', 'px' or 'bf', got {self.units!r}")
         if not (self.inner >= 0 and self.outer > self.inner) or math.isnan(self.outer):
-            raise ValueError(f"annulus needs 0 ≤ inner < outer, got inner={self.inner}, outer={self.outer}")
+            raise InvalidParameter(f"annulus needs 0 ≤ inner < outer, got inner={self.inner}, outer={self.outer}")
 
     def radii_px(self, ds) -> tuple[float, float]:
         cal = ds.calibration
@@ -87,9 +88,9 @@ class CropWindow:
         + 0.5) / bin − 0.5)``, its central output pixel the one whose centre is nearest."""
         b = int(bin)
         if b != bin or b < 1:
-            raise ValueError(f"bin must be a positive integer, got {bin!r}")
+            raise InvalidParameter(f"bin must be a positive integer, got {bin!r}")
         if not (radius_px >= 0 and math.isfinite(radius_px)):
-            raise ValueError(f"radius_px must be ≥ 0 pixels, got {radius_px!r}")
+            raise InvalidParameter(f"radius_px must be ≥ 0 pixels, got {radius_px!r}")
         cy, cx = (float(v) for v in center)
         m = max(0, math.ceil((radius_px + 0.5) / b - 0.5))
         half = m * b + (b - 1) / 2
@@ -100,7 +101,7 @@ class CropWindow:
         """The window :meth:`around` ``center`` with the smallest bin whose side is ≤ ``side``
         output pixels (``side`` ≥ 1)."""
         if int(side) != side or side < 1:
-            raise ValueError(f"the crop side must be a positive whole number of pixels, got {side!r}")
+            raise InvalidParameter(f"the crop side must be a positive whole number of pixels, got {side!r}")
         b = 1
         while (crop := cls.around(center, radius_px, b)).n > side:
             b += 1
@@ -109,19 +110,29 @@ class CropWindow:
     def within(self, detector_shape) -> bool:
         """Whether the whole window lies on a ``detector_shape`` detector."""
         end = self.n * self.bin
-        return self.y0 >= 0 and self.x0 >= 0 and self.y0 + end <= detector_shape[0] and self.x0 + end <= detector_shape[1]
+        return (
+            self.y0 >= 0 and self.x0 >= 0 and self.y0 + end <= detector_shape[0] and self.x0 + end <= detector_shape[1]
+        )
 
     def coords(self, pixel_mrad: float) -> dict:
         """k_y, k_x (mrad): output pixel centres relative to the BF centre, detector frame."""
         centres = np.arange(self.n) * self.bin + (self.bin - 1) / 2
         what = "output pixel centre relative to the BF centre"
-        return {"k_y": _k_coord("k_y", self.y0 + centres, self.center[0], pixel_mrad, what),
-                "k_x": _k_coord("k_x", self.x0 + centres, self.center[1], pixel_mrad, what)}
+        return {
+            "k_y": _k_coord("k_y", self.y0 + centres, self.center[0], pixel_mrad, what),
+            "k_x": _k_coord("k_x", self.x0 + centres, self.center[1], pixel_mrad, what),
+        }
 
     def attrs(self, pixel_mrad: float) -> dict:
-        return {"units": "electrons", "long_name": "electron counts (cropped, binned)",
-                "crop_origin_px": [self.y0, self.x0], "bin": self.bin, "radius_px": self.radius_px,
-                "bf_center_px": list(self.center), "pixel_mrad": pixel_mrad * self.bin}
+        return {
+            "units": "electrons",
+            "long_name": "electron counts (cropped, binned)",
+            "crop_origin_px": [self.y0, self.x0],
+            "bin": self.bin,
+            "radius_px": self.radius_px,
+            "bf_center_px": list(self.center),
+            "pixel_mrad": pixel_mrad * self.bin,
+        }
 
 
 def _dense_radius(ds, radius_px=None) -> float:
@@ -133,10 +144,10 @@ def _bf_center(ds, center=None) -> tuple[float, float]:
     if center is not None:
         c = tuple(float(v) for v in center)
         if len(c) != 2 or not all(map(math.isfinite, c)):
-            raise ValueError(f"center must be (y, x) detector pixels, got {center!r}")
+            raise InvalidParameter(f"center must be (y, x) detector pixels, got {center!r}")
         return c
     if ds.calibration.bf_center is None:
-        raise ValueError(
+        raise InvalidParameter(
             f"{ds.store.path}: no BF-disk centre calibrated; run `stemdask calibrate` "
             f"(stemdask.calibrate.calibrate_store) or pass center=(y, x)"
         )
@@ -145,23 +156,28 @@ def _bf_center(ds, center=None) -> tuple[float, float]:
 
 def _bf_radius(ds) -> float:
     if ds.calibration.bf_radius is None:
-        raise ValueError(
+        raise InvalidParameter(
             f"{ds.store.path}: no BF-disk radius calibrated; run `stemdask calibrate` or give radii explicitly"
         )
     return ds.calibration.bf_radius
 
 
 def _k_coord(dim: str, pixel_centres: np.ndarray, origin: float, pixel_mrad: float, what: str) -> xr.Variable:
-    return xr.Variable(dim, (pixel_centres - origin) * pixel_mrad,
-                       {"units": "mrad", "long_name": f"scattering angle {dim[-1]} ({what}, detector frame)"})
+    return xr.Variable(
+        dim,
+        (pixel_centres - origin) * pixel_mrad,
+        {"units": "mrad", "long_name": f"scattering angle {dim[-1]} ({what}, detector frame)"},
+    )
 
 
 def _det_coords(ds, origin) -> dict:
     dy, dx = ds.detector_shape
     p = ds.calibration.detector_pixel_mrad
     what = "relative to the BF centre"
-    return {"k_y": _k_coord("k_y", np.arange(dy), origin[0], p, what),
-            "k_x": _k_coord("k_x", np.arange(dx), origin[1], p, what)}
+    return {
+        "k_y": _k_coord("k_y", np.arange(dy), origin[0], p, what),
+        "k_x": _k_coord("k_x", np.arange(dx), origin[1], p, what),
+    }
 
 
 def _scan_dataarray(ds, data, name, attrs) -> xr.DataArray:
@@ -214,8 +230,7 @@ def _offsets(block, scan_shape, descan):
 
 def _block_com(block, det_x, ref_y, ref_x, terms, scan_shape, descan):
     keep = None if terms is None else terms.keep
-    cy, cx = kernels.center_of_mass(block.entries.ravel(), block.indices, det_x, ref_y, ref_x, keep,
-                                    block.weights)
+    cy, cx = kernels.center_of_mass(block.entries.ravel(), block.indices, det_x, ref_y, ref_x, keep, block.weights)
     if terms is not None:  # masked pixels filled: the mean of kept + expected filled electrons
         f0, fy, fx = terms.mean_offset(det_x)
         cy = (cy + ref_y + fy) / (1.0 + f0) - ref_y
@@ -234,8 +249,19 @@ def _block_masked(block, labels, table):
 
 def _block_annular(block, det_x, center, r2_lo, r2_hi, terms, scan_shape, descan):
     dy, dx = _offsets(block, scan_shape, descan)
-    out = kernels.annular_counts(block.entries.ravel(), block.indices, block.weights, det_x, center[0] + dy,
-                                 center[1] + dx, r2_lo, r2_hi, terms.keep, terms.fill_idx, terms.fill_w)
+    out = kernels.annular_counts(
+        block.entries.ravel(),
+        block.indices,
+        block.weights,
+        det_x,
+        center[0] + dy,
+        center[1] + dx,
+        r2_lo,
+        r2_hi,
+        terms.keep,
+        terms.fill_idx,
+        terms.fill_w,
+    )
     return out.reshape(block.counts.shape + (r2_lo.shape[0],))
 
 
@@ -252,17 +278,32 @@ def _block_densify(block, lookup, n):
 def _block_densify_shifted(block, det_x, y0, x0, b, n, terms, scan_shape, descan):
     dy, dx = _offsets(block, scan_shape, descan)
     out = np.zeros((block.counts.size, n, n), np.float32)
-    kernels.densify_shifted(block.entries.ravel(), block.indices, block.weights, det_x, dy, dx, float(y0),
-                            float(x0), b, terms.keep, terms.fill_idx, terms.fill_w, out)
+    kernels.densify_shifted(
+        block.entries.ravel(),
+        block.indices,
+        block.weights,
+        det_x,
+        dy,
+        dx,
+        float(y0),
+        float(x0),
+        b,
+        terms.keep,
+        terms.fill_idx,
+        terms.fill_w,
+        out,
+    )
     return out.reshape(block.counts.shape + (n, n))
 
 
 def _correction_attrs(ds) -> dict:
     """What a product says about the mask and descan it honoured."""
     descan = ds.calibration.descan
-    return {"masked_pixels": int(ds.mask.sum()) if ds.mask is not None else 0,
-            "mask_handling": "excluded, filled from the PACBED" if ds.mask is not None and ds.mask.any() else "none",
-            "descan": descan["model"] if descan else "off"}
+    return {
+        "masked_pixels": int(ds.mask.sum()) if ds.mask is not None else 0,
+        "mask_handling": "excluded, filled from the PACBED" if ds.mask is not None and ds.mask.any() else "none",
+        "descan": descan["model"] if descan else "off",
+    }
 
 
 # ---------------------------------------------------------------------- products
@@ -282,10 +323,10 @@ def com(ds, reference="bf", units: str = "px", vacuum=None) -> xr.Dataset:
     Lazy: chunks (rows_per_block, nx).
     """
     if units not in ("px", "mrad"):
-        raise ValueError(f"COM units must be 'px' or 'mrad', got {units!r}")
+        raise InvalidParameter(f"COM units must be 'px' or 'mrad', got {units!r}")
     if isinstance(reference, str):
         if reference not in ("bf", "mean", "vacuum"):
-            raise ValueError(f"COM reference must be 'bf', 'mean', 'vacuum' or (y, x) pixels, got {reference!r}")
+            raise InvalidParameter(f"COM reference must be 'bf', 'mean', 'vacuum' or (y, x) pixels, got {reference!r}")
         if reference == "bf":
             ref = _bf_center(ds)
         else:
@@ -294,31 +335,47 @@ def com(ds, reference="bf", units: str = "px", vacuum=None) -> xr.Dataset:
         reference = tuple(float(v) for v in np.ravel(reference))
         ref = _bf_center(ds, reference)
     if (reference == "vacuum") != (vacuum is not None):
-        raise ValueError("pass vacuum=(iy, ix) or (slice_y, slice_x) exactly when reference='vacuum'")
+        raise InvalidParameter("pass vacuum=(iy, ix) or (slice_y, slice_x) exactly when reference='vacuum'")
     nx = ds.scan_shape[1]
     both = ds.map_events(
-        _block_com, ds.detector_shape[1], float(ref[0]), float(ref[1]), MaskTerms.of(ds), ds.scan_shape,
-        ds.calibration.descan, dtype=np.float64, chunks=(ds.row_chunks, (nx,), (2,)), new_axis=[2], name="com",
+        _block_com,
+        ds.detector_shape[1],
+        float(ref[0]),
+        float(ref[1]),
+        MaskTerms.of(ds),
+        ds.scan_shape,
+        ds.calibration.descan,
+        dtype=np.float64,
+        chunks=(ds.row_chunks, (nx,), (2,)),
+        new_axis=[2],
+        name="com",
     )
     if reference == "mean":
         both = both - da.nanmean(both, axis=(0, 1))
     elif reference == "vacuum":
         region = both[tuple(_as_slice(v) for v in vacuum)]
         if region.shape[0] * region.shape[1] == 0:
-            raise ValueError(f"vacuum region {vacuum!r} selects no scan positions of {ds.scan_shape}")
+            raise InvalidParameter(f"vacuum region {vacuum!r} selects no scan positions of {ds.scan_shape}")
         both = both - da.nanmean(region, axis=(0, 1))
     scale = ds.calibration.detector_pixel_mrad if units == "mrad" else 1.0
     if scale != 1.0:
         both = both * scale
     attrs = {
-        "units": units, "frame": "detector", "reference": reference if isinstance(reference, str) else "pixel",
+        "units": units,
+        "frame": "detector",
+        "reference": reference if isinstance(reference, str) else "pixel",
         "reference_px": [] if reference in ("mean", "vacuum") else [float(ref[0]), float(ref[1])],
-        "vacuum": repr(vacuum) if vacuum is not None else "", **_correction_attrs(ds),
+        "vacuum": repr(vacuum) if vacuum is not None else "",
+        **_correction_attrs(ds),
     }
     out = xr.Dataset(
         {
-            "com_y": _scan_dataarray(ds, both[..., 0], "com_y", {**attrs, "long_name": "centre of mass k_y (detector frame)"}),
-            "com_x": _scan_dataarray(ds, both[..., 1], "com_x", {**attrs, "long_name": "centre of mass k_x (detector frame)"}),
+            "com_y": _scan_dataarray(
+                ds, both[..., 0], "com_y", {**attrs, "long_name": "centre of mass k_y (detector frame)"}
+            ),
+            "com_x": _scan_dataarray(
+                ds, both[..., 1], "com_x", {**attrs, "long_name": "centre of mass k_x (detector frame)"}
+            ),
         },
         attrs={**{k: v for k, v in attrs.items() if k != "units"}, "method": "com"},
     )
@@ -334,12 +391,12 @@ def detector_masks(ds, detectors: dict) -> tuple[np.ndarray, dict, list]:
     scan centre), the attrs describing each, and each one's radii (inner, outer) px — None
     for a boolean-mask detector."""
     if not detectors:
-        raise ValueError("no virtual detectors given")
+        raise InvalidParameter("no virtual detectors given")
     masks, described, radii = [], {}, []
     for name, spec in detectors.items():
         if isinstance(spec, str):
             if spec not in PRESETS:
-                raise ValueError(f"unknown virtual detector preset {spec!r} (known: {sorted(PRESETS)})")
+                raise InvalidParameter(f"unknown virtual detector preset {spec!r} (known: {sorted(PRESETS)})")
             spec = Annulus(*PRESETS[spec], units="bf")
         if isinstance(spec, Annulus):
             inner, outer = spec.radii_px(ds)
@@ -347,13 +404,18 @@ def detector_masks(ds, detectors: dict) -> tuple[np.ndarray, dict, list]:
             masks.append((r >= inner) & (r < outer))
             radii.append((inner, outer))
             p = ds.calibration.detector_pixel_mrad
-            described[name] = {"detector": "annular", "inner_px": inner, "outer_px": outer,
-                               "inner_mrad": inner * p, "outer_mrad": outer * p,
-                               "bf_center_px": list(_bf_center(ds))}
+            described[name] = {
+                "detector": "annular",
+                "inner_px": inner,
+                "outer_px": outer,
+                "inner_mrad": inner * p,
+                "outer_mrad": outer * p,
+                "bf_center_px": list(_bf_center(ds)),
+            }
         else:
             m = np.asarray(spec)
             if m.shape != ds.detector_shape or m.dtype != bool:
-                raise ValueError(
+                raise InvalidParameter(
                     f"virtual detector {name!r}: a mask must be a boolean array of the detector's shape "
                     f"{ds.detector_shape}, got {m.dtype} {m.shape}"
                 )
@@ -370,7 +432,7 @@ def mask_groups(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     n_det = masks.shape[0]
     if n_det > 64:
-        raise ValueError(f"at most 64 virtual detectors in one pass, got {n_det}")
+        raise InvalidParameter(f"at most 64 virtual detectors in one pass, got {n_det}")
     codes = np.zeros(masks[0].size, np.uint64)
     for d in range(n_det):
         codes |= masks[d].ravel().astype(np.uint64) << np.uint64(d)
@@ -395,17 +457,32 @@ def virtual_detectors(ds, detectors: dict) -> xr.Dataset:
     chunks = (ds.row_chunks, (nx,), (n_det,))
     if terms is None and descan is None:
         labels, table = mask_groups(masks)
-        stacked = ds.map_events(_block_masked, labels, table, dtype=np.uint32, chunks=chunks,
-                                new_axis=[2], name="virtual")
+        stacked = ds.map_events(
+            _block_masked, labels, table, dtype=np.uint32, chunks=chunks, new_axis=[2], name="virtual"
+        )
         parts = [stacked[..., d] for d in range(n_det)]
     else:
         parts = _corrected_detectors(ds, masks, radii, terms or MaskTerms.none(masks[0].size), descan)
     data = {}
     for d, name in enumerate(detectors):
-        attrs = {"units": "electrons", "long_name": f"virtual detector {name}", **described[name],
-                 **_correction_attrs(ds)}
+        attrs = {
+            "units": "electrons",
+            "long_name": detector_name(name, described[name]),
+            **described[name],
+            **_correction_attrs(ds),
+        }
         data[name] = _scan_dataarray(ds, parts[d], name, attrs)
     return xr.Dataset(data, attrs={"method": "virtual"})
+
+
+def detector_name(name: str, described: dict) -> str:
+    """``virtual BF 0–20.2 mrad``: a detector's name with the angles it collects."""
+    label = name.upper() if name in PRESETS else name
+    if described["detector"] != "annular":
+        return f"virtual {label} (mask of {described['mask_pixels']} px)"
+    inner, outer = described["inner_mrad"], described["outer_mrad"]
+    angles = f"≥ {inner:.3g} mrad" if math.isinf(outer) else f"{inner:.3g}–{outer:.3g} mrad"
+    return f"virtual {label} {angles}"
 
 
 def _corrected_detectors(ds, masks, radii, terms, descan) -> list:
@@ -417,9 +494,20 @@ def _corrected_detectors(ds, masks, radii, terms, descan) -> list:
     if annuli:
         r2_lo = np.array([radii[d][0] ** 2 for d in annuli], np.float64)
         r2_hi = np.array([radii[d][1] ** 2 for d in annuli], np.float64)
-        got = ds.map_events(_block_annular, det_x, tuple(_bf_center(ds)), r2_lo, r2_hi, terms, ds.scan_shape,
-                            descan, dtype=np.float64, chunks=(ds.row_chunks, (nx,), (len(annuli),)),
-                            new_axis=[2], name="virtual-annular")
+        got = ds.map_events(
+            _block_annular,
+            det_x,
+            tuple(_bf_center(ds)),
+            r2_lo,
+            r2_hi,
+            terms,
+            ds.scan_shape,
+            descan,
+            dtype=np.float64,
+            chunks=(ds.row_chunks, (nx,), (len(annuli),)),
+            new_axis=[2],
+            name="virtual-annular",
+        )
         for j, d in enumerate(annuli):
             parts[d] = got[..., j]
     fixed = [d for d, r in enumerate(radii) if r is None]
@@ -427,8 +515,15 @@ def _corrected_detectors(ds, masks, radii, terms, descan) -> list:
         keep = terms.keep.astype(bool).reshape(masks[0].shape)
         stack = np.concatenate([masks[fixed] & keep, keep[None]])
         labels, table = mask_groups(stack)
-        got = ds.map_events(_block_masked, labels, table, dtype=np.uint32,
-                            chunks=(ds.row_chunks, (nx,), (len(fixed) + 1,)), new_axis=[2], name="virtual-mask")
+        got = ds.map_events(
+            _block_masked,
+            labels,
+            table,
+            dtype=np.uint32,
+            chunks=(ds.row_chunks, (nx,), (len(fixed) + 1,)),
+            new_axis=[2],
+            name="virtual-mask",
+        )
         kept = got[..., -1].astype(np.float64)
         fill = np.zeros(masks[0].size)
         fill[terms.fill_idx] = terms.fill_w
@@ -450,17 +545,25 @@ def pacbed(ds) -> xr.DataArray:
     """
     dy, dx = ds.detector_shape
     nb = len(ds.row_chunks)
-    per_block = ds.map_events(_block_histogram, dy * dx, dtype=np.uint64,
-                              chunks=((1,) * nb, (dy * dx,)), name="pacbed")
+    per_block = ds.map_events(_block_histogram, dy * dx, dtype=np.uint64, chunks=((1,) * nb, (dy * dx,)), name="pacbed")
     total = per_block.sum(axis=0, dtype=np.uint64).reshape(dy, dx)
     terms = MaskTerms.of(ds)
     if terms is not None:
         total = total.map_blocks(_fill_pattern, ds.mask, ds.fill, dtype=np.float64)
     origin = ds.calibration.bf_center or (dy / 2, dx / 2)
-    return xr.DataArray(total, dims=("k_y", "k_x"), coords=_det_coords(ds, origin), name="pacbed",
-                        attrs={"units": "electrons", "long_name": "sum of all diffraction patterns",
-                               "k_origin_px": list(origin), "positions": ds.scan_shape[0] * ds.scan_shape[1],
-                               **_correction_attrs(ds)})
+    return xr.DataArray(
+        total,
+        dims=("k_y", "k_x"),
+        coords=_det_coords(ds, origin),
+        name="pacbed",
+        attrs={
+            "units": "electrons",
+            "long_name": "sum of all diffraction patterns",
+            "k_origin_px": list(origin),
+            "positions": ds.scan_shape[0] * ds.scan_shape[1],
+            **_correction_attrs(ds),
+        },
+    )
 
 
 def _fill_pattern(total, mask, fill):
@@ -486,22 +589,36 @@ def radial_profile(ds, bin_px: float = 1.0) -> xr.DataArray:
     """Position-averaged radial profile: mean electrons per pixel per position in rings
     ``[i·bin_px, (i+1)·bin_px)`` px around the BF centre; dim ``k`` (ring centre, mrad)."""
     if not (bin_px > 0 and math.isfinite(bin_px)):
-        raise ValueError(f"bin_px must be a positive number of pixels, got {bin_px!r}")
+        raise InvalidParameter(f"bin_px must be a positive number of pixels, got {bin_px!r}")
     center = _bf_center(ds)
     r_max = _radius_of(ds.detector_shape, center).max()
     n_bins = int(r_max // bin_px) + 1
     n_pos = ds.scan_shape[0] * ds.scan_shape[1]
     pat = pacbed(ds).data.rechunk(-1)
-    prof = pat.map_blocks(_radial, center, float(bin_px), n_bins, n_pos, dtype=np.float64,
-                          chunks=((n_bins,),), drop_axis=1)
+    prof = pat.map_blocks(
+        _radial, center, float(bin_px), n_bins, n_pos, dtype=np.float64, chunks=((n_bins,),), drop_axis=1
+    )
     k = (np.arange(n_bins) + 0.5) * bin_px
-    coords = {"k": xr.Variable("k", k * ds.calibration.detector_pixel_mrad,
-                               {"units": "mrad", "long_name": "scattering angle (ring centre)"}),
-              "k_px": xr.Variable("k", k, {"units": "px", "long_name": "ring centre radius"})}
-    return xr.DataArray(prof, dims=("k",), coords=coords, name="radial_profile",
-                        attrs={"units": "electrons / pixel / position", "bin_px": float(bin_px),
-                               "bf_center_px": list(center),
-                               "long_name": "position-averaged radial profile"})
+    coords = {
+        "k": xr.Variable(
+            "k",
+            k * ds.calibration.detector_pixel_mrad,
+            {"units": "mrad", "long_name": "scattering angle (ring centre)"},
+        ),
+        "k_px": xr.Variable("k", k, {"units": "px", "long_name": "ring centre radius"}),
+    }
+    return xr.DataArray(
+        prof,
+        dims=("k",),
+        coords=coords,
+        name="radial_profile",
+        attrs={
+            "units": "electrons / pixel / position",
+            "bin_px": float(bin_px),
+            "bf_center_px": list(center),
+            "long_name": "position-averaged radial profile",
+        },
+    )
 
 
 def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
@@ -521,12 +638,25 @@ def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
     chunks = (ds.row_chunks, (nx,), (n,), (n,))
     if terms is None and descan is None:
         lookup = kernels.densify_lookup(*ds.detector_shape, y0, x0, b, n, n)
-        data = ds.map_events(_block_densify, lookup, n, dtype=np.float32, chunks=chunks, new_axis=[2, 3],
-                             name="densify")
+        data = ds.map_events(
+            _block_densify, lookup, n, dtype=np.float32, chunks=chunks, new_axis=[2, 3], name="densify"
+        )
     else:
-        data = ds.map_events(_block_densify_shifted, ds.detector_shape[1], y0, x0, b, n,
-                             terms or MaskTerms.none(ds.detector_shape[0] * ds.detector_shape[1]), ds.scan_shape,
-                             descan, dtype=np.float32, chunks=chunks, new_axis=[2, 3], name="densify")
+        data = ds.map_events(
+            _block_densify_shifted,
+            ds.detector_shape[1],
+            y0,
+            x0,
+            b,
+            n,
+            terms or MaskTerms.none(ds.detector_shape[0] * ds.detector_shape[1]),
+            ds.scan_shape,
+            descan,
+            dtype=np.float32,
+            chunks=chunks,
+            new_axis=[2, 3],
+            name="densify",
+        )
     p = ds.calibration.detector_pixel_mrad
     coords = {**ds.scan_coords(), **crop.coords(p)}
     attrs = {**crop.attrs(p), **_correction_attrs(ds)}

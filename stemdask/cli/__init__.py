@@ -1,0 +1,110 @@
+"""The ``stemdask`` command: simulate, ingest, info, validate, calibrate, reconstruct, demo,
+cluster, live.
+
+One module per group of subcommands; each adds its parser and runs with the parsed
+arguments. The science lives in the Python API (:mod:`stemdask.methods`,
+:func:`stemdask.reconstruct.reconstruct` …): ``reconstruct``'s method options and ``demo``'s
+defaults are built from it, and only for the command being run, so that ``stemdask
+--version`` and ``--help`` import nothing heavy.
+
+Errors: a :class:`~stemdask.errors.UserError` (a file, store, option or cluster problem) or
+an ``OSError`` is one line ``stemdask CMD: error: …`` and exit status 2; anything else is a
+stemdask bug and keeps its traceback. ``--debug`` shows the traceback of every error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..errors import UserError
+from . import calibrate, info, live, make_store, reconstruct
+from .common import CLIError, common_options
+
+#: Commands that compute, hence connect to ``--cluster`` first.
+COMPUTING = ("simulate", "ingest", "calibrate", "reconstruct")
+
+
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser and its subcommand parsers by name. ``command``: build the options that need
+    the Python API (``reconstruct``'s methods, ``demo``'s defaults) only for that command
+    (None: for every command)."""
+    parser = argparse.ArgumentParser(
+        prog="stemdask", description="4D-STEM phase-contrast imaging from electron events, on Dask.")
+    parser.add_argument("--version", action="version", version=f"stemdask {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = common_options()
+    return parser, {**reconstruct.add_parsers(sub, common, full=lambda name: command in (None, name)),
+                    **make_store.add_parsers(sub, common), **info.add_parsers(sub, common),
+                    **calibrate.add_parser(sub, common), **live.add_parser(sub, common)}
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; an unknown option is reported against its subcommand (exit 2)."""
+    parser, commands = build_parser(_command_of(argv) or "")
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        name = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
+        commands.get(name, parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def worker_death_message(e, client) -> str:
+    """One line for a ``distributed.KilledWorker``: which task, the workers' memory limit (the
+    usual cause: the kernel's memory use passed it and the nanny restarted the worker)."""
+    worker = e.last_worker
+    limit = getattr(worker, "memory_limit", None)
+    if not limit and client is not None:
+        limits = {w.get("memory_limit") for w in client.scheduler_info().get("workers", {}).values()}
+        limit = max((v for v in limits if v), default=None)
+    from dask.utils import format_bytes
+
+    shown = format_bytes(limit) if limit else "unknown"
+    return (f"Dask workers died {e.allowed_failures + 1} times running task {e.task!r} (last on "
+            f"{getattr(worker, 'address', worker)}), most likely out of memory: worker memory limit {shown}; "
+            f"use a cluster profile with more memory per worker, or a store with fewer --rows-per-block")
+
+
+def _run(args) -> int:
+    if args.command not in COMPUTING:
+        return args.func(args)
+    from ..cluster import connect
+
+    with connect(args.cluster, timeout=args.cluster_timeout) as client:
+        try:
+            return args.func(args)
+        except Exception as e:
+            if type(e).__name__ != "KilledWorker":
+                raise
+            raise CLIError(worker_death_message(e, client)) from None
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return _run(args)
+    except (UserError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"stemdask {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"stemdask {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: Exception) -> str:
+    """The message of a user error; an ``OSError`` as ``FILE: what the system said``."""
+    if isinstance(e, OSError) and not isinstance(e, UserError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
