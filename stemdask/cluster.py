@@ -41,7 +41,7 @@ from pathlib import Path
 import dask
 import yaml
 
-from .errors import InvalidParameter, UserError
+from .errors import InvalidParameter, MissingExtra, UserError
 
 KINDS = {
     "local": ("distributed", "LocalCluster"),
@@ -109,7 +109,7 @@ def make_cluster(profile: dict, scale: bool = True):
         mod = importlib.import_module(module)
     except ImportError:
         extra = {"dask_cuda": "gpu", "dask_jobqueue": "hpc"}.get(module, "")
-        raise ImportError(f"cluster kind {kind!r} needs {module}: pip install 'stemdask[{extra}]'") from None
+        raise MissingExtra(f"cluster kind {kind!r} needs {module}: pip install 'stemdask[{extra}]'") from None
     if scale and kind in SUBMIT and shutil.which(SUBMIT[kind]) is None:
         raise ClusterError(
             f"a {kind} cluster submits its workers with {SUBMIT[kind]!r}, which is not on PATH here: "

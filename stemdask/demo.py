@@ -85,8 +85,8 @@ def run_demo(out_dir: str | Path = "stemdask-demo", *, scan: int = 128, detector
         say(f"    {line}")
     timings["calibrate"] = time.perf_counter() - t
 
-    say(f"4/5 reconstructing on a {'local Dask cluster' if cluster else 'threaded scheduler'}: "
-        "virtual BF/ADF, COM, iCOM, DPC, riCOM, SSB (one pass over the events)")
+    where = "the threaded scheduler" if cluster in (None, "none") else f"the Dask cluster {cluster!r}"
+    say(f"4/5 reconstructing on {where}: virtual BF/ABF/ADF, COM, iCOM, DPC, riCOM, SSB (one pass over the events)")
     t = time.perf_counter()
     with connect(cluster, timeout=cluster_timeout):
         ds = open_dataset(store.path)

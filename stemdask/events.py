@@ -45,7 +45,7 @@ def _read_block(path: str, b: int, allow_incomplete: bool) -> Block:
 
 def _select_toa(block: Block, t_min: int, t_max: int) -> Block:
     if block.toa is None:  # (a weighted block never has them)
-        raise InvalidParameter("dose fractionation needs arrival times; this block has none")
+        raise RuntimeError("dose fractionation needs arrival times; this block has none")  # checked per store first
     counts, indices, toa = kernels.select_toa(block.counts.ravel(), block.indices, block.toa, t_min, t_max)
     return Block(block.index, block.row_start, counts.reshape(block.counts.shape), indices, toa)
 

@@ -42,6 +42,7 @@ from .errors import InvalidParameter
 from .events import scan_coordinates
 from .kernels.events import center_of_mass
 from .kernels.ricom import accumulator_zero, com_from_frames, ricom_kernel, scatter_com
+from .methods.ricom import ricom_long_name
 from .optics import Calibration, scan_to_detector_frame
 from .store import EventStore, open_store
 
@@ -229,7 +230,7 @@ class LiveRiCOM(ScanProgress):
             name="phase",
             attrs={
                 "units": "rad",
-                "long_name": f"live riCOM phase (kernel {self.kernel_size})",
+                "long_name": "live " + ricom_long_name(self.kernel_size, self.kmin, self.kmax),
                 "method": "ricom-live",
                 "positions_done": self.positions_done,
             },

@@ -42,6 +42,7 @@ import functools
 import math
 import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,6 +59,7 @@ from .kernels.live import frame_sums
 from .kernels.ricom import accumulator_zero
 from .live import LiveRiCOM, ScanProgress
 from .live_ssb import CROP_SIDE, LiveSSB
+from .methods.ricom import ricom_long_name
 from .methods.ssb import SSBResult, signed_c10, stored_defocus, unsigned_magnitude
 from .optics import Aberrations, Calibration, descan_offsets
 from .reductions import PRESETS, Annulus, MaskTerms, detector_masks, detector_name, mask_groups
@@ -95,7 +97,7 @@ class LiveSession(ScanProgress):
         detector_shape,
         calibration: Calibration,
         *,
-        methods=DEFAULT_METHODS,
+        methods=None,
         kernel_size: int = 61,
         kmin: float | None = None,
         kmax: float | None = None,
@@ -113,6 +115,8 @@ class LiveSession(ScanProgress):
     ):
         self.scan_shape = tuple(int(v) for v in scan_shape)
         self.detector_shape = tuple(int(v) for v in detector_shape)
+        asked = methods is not None
+        methods = DEFAULT_METHODS if methods is None else methods
         unknown = set(methods) - set(METHODS)
         if unknown:
             raise InvalidParameter(f"unknown live method(s) {sorted(unknown)}; choose from {list(METHODS)}")
@@ -129,7 +133,7 @@ class LiveSession(ScanProgress):
         ny, nx = self.scan_shape
         self.com = np.full((2, ny, nx), np.nan)  # Σ I·k / Σ I (px), not yet minus the reference
         self.counts = np.zeros((ny, nx), np.int64)
-        self._setup_virtual(inner_mrad, outer_mrad)
+        self._setup_virtual(inner_mrad, outer_mrad, required=asked)
         self.kernel_size, self.kmin, self.kmax = int(kernel_size), kmin, kmax
         self.ricom = self._new_ricom() if "ricom" in self.methods else None
         self.live_ssb = (
@@ -153,7 +157,9 @@ class LiveSession(ScanProgress):
         self.latencies: list[float] = []  # s, from a batch's first frame arriving to its contribution
 
     # ------------------------------------------------------------------ set-up
-    def _setup_virtual(self, inner_mrad, outer_mrad) -> None:
+    def _setup_virtual(self, inner_mrad, outer_mrad, required: bool) -> None:
+        """The virtual detectors; without a BF radius (and no angles given) none, said in a
+        warning — or an error where ``virtual`` was asked for by name."""
         self.detectors: dict = {}
         if "virtual" in self.methods:
             if inner_mrad is not None or outer_mrad is not None:  # as reconstruct --method virtual
@@ -161,8 +167,11 @@ class LiveSession(ScanProgress):
             elif self.calibration.bf_radius is not None:
                 self.detectors.update({name: name for name in PRESETS})
             else:
-                raise InvalidParameter("the BF/ABF/ADF virtual detectors need the BF-disk radius: give --bf-radius "
-                                       "(or --calibration-from a calibrated store), or --inner-mrad/--outer-mrad")
+                why = ("the BF/ABF/ADF virtual detectors need the BF-disk radius: give --bf-radius (or "
+                       "--calibration-from a calibrated store), or --inner-mrad/--outer-mrad")
+                if required:
+                    raise InvalidParameter(why)
+                warnings.warn(f"no virtual images: {why}", stacklevel=3)
         if self.detectors:
             if self.calibration.bf_center is None:
                 raise InvalidParameter(
@@ -215,16 +224,16 @@ class LiveSession(ScanProgress):
         self.ssb_phase: np.ndarray | None = None
         self.ssb_seconds: float | None = None  # last position in → SSB phase ready (s)
         self.ssb_attrs: dict = {}  # of the phase: aberrations, weighting, semi-angle, C10's source
-        self._ssb_magnitude = None  # a measured |C10| whose sign the focus criterion picks at the end
+        self.ssb_c10_magnitude = None  # a measured |C10| whose sign the focus criterion picks at the end
         if aberrations is not None:
             self.aberrations, self.ssb_c10_source = aberrations, "given"
             return
         c10, self.ssb_c10_source = stored_defocus(self.calibration)
         self.aberrations = Aberrations(C10=c10)
-        self._ssb_magnitude = unsigned_magnitude(self.calibration)
-        if self._ssb_magnitude is not None:
+        self.ssb_c10_magnitude = unsigned_magnitude(self.calibration)
+        if self.ssb_c10_magnitude is not None:
             self.ssb_c10_source = (
-                f"calibrate measured |C10| = {self._ssb_magnitude:.1f} Å but not its sign: "
+                f"calibrate measured |C10| = {self.ssb_c10_magnitude:.1f} Å but not its sign: "
                 "the focus criterion picks it when the scan completes"
             )
 
@@ -333,8 +342,8 @@ class LiveSession(ScanProgress):
         t = time.perf_counter()
         result = self.live_ssb.reconstruct(self.calibration, self.aberrations)
         extra = {}
-        if self._ssb_magnitude is not None:  # as batch SSB does (methods.ssb.run)
-            c10, self.ssb_c10_source, extra = signed_c10(result, self._ssb_magnitude)
+        if self.ssb_c10_magnitude is not None:  # as batch SSB does (methods.ssb.run)
+            c10, self.ssb_c10_source, extra = signed_c10(result, self.ssb_c10_magnitude)
             self.aberrations = dataclasses.replace(self.aberrations, C10=c10)
         phase = result.refocus(self.aberrations)
         values = phase.values
@@ -412,7 +421,7 @@ class LiveSession(ScanProgress):
                     snap["phase"],
                     {
                         "units": "rad",
-                        "long_name": f"riCOM phase (kernel {self.kernel_size})",
+                        "long_name": ricom_long_name(self.kernel_size, self.kmin, self.kmax),
                         "kernel_size": self.kernel_size,
                         "kmin_inv_a": self.kmin,
                         "kmax_inv_a": self.kmax,

@@ -21,6 +21,8 @@ import threading
 
 import numpy as np
 
+from .errors import MissingExtra
+
 
 class ViewServer:
     """The running view: ``url``; :meth:`stop` shuts the server down."""
@@ -172,5 +174,5 @@ class ViewServer:
 def serve(session, port: int = 5006, interval_ms: int = 250) -> ViewServer:
     """Serve the view of ``session`` on ``http://127.0.0.1:port/`` (port 0: any free one) in a thread."""
     if importlib.util.find_spec("bokeh") is None:
-        raise ImportError("the live view needs bokeh: pip install 'stemdask[live]'")
+        raise MissingExtra("the live view needs bokeh: pip install 'stemdask[live]'")
     return ViewServer(session, port, interval_ms)

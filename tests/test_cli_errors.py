@@ -102,3 +102,27 @@ def test_cluster_none_means_threads_for_every_command(store, tmp_path, capsys):
     out = tmp_path / "r.zarr"
     assert main(["reconstruct", str(store), "--method", "com", "--out", str(out), "--cluster", "none", "--quiet"]) == 0
     assert out.exists()
+
+
+def test_a_missing_extra_is_one_line(store, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("dask_cuda") is not None:
+        pytest.skip("dask-cuda is installed here: the gpu extra is not missing")
+    argv = ["reconstruct", str(store), "--method", "com", "--out", str(tmp_path / "r.zarr"), "--cluster", "local-cuda"]
+    assert main(argv) == 2
+    assert "needs dask_cuda: pip install 'stemdask[gpu]'" in one_error_line(capsys, "reconstruct")
+
+
+def test_live_without_a_bf_radius_says_there_are_no_virtual_images():
+    from stemdask.errors import InvalidParameter
+    from stemdask.live_session import LiveSession
+    from stemdask.optics import Calibration
+
+    calibration = Calibration(bf_center=(8.0, 8.0))  # a centre, no radius
+    with pytest.warns(UserWarning, match="no virtual images: the BF/ABF/ADF virtual detectors need the BF-disk radius"):
+        session = LiveSession((4, 4), (16, 16), calibration)
+    assert session.detectors == {} and session.ricom is not None
+    with pytest.raises(InvalidParameter, match="need the BF-disk radius"):
+        LiveSession((4, 4), (16, 16), calibration, methods=["virtual"])
+    assert set(LiveSession((4, 4), (16, 16), calibration, outer_mrad=5.0).detectors) == {"image"}

@@ -155,7 +155,7 @@ def calibrate(
     full_mask = defects["mask"] | (mask if mask is not None else False)
     try:
         disk = fit_bf_disk(pacbed, full_mask)
-    except ValueError as e:
+    except InvalidParameter as e:
         hint = " (the mask may hide it)" if mask is not None and mask.any() else ""
         raise InvalidParameter(f"{ds.store.path}: {e}{hint}") from None
     yy, xx = np.indices(det)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .. import __version__
 from ..errors import UserError
@@ -88,7 +89,11 @@ def _run(args) -> int:
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else list(argv))
     try:
-        return _run(args)
+        with warnings.catch_warnings():
+            if not args.debug:  # a warning is one line too, naming the command (--debug: where it came from)
+                warnings.showwarning = lambda message, *_, **__: print(
+                    f"stemdask {args.command}: warning: {message}", file=sys.stderr)
+            return _run(args)
     except (UserError, OSError) as e:
         if args.debug:
             raise

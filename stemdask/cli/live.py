@@ -34,11 +34,11 @@ def add_parser(sub, common) -> dict:
                    help="longest wait for the detector's next data, seconds (default 10)")
     p.add_argument("--view", action="store_true", help="serve a live view on http://127.0.0.1:PORT (default: off)")
     p.add_argument("--port", type=int, default=5006, help="port of --view (default 5006)")
-    p.add_argument("--kernel-size", type=int, default=61, metavar="N",
+    p.add_argument("--kernel-size", type=int, metavar="N",
                    help="riCOM kernel full width, scan pixels, odd (default 61)")
     p.add_argument("--kmin", type=float, metavar="Å⁻¹", help="riCOM band-pass lower cut-off, Å⁻¹ (default none)")
     p.add_argument("--kmax", type=float, metavar="Å⁻¹", help="riCOM band-pass upper cut-off, Å⁻¹ (default none)")
-    p.add_argument("--ssb-crop", type=int, default=32, metavar="N",
+    p.add_argument("--ssb-crop", type=int, metavar="N",
                    help="--method ssb: largest side of the crop of each position, output pixels (the BF disk, "
                         "ceil(1.1·R) + 1 px around its centre, is binned to fit; default 32)")
     p.add_argument("--c10", type=float, metavar="Å",
@@ -68,10 +68,8 @@ def add_parser(sub, common) -> dict:
 def _refuse_unused(args) -> None:
     """An option of a method that is not among ``--method`` is refused (one line)."""
     methods = args.method or ["ricom", "virtual", "com"]
-    defaults = {"kernel_size": 61, "kmin": None, "kmax": None, "ssb_crop": 32, "c10": None, "inner_mrad": None,
-                "outer_mrad": None}
     for option, method in _METHOD_ONLY.items():
-        if getattr(args, option) != defaults[option] and method not in methods:
+        if getattr(args, option) is not None and method not in methods:
             raise CLIError(f"--{option.replace('_', '-')} applies to --method {method}, not to {', '.join(methods)}")
 
 
@@ -96,7 +94,7 @@ def run_live(args) -> int:
     """``stemdask live``: open the source, run the session (and its view), save, report."""
     import numpy as np
 
-    from ..live_session import DEFAULT_METHODS, LiveSession
+    from ..live_session import LiveSession
     from ..live_sources import StreamError, open_source
     from ..optics import Aberrations
     from ..reconstruct import RESULT_FORMAT, write_result
@@ -115,16 +113,16 @@ def run_live(args) -> int:
         # the mask comes from where the calibration comes from (live_calibration)
         mask, fill = open_store(args.calibration_from, allow_incomplete=True).detector_mask() \
             if args.calibration_from else getattr(source, "detector_mask", (None, None))
+        given = {k: getattr(args, k) for k in ("kernel_size", "ssb_crop") if getattr(args, k) is not None}
         session = LiveSession(
-            (ny, nx), source.detector_shape, live_calibration(args, source), methods=args.method or DEFAULT_METHODS,
-            mask=mask, fill=fill, ssb_crop=args.ssb_crop,
-            aberrations=None if args.c10 is None else Aberrations(C10=args.c10), kernel_size=args.kernel_size,
-            kmin=args.kmin, kmax=args.kmax, inner_mrad=args.inner_mrad, outer_mrad=args.outer_mrad, save=args.save,
+            (ny, nx), source.detector_shape, live_calibration(args, source), methods=args.method, mask=mask,
+            fill=fill, aberrations=None if args.c10 is None else Aberrations(C10=args.c10), kmin=args.kmin,
+            kmax=args.kmax, inner_mrad=args.inner_mrad, outer_mrad=args.outer_mrad, save=args.save,
             overwrite=args.overwrite, rows_per_block=args.rows_per_block,
-            provenance={"source": str(args.source), "format": "live"},
+            provenance={"source": str(args.source), "format": "live"}, **given,
         )
         if session.live_ssb is not None:
-            c10 = "" if session._ssb_magnitude is not None else f" = {session.aberrations.C10:g} Å"
+            c10 = "" if session.ssb_c10_magnitude is not None else f" = {session.aberrations.C10:g} Å"
             print(f"{session.live_ssb.describe()}; SSB C10{c10} ({session.ssb_c10_source})", flush=True)
         view = None
         if args.view:

@@ -26,23 +26,27 @@ def add_parsers(sub, common) -> dict:
                    help="the faults every real dataset has: 17° scan rotation, BF disk off centre by (2.6, −3.3) px, "
                         "plane descan, a hot pixel, dead pixels, a dead column, Bragg background 0.6, TDS 0.05; "
                         "the options below replace their part (default: an ideal detector)")
-    g.add_argument("--rotation-deg", type=float, metavar="DEG", help="scan rotation, degrees, any angle (default 0)")
+    g.add_argument("--rotation-deg", type=float, metavar="DEG",
+                   help="scan rotation, degrees, any angle (default 0; --realistic 17)")
     g.add_argument("--flip", action="store_true", help="mirror the detector (default: no flip)")
     g.add_argument("--bf-offset", nargs=2, type=float, metavar=("DY", "DX"),
-                   help="BF-disk centre offset from the detector middle, px (default 0 0)")
+                   help="BF-disk centre offset from the detector middle, px (default 0 0; --realistic 2.6 −3.3)")
     g.add_argument("--descan", nargs="+", metavar="MODEL C",
                    help="disk drift over the scan: 'plane AY BY AX BX' or 'quadratic' with 5 + 5 coefficients "
-                        "(px per unit of the centred scan fractions u (rows), v (columns) ∈ [−½, ½]; default none)")
+                        "(px per unit of the centred scan fractions u (rows), v (columns) ∈ [−½, ½]; default none; "
+                        "--realistic a plane of a few px)")
     g.add_argument("--hot-pixel", nargs=3, type=float, action="append", metavar=("Y", "X", "RATE"),
-                   help="a hot pixel at (Y, X) px with RATE spurious events per position (repeatable; default none)")
+                   help="a hot pixel at (Y, X) px with RATE spurious events per position "
+                        "(repeatable; default none; --realistic: see above)")
     g.add_argument("--dead-pixel", nargs=2, type=int, action="append", metavar=("Y", "X"),
-                   help="a dead pixel at (Y, X) px (repeatable; default none)")
+                   help="a dead pixel at (Y, X) px (repeatable; default none; --realistic: see above)")
     g.add_argument("--dead-column", type=int, action="append", metavar="X",
-                   help="a dead detector column X, px (repeatable; default none)")
+                   help="a dead detector column X, px (repeatable; default none; --realistic: see above)")
     g.add_argument("--dead-row", type=int, action="append", metavar="Y",
-                   help="a dead detector row Y, px (repeatable; default none)")
+                   help="a dead detector row Y, px (repeatable; default none; --realistic: see above)")
     g.add_argument("--bragg", type=float, metavar="W",
-                   help="tilted-crystal Bragg-disk background, peak weight relative to the BF plateau (default 0)")
+                   help="tilted-crystal Bragg-disk background, peak weight relative to the BF plateau (default 0; "
+                        "--realistic 0.6)")
     g.add_argument("--bragg-tilt", nargs=2, type=float, metavar=("TY", "TX"),
                    help="Laue-circle centre of the Bragg pattern, units of α/λ (default 0.6 0.3)")
     g.add_argument("--tds", type=float, metavar="F",

@@ -124,7 +124,7 @@ def _default_text(option: Option) -> str:
     by_value: dict[str, list[str]] = {}
     for method, value in option.defaults.items():
         by_value.setdefault(_shown(value), []).append(method)
-    if list(by_value) == ["none"] and "(none:" in option.help:
+    if list(by_value) == ["none"] and "(none:" in option.help:  # shown as "(default: …)"
         return ""
     if len(by_value) == 1:
         return f"; default {next(iter(by_value))}"
@@ -132,7 +132,7 @@ def _default_text(option: Option) -> str:
 
 
 def _add(group, option: Option) -> None:
-    help_text = option.help + _default_text(option) if option.help else ""
+    help_text = (option.help + _default_text(option)).replace("(none: ", "(default: ") if option.help else ""
     plain, literals, _, positive = _parts(option.annotation)
     kw: dict = {"dest": option.parameter, "default": argparse.SUPPRESS, "help": help_text}
     if plain == [bool]:

@@ -21,7 +21,7 @@ def add_parsers(sub, common, full=lambda command: True) -> dict:
     p.add_argument("--method", required=True, action="append", choices=NAMES,
                    help="a method; repeat for several in one pass over the events (no default)")
     p.add_argument("--out", required=True, help="result store (.zarr, an xarray Dataset); its folder must exist")
-    p.add_argument("--png", help="also write a figure of every image (default: none)")
+    p.add_argument("--png", help="also write a figure of every image; its folder must exist (default: none)")
     p.add_argument("--rotation-deg", type=float, metavar="DEG",
                    help="override the calibrated scan rotation, degrees; recorded in the result as 'command line' "
                         "(default: the stored one)")

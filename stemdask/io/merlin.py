@@ -238,7 +238,7 @@ def decode_frames(data: np.ndarray, header: FrameHeader) -> np.ndarray:
     """
     data = np.asarray(data)
     if data.ndim != 2 or data.shape[1] != header.data_bytes or data.dtype != np.uint8:
-        raise InvalidParameter(f"expected (m, {header.data_bytes}) uint8 pixel data, got {data.dtype} {data.shape}")
+        raise ValueError(f"expected (m, {header.data_bytes}) uint8 pixel data, got {data.dtype} {data.shape}")
     m = data.shape[0]
     if header.pixel_type == "U08":
         return data.reshape((m,) + header.shape)

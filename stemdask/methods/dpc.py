@@ -28,7 +28,7 @@ def dpc(com: xr.Dataset, calibration: Calibration, *, iterations: int = 100, ste
 
 def run(ds: EventDataset, *, com_reference: ComReference = "mean", dpc_iterations: PositiveInt = 100,
         dpc_step: PositiveFloat = 0.5, dpc_lambda1: float = 0.0, dpc_lambda2: float = 0.0,
-        dpc_tol: PositiveFloat = 1e-4, dpc_pad: float = 0.25) -> xr.Dataset:
+        dpc_tol: float = 1e-4, dpc_pad: float = 0.25) -> xr.Dataset:
     """DPC phase (rad) by regularised gradient descent (Pelz et al. 2022): variable phase.
 
     Parameters
@@ -36,7 +36,7 @@ def run(ds: EventDataset, *, com_reference: ComReference = "mean", dpc_iteration
     com_reference
         as for :func:`stemdask.methods.com.run`; mean here: a constant COM is no phase contrast
     dpc_iterations
-        most gradient steps
+        maximum number of gradient steps
     dpc_step
         gradient step μ (dimensionless; 1 with no regularisation and no padding is one exact
         Fourier integration)

@@ -58,9 +58,14 @@ def ricom(com: xr.Dataset, calibration: Calibration, *, kernel_size: int = 61,
     kernel = ricom_kernel(kernel_size, calibration.scan_step_a, kmin, kmax, grid_shape=gy.shape)
     data = ricom_dask(gy.data, gx.data, kernel)
     params = {"kernel_size": int(kernel_size), "kmin_inv_a": kmin, "kmax_inv_a": kmax}
+    return phase_dataset(data, gy, "ricom", ricom_long_name(kernel_size, kmin, kmax), params)
+
+
+def ricom_long_name(kernel_size: int, kmin: float | None, kmax: float | None) -> str:
+    """``riCOM phase (kernel 61, band 0.05–∞ Å⁻¹)``: the image's name with what changes it."""
     band = "" if kmin is None and kmax is None else \
         f", band {kmin or 0:g}–{'∞' if kmax is None else format(kmax, 'g')} Å⁻¹"
-    return phase_dataset(data, gy, "ricom", f"riCOM phase (kernel {int(kernel_size)}{band})", params)
+    return f"riCOM phase (kernel {int(kernel_size)}{band})"
 
 
 def run(ds: EventDataset, *, com_reference: ComReference = "mean", kernel_size: PositiveInt = 61,

@@ -770,7 +770,7 @@ def run(
         where it measured only |C10|, the sign the focus criterion picks; else 0, in focus).
         'auto': search C10 with the focus criterion Σ phase² around that value
     c10_span
-        with c10 auto: search the start ± this, Å (none: ±300 Å around 0, ±max(100 Å,
+        when C10 is searched ('auto'): the start ± this, Å (none: ±300 Å around 0, ±max(100 Å,
         |estimate|/2) around a stored estimate; at least a few depths of focus λ/α²)
     c12
         two-fold astigmatism C12, Å

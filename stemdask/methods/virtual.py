@@ -22,8 +22,8 @@ def run(ds: EventDataset, *, inner_mrad: float | None = None, outer_mrad: float 
     Parameters
     ----------
     inner_mrad
-        inner angle of one annular detector around the BF centre, mrad (none: 0 when
-        outer_mrad is given, else the named BF/ABF/ADF annuli)
+        inner angle of one annular detector around the BF centre, mrad (none: 0 when an
+        outer angle is given, else the named BF/ABF/ADF annuli)
     outer_mrad
         outer angle of that detector, mrad (none: the detector edge)
     """
