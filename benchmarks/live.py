@@ -85,7 +85,7 @@ def main():
     print(
         f"{os.cpu_count()} cores; {scan}×{scan} scan of {DET}×{DET} 6-bit frames "
         f"({pool.shape[1] / 1e3:.1f} kB each, {args.electrons:g} e⁻ in the BF disk), "
-        f"riCOM n = {args.kernel} + virtual image/BF/ADF + COM"
+        f"riCOM n = {args.kernel} + virtual BF/ABF/ADF + COM"
     )
     fps, lat, _ = run(pool, scan, args.kernel)
     print(

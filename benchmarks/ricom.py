@@ -37,7 +37,7 @@ import scipy.ndimage
 
 from stemdask.kernels.events import center_of_mass
 from stemdask.kernels.ricom import accumulator_zero, com_from_frames, correlate_zero_padded, ricom_kernel, scatter_com
-from stemdask.live import LiveRiCOM
+from stemdask.live_ricom import LiveRiCOM
 from stemdask.methods.ricom import ricom_dask
 from stemdask.optics import Calibration
 

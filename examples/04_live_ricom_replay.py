@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import stemdask
-from stemdask.live import LiveRiCOM, LiveView, replay_store
+from stemdask.live_ricom import LiveRiCOM, LiveView, replay_store
 from stemdask.methods.ricom import ricom
 from stemdask.simulate import SimulationParams, load_truth, simulate
 

@@ -11,7 +11,7 @@
   :mod:`stemdask.reductions`, or ``image`` for ``inner_mrad ≤ θ < outer_mrad`` when given).
   Unlike batch, live annuli stay at the scan-centre BF position (they do not follow a descan)
   and masked pixels are left out, not filled; ``counts`` are the electrons on kept pixels;
-* riCOM through :class:`stemdask.live.LiveRiCOM` (rad; the same kernel as batch riCOM, the
+* riCOM through :class:`stemdask.live_ricom.LiveRiCOM` (rad; the same kernel as batch riCOM, the
   mask and descan applied as batch COM applies them, so the finished image equals
   ``reconstruct --method ricom --com-reference bf``);
 * with ``ssb`` (not a default: it keeps the scan-x FFT of every row's BF-disk pixels, a
@@ -57,7 +57,7 @@ from .kernels.dense import counted_frames_to_events, counted_frames_to_weighted
 from .kernels.events import center_of_mass, masked_counts, position_sums
 from .kernels.live import frame_sums
 from .kernels.ricom import accumulator_zero
-from .live import LiveRiCOM, ScanProgress
+from .live_ricom import LiveRiCOM, ScanProgress
 from .live_ssb import CROP_SIDE, LiveSSB
 from .methods.ricom import ricom_long_name
 from .methods.ssb import SSBResult, signed_c10, stored_defocus, unsigned_magnitude
@@ -292,7 +292,7 @@ class LiveSession(ScanProgress):
     def push_events(self, indices, counts, arrival: float | None = None, weights=None) -> None:
         """The next ``len(counts)`` positions as electron events (``indices``: linear detector pixels,
         in scan order; with ``weights``, each entry that many electrons) — the signature of
-        :meth:`stemdask.live.LiveRiCOM.push_events`, so :func:`stemdask.live.consume` feeds a
+        :meth:`stemdask.live_ricom.LiveRiCOM.push_events`, so :func:`stemdask.live_ricom.consume` feeds a
         session from a queue of per-position arrays."""
         counts = np.ascontiguousarray(counts).ravel()
         indices = np.ascontiguousarray(indices).ravel()

@@ -18,7 +18,7 @@ LAYERS = {
     "stemdask.optics": 1, "stemdask.kernels": 1,
     "stemdask.store": 2, "stemdask.outputs": 2, "stemdask.progress": 2, "stemdask.io": 2, "stemdask.cluster": 2,
     "stemdask.events": 3, "stemdask.reductions": 3, "stemdask.methods": 3, "stemdask.calibrate": 3,
-    "stemdask.simulate": 3, "stemdask.live": 3, "stemdask.live_ssb": 3, "stemdask.live_sources": 3,
+    "stemdask.simulate": 3, "stemdask.live_ricom": 3, "stemdask.live_ssb": 3, "stemdask.live_sources": 3,
     "stemdask.reconstruct": 4, "stemdask.plotting": 4, "stemdask.live_session": 4, "stemdask.widgets": 4,
     "stemdask.testing": 4,
     "stemdask.demo": 5, "stemdask.live_view": 5,

@@ -16,7 +16,7 @@ import zarr
 
 import stemdask.events
 from stemdask.kernels.ricom import correlate_zero_padded, ricom_kernel
-from stemdask.live import LiveRiCOM, LiveView, consume, replay_csr, replay_store
+from stemdask.live_ricom import LiveRiCOM, LiveView, consume, replay_csr, replay_store
 from stemdask.methods.ricom import ricom
 from stemdask.optics import Calibration
 from stemdask.simulate import SimulationParams, simulate

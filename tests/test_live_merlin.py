@@ -167,7 +167,7 @@ def test_consume_a_queue_of_positions_into_a_session(scan):
     """Acquisition software with events already: ``consume(queue, session)`` (``None`` ends it)."""
     import queue
 
-    from stemdask.live import consume
+    from stemdask.live_ricom import consume
 
     ingested = open_store(scan["store"])
     indices, offsets = ingested.to_csr()

@@ -13,7 +13,7 @@ from stemdask.io import ingest
 from stemdask.kernels.dense import counted_frames_to_events, counted_frames_to_weighted
 from stemdask.kernels.events import annular_counts, center_of_mass, densify, histogram, position_sums
 from stemdask.kernels.ricom import accumulator_zero, com_from_frames
-from stemdask.live import LiveRiCOM
+from stemdask.live_ricom import LiveRiCOM
 from stemdask.methods.ricom import ricom
 from stemdask.methods.ssb import ssb
 from stemdask.simulate import SimulationParams, simulate_dense

@@ -1,7 +1,7 @@
 """riCOM kernels (Yu et al. 2022): the kernel, its response, batch correlation, and the numba
 scatter of live riCOM.
 
-Units and conventions (the same for batch and live riCOM, :mod:`stemdask.live`):
+Units and conventions (the same for batch and live riCOM, :mod:`stemdask.live_ricom`):
 
 * Input: the COM field in the **scan frame** (rotation/flip already applied) in **Å⁻¹**;
   for a thin object COM = ∇φ / 2π (φ in rad, r in Å).
