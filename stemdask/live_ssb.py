@@ -105,7 +105,7 @@ class LiveSSB:
     def _add(self, where: slice, crops) -> None:
         """The crops of positions ``where``: every row they complete goes through the scan-x FFT."""
         if where.start != self._next:
-            raise RuntimeError(  # the session pushes in scan order: a stemdask bug
+            raise InvalidParameter(  # LiveSSB.push_* are public: a caller's mistake
                 f"positions {where.start}… pushed after {self._next}: live SSB takes them in scan order"
             )
         nx, w = self.scan_shape[1], self.window
