@@ -138,6 +138,9 @@ def main(argv=None):
     ap.add_argument("--checksum-cost", action="store_true",
                     help="instead: COM events per CPU-second on the same events stored with verification "
                          "(format 2: chunk and block CRC-32C on every read) and without (format 1)")
+    ap.add_argument("--read-path", action="store_true",
+                    help="instead: reading the entries directly (stemdask.chunk_reads) against through zarr — "
+                         "row-block reads and COM end to end, events per CPU-second, in one run")
     args = ap.parse_args(argv)
     if args.codec:
         from zarr.codecs import BloscCodec, Crc32cCodec
@@ -168,6 +171,8 @@ def main(argv=None):
               f"{store.nbytes_stored() / n_events:.2f} B/event on disk, generated in {time.perf_counter() - t:.1f} s")
         if args.out_of_core:
             out_of_core(store, args, limit)
+        elif args.read_path:
+            read_path(store, args)
         elif args.checksum_cost:
             checksum_cost(store, make_store(path.with_name("v1.zarr"), args.scan, args.epp, args.bf_radius, 1), args)
         else:
@@ -239,6 +244,36 @@ def run(store, args):
         print(f"densify bin {b}: allocating one block's float32 output ({per_block}×{n_out}×{n_out}, "
               f"{per_block * n_out * n_out * 4 / 1e6:.0f} MB) alone: {t * 1e3:.0f} ms "
               f"= {blocks[0].indices.size / t / 1e6:.0f} M events/s ceiling")
+
+
+def read_path(store, args):
+    """Entries read directly (stemdask.chunk_reads) against through zarr's pipeline, alternating."""
+    ds = stemdask.open(store.path)
+    direct = dict(store._direct)
+    plain = stemdask.store.EventStore.read_block
+
+    def through_zarr(self, b):
+        self._direct = {}
+        return plain(self, b)
+
+    def read_all():
+        for b in range(store.n_blocks):
+            store.read_block(b)
+
+    com = lambda: ds.com().compute(scheduler="threads")  # noqa: E731
+    figures = {}
+    for label in ("direct", "zarr", "direct", "zarr"):
+        store._direct = direct if label == "direct" else {}
+        stemdask.store.EventStore.read_block = plain if label == "direct" else through_zarr
+        try:
+            for what, fn in (("read", read_all), ("COM", com)):
+                _, cpu = best_of(fn, args.repeat)
+                figures[(label, what)] = max(figures.get((label, what), 0), store.n_events / cpu)
+        finally:
+            stemdask.store.EventStore.read_block = plain
+    for what in ("read", "COM"):
+        d, z = figures[("direct", what)], figures[("zarr", what)]
+        print(f"{what:5s} direct {d / 1e6:5.0f} M events/CPU-s, through zarr {z / 1e6:5.0f} M → {d / z:.2f}×")
 
 
 def checksum_cost(verified, unverified, args):

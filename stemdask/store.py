@@ -93,6 +93,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from .chunk_reads import ChunkReadError, DirectChunks
 from .errors import InvalidParameter, UserError
 from .kernels.events import position_sums
 from .optics import Calibration
@@ -242,6 +243,9 @@ class EventStore:
         self._weights = group["weights"] if self.weighted and "weights" in group else None
         self._entries = group["entries"] if self.weighted and "entries" in group else None
         self._check_layout()
+        #: Direct chunk readers of the entry arrays (None: read through zarr), see :mod:`stemdask.chunk_reads`.
+        self._direct = {arr.basename: DirectChunks.of(arr, self.path / arr.basename)
+                        for arr in (self._indices, self._toa, self._weights) if arr is not None}
 
     def _corrupt(self, what: str) -> CorruptStoreError:
         return CorruptStoreError(f"{self.path}: {what}; {_REMEDY}")
@@ -517,9 +521,9 @@ class EventStore:
             if self.block_record(b, counts, n, entries if self.weighted else None) != stored:
                 raise self._corrupt(self._explain_crc_mismatch(b, n))
         start = b * self.cap
-        indices = self._read(self._indices, b, slice(start, start + n))
-        toa = self._read(self._toa, b, slice(start, start + n)) if self.has_toa else None
-        weights = self._read(self._weights, b, slice(start, start + n)) if self.weighted else None
+        indices = self._read_entries(self._indices, b, start, n)
+        toa = self._read_entries(self._toa, b, start, n) if self.has_toa else None
+        weights = self._read_entries(self._weights, b, start, n) if self.weighted else None
         if any(a is not None and a.size != n for a in (indices, toa, weights)):
             raise self._corrupt(f"{where}: counts sum to {n} entries but only {indices.size} indices are stored")
         # The last guards: kernels index detector arrays with these values, and the weights
@@ -575,6 +579,19 @@ class EventStore:
                 raise self._corrupt(f"chunk {key} of row block {b} (rows {r0}..{r1 - 1}) is truncated") from None
             crc = google_crc32c.extend(crc, trailer)
         return crc
+
+    def _read_entries(self, arr, b: int, start: int, n: int) -> np.ndarray:
+        """Entries ``[start, start + n)`` of an entry array, for row block ``b``: read directly
+        where the layout allows (:mod:`stemdask.chunk_reads`), else through zarr."""
+        direct = self._direct.get(arr.basename)
+        if direct is None:
+            return self._read(arr, b, slice(start, start + n))
+        try:
+            return direct.read(start, start + n)
+        except ChunkReadError as e:
+            r0, r1 = self.block_rows(b)
+            raise self._corrupt(f"{arr.basename} chunk {self._chunk_key(arr.basename, e.chunk)} of row block {b} "
+                                f"(rows {r0}..{r1 - 1}) cannot be read: {e.reason}") from None
 
     def _read(self, arr, b: int, sel: slice) -> np.ndarray:
         """``arr[sel]`` for row block ``b``; a codec failure names the chunk that failed."""

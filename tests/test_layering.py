@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stemdask"
 LAYERS = {
     "stemdask.errors": 0,
     "stemdask.optics": 1, "stemdask.kernels": 1,
-    "stemdask.store": 2, "stemdask.outputs": 2, "stemdask.progress": 2, "stemdask.io": 2, "stemdask.cluster": 2,
+    "stemdask.store": 2,
+    "stemdask.chunk_reads": 2, "stemdask.outputs": 2, "stemdask.progress": 2, "stemdask.io": 2, "stemdask.cluster": 2,
     "stemdask.events": 3, "stemdask.reductions": 3, "stemdask.methods": 3, "stemdask.calibrate": 3,
     "stemdask.simulate": 3, "stemdask.live_ricom": 3, "stemdask.live_ssb": 3, "stemdask.live_sources": 3,
     "stemdask.reconstruct": 4, "stemdask.plotting": 4, "stemdask.live_session": 4, "stemdask.widgets": 4,
