@@ -126,3 +126,17 @@ def test_live_without_a_bf_radius_says_there_are_no_virtual_images():
     with pytest.raises(InvalidParameter, match="need the BF-disk radius"):
         LiveSession((4, 4), (16, 16), calibration, methods=["virtual"])
     assert set(LiveSession((4, 4), (16, 16), calibration, outer_mrad=5.0).detectors) == {"image"}
+
+
+def test_live_records_optics_nobody_gave_as_assumed(tmp_path):
+    from types import SimpleNamespace
+
+    from stemdask.cli.live import live_calibration
+
+    args = SimpleNamespace(calibration_from=None, energy_kev=200.0, scan_step=None, detector_pixel_mrad=None,
+                           bf_center=[8, 8], bf_radius=None, rotation_deg=None, flip=None)
+    with pytest.warns(UserWarning, match=r"ASSUMED.*1 Å \(--scan-step\), 1 mrad/px \(--detector-pixel-mrad\)"):
+        calibration = live_calibration(args, SimpleNamespace(calibration=None))
+    assert calibration.energy_ev == 200e3 and calibration.origins["energy_ev"] == "command line"
+    assert calibration.origins["scan_step_a"] == calibration.origins["detector_pixel_mrad"] == "assumed"
+    assert calibration.origins["bf_center"] == "command line"

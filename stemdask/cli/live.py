@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from .common import CLIError, add_optics_options, check_output_path
 
@@ -82,12 +83,26 @@ def live_calibration(args, source):
     if args.calibration_from:
         calibration = open_store(args.calibration_from, allow_incomplete=True).calibration
     else:
-        calibration = getattr(source, "calibration", None) or Calibration()
+        calibration = getattr(source, "calibration", None)
     changes = {"energy_ev": None if args.energy_kev is None else args.energy_kev * 1e3,
                "scan_step_a": args.scan_step, "detector_pixel_mrad": args.detector_pixel_mrad,
                "bf_center": None if args.bf_center is None else tuple(args.bf_center), "bf_radius": args.bf_radius,
                "rotation_deg": args.rotation_deg, "flip": args.flip}
-    return calibration.replace(**{k: v for k, v in changes.items() if v is not None})
+    changes = {k: v for k, v in changes.items() if v is not None}
+    origins = {} if calibration is None else dict(calibration.origins)
+    origins.update(dict.fromkeys(changes, "command line"))
+    if calibration is None:  # a Merlin socket or a .mib records no optics: what nobody gave is assumed, and said
+        calibration = Calibration()
+        assumed = [f for f in ("energy_ev", "scan_step_a", "detector_pixel_mrad") if f not in changes]
+        origins.update(dict.fromkeys(assumed, "assumed"))
+        if assumed:
+            shown = {"energy_ev": f"{calibration.energy_ev / 1e3:g} keV (--energy-kev)",
+                     "scan_step_a": f"{calibration.scan_step_a[0]:g} Å (--scan-step)",
+                     "detector_pixel_mrad": f"{calibration.detector_pixel_mrad:g} mrad/px (--detector-pixel-mrad)"}
+            warnings.warn("ASSUMED, neither given nor from --calibration-from: "
+                          + ", ".join(shown[f] for f in assumed) + "; the result records them as assumed",
+                          stacklevel=2)
+    return calibration.replace(**changes, origins=origins)
 
 
 def run_live(args) -> int:
