@@ -272,12 +272,9 @@ def abtem_store_of(abtem_case, tmp_path_factory):
                 format="csr",
                 scan_shape=(96, 96),
                 detector_shape=(96, 96),
-                calibration={
-                    "energy_ev": params["energy_eV"],
-                    "scan_step_a": params["scan"]["step_A"],
-                    "semiangle_mrad": params["semiangle_mrad"],
-                    "detector_pixel_mrad": params["detector"]["pixel_size_mrad"],
-                },
+                calibration={"energy_ev": params["energy_eV"], "scan_step_a": params["scan"]["step_A"],
+                             "semiangle_mrad": params["semiangle_mrad"],
+                             "detector_pixel_mrad": params["detector"]["pixel_size_mrad"]},
                 progress=False,
             )
         return stores[events]
@@ -338,12 +335,9 @@ def test_abtem_dose_50_rotation_is_flagged_unreliable_and_not_stored(abtem_case,
         scan_shape=(96, 96),
         detector_shape=(96, 96),
         progress=False,
-        calibration={
-            "energy_ev": params["energy_eV"],
-            "scan_step_a": params["scan"]["step_A"],
-            "semiangle_mrad": params["semiangle_mrad"],
-            "detector_pixel_mrad": params["detector"]["pixel_size_mrad"],
-        },
+        calibration={"energy_ev": params["energy_eV"], "scan_step_a": params["scan"]["step_A"],
+                     "semiangle_mrad": params["semiangle_mrad"],
+                     "detector_pixel_mrad": params["detector"]["pixel_size_mrad"]},
     )
     result = calibrate_store(store.path)
     assert result["rotation_reliable"] is False

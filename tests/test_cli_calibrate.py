@@ -164,16 +164,8 @@ def test_mask_and_descan_reach_calibrate_store(tmp_path, capsys, monkeypatch):
 
     def fake(path, write=True, mask=None, descan="plane", vacuum=None):
         seen.update(path=str(path), write=write, mask=mask, descan=descan, vacuum=vacuum)
-        return {
-            "rotation_reliable": True,
-            "bf_center": [8.0, 8.0],
-            "bf_radius": 3.0,
-            "rotation_deg": 0.0,
-            "flip": False,
-            "c10_estimate_a": None,
-            "messages": ["a warning"],
-            "summary": "the summary",
-        }
+        return {"rotation_reliable": True, "bf_center": [8.0, 8.0], "bf_radius": 3.0, "rotation_deg": 0.0,
+                "flip": False, "c10_estimate_a": None, "messages": ["a warning"], "summary": "the summary"}
 
     monkeypatch.setattr(stemdask.calibrate, "calibrate_store", fake)
     assert (
@@ -217,16 +209,8 @@ def test_unreliable_rotation_is_exactly_one_line(tmp_path, capsys, monkeypatch, 
     monkeypatch.setattr(
         stemdask.calibrate,
         "calibrate_store",
-        lambda *a, **k: {
-            "rotation_reliable": False,
-            "bf_center": [8.0, 8.0],
-            "bf_radius": 3.0,
-            "rotation_deg": 177.0,
-            "flip": False,
-            "c10_estimate_a": None,
-            "messages": messages,
-            "summary": "summary line",
-        },
+        lambda *a, **k: {"rotation_reliable": False, "bf_center": [8.0, 8.0], "bf_radius": 3.0, "rotation_deg": 177.0,
+                         "flip": False, "c10_estimate_a": None, "messages": messages, "summary": "summary line"},
     )
     assert main(["calibrate", str(store.path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -195,25 +195,8 @@ def test_cli_runs_icom_dpc_and_ricom_on_an_event_store(tmp_path):
     p = SimulationParams(scan_shape=(48, 48), detector=32, dose=2000, seed=3)
     simulate(tmp_path / "s.zarr", p, progress=False)
     out = tmp_path / "r.zarr"
-    argv = [
-        "reconstruct",
-        str(tmp_path / "s.zarr"),
-        "--method",
-        "icom",
-        "--method",
-        "dpc",
-        "--method",
-        "ricom",
-        "--kernel-size",
-        "21",
-        "--kmin",
-        "0.05",
-        "--dpc-iterations",
-        "50",
-        "--out",
-        str(out),
-        "--quiet",
-    ]
+    argv = ["reconstruct", str(tmp_path / "s.zarr"), "--method", "icom", "--method", "dpc", "--method", "ricom",
+            "--kernel-size", "21", "--kmin", "0.05", "--dpc-iterations", "50", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     result = xr.open_zarr(out)
     truth = load_truth(tmp_path / "s.zarr")

@@ -222,17 +222,9 @@ def test_other_rosettasciio_format_hspy(tmp_path):
     src = tmp_path / "scan.hspy"
     rsciio_hspy.file_writer(
         str(src),
-        {
-            "data": frames,
-            "axes": axes,
-            "metadata": {"General": {"title": ""}, "Signal": {"signal_type": ""}},
-            "original_metadata": {},
-            "attributes": {"_lazy": False},
-            "tmp_parameters": {},
-            "package_info": {"name": "stemdask-tests", "version": "0"},
-            "learning_results": {},
-            "models": {},
-        },
+        {"data": frames, "axes": axes, "metadata": {"General": {"title": ""}, "Signal": {"signal_type": ""}},
+         "original_metadata": {}, "attributes": {"_lazy": False}, "tmp_parameters": {},
+         "package_info": {"name": "stemdask-tests", "version": "0"}, "learning_results": {}, "models": {}},
     )
     assert sniff_format(src) == "dense"
     store = ingest(src, tmp_path / "s.zarr", rows_per_block=5, progress=False, assume_defaults=True)
@@ -316,21 +308,8 @@ def test_cli_ingest_and_info(tmp_path, capsys):
     indices, offsets = random_csr()
     np.savez(tmp_path / "ev.npz", indices=indices, offsets=offsets)
     out = tmp_path / "s.zarr"
-    argv = [
-        "ingest",
-        str(tmp_path / "ev.npz"),
-        str(out),
-        "--scan-shape",
-        *map(str, SCAN),
-        "--detector-shape",
-        *map(str, DET),
-        "--energy-kev",
-        "80",
-        "--scan-step",
-        "0.3",
-        "--quiet",
-        "--assume-defaults",
-    ]
+    argv = ["ingest", str(tmp_path / "ev.npz"), str(out), "--scan-shape", *map(str, SCAN), "--detector-shape",
+            *map(str, DET), "--energy-kev", "80", "--scan-step", "0.3", "--quiet", "--assume-defaults"]
     assert main(argv) == 0
     capsys.readouterr()
     assert main(["info", str(out), "--json"]) == 0
@@ -342,26 +321,8 @@ def test_cli_ingest_and_info(tmp_path, capsys):
 def test_shared_abtem_case_via_cli(tmp_path, capsys, abtem_events):
     dose, events = abtem_events  # dose 50 always (shipped), dose 1000 where the test data hold it
     out = tmp_path / "OUT.zarr"
-    argv = [
-        "ingest",
-        str(events),
-        str(out),
-        "--scan-shape",
-        "96",
-        "96",
-        "--detector-shape",
-        "96",
-        "96",
-        "--energy-kev",
-        "300",
-        "--scan-step",
-        "0.2033854",
-        "--semiangle-mrad",
-        "20",
-        "--detector-pixel-mrad",
-        "1.00832",
-        "--quiet",
-    ]
+    argv = ["ingest", str(events), str(out), "--scan-shape", "96", "96", "--detector-shape", "96", "96", "--energy-kev",
+            "300", "--scan-step", "0.2033854", "--semiangle-mrad", "20", "--detector-pixel-mrad", "1.00832", "--quiet"]
     assert main(argv) == 0
     capsys.readouterr()
     assert main(["info", str(out), "--json"]) == 0

@@ -56,36 +56,14 @@ def test_real_mib_frames_range_takes_exactly_what_it_says(real_mib, tmp_path, ca
     assert part.n_events == int(full_counts[3:7].sum()) == part.provenance["source_events"]
     assert validate_against_source(part)["source_events"] == part.n_events
     _fails(
-        [
-            "ingest",
-            str(real_mib),
-            str(tmp_path / "o.zarr"),
-            "--scan-shape",
-            "2",
-            "2",
-            "--frames-range",
-            "7",
-            "11",
-            "--quiet",
-            "--assume-defaults",
-        ],
+        ["ingest", str(real_mib), str(tmp_path / "o.zarr"), "--scan-shape", "2", "2", "--frames-range", "7", "11",
+         "--quiet", "--assume-defaults"],
         capsys,
         "frames_range 7..11 is outside the file's 9 frames",
     )
     _fails(
-        [
-            "ingest",
-            str(real_mib),
-            str(tmp_path / "o.zarr"),
-            "--scan-shape",
-            "2",
-            "2",
-            "--frames-range",
-            "0",
-            "5",
-            "--quiet",
-            "--assume-defaults",
-        ],
+        ["ingest", str(real_mib), str(tmp_path / "o.zarr"), "--scan-shape", "2", "2", "--frames-range", "0", "5",
+         "--quiet", "--assume-defaults"],
         capsys,
         "holds 5 frames but scan_shape (2, 2) has 4 positions",
     )
@@ -111,53 +89,23 @@ def test_frames_range_is_only_for_frame_stacks(tmp_path, capsys):
     indices, offsets = random_csr()
     np.save(tmp_path / "d.npy", dense_from_csr(indices, offsets))  # 4-D: the scan is in the file
     _fails(
-        [
-            "ingest",
-            str(tmp_path / "d.npy"),
-            str(tmp_path / "o.zarr"),
-            "--frames-range",
-            "0",
-            "5",
-            "--quiet",
-            "--assume-defaults",
-        ],
+        ["ingest", str(tmp_path / "d.npy"), str(tmp_path / "o.zarr"), "--frames-range", "0", "5", "--quiet",
+         "--assume-defaults"],
         capsys,
         "frames_range applies to a stack of frames",
     )
     np.savez(tmp_path / "e.npz", indices=indices, offsets=offsets)
     _fails(
-        [
-            "ingest",
-            str(tmp_path / "e.npz"),
-            str(tmp_path / "o.zarr"),
-            "--scan-shape",
-            *map(str, SCAN),
-            "--detector-shape",
-            *map(str, DET),
-            "--frames-range",
-            "0",
-            "5",
-            "--quiet",
-            "--assume-defaults",
-        ],
+        ["ingest", str(tmp_path / "e.npz"), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN),
+         "--detector-shape", *map(str, DET), "--frames-range", "0", "5", "--quiet", "--assume-defaults"],
         capsys,
         "frames_range applies to dense frame stacks only, not to csr input",
     )
 
 
-FORMATS = {
-    ".npy": "auto",
-    ".npz": "auto",
-    ".h5": "auto",
-    ".mib": "auto",
-    ".hspy": "auto",
-    ".bin": "auto",
-    ".h5 as stempy": "stempy",
-    ".npz as csr": "csr",
-    ".npz as events": "events",
-    ".npy as dense": "dense",
-    ".mib as mib": "mib",
-}
+FORMATS = {".npy": "auto", ".npz": "auto", ".h5": "auto", ".mib": "auto", ".hspy": "auto", ".bin": "auto",
+           ".h5 as stempy": "stempy", ".npz as csr": "csr", ".npz as events": "events", ".npy as dense": "dense",
+           ".mib as mib": "mib"}
 
 
 @pytest.mark.parametrize("content", ["empty", "random"])
@@ -233,19 +181,8 @@ def test_a_zip_bomb_is_refused_before_writing(tmp_path, capsys):
                 f.write(zeros)
     assert bomb.stat().st_size < 2 << 20
     _fails(
-        [
-            "ingest",
-            str(bomb),
-            str(tmp_path / "o.zarr"),
-            "--scan-shape",
-            "1",
-            "2",
-            "--detector-shape",
-            "4",
-            "4",
-            "--quiet",
-            "--assume-defaults",
-        ],
+        ["ingest", str(bomb), str(tmp_path / "o.zarr"), "--scan-shape", "1", "2", "--detector-shape", "4", "4",
+         "--quiet", "--assume-defaults"],
         capsys,
         f"{bomb}: member 'indices' would expand from",
         "refusing to extract it",
@@ -272,17 +209,8 @@ def test_a_compressed_member_larger_than_the_free_space_is_refused(tmp_path, cap
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(npzfile.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 100))
     _fails(
-        [
-            "ingest",
-            str(src),
-            str(tmp_path / "o.zarr"),
-            "--scan-shape",
-            *map(str, SCAN),
-            "--detector-shape",
-            *map(str, DET),
-            "--quiet",
-            "--assume-defaults",
-        ],
+        ["ingest", str(src), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN), "--detector-shape",
+         *map(str, DET), "--quiet", "--assume-defaults"],
         capsys,
         f"{src}: member 'indices' needs",
         "more than is free",

@@ -144,16 +144,8 @@ def test_cli_live_ssb_from_the_merlin_socket_equals_reconstruct(tmp_path, capsys
     sim = simulate(tmp_path / "sim.zarr", p, rows_per_block=5, progress=False)
     frames = np.concatenate(list(_frames(sim)))
     mib = write_mib(tmp_path / "scan.mib", frames[:, ::-1], counter_depth=6)  # ingest flips .mib rows back
-    optics = [
-        "--energy-kev",
-        str(p.energy_ev / 1e3),
-        "--scan-step",
-        str(p.scan_step),
-        "--semiangle-mrad",
-        str(p.semiangle_mrad),
-        "--detector-pixel-mrad",
-        str(p.pixel_mrad),
-    ]
+    optics = ["--energy-kev", str(p.energy_ev / 1e3), "--scan-step", str(p.scan_step), "--semiangle-mrad",
+              str(p.semiangle_mrad), "--detector-pixel-mrad", str(p.pixel_mrad)]
     store = tmp_path / "ingested.zarr"
     assert main(["ingest", str(mib), str(store), "--scan-shape", "24", "20", *optics, "--quiet"]) == 0
     open_store(store, mode="r+").set_calibration(sim.calibration)
@@ -191,25 +183,8 @@ def test_cli_live_ssb_from_the_merlin_socket_equals_reconstruct(tmp_path, capsys
     assert bin_ > 1
     assert (
         main(
-            [
-                "reconstruct",
-                str(store),
-                "--method",
-                "ssb",
-                "--method",
-                "ricom",
-                "--kernel-size",
-                "11",
-                "--com-reference",
-                "bf",
-                "--bin",
-                str(bin_),
-                "--c10",
-                "-20",
-                "--out",
-                str(out),
-                "--quiet",
-            ]
+            ["reconstruct", str(store), "--method", "ssb", "--method", "ricom", "--kernel-size", "11",
+             "--com-reference", "bf", "--bin", str(bin_), "--c10", "-20", "--out", str(out), "--quiet"]
         )
         == 0
     )

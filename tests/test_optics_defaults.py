@@ -166,11 +166,8 @@ def test_rosettasciio_metadata_and_axes(tmp_path):
         {
             "data": frames,
             "axes": axes,
-            "metadata": {
-                "General": {"title": ""},
-                "Signal": {"signal_type": ""},
-                "Acquisition_instrument": {"TEM": {"beam_energy": 200.0, "convergence_angle": 22.0}},
-            },
+            "metadata": {"General": {"title": ""}, "Signal": {"signal_type": ""},
+                         "Acquisition_instrument": {"TEM": {"beam_energy": 200.0, "convergence_angle": 22.0}}},
             "original_metadata": {},
             "attributes": {"_lazy": False},
             "tmp_parameters": {},

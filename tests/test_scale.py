@@ -64,17 +64,8 @@ def test_cli_reconstruct_com_on_a_300mb_worker_profile(big_store, tmp_path, caps
     out = tmp_path / "com.zarr"
     assert (
         main(
-            [
-                "reconstruct",
-                str(big_store.path),
-                "--method",
-                "com",
-                "--cluster",
-                str(profile),
-                "--out",
-                str(out),
-                "--quiet",
-            ]
+            ["reconstruct", str(big_store.path), "--method", "com", "--cluster", str(profile), "--out", str(out),
+             "--quiet"]
         )
         == 0
     )
