@@ -254,11 +254,9 @@ def abtem_event_store(case: Path, events: Path, out: Path):
 
     params = json.loads((case / "params.json").read_text())
     det = params["detector"]
-    cal = Calibration(
-        energy_ev=params["energy_eV"], scan_step_a=params["scan"]["step_A"],
-        detector_pixel_mrad=det["pixel_size_mrad"], semiangle_mrad=params["semiangle_mrad"],
-        bf_center=det["bf_center_px_yx"], bf_radius=det["bf_radius_px"],
-    )
+    cal = Calibration(energy_ev=params["energy_eV"], scan_step_a=params["scan"]["step_A"],
+                      detector_pixel_mrad=det["pixel_size_mrad"], semiangle_mrad=params["semiangle_mrad"],
+                      bf_center=det["bf_center_px_yx"], bf_radius=det["bf_radius_px"])
     with np.load(events) as z:
         indices, offsets = z["indices"], z["offsets"]
     ny, nx = params["scan"]["shape_yx"]

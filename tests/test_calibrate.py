@@ -154,15 +154,8 @@ def test_parallax_recovers_rotation_flip_and_defocus_from_shifted_bf_images(thet
 @pytest.mark.parametrize("quarter_turns, flip, c10",
                          [(2, True, 0.0), (1, False, 0.0), (2, True, -80.0), (3, False, 80.0)])
 def test_calibrate_store_on_the_simulator(tmp_path, quarter_turns, flip, c10):
-    p = SimulationParams(
-        scan_shape=(48, 48),
-        detector=32,
-        dose=2000,
-        rotation_quarter_turns=quarter_turns,
-        flip=flip,
-        seed=quarter_turns,
-        aberrations=Aberrations(C10=c10),
-    )
+    p = SimulationParams(scan_shape=(48, 48), detector=32, dose=2000, rotation_quarter_turns=quarter_turns, flip=flip,
+                         seed=quarter_turns, aberrations=Aberrations(C10=c10))
     path = tmp_path / "s.zarr"
     simulate(path, p, overwrite=True, progress=False)
     store = open_store(path, mode="r+")
@@ -198,16 +191,8 @@ def test_defocused_or_not_uncertain_angles_are_flagged_and_a_c10_sign_given_is_r
     C10 — is decided at any angle; in focus the ~1 Å DPC-like BF-image 'shifts' are no parallax.
     At 64² positions × 2000 e⁻ θ is uncertain by ≈ 0.5° (1σ; 0.45° measured over seeds): the
     orientation is flagged, never trusted, and the flip and θ are still right."""
-    p = SimulationParams(
-        scan_shape=(64, 64),
-        detector=64,
-        dose=2000,
-        rotation_deg=rotation,
-        flip=flip,
-        seed=1,
-        tds=0.05,
-        aberrations=Aberrations(C10=c10),
-    )
+    p = SimulationParams(scan_shape=(64, 64), detector=64, dose=2000, rotation_deg=rotation, flip=flip, seed=1,
+                         tds=0.05, aberrations=Aberrations(C10=c10))
     simulate(tmp_path / "s.zarr", p, overwrite=True, progress=False)
     result, _, _ = calibrate(stemdask.open(tmp_path / "s.zarr"))
     error = abs((result["rotation_deg"] - rotation + 180) % 360 - 180)

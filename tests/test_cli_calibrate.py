@@ -55,12 +55,8 @@ def test_set_fixes_optics_without_measuring(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "set after ingest" in out and "was 1 × 1 Å, assumed" in out
     cal = open_store(store.path).calibration
-    assert (cal.scan_step_a, cal.energy_ev, cal.semiangle_mrad, cal.detector_pixel_mrad) == (
-        (0.2, 0.2),
-        300e3,
-        20.0,
-        1.0,
-    )
+    assert (cal.scan_step_a, cal.energy_ev, cal.semiangle_mrad, cal.detector_pixel_mrad) == ((0.2, 0.2), 300e3, 20.0,
+                                                                                             1.0)
     assert (cal.rotation_deg, cal.flip) == (-12.5, True)
     for f in ("scan_step_a", "energy_ev", "semiangle_mrad", "detector_pixel_mrad", "rotation_deg", "flip"):
         assert cal.origins[f] == "set after ingest"

@@ -80,25 +80,17 @@ CASES = {
     "counts byte flipped": (lambda s: _flip(s / "counts/c/2/0", bit=False), "counts chunk counts/c/2/0 of row block 2"),
     "counts bit flipped": (lambda s: _flip(s / "counts/c/2/0", bit=True), "counts chunk counts/c/2/0 of row block 2"),
     "block_crc bit flipped": (lambda s: _flip(s / "block_crc/c/0", bit=True), "block_crc chunk block_crc/c/0"),
-    "indices chunk deleted": (
-        lambda s: _idx(s, 1).unlink(),
-        "chunk indices/c/{c1} of row block 1 (rows 4..7) is missing",
-    ),
+    "indices chunk deleted": (lambda s: _idx(s, 1).unlink(),
+                              "chunk indices/c/{c1} of row block 1 (rows 4..7) is missing"),
     "counts chunk deleted": (lambda s: (s / "counts/c/0/0").unlink(), "counts chunk counts/c/0/0 (row block 0"),
-    "block_crc chunk deleted": (
-        lambda s: (s / "block_crc/c/2").unlink(),
-        "chunk block_crc/c/2 (the record of row block 2",
-    ),
+    "block_crc chunk deleted": (lambda s: (s / "block_crc/c/2").unlink(),
+                                "chunk block_crc/c/2 (the record of row block 2"),
     "indices chunk truncated": (lambda s: _truncate(_idx(s, 0)), "indices chunk indices/c/{c0} of row block 0"),
     "counts chunk truncated": (lambda s: _truncate(s / "counts/c/1/0"), "counts chunk counts/c/1/0 of row block 1"),
-    "indices chunks of two blocks swapped": (
-        lambda s: _swap(_idx(s, 0), _idx(s, 2)),
-        r"row block ([02]) \(rows .*\) fails its checksum: .*indices/c/",
-    ),
-    "counts chunks of two blocks swapped": (
-        lambda s: _swap(s / "counts/c/0/0", s / "counts/c/1/0"),
-        r"row block ([01]) \(rows .*\) fails its checksum: .*counts/c/\1/0",
-    ),
+    "indices chunks of two blocks swapped": (lambda s: _swap(_idx(s, 0), _idx(s, 2)),
+                                             r"row block ([02]) \(rows .*\) fails its checksum: .*indices/c/"),
+    "counts chunks of two blocks swapped": (lambda s: _swap(s / "counts/c/0/0", s / "counts/c/1/0"),
+                                            r"row block ([01]) \(rows .*\) fails its checksum: .*counts/c/\1/0"),
     "scan_shape attr edited": (lambda s: _edit_attr(s, "scan_shape", lambda v: [v[0], v[1] - 1]), "layout attrs"),
     "detector_shape attr edited": (
         lambda s: _edit_attr(s, "detector_shape", lambda v: [v[0], v[1] + 4]),
@@ -108,10 +100,8 @@ CASES = {
     "cap attr edited": (lambda s: _edit_attr(s, "cap", lambda v: v // 2), "layout attrs"),
     "n_events attr edited": (lambda s: _edit_attr(s, "n_events", lambda v: v + 1), "layout attrs"),
     "index_dtype attr edited": (lambda s: _edit_attr(s, "index_dtype", lambda v: "uint32"), "layout attrs"),
-    "crc32c codec removed from indices": (
-        lambda s: _drop_crc32c(s, "indices"),
-        "array indices has lost its crc32c codec",
-    ),
+    "crc32c codec removed from indices": (lambda s: _drop_crc32c(s, "indices"),
+                                          "array indices has lost its crc32c codec"),
 }
 
 

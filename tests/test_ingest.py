@@ -36,15 +36,8 @@ def test_csr_round_trip(tmp_path, compressed):
     indices, offsets = random_csr()
     src = tmp_path / "ev.npz"
     (np.savez_compressed if compressed else np.savez)(src, indices=indices, offsets=offsets)
-    store = ingest(
-        src,
-        tmp_path / "s.zarr",
-        scan_shape=SCAN,
-        detector_shape=DET,
-        rows_per_block=5,
-        progress=False,
-        assume_defaults=True,
-    )
+    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, detector_shape=DET, rows_per_block=5, progress=False,
+                   assume_defaults=True)
     assert store.complete and store.n_blocks == 3
     assert_store_equals(store, indices, offsets)
     prov = store.provenance
@@ -254,16 +247,8 @@ def test_timestamped_round_trip(tmp_path, container):
         with h5py.File(src, "w") as f:
             f["index"], f["toa_ns"] = index, toa
     assert sniff_format(src) == "events"
-    store = ingest(
-        src,
-        tmp_path / "s.zarr",
-        scan_shape=SCAN,
-        detector_shape=DET,
-        dwell_ns=dwell,
-        rows_per_block=5,
-        progress=False,
-        assume_defaults=True,
-    )
+    store = ingest(src, tmp_path / "s.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=dwell, rows_per_block=5,
+                   progress=False, assume_defaults=True)
     assert store.has_toa
     # events of a position keep their arrival order (toa sorted); toa stored within the dwell
     order = np.argsort(pos, kind="stable")
@@ -292,14 +277,8 @@ def test_resume_complete_store_is_a_no_op_and_resume_from_scratch_works(tmp_path
         tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, **kw, assume_defaults=True
     )  # nothing to resume: ingests
     assert store.complete
-    again = ingest(
-        tmp_path / "ev.npz",
-        tmp_path / "s.zarr",
-        resume=True,
-        calibration={"energy_ev": 60e3},
-        **kw,
-        assume_defaults=True,
-    )
+    again = ingest(tmp_path / "ev.npz", tmp_path / "s.zarr", resume=True, calibration={"energy_ev": 60e3}, **kw,
+                   assume_defaults=True)
     assert again.complete and again.n_events == offsets[-1]
     assert open_store(tmp_path / "s.zarr").calibration.energy_ev == 60e3  # a resume may add calibration
 
@@ -335,13 +314,8 @@ def test_shared_abtem_case_via_cli(tmp_path, capsys, abtem_events):
 
 # ------------------------------------------------------------------ block boundaries (property)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    ny=st.integers(1, 7),
-    nx=st.integers(1, 6),
-    rows=st.integers(1, 8),
-    mean=st.sampled_from([0.0, 0.5, 6.0]),
-    fmt=st.sampled_from(["csr", "stempy", "events"]),
-)
+@given(ny=st.integers(1, 7), nx=st.integers(1, 6), rows=st.integers(1, 8), mean=st.sampled_from([0.0, 0.5, 6.0]),
+       fmt=st.sampled_from(["csr", "stempy", "events"]))
 def test_any_block_layout_round_trips(ny, nx, rows, mean, fmt):
     """Scan shapes, rows per block (dividing the scan or not, larger than it) and empty
     positions/blocks: the store always equals the source."""

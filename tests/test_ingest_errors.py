@@ -170,12 +170,8 @@ def test_incomplete_store_refused(tmp_path, csr_file, monkeypatch, capsys):
         open_store(out)
     assert main(["info", str(out), "--json"]) == 0  # info still describes it, as INCOMPLETE
     capsys.readouterr()
-    cli_fails(
-        ["reconstruct", str(out), "--method", "com", "--out", str(tmp_path / "r.zarr"), "--quiet"],
-        capsys,
-        out,
-        "incomplete",
-    )
+    cli_fails(["reconstruct", str(out), "--method", "com", "--out", str(tmp_path / "r.zarr"), "--quiet"], capsys, out,
+              "incomplete")
 
 
 def test_resume_refuses_a_different_source_or_parameters(tmp_path, csr_file, monkeypatch):
@@ -209,26 +205,11 @@ def test_newer_store_format_refused(tmp_path, csr_file, capsys):
 
 def test_mode_and_dwell_only_where_they_apply(tmp_path, csr_file):
     with pytest.raises(SourceError, match="mode/threshold apply to dense frames only"):
-        ingest(
-            csr_file,
-            tmp_path / "o.zarr",
-            scan_shape=SCAN,
-            detector_shape=DET,
-            mode="threshold",
-            threshold=1,
-            progress=False,
-            assume_defaults=True,
-        )
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, mode="threshold", threshold=1,
+               progress=False, assume_defaults=True)
     with pytest.raises(SourceError, match="dwell_ns applies to time-stamped"):
-        ingest(
-            csr_file,
-            tmp_path / "o.zarr",
-            scan_shape=SCAN,
-            detector_shape=DET,
-            dwell_ns=10,
-            progress=False,
-            assume_defaults=True,
-        )
+        ingest(csr_file, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=10, progress=False,
+               assume_defaults=True)
     np.save(tmp_path / "d.npy", np.zeros((*SCAN, *DET), np.uint8))
     with pytest.raises(SourceError, match="d.npy: mode 'threshold' needs a finite threshold"):
         ingest(tmp_path / "d.npy", tmp_path / "o.zarr", mode="threshold", progress=False, assume_defaults=True)
@@ -251,29 +232,14 @@ def test_events_beyond_the_scan_or_unsorted(tmp_path):
         f["index"] = np.arange(5, dtype=np.uint16)
         f["toa_ns"] = np.array([0.0, 10.0, 20.0, n * 100.0 - 1, n * 100.0 + 5])
     with pytest.raises(SourceError, match=r"ev.h5: 1 events arrive after the scan ends"):
-        ingest(
-            src,
-            tmp_path / "o.zarr",
-            scan_shape=SCAN,
-            detector_shape=DET,
-            dwell_ns=100,
-            progress=False,
-            assume_defaults=True,
-        )
+        ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=100, progress=False,
+               assume_defaults=True)
     with h5py.File(src, "w") as f:
         f["index"] = np.arange(4, dtype=np.uint16)
         f["toa_ns"] = np.array([0.0, 5000.0, 10.0, 9000.0])
     with pytest.raises(SourceError, match=r"ev.h5: events of scan rows .* not grouped in time"):
-        ingest(
-            src,
-            tmp_path / "o.zarr",
-            scan_shape=SCAN,
-            detector_shape=DET,
-            dwell_ns=100,
-            rows_per_block=1,
-            progress=False,
-            assume_defaults=True,
-        )
+        ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=100, rows_per_block=1,
+               progress=False, assume_defaults=True)
 
 
 @pytest.mark.parametrize("dwell", [0.0, -5.0, float("nan"), 2.0**33])
@@ -282,15 +248,8 @@ def test_bad_dwell(tmp_path, dwell):
     with h5py.File(src, "w") as f:
         f["index"], f["toa_ns"] = np.arange(3, dtype=np.uint16), np.array([0.0, 1.0, 2.0])
     with pytest.raises(SourceError, match="ev.h5: dwell_ns must be a positive number"):
-        ingest(
-            src,
-            tmp_path / "o.zarr",
-            scan_shape=SCAN,
-            detector_shape=DET,
-            dwell_ns=dwell,
-            progress=False,
-            assume_defaults=True,
-        )
+        ingest(src, tmp_path / "o.zarr", scan_shape=SCAN, detector_shape=DET, dwell_ns=dwell, progress=False,
+               assume_defaults=True)
 
 
 def test_corrupt_and_truncated_mib(tmp_path, capsys):
@@ -306,11 +265,8 @@ def test_corrupt_and_truncated_mib(tmp_path, capsys):
     cut.write_bytes(good.read_bytes()[: (384 + 2 * DET[0] * DET[1]) * 55])  # 5.5 of 12 scan rows
     with pytest.raises(SourceError, match=r"cut.mib: scan_shape \(12, 10\) does not match the data"):
         ingest(cut, tmp_path / "o.zarr", scan_shape=SCAN, progress=False, assume_defaults=True)
-    cli_fails(
-        ["ingest", str(cut), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN), "--assume-defaults"],
-        capsys,
-        cut,
-    )
+    cli_fails(["ingest", str(cut), str(tmp_path / "o.zarr"), "--scan-shape", *map(str, SCAN), "--assume-defaults"],
+              capsys, cut)
     assert not (tmp_path / "o.zarr").exists()
 
 
@@ -318,12 +274,8 @@ def test_unknown_and_missing_input(tmp_path, capsys):
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(SourceError, match="x.txt: unknown format"):
         ingest(tmp_path / "x.txt", tmp_path / "o.zarr", progress=False, assume_defaults=True)
-    cli_fails(
-        ["ingest", str(tmp_path / "nope.npz"), str(tmp_path / "o.zarr"), "--assume-defaults"],
-        capsys,
-        "nope.npz",
-        "no such file",
-    )
+    cli_fails(["ingest", str(tmp_path / "nope.npz"), str(tmp_path / "o.zarr"), "--assume-defaults"], capsys, "nope.npz",
+              "no such file")
     np.savez(tmp_path / "w.npz", a=np.zeros(3))
     with pytest.raises(SourceError, match="w.npz: .npz has neither"):
         ingest(tmp_path / "w.npz", tmp_path / "o.zarr", progress=False, assume_defaults=True)
@@ -369,13 +321,8 @@ def test_integrated_intensities_in_counts_mode_point_to_threshold_mode(tmp_path,
     rng = np.random.default_rng(0)
     frames = rng.gamma(2.0, 900.0, (2, 2, 8, 8)).astype(np.float32)  # an integrating detector's values
     np.save(tmp_path / "analogue.npy", frames)
-    cli_fails(
-        ["ingest", str(tmp_path / "analogue.npy"), str(tmp_path / "s.zarr"), "--assume-defaults"],
-        capsys,
-        "analogue.npy",
-        "integrated (non-integer) intensities",
-        "--mode threshold",
-    )
+    cli_fails(["ingest", str(tmp_path / "analogue.npy"), str(tmp_path / "s.zarr"), "--assume-defaults"], capsys,
+              "analogue.npy", "integrated (non-integer) intensities", "--mode threshold")
     assert not (tmp_path / "s.zarr").exists()
     np.save(tmp_path / "counted.npy", np.full((2, 2, 8, 8), 5000, np.uint16))
     store = ingest(tmp_path / "counted.npy", tmp_path / "c.zarr", progress=False, assume_defaults=True)

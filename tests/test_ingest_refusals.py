@@ -74,11 +74,8 @@ def test_synthetic_mib_with_more_frames_than_the_scan_is_refused(tmp_path, capsy
     indices, offsets = random_csr()
     src = tmp_path / "scan.mib"
     write_mib(src, dense_from_csr(indices, offsets).reshape(-1, *DET))  # 120 frames
-    _fails(
-        ["ingest", str(src), str(tmp_path / "o.zarr"), "--scan-shape", "10", "10", "--quiet", "--assume-defaults"],
-        capsys,
-        "scan_shape (10, 10) does not match the data: 100 positions, but the file has 120 frames",
-    )
+    _fails(["ingest", str(src), str(tmp_path / "o.zarr"), "--scan-shape", "10", "10", "--quiet", "--assume-defaults"],
+           capsys, "scan_shape (10, 10) does not match the data: 100 positions, but the file has 120 frames")
     store = ingest(
         src, tmp_path / "o.zarr", scan_shape=(10, 10), frames_range=(20, 120), progress=False, assume_defaults=True
     )
@@ -150,16 +147,10 @@ def test_hdf5_external_links_and_virtual_datasets_are_refused(tmp_path, capsys):
         layout = h5py.VirtualLayout(shape=frames.shape, dtype=frames.dtype)
         layout[...] = h5py.VirtualSource(str(tmp_path / "other.h5"), "frames", shape=frames.shape)
         f.create_virtual_dataset("data", layout)
-    for name, what in (
-        ("linked.h5", "/data is an external link to other.h5:/frames"),
-        ("virtual.h5", "dataset /data is a virtual dataset"),
-    ):
-        _fails(
-            ["ingest", f"{tmp_path / name}:/data", str(tmp_path / "o.zarr"), "--quiet", "--assume-defaults"],
-            capsys,
-            f"{tmp_path / name}: {what}",
-            "not covered by its checksum",
-        )
+    for name, what in (("linked.h5", "/data is an external link to other.h5:/frames"),
+                       ("virtual.h5", "dataset /data is a virtual dataset")):
+        _fails(["ingest", f"{tmp_path / name}:/data", str(tmp_path / "o.zarr"), "--quiet", "--assume-defaults"], capsys,
+               f"{tmp_path / name}: {what}", "not covered by its checksum")
     assert (
         main(["ingest", f"{tmp_path / 'other.h5'}:/frames", str(tmp_path / "o.zarr"), "--quiet", "--assume-defaults"])
         == 0

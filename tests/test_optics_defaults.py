@@ -104,17 +104,8 @@ def test_info_shows_each_origin_and_flags_assumed_ones(tmp_path, csr, capsys):
 def test_csr_metadata_is_used_and_the_command_line_wins(tmp_path, capsys):
     indices, offsets = random_csr()
     src = tmp_path / "ev.npz"
-    np.savez(
-        src,
-        indices=indices,
-        offsets=offsets,
-        scan_shape=SCAN,
-        detector_shape=DET,
-        energy_kev=300.0,
-        scan_step_a=[0.25, 0.3],
-        semiangle_mrad=20.0,
-        detector_pixel_mrad=1.5,
-    )
+    np.savez(src, indices=indices, offsets=offsets, scan_shape=SCAN, detector_shape=DET, energy_kev=300.0,
+             scan_step_a=[0.25, 0.3], semiangle_mrad=20.0, detector_pixel_mrad=1.5)
     out = tmp_path / "s.zarr"
     assert main(["ingest", str(src), str(out), "--scan-step", "0.4", "--quiet"]) == 0
     cal = open_store(out).calibration
@@ -141,12 +132,8 @@ def test_stempy_metadata_group(tmp_path):
         meta.attrs["semiangle_mrad"] = 20.0
         meta.attrs["beam energy"] = "ignored: not one of stemdask's names"
     cal = ingest(src, tmp_path / "s.zarr", progress=False).calibration
-    assert (cal.energy_ev, cal.scan_step_a, cal.detector_pixel_mrad, cal.semiangle_mrad) == (
-        300e3,
-        (0.2, 0.2),
-        1.0,
-        20.0,
-    )
+    assert (cal.energy_ev, cal.scan_step_a, cal.detector_pixel_mrad, cal.semiangle_mrad) == (300e3, (0.2, 0.2), 1.0,
+                                                                                             20.0)
     assert all(cal.origins[k] == "source metadata" for k in FULL)
 
 
