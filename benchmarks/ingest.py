@@ -157,13 +157,8 @@ def profile(indices, offsets, scan, workdir):
         )
         for chunk in (1 << 18, 1 << 20, 1 << 22):
             path = workdir / f"prof_{cname}{clevel}{shuffle}_{chunk}.zarr"
-            arr = zarr.create_array(
-                str(path),
-                shape=(n,),
-                chunks=(chunk,),
-                dtype="uint32",
-                compressors=[BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle)],
-            )
+            arr = zarr.create_array(str(path), shape=(n,), chunks=(chunk,), dtype="uint32",
+                                    compressors=[BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle)])
             _, t = timed(lambda: arr.__setitem__(slice(0, n), block))
             print(f"      zarr write, chunks of {chunk:>8d}: {n / t / 1e6:6.0f} M events/s")
             shutil.rmtree(path)
@@ -188,14 +183,8 @@ def bench_encodings(workdir: Path) -> None:
         )
         if store.encoding == "events":
             indices, offsets = store.to_csr()
-            old = create_store(
-                workdir / "v2.zarr",
-                store.scan_shape,
-                store.detector_shape,
-                overwrite=True,
-                rows_per_block=store.rows_per_block,
-                format_version=2,
-            )
+            old = create_store(workdir / "v2.zarr", store.scan_shape, store.detector_shape, overwrite=True,
+                               rows_per_block=store.rows_per_block, format_version=2)
             counts = np.diff(offsets).reshape(store.scan_shape)
             for b in range(old.n_blocks):
                 r0, r1 = old.block_rows(b)
@@ -213,13 +202,8 @@ def main():
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--repeat", type=int, default=3, help="report the best of this many runs (shared machines)")
     ap.add_argument("--profile", action="store_true", help="also time the write path's parts")
-    ap.add_argument(
-        "--codec",
-        action="append",
-        default=[],
-        metavar="CNAME:CLEVEL:SHUFFLE",
-        help="also ingest with this Blosc codec instead of the store's (repeatable)",
-    )
+    ap.add_argument("--codec", action="append", default=[], metavar="CNAME:CLEVEL:SHUFFLE",
+                    help="also ingest with this Blosc codec instead of the store's (repeatable)")
     ap.add_argument("--encodings", action="store_true", help="only: stored bytes/position, weighted vs events")
     args = ap.parse_args()
 

@@ -178,11 +178,8 @@ class LiveSession(ScanProgress):
                     "virtual detectors are annuli around the BF centre: calibrate it first "
                     "(--bf-center Y X or --calibration-from STORE)"
                 )
-            geometry = SimpleNamespace(
-                detector_shape=self.detector_shape,
-                calibration=self.calibration,
-                store=SimpleNamespace(path="live session"),
-            )  # what detector_masks reads
+            geometry = SimpleNamespace(detector_shape=self.detector_shape, calibration=self.calibration,
+                                       store=SimpleNamespace(path="live session"))  # what detector_masks reads
             masks, self.detector_attrs, _ = detector_masks(geometry, self.detectors)
         else:
             masks, self.detector_attrs = np.zeros((0,) + self.detector_shape, bool), {}
@@ -193,10 +190,8 @@ class LiveSession(ScanProgress):
         if len(masks):  # events: pixel groups for kernels.events.masked_counts
             self._labels, self._table = mask_groups(masks)
         else:
-            self._labels, self._table = (
-                np.zeros(int(np.prod(self.detector_shape)), np.uint8),
-                np.zeros((1, 0), np.uint32),
-            )
+            self._labels, self._table = (np.zeros(int(np.prod(self.detector_shape)), np.uint8),
+                                         np.zeros((1, 0), np.uint32))
         self.virtual = np.zeros((len(self.detectors),) + self.scan_shape)
         if self._terms is not None:
             self._masks = self._masks[:-1]  # frames: the kept frames' total is the kept count
@@ -246,21 +241,12 @@ class LiveSession(ScanProgress):
 
     def _relative(self, com_y, com_x, where):
         """COM minus the reference and the descan of positions ``where`` (px)."""
-        return (
-            com_y - self.reference[0] - self._com_offset[0][where],
-            com_x - self.reference[1] - self._com_offset[1][where],
-        )
+        return (com_y - self.reference[0] - self._com_offset[0][where],
+                com_x - self.reference[1] - self._com_offset[1][where])
 
     def _new_ricom(self) -> LiveRiCOM:
-        return LiveRiCOM(
-            self.scan_shape,
-            self.detector_shape,
-            self.calibration,
-            kernel_size=self.kernel_size,
-            kmin=self.kmin,
-            kmax=self.kmax,
-            reference=self.reference,
-        )
+        return LiveRiCOM(self.scan_shape, self.detector_shape, self.calibration, kernel_size=self.kernel_size,
+                         kmin=self.kmin, kmax=self.kmax, reference=self.reference)
 
     # ------------------------------------------------------------------ pushing
     def _claim(self, m: int) -> slice:
@@ -419,25 +405,16 @@ class LiveSession(ScanProgress):
             parts["ricom"] = {
                 "phase": (
                     snap["phase"],
-                    {
-                        "units": "rad",
-                        "long_name": ricom_long_name(self.kernel_size, self.kmin, self.kmax),
-                        "kernel_size": self.kernel_size,
-                        "kmin_inv_a": self.kmin,
-                        "kmax_inv_a": self.kmax,
-                    },
+                    {"units": "rad", "long_name": ricom_long_name(self.kernel_size, self.kmin, self.kmax),
+                     "kernel_size": self.kernel_size, "kmin_inv_a": self.kmin, "kmax_inv_a": self.kmax},
                 )
             }
         if "com" in self.methods:
             parts["com"] = {
                 c: (
                     snap[c],
-                    {
-                        "units": "px",
-                        "frame": "detector",
-                        "reference_px": list(self.reference),
-                        "long_name": f"centre of mass k_{c[-1]} (detector frame)",
-                    },
+                    {"units": "px", "frame": "detector", "reference_px": list(self.reference),
+                     "long_name": f"centre of mass k_{c[-1]} (detector frame)"},
                 )
                 for c in ("com_y", "com_x")
             }
@@ -516,16 +493,8 @@ class _StoreWriter:
                 raise FileExistsError(f"{self.path} already exists (pass --overwrite to replace it)")
             check_replaceable(self.path, FORMAT_NAME)
         prov = {"source": "live", "stemdask_version": __version__, **(provenance or {})}
-        self._create = functools.partial(
-            create_store,
-            self.path,
-            scan_shape,
-            detector_shape,
-            calibration,
-            rows_per_block=rows_per_block,
-            provenance=prov,
-            overwrite=overwrite,
-        )
+        self._create = functools.partial(create_store, self.path, scan_shape, detector_shape, calibration,
+                                         rows_per_block=rows_per_block, provenance=prov, overwrite=overwrite)
         self.nx, self.n_positions = scan_shape[1], scan_shape[0] * scan_shape[1]
         self.index_dtype = index_dtype_for(detector_shape)
         self.store = None
@@ -564,12 +533,9 @@ class _StoreWriter:
     def add(self, entries, indices, weights=None, electrons=None) -> None:
         """The next positions' entries (``weights`` None: one per electron; ``electrons``: per
         position, with weights)."""
-        batch = (
-            np.asarray(entries).ravel(),
-            np.asarray(indices).ravel(),
-            None if weights is None else np.asarray(weights).ravel(),
-            np.asarray(entries if weights is None else electrons).ravel(),
-        )
+        batch = (np.asarray(entries).ravel(), np.asarray(indices).ravel(),
+                 None if weights is None else np.asarray(weights).ravel(),
+                 np.asarray(entries if weights is None else electrons).ravel())
         if self.store is None:
             self._waiting.append(batch)
             self._waiting_positions += batch[0].size

@@ -101,20 +101,8 @@ from .optics import Calibration
 FORMAT_NAME = "stemdask-events"
 FORMAT_VERSION = 3
 #: Attrs that decide how the stored bytes are read; covered by the ``layout_sha256`` attr.
-LAYOUT_ATTRS = (
-    "format",
-    "format_version",
-    "scan_shape",
-    "detector_shape",
-    "rows_per_block",
-    "cap",
-    "index_dtype",
-    "has_toa",
-    "encoding",
-    "weight_dtype",
-    "n_events",
-    "complete",
-)
+LAYOUT_ATTRS = ("format", "format_version", "scan_shape", "detector_shape", "rows_per_block", "cap", "index_dtype",
+                "has_toa", "encoding", "weight_dtype", "n_events", "complete")
 ENCODINGS = ("events", "weighted")
 #: Most electrons one position may hold (the ``counts`` dtype).
 MAX_PER_POSITION = (1 << 32) - 2
@@ -263,11 +251,9 @@ class EventStore:
         rpb, cap = self.rows_per_block, self.cap
         if not 1 <= rpb <= ny:
             raise self._corrupt(f"rows_per_block {rpb} outside 1..{ny}")
-        expect = {
-            "counts": ((ny, nx), (rpb, nx), np.dtype(np.uint32)),
-            "indices": ((self.n_blocks * cap,), None, index_dtype_for(self.detector_shape)),
-            "block_crc": ((self.n_blocks,), (1,), np.dtype(np.uint32)),
-        }
+        expect = {"counts": ((ny, nx), (rpb, nx), np.dtype(np.uint32)),
+                  "indices": ((self.n_blocks * cap,), None, index_dtype_for(self.detector_shape)),
+                  "block_crc": ((self.n_blocks,), (1,), np.dtype(np.uint32))}
         if self.has_toa:
             if self._toa is None:
                 raise self._corrupt("attrs say has_toa but the array toa is missing")
@@ -822,14 +808,8 @@ def create_store(
             fill_value=0,
             compressors=_compressors(format_version),
         )
-    group.create_array(
-        "block_crc",
-        shape=(n_blocks,),
-        chunks=(1,),
-        dtype="uint32",
-        fill_value=0,
-        compressors=[Crc32cCodec()] if format_version >= 2 else "auto",
-    )
+    group.create_array("block_crc", shape=(n_blocks,), chunks=(1,), dtype="uint32", fill_value=0,
+                       compressors=[Crc32cCodec()] if format_version >= 2 else "auto")
     attrs = {
         "format": FORMAT_NAME,
         "format_version": int(format_version),

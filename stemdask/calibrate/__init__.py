@@ -144,13 +144,8 @@ def calibrate(
     defects = (
         find_defects(pacbed)
         if detect_defects
-        else {
-            "mask": np.zeros(det, bool),
-            "hot": np.zeros(det, bool),
-            "dead": np.zeros(det, bool),
-            "dead_rows": [],
-            "dead_columns": [],
-        }
+        else {"mask": np.zeros(det, bool), "hot": np.zeros(det, bool), "dead": np.zeros(det, bool), "dead_rows": [],
+              "dead_columns": []}
     )
     full_mask = defects["mask"] | (mask if mask is not None else False)
     try:
@@ -206,14 +201,10 @@ def calibrate(
         "bf_center": [float(center[0]), float(center[1])],
         "bf_radius": float(disk["radius"]),
         "bf_fit": {k: v for k, v in disk.items() if k not in ("center", "radius")},
-        "defects": {
-            "hot": np.argwhere(defects["hot"]).tolist(),
-            "dead": np.argwhere(defects["dead"]).tolist(),
-            "dead_rows": defects["dead_rows"],
-            "dead_columns": defects["dead_columns"],
-            "user_mask_pixels": int(mask.sum()) if mask is not None else 0,
-            "masked_pixels": int(full_mask.sum()),
-        },
+        "defects": {"hot": np.argwhere(defects["hot"]).tolist(), "dead": np.argwhere(defects["dead"]).tolist(),
+                    "dead_rows": defects["dead_rows"], "dead_columns": defects["dead_columns"],
+                    "user_mask_pixels": int(mask.sum()) if mask is not None else 0,
+                    "masked_pixels": int(full_mask.sum())},
         "descan": record,
         "descan_source": "sample COM" if vacuum is None else f"vacuum scan {vacuum.store.path}",
         "descan_span_px": descan_span_px(record, ds.scan_shape),
@@ -370,12 +361,9 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
             f"fit error {px_result['similarity_error']:.2f}, need ≤ {PARALLAX_MAX_SIMILARITY_ERROR}): "
             "treated as in focus, no C10 estimate"
         )
-    out = {
-        "curl_fraction": {str(k).lower(): float(v) for k, v in curl.items()},
-        "com_rotation_deg": float(rot["rotation_deg"]),
-        "com_rotation_sigma_deg": float(rot["rotation_sigma_deg"]),
-        "parallax": px_result,
-    }
+    out = {"curl_fraction": {str(k).lower(): float(v) for k, v in curl.items()},
+           "com_rotation_deg": float(rot["rotation_deg"]), "com_rotation_sigma_deg": float(rot["rotation_sigma_deg"]),
+           "parallax": px_result}
 
     def checked(theta, flip):
         """(θ after the half turn, the ADF agreement or None) of the iCOM image for (θ, flip):
@@ -384,13 +372,8 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
         if adf is None:
             return theta, None
         candidate = _bin_image(icom_phase(res_y, res_x, theta, flip, step), f)
-        ht = half_turn(
-            candidate[: adf.shape[0], : adf.shape[1]],
-            adf,
-            small_step,
-            lambda q: probe_otf(q, lam, semiangle, otf_c10),
-            band,
-        )
+        ht = half_turn(candidate[: adf.shape[0], : adf.shape[1]], adf, small_step,
+                       lambda q: probe_otf(q, lam, semiangle, otf_c10), band)
         return (theta if ht["keep"] else theta + 180.0), ht
 
     otf_c10 = px_result["c10_abs_a"] if defocused else 0.0
@@ -526,14 +509,10 @@ def calibrate_store(
         )
     if write:
         store = open_store(path, mode="r+")
-        changes = {
-            "bf_center": tuple(result["bf_center"]),
-            "bf_radius": result["bf_radius"],
-            "descan": result["descan"],
-            "c10_estimate_a": result["c10_estimate_a"],
-            "rotation_reliable": result["rotation_reliable"],
-            "report": {k: v for k, v in result.items() if k != "messages"},
-        }
+        changes = {"bf_center": tuple(result["bf_center"]), "bf_radius": result["bf_radius"],
+                   "descan": result["descan"], "c10_estimate_a": result["c10_estimate_a"],
+                   "rotation_reliable": result["rotation_reliable"],
+                   "report": {k: v for k, v in result.items() if k != "messages"}}
         measured = ["bf_center", "bf_radius", "descan", "c10_estimate_a"]
         if result["rotation_reliable"]:
             changes.update(rotation_deg=result["rotation_deg"], flip=result["flip"])

@@ -207,18 +207,9 @@ def _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_p
     ) as slot:
         scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}-{run_tag()}-", dir=out.resolve().parent))
         try:
-            with open_source(
-                input,
-                format,
-                mode=mode,
-                scan_shape=scan_shape,
-                detector_shape=detector_shape,
-                threshold=threshold,
-                dwell_ns=dwell_ns,
-                frames_range=frames_range,
-                encoding=encoding,
-                scratch=scratch,
-            ) as src:
+            with open_source(input, format, mode=mode, scan_shape=scan_shape, detector_shape=detector_shape,
+                             threshold=threshold, dwell_ns=dwell_ns, frames_range=frames_range, encoding=encoding,
+                             scratch=scratch) as src:
                 resuming = resume and out.exists()
                 if not resuming:
                     cal = _calibration(resolve_optics(given, src.optics(), assume_defaults, src.path))
@@ -238,18 +229,10 @@ def _ingest_in_slot(input, out, format, mode, scan_shape, detector_shape, rows_p
                         return store
                     todo = np.flatnonzero(~store.committed_blocks())
                 else:
-                    store = create_store(
-                        slot.target,
-                        src.scan_shape,
-                        src.detector_shape,
-                        cal,
-                        rows_per_block=rows_per_block,
-                        has_toa=src.has_toa,
-                        provenance=prov,
-                        encoding=src.encoding,
-                        weight_dtype=src.weight_dtype or "uint16",
-                        bytes_per_position=src.bytes_per_position,
-                    )
+                    store = create_store(slot.target, src.scan_shape, src.detector_shape, cal,
+                                         rows_per_block=rows_per_block, has_toa=src.has_toa, provenance=prov,
+                                         encoding=src.encoding, weight_dtype=src.weight_dtype or "uint16",
+                                         bytes_per_position=src.bytes_per_position)
                     todo = np.arange(store.n_blocks)
                 _run(store, src, todo, progress, replacing=slot.out if slot.target != slot.out else None)
                 stored = store.n_events
@@ -309,23 +292,15 @@ def check_against_source(store, source=None) -> tuple[list[str], dict]:
     if params.get("dataset"):
         spec = f"{spec}:{params['dataset']}"
     opts = {k: params.get(k) for k in ("scan_shape", "detector_shape", "mode", "threshold", "dwell_ns", "frames_range")}
-    with (
-        tempfile.TemporaryDirectory(prefix=".stemdask-validate-") as scratch,
-        open_source(spec, params.get("format", "auto"), scratch=scratch, **opts) as src,
-    ):
+    with (tempfile.TemporaryDirectory(prefix=".stemdask-validate-") as scratch,
+          open_source(spec, params.get("format", "auto"), scratch=scratch, **opts) as src):
         sha = file_sha256(src.path)
         total = src.count_events()
     problems, stored = store.check(source_checksum=sha)
     if not problems and total != stored:
         problems.append(f"{store.path}: source {spec} holds {total} events, the store {stored}")
-    summary = {
-        "n_events": stored,
-        "blocks": store.n_blocks,
-        "ok": not problems,
-        "source": str(spec),
-        "source_sha256": sha,
-        "source_events": total,
-    }
+    summary = {"n_events": stored, "blocks": store.n_blocks, "ok": not problems, "source": str(spec),
+               "source_sha256": sha, "source_events": total}
     return problems, summary
 
 

@@ -341,14 +341,8 @@ class SSBResult:
         else:
             spectrum = total / bf
         ny, nx = self.scan_shape
-        phase = spectrum.map_blocks(
-            _irfft2,
-            (ny, nx),
-            chunks=((ny,), (nx,)),
-            dtype=np.float32,
-            meta=_meta(spectrum, 2, np.float32),
-            token="ssb-irfft2",
-        )
+        phase = spectrum.map_blocks(_irfft2, (ny, nx), chunks=((ny,), (nx,)), dtype=np.float32,
+                                    meta=_meta(spectrum, 2, np.float32), token="ssb-irfft2")
         attrs = {
             "units": "rad",
             "long_name": f"SSB phase ({ab.label()}" + (", quantitative)" if quantitative else ")"),
@@ -450,16 +444,8 @@ def ssb(
         np.asarray(dense.coords[d].values) if d in dense.coords else np.arange(n) * step
         for d, n, step in (("scan_y", ny, calibration.scan_step_a[0]), ("scan_x", nx, calibration.scan_step_a[1]))
     )
-    return disk.result(
-        G,
-        bf,
-        scan_coords,
-        calibration,
-        _aberrations(aberrations),
-        quantitative=quantitative,
-        scratch=scratch,
-        scratch_threshold=scratch_threshold,
-    )
+    return disk.result(G, bf, scan_coords, calibration, _aberrations(aberrations), quantitative=quantitative,
+                       scratch=scratch, scratch_threshold=scratch_threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -480,23 +466,10 @@ class BFPixels:
     def result(self, G, bf, scan_coords, calibration: Calibration, aberrations: Aberrations, **kw) -> "SSBResult":
         """The :class:`SSBResult` of scan-FFT cube ``G`` (ny, nx//2+1, npix) of these pixels."""
         (sy, sx), (ny, nx) = calibration.scan_step_a, (len(scan_coords[0]), len(scan_coords[1]))
-        return SSBResult(
-            G=G,
-            k_y=self.k_y,
-            k_x=self.k_x,
-            pixels=self.pixels,
-            k_y_mrad=self.k_y_mrad,
-            k_x_mrad=self.k_x_mrad,
-            q_y=np.fft.fftfreq(ny, d=sy),
-            q_x=np.fft.rfftfreq(nx, d=sx),
-            k0=self.k0,
-            bf=bf,
-            scan_coords=scan_coords,
-            calibration=calibration,
-            aberrations=aberrations,
-            semiangle_source=self.alpha_source,
-            **kw,
-        )
+        return SSBResult(G=G, k_y=self.k_y, k_x=self.k_x, pixels=self.pixels, k_y_mrad=self.k_y_mrad,
+                         k_x_mrad=self.k_x_mrad, q_y=np.fft.fftfreq(ny, d=sy), q_x=np.fft.rfftfreq(nx, d=sx),
+                         k0=self.k0, bf=bf, scan_coords=scan_coords, calibration=calibration, aberrations=aberrations,
+                         semiangle_source=self.alpha_source, **kw)
 
 
 def bf_pixels(ky_mrad, kx_mrad, calibration: Calibration, semiangle_mrad: float | None = None) -> BFPixels:
@@ -703,10 +676,8 @@ def _searched(result: SSBResult, start: float, span: float, origin: str) -> tupl
     """:func:`focus_c10` from ``start`` over ±``span`` Å, said on stderr: (C10, its source, attrs)."""
     c10, info = focus_c10(result, start, span, warn=False)
     lo, hi = info["range"]
-    print(
-        f"ssb: C10 = {c10:.1f} Å (auto: focus criterion over {lo:.1f}…{hi:.1f} Å, start {start:.1f} Å from {origin})",
-        file=sys.stderr,
-    )
+    print(f"ssb: C10 = {c10:.1f} Å (auto: focus criterion over {lo:.1f}…{hi:.1f} Å, start {start:.1f} Å from {origin})",
+          file=sys.stderr)
     for line in info["warnings"]:
         print(f"ssb: warning: {line}", file=sys.stderr)
     source = (
@@ -717,11 +688,8 @@ def _searched(result: SSBResult, start: float, span: float, origin: str) -> tupl
         source += "; OPTIMUM AT THE EDGE of the range: it may lie outside"
     if info["flat"]:
         source += f"; criterion FLAT (best/median {info['contrast']:.2f}): no focus found"
-    extra = {
-        "c10_search_range_a": [lo, hi],
-        "c10_at_edge": bool(info["at_edge"]),
-        "c10_criterion_contrast": float(info["contrast"]),
-    }
+    extra = {"c10_search_range_a": [lo, hi], "c10_at_edge": bool(info["at_edge"]),
+             "c10_criterion_contrast": float(info["contrast"])}
     return c10, source + ")", extra
 
 
