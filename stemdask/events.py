@@ -24,23 +24,48 @@ import math
 import os
 from dataclasses import dataclass
 
+import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from . import reductions
+from . import chunk_plan, reductions
 from .errors import InvalidParameter
 from .kernels import events as kernels
 from .optics import Calibration
+from .progress import active_client
 from .store import Block, EventStore, open_store
 
 _OBJECT_META = np.empty((0, 0), dtype=object)
 
 
-def _read_block(path: str, b: int, allow_incomplete: bool) -> Block:
-    """Task: open the store at ``path`` and read row block ``b`` (picklable by design)."""
-    return open_store(path, allow_incomplete=allow_incomplete).read_block(b)
+def _read_rows(path: str, index: int, pieces: tuple, allow_incomplete: bool) -> Block:
+    """Task: open the store at ``path`` and read the rows ``pieces`` ((stored block, first row,
+    end row), ...) as one block numbered ``index`` (picklable by design)."""
+    store = open_store(path, allow_incomplete=allow_incomplete)
+    return Block.concat([store.read_block(b, (r0, r1)) for b, r0, r1 in pieces], index)
+
+
+def _rows_of(block: Block, lo: int, hi: int, fn, *args):
+    """Task: ``fn`` on rows [``lo``, ``hi``) of ``block`` (counted within it)."""
+    return fn(block.rows(lo, hi), *args)
+
+
+def chunk_target() -> int:
+    """Bytes per chunk for the graphs built now (:func:`stemdask.chunk_plan.target_bytes`): the
+    dask config ``stemdask.chunk-bytes`` (e.g. ``"32 MiB"``) or 64 MiB, at most 1/16 of the
+    smallest worker memory per thread of the active distributed client."""
+    from dask.utils import parse_bytes
+
+    configured = dask.config.get("stemdask.chunk-bytes", None)
+    client = active_client()
+    per_thread = None
+    if client is not None:
+        workers = client.scheduler_info()["workers"].values()
+        shares = [w["memory_limit"] / max(1, w.get("nthreads", 1)) for w in workers if w.get("memory_limit")]
+        per_thread = int(min(shares)) if shares else None
+    return chunk_plan.target_bytes(parse_bytes(configured) if configured else None, per_thread)
 
 
 def _select_toa(block: Block, t_min: int, t_max: int) -> Block:
@@ -52,15 +77,12 @@ def _select_toa(block: Block, t_min: int, t_max: int) -> Block:
 
 def _bin_blocks(factor: int, rows_out: int, row_start: int, index: int, *blocks: Block) -> Block:
     """Merge a group of consecutive row blocks and bin its scan by ``factor``."""
-    entries = np.concatenate([b.entries for b in blocks], axis=0)[: rows_out * factor]
-    n = int(entries.sum(dtype=np.int64))
-    indices = np.concatenate([b.indices for b in blocks])[:n]
-    weighted = blocks[0].weights is not None
-    weights = np.concatenate([b.weights for b in blocks])[:n] if weighted else None
-    binned, merged, merged_w = kernels.bin_scan(np.ascontiguousarray(entries), indices, factor, weights)
-    if not weighted:
+    group = Block.concat(list(blocks), index).rows(0, rows_out * factor)
+    binned, merged, merged_w = kernels.bin_scan(np.ascontiguousarray(group.entries), group.indices, factor,
+                                                group.weights)
+    if group.weights is None:
         return Block(index, row_start, binned, merged, None)
-    counts = np.concatenate([b.counts for b in blocks], axis=0)[: rows_out * factor].astype(np.int64)
+    counts = group.counts.astype(np.int64)
     oy, ox = binned.shape
     electrons = counts[:, : ox * factor].reshape(oy, factor, ox, factor).sum(axis=(1, 3)).astype(np.uint32)
     return Block(index, row_start, electrons, merged, None, merged_w, binned)
@@ -82,12 +104,37 @@ class _Events:
         return tuple(int(s) for s in self.array.shape)
 
 
+def event_row_chunks(store: EventStore, target: int) -> tuple[int, ...]:
+    """Scan rows per chunk of the events layer: regular chunks of about ``target`` bytes of
+    decoded events (counts, indices, weights, arrival times; from the store's event total), cut
+    from or merged across the stored row blocks. A store without an event total (incomplete)
+    keeps its stored blocks."""
+    per_row = event_bytes_per_row(store)
+    if per_row is None:
+        return tuple(r1 - r0 for r0, r1 in map(store.block_rows, range(store.n_blocks)))
+    return chunk_plan.row_chunks(store.scan_shape[0], per_row, target)
+
+
+def event_bytes_per_row(store: EventStore) -> float | None:
+    """Mean decoded bytes of one scan row's events (an upper bound for weighted stores, from
+    the electron total), or None for a store without an event total (incomplete)."""
+    if "n_events" not in store.attrs or not store.complete:
+        return None
+    ny, nx = store.scan_shape
+    weight_bytes = store.weight_dtype.itemsize if store.weighted else 0
+    entry_bytes = store.index_dtype.itemsize + 4 * store.has_toa + weight_bytes
+    return int(store.attrs["n_events"]) / ny * entry_bytes + nx * 4 * (1 + store.weighted)
+
+
 def _store_events(store: EventStore, allow_incomplete: bool) -> _Events:
     path = str(store.path.resolve())
-    token = tokenize(path, store.attrs.get("n_events"), store.attrs.get("provenance"), store.scan_shape)
+    rows = event_row_chunks(store, chunk_target())
+    token = tokenize(path, store.attrs.get("n_events"), store.attrs.get("provenance"), store.scan_shape, rows)
     name = f"events-{token}"
-    graph = {(name, b, 0): (_read_block, path, b, allow_incomplete) for b in range(store.n_blocks)}
-    rows = tuple(r1 - r0 for r0, r1 in map(store.block_rows, range(store.n_blocks)))
+    bounds = [store.block_rows(b) for b in range(store.n_blocks)]
+    starts = np.cumsum((0,) + rows)
+    graph = {(name, i, 0): (_read_rows, path, i, tuple(chunk_plan.row_pieces(bounds, r0, r1)), allow_incomplete)
+             for i, (r0, r1) in enumerate(zip(starts[:-1].tolist(), starts[1:].tolist()))}
     chunks = (rows, (store.scan_shape[1],))
     hlg = HighLevelGraph.from_collections(name, graph, dependencies=())
     return _Events(da.Array(hlg, name, chunks, meta=_OBJECT_META), has_toa=store.has_toa)
@@ -231,6 +278,23 @@ class EventDataset:
             meta=meta,
             name=f"{name}-{token}",
         )
+
+    def map_event_rows(self, fn, *args, dtype, row_bytes: float, trailing: tuple, name: str):
+        """``fn(rows, *args)`` on pieces of the row blocks, each piece as many scan rows as keep
+        its output (``row_bytes`` bytes per scan row) within :func:`chunk_target` → a dask array
+        of chunks (pieces, nx, *``trailing``): a product of the shared read, in chunks sized by
+        what they hold, not by how many events were read together."""
+        src = self._events.array
+        length = chunk_plan.chunk_length(max(src.chunks[0]), row_bytes, chunk_target())
+        pieces = chunk_plan.split_ranges(src.chunks[0], length)
+        token = tokenize(src.name, fn, args, row_bytes, trailing, pieces)
+        out = f"{name}-{token}"
+        zeros = (0,) * (1 + len(trailing))
+        graph = {(out, j, *zeros): (_rows_of, (src.name, i, 0), lo, hi, fn, *args)
+                 for j, (i, lo, hi) in enumerate(pieces)}
+        hlg = HighLevelGraph.from_collections(out, graph, dependencies=[src])
+        chunks = (tuple(hi - lo for _, lo, hi in pieces), (self.scan_shape[1],), *((n,) for n in trailing))
+        return da.Array(hlg, out, chunks, meta=np.empty((0,) * len(chunks), dtype=dtype))
 
     @property
     def row_chunks(self) -> tuple[int, ...]:

@@ -624,25 +624,23 @@ def radial_profile(ds, bin_px: float = 1.0) -> xr.DataArray:
 def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
     """Crop a square around the BF centre, bin it, and make dense patterns.
 
-    Returns float32 (scan_y, scan_x, k_y, k_x) electron counts, dask chunks
-    (rows_per_block, nx, full, full); the crop is :meth:`CropWindow.around` the centre:
-    ``radius_px`` defaults to ``ceil(1.1·R) + 1`` (R the BF radius), ``center`` to the
-    calibrated BF centre. Coordinates k_y, k_x (mrad) are the output pixel centres relative
-    to the BF centre (k = 0); attrs give the crop origin (detector pixel of output pixel
-    (0, 0)'s first sub-pixel) and the bin.
+    Returns float32 (scan_y, scan_x, k_y, k_x) electron counts, dask chunks (rows, nx, full,
+    full) with as many rows as keep a chunk within :func:`stemdask.events.chunk_target`; the
+    crop is :meth:`CropWindow.around` the centre: ``radius_px`` defaults to ``ceil(1.1·R) + 1``
+    (R the BF radius), ``center`` to the calibrated BF centre. Coordinates k_y, k_x (mrad) are
+    the output pixel centres relative to the BF centre (k = 0); attrs give the crop origin
+    (detector pixel of output pixel (0, 0)'s first sub-pixel) and the bin.
     """
     crop = CropWindow.around(_bf_center(ds, center), _dense_radius(ds, radius_px), bin)
     y0, x0, b, n = crop.y0, crop.x0, crop.bin, crop.n
     nx = ds.scan_shape[1]
     terms, descan = MaskTerms.of(ds), ds.calibration.descan
-    chunks = (ds.row_chunks, (nx,), (n,), (n,))
+    product = {"dtype": np.float32, "row_bytes": nx * n * n * 4, "trailing": (n, n), "name": "densify"}
     if terms is None and descan is None:
         lookup = kernels.densify_lookup(*ds.detector_shape, y0, x0, b, n, n)
-        data = ds.map_events(
-            _block_densify, lookup, n, dtype=np.float32, chunks=chunks, new_axis=[2, 3], name="densify"
-        )
+        data = ds.map_event_rows(_block_densify, lookup, n, **product)
     else:
-        data = ds.map_events(
+        data = ds.map_event_rows(
             _block_densify_shifted,
             ds.detector_shape[1],
             y0,
@@ -652,10 +650,7 @@ def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
             terms or MaskTerms.none(ds.detector_shape[0] * ds.detector_shape[1]),
             ds.scan_shape,
             descan,
-            dtype=np.float32,
-            chunks=chunks,
-            new_axis=[2, 3],
-            name="densify",
+            **product,
         )
     p = ds.calibration.detector_pixel_mrad
     coords = {**ds.scan_coords(), **crop.coords(p)}

@@ -77,6 +77,7 @@ writes 2.4× slower.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -168,6 +169,30 @@ class Block:
         off = np.zeros(self.entries.size + 1, dtype=np.int64)
         np.cumsum(self.entries.ravel(), out=off[1:])
         return off
+
+    def rows(self, lo: int, hi: int, index: int | None = None) -> "Block":
+        """Its rows [``lo``, ``hi``) (counted within the block) as a block of their own (views)."""
+        a, z = (int(self.entries[:r].sum(dtype=np.int64)) for r in (lo, hi))
+
+        def part(x):
+            return None if x is None else x[a:z]
+
+        return Block(self.index if index is None else index, self.row_start + lo, self.counts[lo:hi],
+                     self.indices[a:z], part(self.toa), part(self.weights),
+                     None if self.entry_counts is None else self.entry_counts[lo:hi])
+
+    @staticmethod
+    def concat(blocks: "list[Block]", index: int) -> "Block":
+        """Consecutive blocks (ascending rows) as one block numbered ``index``."""
+        if len(blocks) == 1:
+            return dataclasses.replace(blocks[0], index=index)
+        first = blocks[0]
+
+        def joined(name, axis=0):
+            return None if getattr(first, name) is None else np.concatenate([getattr(b, name) for b in blocks], axis)
+
+        return Block(index, first.row_start, joined("counts"), joined("indices"), joined("toa"), joined("weights"),
+                     joined("entry_counts"))
 
 
 def index_dtype_for(detector_shape: tuple[int, int]) -> np.dtype:
@@ -477,13 +502,19 @@ class EventStore:
             zarr.consolidate_metadata(str(self.path))
 
     # ------------------------------------------------------------------ reading
-    def read_block(self, b: int) -> Block:
-        """Events of row block ``b``, verified (see the module docstring, "Integrity").
+    def read_block(self, b: int, rows: tuple[int, int] | None = None) -> Block:
+        """Events of row block ``b``, verified (see the module docstring, "Integrity"); with
+        ``rows`` = (lo, hi) (absolute scan rows within the block) only those rows' entries are
+        read and decoded — the block's counts give their offsets, and the block's record is
+        still checked as a whole.
 
         Raises :class:`IncompleteStoreError` if the block is not committed (in an incomplete
         store) and :class:`CorruptStoreError` naming the array and chunk if anything fails.
         """
         r0, r1 = self.block_rows(b)
+        lo, hi = (r0, r1) if rows is None else (int(rows[0]), int(rows[1]))
+        if not r0 <= lo < hi <= r1:
+            raise IndexError(f"{self.path}: rows {lo}..{hi - 1} are not within row block {b} (rows {r0}..{r1 - 1})")
         where = f"row block {b} (rows {r0}..{r1 - 1})"
         counts = self._read(self._counts, b, slice(r0, r1))
         if np.any(counts == UNWRITTEN):
@@ -506,7 +537,13 @@ class EventStore:
             stored = int(self._read(self._crc, b, slice(b, b + 1))[0])
             if self.block_record(b, counts, n, entries if self.weighted else None) != stored:
                 raise self._corrupt(self._explain_crc_mismatch(b, n))
-        start = b * self.cap
+        if (lo, hi) != (r0, r1):
+            where = f"rows {lo}..{hi - 1} of {where}"
+            start = b * self.cap + int(entries[: lo - r0].sum(dtype=np.int64))
+            counts, entries = counts[lo - r0 : hi - r0], entries[lo - r0 : hi - r0]
+            n = int(entries.sum(dtype=np.int64))
+        else:
+            start = b * self.cap
         indices = self._read_entries(self._indices, b, start, n)
         toa = self._read_entries(self._toa, b, start, n) if self.has_toa else None
         weights = self._read_entries(self._weights, b, start, n) if self.weighted else None
@@ -522,7 +559,7 @@ class EventStore:
                 f"{where}: its weights sum to {int(weights.sum(dtype=np.int64))} electrons but its "
                 f"counts to {int(counts.sum(dtype=np.int64))} (damaged data)"
             )
-        return Block(b, r0, counts, indices, toa, weights, entries if self.weighted else None)
+        return Block(b, lo, counts, indices, toa, weights, entries if self.weighted else None)
 
     def _chunk_key(self, name: str, i: int) -> str:
         """``array/c/...`` key of chunk ``i`` (along the first axis) of array ``name``."""

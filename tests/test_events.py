@@ -12,7 +12,7 @@ import pytest
 import xarray as xr
 
 import stemdask
-from stemdask.events import EventDataset
+from stemdask.events import EventDataset, event_bytes_per_row
 from stemdask.optics import Calibration
 from stemdask.reductions import Annulus
 from stemdask.simulate import SimulationParams, simulate
@@ -53,18 +53,23 @@ def dense_of(store: EventStore, toa_window=None) -> np.ndarray:
 
 @pytest.fixture
 def rstore(tmp_path):
-    return write_random_store(tmp_path / "r.zarr")
+    """11 rows in stored blocks of 3, read in chunks of 2 rows: most chunks straddle two blocks."""
+    store = write_random_store(tmp_path / "r.zarr")
+    with dask.config.set({"stemdask.chunk-bytes": int(2.5 * event_bytes_per_row(store))}):
+        assert stemdask.open(store.path).row_chunks == (2, 2, 2, 2, 2, 1)
+        yield store
 
 
 @pytest.fixture
 def count_reads(monkeypatch):
-    """Counts EventStore.read_block calls (the threaded scheduler runs them in this process)."""
+    """The scan rows EventStore.read_block reads, once per read (the threaded scheduler runs
+    them in this process)."""
     calls = []
     original = EventStore.read_block
 
-    def counting(self, b):
-        calls.append(b)
-        return original(self, b)
+    def counting(self, b, rows=None):
+        calls.extend(range(*(rows or self.block_rows(b))))
+        return original(self, b, rows)
 
     monkeypatch.setattr(EventStore, "read_block", counting)
     return calls
@@ -101,14 +106,14 @@ def all_products(ds):
     )
 
 
-def test_building_graphs_reads_nothing_and_computing_together_reads_each_block_once(rstore, count_reads):
+def test_building_graphs_reads_nothing_and_computing_together_reads_each_row_once(rstore, count_reads):
     ds = stemdask.open(rstore.path)
     with raise_if_dask_computes():
         products = all_products(ds)
     assert count_reads == []
     with dask.config.set(scheduler="threads"):
         dask.compute(*products)
-    assert sorted(count_reads) == list(range(rstore.n_blocks))
+    assert sorted(count_reads) == list(range(rstore.scan_shape[0]))
 
 
 def test_to_zarr_of_merged_products_reads_each_block_once(rstore, count_reads, tmp_path):
@@ -118,7 +123,7 @@ def test_to_zarr_of_merged_products_reads_each_block_once(rstore, count_reads, t
         delayed = merged.to_zarr(tmp_path / "out.zarr", compute=False)
     assert count_reads == []
     dask.compute(delayed, scheduler="threads")
-    assert sorted(count_reads) == list(range(rstore.n_blocks))
+    assert sorted(count_reads) == list(range(rstore.scan_shape[0]))
     back = xr.open_zarr(tmp_path / "out.zarr")
     assert back.com_y.attrs["units"] == "px" and back.scan_x.attrs["units"] == "angstrom"
 
@@ -151,7 +156,7 @@ def test_com_equals_numpy_com_of_dense_data(rstore):
         cy = (d * y).sum(axis=(2, 3)) / d.sum(axis=(2, 3))
         cx = (d * x).sum(axis=(2, 3)) / d.sum(axis=(2, 3))
     com = ds.com()
-    assert com.com_y.dims == ("scan_y", "scan_x") and com.com_y.data.chunks[0] == (3, 3, 3, 2)
+    assert com.com_y.dims == ("scan_y", "scan_x") and com.com_y.data.chunks[0] == (2, 2, 2, 2, 2, 1)
     np.testing.assert_allclose(com.com_y.values, cy - 6.6, atol=1e-12)
     np.testing.assert_allclose(com.com_x.values, cx - 5.3, atol=1e-12)
     np.testing.assert_allclose(ds.com(units="mrad").com_x.values, (cx - 5.3) * 2.0, atol=1e-12)
@@ -229,7 +234,8 @@ def test_densify_is_a_crop_and_bin_of_the_dense_data(rstore, radius, b):
     out = ds.densify(radius_px=radius, bin=b)
     n = out.shape[2]
     assert n % 2 == 1 and out.shape == (11, 7, n, n) and out.dtype == np.float32
-    assert out.data.chunks[:2] == ((3, 3, 3, 2), (7,)) and out.data.chunks[2:] == ((n,), (n,))
+    # a row of patterns is larger than the chunk target: one row per chunk, cut from the reads
+    assert out.data.chunks[:2] == ((1,) * 11, (7,)) and out.data.chunks[2:] == ((n,), (n,))
     y0, x0 = out.attrs["crop_origin_px"]
     pad = 40
     padded = np.pad(d, ((0, 0), (0, 0), (pad, pad), (pad, pad)))

@@ -221,7 +221,7 @@ def test_registered_methods_build_without_reading_the_store(tmp_path, monkeypatc
     simulate(tmp_path / "s.zarr", p, rows_per_block=8, progress=False)
     reads = []
     original = EventStore.read_block
-    monkeypatch.setattr(EventStore, "read_block", lambda self, b: reads.append(b) or original(self, b))
+    monkeypatch.setattr(EventStore, "read_block", lambda self, b, rows=None: reads.append(b) or original(self, b, rows))
     ds = stemdask.events.open(tmp_path / "s.zarr")
     options = {"icom": {}, "dpc": {}, "ricom": {"kernel_size": 9}}
     with raise_if_dask_computes():

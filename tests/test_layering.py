@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "stemdask"
 #: Layers, lowest first: module-name prefix → layer (the longest matching prefix decides).
 LAYERS = {
     "stemdask.errors": 0,
-    "stemdask.optics": 1, "stemdask.kernels": 1,
+    "stemdask.optics": 1, "stemdask.kernels": 1, "stemdask.chunk_plan": 1,
     "stemdask.store": 2,
     "stemdask.chunk_reads": 2, "stemdask.outputs": 2, "stemdask.progress": 2, "stemdask.io": 2, "stemdask.cluster": 2,
     "stemdask.events": 3, "stemdask.reductions": 3, "stemdask.methods": 3, "stemdask.calibrate": 3,

@@ -70,14 +70,14 @@ def test_matches_brute_force_numpy_ssb(quantitative):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_pixel_chunking_and_row_blocks_do_not_change_the_result():
+def test_qx_chunking_and_row_blocks_do_not_change_the_result():
     counts, _, cal = simulated(-50.0, scan=(16, 16), detector=16, dose=1e4)
     ab = Aberrations(C10=-50)
-    ref = ssb(as_dense(counts, cal, rows_per_block=16), cal, ab, pixel_chunk=10_000).phase.values
+    ref = ssb(as_dense(counts, cal, rows_per_block=16), cal, ab, qx_chunk=10_000).phase.values
     for rows, chunk in ((3, 1), (5, 7), (8, None)):
-        r = ssb(as_dense(counts, cal, rows_per_block=rows), cal, ab, pixel_chunk=chunk)
+        r = ssb(as_dense(counts, cal, rows_per_block=rows), cal, ab, qx_chunk=chunk)
         if chunk:
-            assert r.G.chunks[2][0] == min(chunk, len(r.k_y))
+            assert r.G.chunks[1][0] == min(chunk, len(r.q_x)) and len(r.G.chunks[2]) == 1
         np.testing.assert_allclose(r.phase.values, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 

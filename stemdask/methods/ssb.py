@@ -3,9 +3,13 @@
 Graph (DESIGN.md §3)::
 
     dense (rows, nx, fy, fx) ─► BF-disk pixels, rfft over scan_x per row block
-      ─► rechunk (p2p under distributed, else tasks) to pixel chunks spanning the scan
+      ─► rechunk (p2p under distributed, else tasks) to q_x chunks: all scan rows, a range
+         of scan frequencies q_x, all BF pixels (sized by :mod:`stemdask.chunk_plan`)
       ─► fft over scan_y ─► G (ny, nx//2+1, npix)          [kept: memory or Zarr scratch]
-      ─► trotter sums with χ per pixel chunk ─► tree sum ─► irfft2 ─► phase (rad)
+      ─► trotter sums with χ, one task per q_x chunk (output: that chunk's frequencies)
+      ─► irfft2 ─► phase (rad)
+
+A refocus reads G once and writes (ny, nx//2+1) complex numbers: no partial planes, no tree sum.
 
 Physics (numpy's forward FFT convention of :mod:`stemdask.simulate`; weak phase object
 t = 1 + iφ; probe P(k) = A(k)·exp(−iχ(k)) normalised to one electron; G(k, Q) = mean over
@@ -67,16 +71,17 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ..chunk_plan import chunk_length, regular_chunks
 from ..errors import InvalidParameter, MissingExtra
-from ..events import EventDataset, scan_coordinates
+from ..events import EventDataset, chunk_target, scan_coordinates
 from ..kernels.ssb import chi_coefficients, ssb_partial, trotter_counts
 from ..kernels.ssb_broadcast import array_module, ssb_partial_xp
 from ..optics import Aberrations, Calibration, check_scan_step, detector_to_scan_frame
 from ..progress import active_client
 from . import PositiveFloat, PositiveInt
 
-#: Target size of one pixel chunk of G (bytes).
-G_CHUNK_BYTES = 64 * 2**20
+#: G is cut into at least this many q_x chunks (parallelism), when it has that many columns.
+G_MIN_CHUNKS = 8
 
 
 def select_and_rfft(block, pix_y, pix_x):
@@ -91,10 +96,15 @@ def _fft_scan_y(chunk):
     return xp.fft.fft(chunk, axis=0, norm="forward").astype(xp.complex64, copy=False)
 
 
-def _partial_block(g, k_y, k_x, *, q_y, q_x, k0, coef):
-    """Trotter sum of one pixel chunk of G (pixels at ``k_y, k_x``) → (1, nqy, nqx) complex128."""
+def _trotter_block(g, q_x, *, k_y, k_x, q_y, k0, coef):
+    """Trotter sums of one q_x chunk of G (frequencies ``q_y`` × ``q_x``) → (nqy, nqx) complex128."""
     kernel = ssb_partial if array_module(g) is np else ssb_partial_xp
-    return kernel(g, k_y, k_x, q_y, q_x, k0, coef)[None]
+    return kernel(g, k_y, k_x, q_y, np.asarray(q_x), k0, coef)
+
+
+def _counts_block(q_x, *, k_y, k_x, q_y, k0):
+    """Trotter pixel counts of one q_x chunk → (nqy, nqx) float64."""
+    return trotter_counts(k_y, k_x, q_y, np.asarray(q_x), k0)
 
 
 def _meta(like: da.Array, ndim: int, dtype) -> object:
@@ -121,7 +131,7 @@ def _to_host(block):
     return block.get() if array_module(block) is not np else block
 
 
-def _irfft2(spectrum, shape):
+def _irfft2(spectrum, *, shape):
     xp = array_module(spectrum)
     return xp.fft.irfft2(spectrum, s=shape, norm="forward").astype(xp.float32)
 
@@ -297,39 +307,28 @@ class SSBResult:
         power.attrs = {"units": "rad²", "long_name": "Σ phase² (focus criterion)"}
         return xr.Dataset({"phase": phase, "power": power})
 
+    def _q_x(self) -> da.Array:
+        """The scan frequencies q_x (Å⁻¹) chunked as G."""
+        return da.from_array(self.q_x, chunks=(self.G.chunks[1],))
+
     def transfer(self) -> da.Array:
-        """Trotter pixel count n_trotter(Q) (float64 (ny, nx//2+1)); lazy."""
-        return da.from_delayed(
-            dask.delayed(trotter_counts, pure=True)(self.k_y, self.k_x, self.q_y, self.q_x, self.k0),
-            shape=(len(self.q_y), len(self.q_x)),
-            dtype=np.float64,
+        """Trotter pixel count n_trotter(Q) (float64 (ny, nx//2+1), chunked as G by q_x); lazy."""
+        return da.blockwise(
+            _counts_block, "ij", self._q_x(), "j", new_axes={"i": len(self.q_y)}, dtype=np.float64,
+            k_y=self.k_y, k_x=self.k_x, q_y=self.q_y, k0=self.k0,
+            name="ssb-trotter-counts-" + dask.base.tokenize(self.k_y, self.k_x, self.q_y, self.q_x, self.k0),
         )
 
     def _reduce(self, ab: Aberrations, quantitative: bool) -> xr.DataArray:
         G = self.G
         coef = chi_coefficients(ab, self.calibration.wavelength_a)
-        # Output block p (one per pixel chunk) sees only G's pixel chunk p and its k's.
-        k_y = da.from_array(self.k_y, chunks=(G.chunks[2],))
-        k_x = da.from_array(self.k_x, chunks=(G.chunks[2],))
-        parts = da.blockwise(
-            _partial_block,
-            "pij",
-            G,
-            "ijp",
-            k_y,
-            "p",
-            k_x,
-            "p",
-            q_y=self.q_y,
-            q_x=self.q_x,
-            k0=self.k0,
-            coef=coef,
-            adjust_chunks={"p": 1},
-            dtype=np.complex128,
-            meta=_meta(G, 3, np.complex128),
-            name="ssb-trotter-sum-" + dask.base.tokenize(G, k_y, k_x, self.q_y, self.q_x, self.k0, coef),
+        # One task per q_x chunk of G: its frequencies' trotter sums, nothing else.
+        total = da.blockwise(
+            _trotter_block, "ij", G, "ijp", self._q_x(), "j", concatenate=True,
+            k_y=self.k_y, k_x=self.k_x, q_y=self.q_y, k0=self.k0, coef=coef,
+            dtype=np.complex128, meta=_meta(G, 2, np.complex128),
+            name="ssb-trotter-sum-" + dask.base.tokenize(G, self.k_y, self.k_x, self.q_y, self.q_x, self.k0, coef),
         )
-        total = parts.sum(axis=0, split_every=8)
         bf = self.bf
         if quantitative:
             n_disk = len(self.k_y)
@@ -341,8 +340,10 @@ class SSBResult:
         else:
             spectrum = total / bf
         ny, nx = self.scan_shape
-        phase = spectrum.map_blocks(_irfft2, (ny, nx), chunks=((ny,), (nx,)), dtype=np.float32,
-                                    meta=_meta(spectrum, 2, np.float32), token="ssb-irfft2")
+        # The q_x chunks joined in the one task that needs them all.
+        phase = da.blockwise(_irfft2, "yx", spectrum, "ij", new_axes={"y": ny, "x": nx}, concatenate=True,
+                             shape=(ny, nx), dtype=np.float32, meta=_meta(spectrum, 2, np.float32),
+                             name="ssb-irfft2-" + dask.base.tokenize(spectrum, ny, nx))
         attrs = {
             "units": "rad",
             "long_name": f"SSB phase ({ab.label()}" + (", quantitative)" if quantitative else ")"),
@@ -362,7 +363,7 @@ class SSBResult:
 
     def g_at(self, q_y: float, q_x: float) -> np.ndarray:
         """G (complex, NaN outside the BF disk) on the dense crop at the scan frequency nearest
-        (``q_y``, ``q_x``) (Å⁻¹; ``q_x < 0`` uses G(−Q) = G(Q)*). Computes that one plane."""
+        (``q_y``, ``q_x``) (Å⁻¹; ``q_x < 0`` uses G(−Q) = G(Q)*). Reads one q_x chunk of G."""
         conj = q_x < 0
         if conj:
             q_y, q_x = -q_y, -q_x
@@ -381,7 +382,7 @@ def ssb(
     *,
     quantitative: bool = False,
     semiangle_mrad: float | None = None,
-    pixel_chunk: int | None = None,
+    qx_chunk: int | None = None,
     scratch: str | os.PathLike | None = None,
     scratch_threshold: int | None = None,
 ) -> SSBResult:
@@ -400,7 +401,8 @@ def ssb(
     which ("argument", "measured BF radius", "nominal semi-angle").
     aberrations: Krivanek coefficients (Å, degrees), :class:`~stemdask.optics.Aberrations` or
     a dict. quantitative: unit transfer instead of the SNR-optimal sum (module docstring).
-    pixel_chunk: BF pixels per chunk of G (default: ≥ 8 chunks of ≤ 64 MiB).
+    qx_chunk: scan-frequency columns q_x per chunk of G (default: chunks of at most the chunk
+    byte target of :func:`stemdask.events.chunk_target`, at least :data:`G_MIN_CHUNKS` of them).
     scratch, scratch_threshold: where G is kept, see :meth:`SSBResult.keep`.
     The scan frequencies use ``calibration.scan_step_a``; the image's scan coordinates are
     ``dense``'s own (Å). Under a distributed client the rechunk is a p2p shuffle.
@@ -430,12 +432,12 @@ def ssb(
         meta=_meta(data, 3, np.complex64),
         token="ssb-rfft-x",
     )
-    bytes_per_pixel = ny * nxh * 8
-    pc = pixel_chunk or max(1, min(math.ceil(npix / 8), G_CHUNK_BYTES // bytes_per_pixel))
+    qc = qx_chunk or chunk_length(nxh, ny * npix * 8, chunk_target(), min_chunks=G_MIN_CHUNKS)
     method = "p2p" if active_client() is not None else "tasks"
     # No merging of row blocks into bigger pieces on the way (memory stays ~ one chunk).
-    largest = max(max(data.chunks[0]) * nxh * npix, ny * nxh * min(pc, npix)) * 8
-    cols = rows.rechunk({0: ny, 1: nxh, 2: pc}, method=method, block_size_limit=largest)
+    largest = max(max(data.chunks[0]) * nxh * npix, ny * min(qc, nxh) * npix) * 8
+    cols = rows.rechunk({0: ny, 1: regular_chunks(nxh, min(qc, nxh)), 2: npix}, method=method,
+                        block_size_limit=largest)
     G = cols.map_blocks(_fft_scan_y, dtype=np.complex64, meta=_meta(cols, 3, np.complex64), token="ssb-fft-y")
 
     # Σ_k G(k, Q=0): the mean bright-field counts per position (the normalisation).
