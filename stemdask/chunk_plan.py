@@ -23,7 +23,7 @@ import math
 #: Default target size of one chunk (bytes).
 CHUNK_BYTES = 64 * 2**20
 #: A chunk may take at most this share of a worker's memory per thread.
-WORKER_SHARE = 1 / 16
+WORKER_SHARE = 1 / 24
 #: Smallest target, whatever the worker memory (below this, per-task overheads dominate).
 MIN_CHUNK_BYTES = 2**20
 
@@ -45,7 +45,8 @@ def chunk_length(n: int, bytes_per_item: float, target: int, *, min_chunks: int 
     if n <= 0:
         return 0
     by_bytes = max(1, int(target // max(bytes_per_item, 1e-300)))
-    by_count = math.ceil(n / max(1, min(min_chunks, n)))
+    k = max(1, min(min_chunks, n))
+    by_count = n if k == 1 else math.ceil(n / (k - 1)) - 1  # the longest L with ceil(n / L) ≥ k
     return max(1, min(n, by_bytes, by_count))
 
 

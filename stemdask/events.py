@@ -54,7 +54,7 @@ def _rows_of(block: Block, lo: int, hi: int, fn, *args):
 
 def chunk_target() -> int:
     """Bytes per chunk for the graphs built now (:func:`stemdask.chunk_plan.target_bytes`): the
-    dask config ``stemdask.chunk-bytes`` (e.g. ``"32 MiB"``) or 64 MiB, at most 1/16 of the
+    dask config ``stemdask.chunk-bytes`` (e.g. ``"32 MiB"``) or 64 MiB, at most 1/24 of the
     smallest worker memory per thread of the active distributed client."""
     from dask.utils import parse_bytes
 

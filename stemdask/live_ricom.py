@@ -90,7 +90,7 @@ class LiveRiCOM(ScanProgress):
         self.calibration = calibration
         self.kernel_size = int(kernel_size)
         self.kmin, self.kmax = kmin, kmax
-        kernel = ricom_kernel(kernel_size, calibration.scan_step_a, kmin, kmax, grid_shape=self.scan_shape)
+        kernel = ricom_kernel(kernel_size, calibration.scan_step_a, kmin, kmax)
         ky, kx = scan_to_detector_frame(kernel[0], kernel[1], calibration.rotation_deg, calibration.flip)
         scale = calibration.detector_pixel_inv_a
         self._kfy = np.ascontiguousarray(ky[::-1, ::-1] * scale)

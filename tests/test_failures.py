@@ -6,6 +6,7 @@ import time
 
 import dask
 import pytest
+from dask.utils import format_bytes
 
 from stemdask.cli import main
 from stemdask.progress import StalledError, compute
@@ -37,6 +38,10 @@ def test_a_worker_memory_death_is_one_line_naming_the_limit(store, tmp_path, cap
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "died 4 times running task ('com-abc', 1, 0)" in err and "worker memory limit 300.00 MiB" in err
+    # no cluster to measure a worker at rest on: 250 MB assumed; twice the 0.95 × 300 MiB − 250 MB room
+    wanted = (250e6 + 2 * (0.95 * 300 * 2**20 - 250e6)) / 0.95
+    assert f"by {format_bytes(wanted - 300 * 2**20)} to at least {format_bytes(wanted)} per worker" in err
+    assert "(assumed)" in err
 
 
 @pytest.mark.slow

@@ -235,7 +235,7 @@ def test_ricom_band_pass_matches_its_response_and_rotation_is_undone():
     cal = q.calibration()
     cy, cx, truth = expected_com(q)
     phase = ricom(com_dataset(cy, cx, q), cal, kernel_size=n, kmin=kmin, kmax=kmax).phase.values
-    kernel = ricom_kernel(n, cal.scan_step_a, kmin, kmax, grid_shape=q.scan_shape)
+    kernel = ricom_kernel(n, cal.scan_step_a, kmin, kmax)  # what the method uses: a grid of 4 kernel widths
     transfer = ricom_transfer(kernel, q.scan_shape, cal.scan_step_a)
     blurred = np.fft.ifft2(np.fft.fft2(probe_blurred(truth, p)) * transfer).real
     inner = (slice(n // 2, -(n // 2)), slice(n // 2, -(n // 2)))

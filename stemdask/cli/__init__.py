@@ -57,19 +57,44 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def worker_death_message(e, client) -> str:
-    """One line for a ``distributed.KilledWorker``: which task, the workers' memory limit (the
-    usual cause: the kernel's memory use passed it and the nanny restarted the worker)."""
-    worker = e.last_worker
-    limit = getattr(worker, "memory_limit", None)
-    if not limit and client is not None:
-        limits = {w.get("memory_limit") for w in client.scheduler_info().get("workers", {}).values()}
-        limit = max((v for v in limits if v), default=None)
+    """One line for a ``distributed.KilledWorker``: which task, and how much memory per worker
+    to give instead (the usual cause: the task's memory passed the nanny's terminate threshold,
+    and the worker was restarted). The suggestion doubles the room a worker has for tasks: the
+    limit at the terminate fraction, less what a worker process holds at rest (measured now on
+    the surviving workers, else ≈ 250 MB)."""
+    import dask
     from dask.utils import format_bytes
 
-    shown = format_bytes(limit) if limit else "unknown"
-    return (f"Dask workers died {e.allowed_failures + 1} times running task {e.task!r} (last on "
-            f"{getattr(worker, 'address', worker)}), most likely out of memory: worker memory limit {shown}; "
-            f"use a cluster profile with more memory per worker, or a store with fewer --rows-per-block")
+    worker = e.last_worker
+    limit = getattr(worker, "memory_limit", None)
+    rest = []
+    if client is not None:
+        infos = client.scheduler_info().get("workers", {}).values()
+        limit = limit or max((w.get("memory_limit") or 0 for w in infos), default=0) or None
+        try:
+            rest = list(client.run(_rss_now, on_error="ignore").values())
+        except Exception:  # a cluster too broken to answer: no measurement
+            rest = []
+    where = (f"Dask workers died {e.allowed_failures + 1} times running task {e.task!r} (last on "
+             f"{getattr(worker, 'address', worker)}), most likely out of memory")
+    if not limit:
+        return (f"{where}: worker memory limit unknown; use a cluster profile with more memory per worker "
+                "(memory_limit), or lower the dask config stemdask.chunk-bytes")
+    terminate = dask.config.get("distributed.worker.memory.terminate", 0.95) or 1.0
+    at_rest = max(rest) if rest else 250e6
+    room = max(terminate * limit - at_rest, 0.05 * limit)
+    wanted = (at_rest + 2 * room) / terminate
+    return (f"{where}: worker memory limit {format_bytes(limit)}, of which a worker holds "
+            f"{format_bytes(at_rest)} at rest{'' if rest else ' (assumed)'}; raise memory_limit in the cluster "
+            f"profile by {format_bytes(wanted - limit)} to at least {format_bytes(wanted)} per worker (twice the "
+            f"room for tasks), or give each worker fewer threads, or lower the dask config stemdask.chunk-bytes")
+
+
+def _rss_now() -> int:
+    """This process's resident memory (bytes)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def _run(args) -> int:

@@ -16,9 +16,12 @@ Units and conventions (the same for batch and live riCOM, :mod:`stemdask.live_ri
   carries a/2π instead of a² because its COM has other units; the shape is the same.
 * Band-pass (paper eq. 8–9): ``kmin``, ``kmax`` are spatial frequencies in **Å⁻¹** (cycles per
   Å; in cycles per scan pixel multiply by the step). The hard mask
-  ``kmin ≤ |q| ≤ kmax`` is applied to the kernel on a frequency grid the size of the scan
-  (``grid_shape``, at least n), and the filtered kernel is cut back to n × n around its
-  centre — so the cut-off becomes a slope, as the paper notes.
+  ``kmin ≤ |q| ≤ kmax`` is applied to the kernel on a frequency grid of
+  :data:`BAND_PASS_WIDTHS` kernel widths (or ``grid_shape``, at least n; the paper uses the
+  scan's size, which costs two FFTs of the whole scan and changes the kernel with the scan),
+  and the filtered kernel is cut back to n × n around its centre — so the cut-off becomes a
+  slope, as the paper notes. The grid's frequency step is 1/(4·n·a), a quarter of the lowest
+  frequency the n-wide kernel passes.
 
 Live riCOM (numba; the COM of event lists is :func:`stemdask.kernels.events.center_of_mass`):
 
@@ -122,6 +125,10 @@ def accumulator_zero(dtype):
     return np.float64(0.0)
 
 
+#: The band-pass is built on a grid of this many kernel widths (each axis).
+BAND_PASS_WIDTHS = 4
+
+
 def ricom_kernel(
     n: int,
     step_a=1.0,
@@ -132,8 +139,8 @@ def ricom_kernel(
     """The riCOM kernel (2, n, n) float64: components (k_y, k_x) in Å, index ``h = n // 2`` at s = 0.
 
     ``step_a``: scan step (Å), a number or (y, x). ``kmin``, ``kmax``: optional band-pass
-    (Å⁻¹, see module docstring) applied on a ``grid_shape`` frequency grid (default n × n;
-    pass the scan shape, as the paper does).
+    (Å⁻¹, see module docstring) applied on a ``grid_shape`` frequency grid (default
+    :data:`BAND_PASS_WIDTHS` · n on each axis, whatever the scan).
     """
     if isinstance(n, bool) or int(n) != n or n < 3 or n % 2 == 0:
         raise InvalidParameter(f"riCOM kernel size must be an odd integer ≥ 3 (full width in scan pixels), got {n!r}")
@@ -158,7 +165,7 @@ def _band_pass(kernel, step, kmin, kmax, grid_shape):
         raise InvalidParameter(f"band-pass needs 0 ≤ kmin < kmax (Å⁻¹), got kmin={kmin}, kmax={kmax}")
     n = kernel.shape[-1]
     h = n // 2
-    grid = (n, n) if grid_shape is None else tuple(max(int(g), n) for g in grid_shape)
+    grid = (BAND_PASS_WIDTHS * n,) * 2 if grid_shape is None else tuple(max(int(g), n) for g in grid_shape)
     padded = np.zeros((2,) + grid)
     padded[:, :n, :n] = kernel
     padded = np.roll(padded, (-h, -h), axis=(1, 2))  # s = 0 at grid index (0, 0)

@@ -52,10 +52,11 @@ def ricom(com: xr.Dataset, calibration: Calibration, *, kernel_size: int = 61,
           kmin: float | None = None, kmax: float | None = None) -> xr.Dataset:
     """Lazy riCOM ``phase`` (rad) of a detector-frame COM Dataset (``EventDataset.com()``).
 
-    The band-pass (kmin, kmax in Å⁻¹) is folded into the kernel on a grid of the scan's size.
+    The band-pass (kmin, kmax in Å⁻¹) is folded into the kernel on a grid of a few kernel widths
+    (:data:`stemdask.kernels.ricom.BAND_PASS_WIDTHS`), whatever the scan size.
     """
     gy, gx = scan_frame_com(com, calibration)
-    kernel = ricom_kernel(kernel_size, calibration.scan_step_a, kmin, kmax, grid_shape=gy.shape)
+    kernel = ricom_kernel(kernel_size, calibration.scan_step_a, kmin, kmax)
     data = ricom_dask(gy.data, gx.data, kernel)
     params = {"kernel_size": int(kernel_size), "kmin_inv_a": kmin, "kmax_inv_a": kmax}
     return phase_dataset(data, gy, "ricom", ricom_long_name(kernel_size, kmin, kmax), params)
