@@ -1,18 +1,25 @@
-"""SSB benchmark: events → phase, refocus, peak memory, and a single-process NumPy baseline.
+"""SSB benchmark: events → phase, refocus, peak memory, bytes moved, and a NumPy baseline.
 
-    python benchmarks/ssb.py [--cases 256x32 512x24] [--dir DIR] [--dose 100]
+    python benchmarks/ssb.py [--cases 256x32 512x24] [--dir DIR] [--dose 100] [--random 2048x24]
+                             [--no-baseline] [--scaling 256 512 1024 2048]
 
 For each case (scan² × detector²) a simulated event store is made once in ``--dir`` (kept
-between runs), then timed on the local threaded scheduler:
+between runs); ``--random`` cases are random events with the simulator's BF-disk geometry
+(the disk edge at 1/2.4 of the detector half-width), fast to make at any size. Timed on the
+local threaded scheduler:
 
 * end-to-end: ``stemdask.open`` → ``densify`` (default crop) → ``ssb`` → phase computed;
 * keep: computing G once and keeping it in memory (part of the first refocus);
-* refocus: one new C10 on the kept G (the trotter sums only);
+* refocus: one new C10 on the kept G (the trotter sums only), and the bytes it moves: every
+  task's inputs and output, against the bytes of G;
 * NumPy baseline, one process, on the same dense crop already in memory: full scan FFT of
   the BF pixels, then a per-scan-row vectorised trotter sum with ``optics.chi`` — the
   straightforward implementation; the ratio says how much faster stemdask is.
+* ``--scaling``: end-to-end time of random-event cases at those scan sizes (detector 24²,
+  100 e⁻/position) and the exponent of a power-law fit against the number of positions.
 
-Peak memory is the process's peak RSS above its level before the step, sampled every 10 ms.
+Peak memory is the process's peak RSS above its level before the step, sampled every 10 ms
+(the threaded scheduler runs in this process: it is the one worker's).
 """
 
 from __future__ import annotations
@@ -26,11 +33,14 @@ from pathlib import Path
 import dask
 import numpy as np
 import psutil
+from dask.callbacks import Callback
+from dask.core import get_dependencies
 
 import stemdask
 from stemdask.methods.ssb import ssb
 from stemdask.optics import Aberrations, chi, detector_to_scan_frame
 from stemdask.simulate import SimulationParams, simulate
+from stemdask.testing import random_event_store
 
 C10 = -100.0
 
@@ -56,6 +66,31 @@ class PeakRSS:
         self.thread.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
         self.extra = self.peak - self.start
+
+
+class BytesMoved(Callback):
+    """Dask callback: the bytes every task reads (its inputs) and writes (its output)."""
+
+    def _start(self, dsk):
+        self.read = self.written = 0
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        self.written += _nbytes(result)
+        self.read += sum(_nbytes(state["cache"].get(dep, dsk.get(dep))) for dep in get_dependencies(dsk, key))
+
+
+def _nbytes(value) -> int:
+    """Bytes of an array, or of the data a graph holds as a literal (a kept G's chunks)."""
+    return int(getattr(getattr(value, "value", value), "nbytes", 0) or 0)
+
+
+def random_store(path: Path, scan: int, detector: int, dose: float):
+    """Random events with the simulator's BF-disk geometry (radius detector / 4.8 px)."""
+    if not (path / "zarr.json").exists():
+        t = time.perf_counter()
+        random_event_store(path, (scan, scan), detector, dose, bf_radius=detector / 4.8, bf_fraction=0.7)
+        print(f"  made {path.name} (random events) in {time.perf_counter() - t:.1f} s")
+    return stemdask.open(path)
 
 
 def make_store(path: Path, scan: int, detector: int, dose: float):
@@ -96,9 +131,10 @@ def numpy_ssb(dense: np.ndarray, k_y_mrad, k_x_mrad, cal, ab: Aberrations) -> tu
     return phase, t1 - t0, time.perf_counter() - t1
 
 
-def run_case(scan: int, detector: int, directory: Path, dose: float) -> None:
-    print(f"case {scan}x{scan} scan x {detector}x{detector} detector, dose {dose:g}/position")
-    ds = make_store(directory / f"ssb-{scan}x{detector}.zarr", scan, detector, dose)
+def run_case(ds, baseline: bool = True) -> float:
+    """Time one case; returns the end-to-end seconds."""
+    (scan, _), (detector, _) = ds.scan_shape, ds.detector_shape
+    print(f"case {scan}x{scan} scan x {detector}x{detector} detector, {ds.store.n_events / scan**2:.0f} e/position")
     cal = ds.calibration
     ab = Aberrations(C10=C10)
     dask.config.set(scheduler="threads")
@@ -123,6 +159,14 @@ def run_case(scan: int, detector: int, directory: Path, dose: float) -> None:
         refocused = result.refocus(C10=c10).values
         times.append(time.perf_counter() - t)
     print(f"  refocus (kept G): {min(times):.3f} s best of 3, {np.median(times):.3f} s median")
+    with BytesMoved() as moved:
+        result.refocus(C10=C10 + 5).values
+    g = result.G.nbytes
+    print(f"  refocus moves {(moved.read + moved.written) / 2**20:.0f} MiB ({moved.read / 2**20:.0f} read, "
+          f"{moved.written / 2**20:.0f} written) = {(moved.read + moved.written) / g:.3f}× the bytes of G "
+          f"({g / 2**20:.0f} MiB in {len(result.G.chunks[1])} q_x chunks)")
+    if not baseline:
+        return e2e
 
     dense = ds.densify()
     dense_np = dense.values
@@ -135,20 +179,35 @@ def run_case(scan: int, detector: int, directory: Path, dose: float) -> None:
           f"{t_red:.2f} s), peak +{mem.extra / 2**20:.0f} MiB; max |Δphase|/max = {diff:.1e}")
     print(f"  ratio NumPy / stemdask: end-to-end {t_np / e2e:.1f}x (stemdask includes reading + densifying), "
           f"refocus {t_red / min(times):.1f}x")
+    return e2e
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", default=["256x32", "512x24"], metavar="SCANxDET")
+    parser.add_argument("--cases", nargs="*", default=["256x32", "512x24"], metavar="SCANxDET")
     parser.add_argument("--dir", default=os.environ.get("STEMDASK_BENCH_DIR", "/tmp/stemdask-bench"))
     parser.add_argument("--dose", type=float, default=100.0, help="electrons per position")
+    parser.add_argument("--random", nargs="*", default=[], metavar="SCANxDET", help="random-event cases")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the NumPy baseline")
+    parser.add_argument("--scaling", nargs="*", type=int, default=[], metavar="SCAN",
+                        help="scan sizes of the scaling fit (random events, 24² detector)")
     args = parser.parse_args()
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
     print(f"{os.cpu_count()} CPUs, dask threads scheduler")
     for case in args.cases:
         scan, det = (int(v) for v in case.lower().split("x"))
-        run_case(scan, det, directory, args.dose)
+        run_case(make_store(directory / f"ssb-{scan}x{det}.zarr", scan, det, args.dose), not args.no_baseline)
+    for case in args.random:
+        scan, det = (int(v) for v in case.lower().split("x"))
+        run_case(random_store(directory / f"random-{scan}x{det}.zarr", scan, det, args.dose), False)
+    if args.scaling:
+        times = [run_case(random_store(directory / f"random-{n}x24.zarr", n, 24, 100.0), False)
+                 for n in args.scaling]
+        positions = np.array(args.scaling, float) ** 2
+        exponent = np.polyfit(np.log(positions), np.log(times), 1)[0]
+        print("scaling: " + ", ".join(f"{n}² {t:.2f} s" for n, t in zip(args.scaling, times))
+              + f"; time ∝ positions^{exponent:.2f}")
 
 
 if __name__ == "__main__":

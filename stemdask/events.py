@@ -47,8 +47,8 @@ def _read_rows(path: str, index: int, pieces: tuple, allow_incomplete: bool) -> 
     return Block.concat([store.read_block(b, (r0, r1)) for b, r0, r1 in pieces], index)
 
 
-def _rows_of(block: Block, lo: int, hi: int, fn, *args):
-    """Task: ``fn`` on rows [``lo``, ``hi``) of ``block`` (counted within it)."""
+def _rows_of(block: Block, lo: int, hi: int, fn, args: tuple):
+    """Task: ``fn(rows, *args)`` on rows [``lo``, ``hi``) of ``block`` (counted within it)."""
     return fn(block.rows(lo, hi), *args)
 
 
@@ -116,14 +116,16 @@ def event_row_chunks(store: EventStore, target: int) -> tuple[int, ...]:
 
 
 def event_bytes_per_row(store: EventStore) -> float | None:
-    """Mean decoded bytes of one scan row's events (an upper bound for weighted stores, from
-    the electron total), or None for a store without an event total (incomplete)."""
+    """Mean decoded bytes of one scan row's entries, from the totals recorded at finalize (a
+    weighted store written before ``n_entries`` was recorded: its electron total, an upper
+    bound), or None for a store without them (incomplete)."""
     if "n_events" not in store.attrs or not store.complete:
         return None
     ny, nx = store.scan_shape
     weight_bytes = store.weight_dtype.itemsize if store.weighted else 0
     entry_bytes = store.index_dtype.itemsize + 4 * store.has_toa + weight_bytes
-    return int(store.attrs["n_events"]) / ny * entry_bytes + nx * 4 * (1 + store.weighted)
+    entries = int(store.attrs.get("n_entries", store.attrs["n_events"]))
+    return entries / ny * entry_bytes + nx * 4 * (1 + store.weighted)
 
 
 def _store_events(store: EventStore, allow_incomplete: bool) -> _Events:
@@ -290,8 +292,9 @@ class EventDataset:
         token = tokenize(src.name, fn, args, row_bytes, trailing, pieces)
         out = f"{name}-{token}"
         zeros = (0,) * (1 + len(trailing))
-        graph = {(out, j, *zeros): (_rows_of, (src.name, i, 0), lo, hi, fn, *args)
-                 for j, (i, lo, hi) in enumerate(pieces)}
+        graph = {f"{out}-args": (tuple, list(args))}  # once in the graph, not once per task
+        graph.update({(out, j, *zeros): (_rows_of, (src.name, i, 0), lo, hi, fn, f"{out}-args")
+                      for j, (i, lo, hi) in enumerate(pieces)})
         hlg = HighLevelGraph.from_collections(out, graph, dependencies=[src])
         chunks = (tuple(hi - lo for _, lo, hi in pieces), (self.scan_shape[1],), *((n,) for n in trailing))
         return da.Array(hlg, out, chunks, meta=np.empty((0,) * len(chunks), dtype=dtype))

@@ -146,6 +146,9 @@ def write_result(result: xr.Dataset, out: str | os.PathLike, *, overwrite: bool 
     with OutputSlot(out, kind=RESULT_FORMAT, overwrite=overwrite, inputs=inputs) as slot:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            # dask's delayed of a graph with a p2p rechunk (SSB under distributed) cannot rename
+            # its keys against reuse by another computation; this graph is computed once, alone
+            warnings.filterwarnings("ignore", message="Cannot block reusing for graphs including a P2PBarrierTask")
             delayed = result.to_zarr(slot.target, mode="w", compute=False, consolidated=True)
-        compute(delayed, progress=progress, desc="reconstruct")
+            compute(delayed, progress=progress, desc="reconstruct")
         return slot.commit()

@@ -40,7 +40,9 @@ computation.
 Attrs: format name/version, shapes, ``rows_per_block``, ``cap``, ``encoding``,
 ``weight_dtype``, calibration
 (:class:`stemdask.optics.Calibration`), provenance (source, its SHA-256, ingest parameters),
-``n_events`` and ``complete: true`` once :meth:`EventStore.finalize` has checked every block.
+``n_events``, ``n_entries`` (not covered by the layout hash: a size hint for planning reads,
+absent in older stores) and ``complete: true`` once :meth:`EventStore.finalize` has checked
+every block.
 
 Integrity (version 2). Every chunk of ``counts``, ``indices``, ``toa`` and ``block_crc``
 ends with zarr's ``crc32c`` codec, so a flipped bit or a truncated chunk fails *before* the
@@ -332,9 +334,12 @@ class EventStore:
 
     @property
     def n_entries(self) -> int:
-        """Stored entries of the committed blocks: electrons (events), counted pixels (weighted)."""
+        """Stored entries of the committed blocks: electrons (events), counted pixels (weighted)
+        (recorded at finalize; summed from committed blocks otherwise)."""
         if not self.weighted:
             return self.n_events
+        if "n_entries" in self.attrs:
+            return int(self.attrs["n_entries"])
         c = self._entries[...]
         return int(c[c != UNWRITTEN].sum(dtype=np.int64))
 
@@ -459,9 +464,9 @@ class EventStore:
         prov = dict(self.attrs.get("provenance", {}))
         prov.update(provenance)
         layout = {**self.attrs, "n_events": int(counts.sum(dtype=np.int64)), "complete": True}
-        self._set_attrs(
-            n_events=layout["n_events"], provenance=prov, complete=True, layout_sha256=layout_sha256(layout)
-        )
+        n_entries = int(self._entries[...].sum(dtype=np.int64)) if self.weighted else layout["n_events"]
+        self._set_attrs(n_events=layout["n_events"], n_entries=n_entries, provenance=prov, complete=True,
+                        layout_sha256=layout_sha256(layout))
         return self
 
     def set_calibration(self, calibration: Calibration) -> None:

@@ -45,6 +45,27 @@ def test_a_worker_memory_death_is_one_line_naming_the_limit(store, tmp_path, cap
 
 
 @pytest.mark.slow
+def test_a_real_out_of_memory_worker_is_one_line_saying_by_how_much(tmp_path, capsys):
+    """A dense crop whose every scan row is larger than the worker's whole memory: the nanny
+    restarts the worker until dask gives up; the command says so in one line, with a limit."""
+    pytest.importorskip("distributed")
+    store = random_event_store(tmp_path / "wide.zarr", (4, 96), 1024, 50, bf_radius=400.0)  # crop 883² px
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text("cluster: local\nn_workers: 1\nthreads_per_worker: 1\nmemory_limit: 400MB\n"
+                       "processes: true\ndashboard_address: null\nsilence_logs: CRITICAL\n"
+                       "dask:\n  distributed.scheduler.allowed-failures: 1\n")
+    assert _reconstruct(store, tmp_path / "r.zarr", "ssb", "--cluster", str(profile)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in lines if "error" in line]
+    assert len(err) == 1 and err[0].startswith("stemdask reconstruct: error: ") and "Traceback" not in lines, lines
+    # distributed says KilledWorker, or cancels the result whose data died with the worker
+    assert "died" in err[0] and "most likely out of memory: worker memory limit 381.47 MiB" in err[0]
+    assert not any("P2PBarrierTask" in line for line in lines)  # dask's own noise about p2p graphs
+    assert "raise memory_limit in the cluster profile by" in err[0] and "(assumed)" not in err[0]  # measured
+    assert not (tmp_path / "r.zarr").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("progress", [False, True])
 def test_the_watchdog_stops_a_computation_that_makes_no_progress(progress):
     from distributed import Client, LocalCluster

@@ -57,15 +57,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def worker_death_message(e, client) -> str:
-    """One line for a ``distributed.KilledWorker``: which task, and how much memory per worker
-    to give instead (the usual cause: the task's memory passed the nanny's terminate threshold,
-    and the worker was restarted). The suggestion doubles the room a worker has for tasks: the
-    limit at the terminate fraction, less what a worker process holds at rest (measured now on
-    the surviving workers, else ≈ 250 MB)."""
+    """One line for a worker that died under a computation — ``distributed.KilledWorker``, or a
+    result cancelled because a worker died with the data it needed: which task, and how much
+    memory per worker to give instead (the usual cause: a task's memory passed the nanny's
+    terminate threshold, and the worker was restarted). The suggestion doubles the room a
+    worker has for tasks: the limit at the terminate fraction, less what a worker process holds
+    at rest (measured now on the surviving workers, else ≈ 250 MB)."""
     import dask
     from dask.utils import format_bytes
 
-    worker = e.last_worker
+    worker = getattr(e, "last_worker", None)
     limit = getattr(worker, "memory_limit", None)
     rest = []
     if client is not None:
@@ -75,8 +76,11 @@ def worker_death_message(e, client) -> str:
             rest = list(client.run(_rss_now, on_error="ignore").values())
         except Exception:  # a cluster too broken to answer: no measurement
             rest = []
-    where = (f"Dask workers died {e.allowed_failures + 1} times running task {e.task!r} (last on "
-             f"{getattr(worker, 'address', worker)}), most likely out of memory")
+    if type(e).__name__ == "KilledWorker":
+        where = (f"Dask workers died {e.allowed_failures + 1} times running task {e.task!r} (last on "
+                 f"{getattr(worker, 'address', worker)}), most likely out of memory")
+    else:
+        where = f"a Dask worker died with data that {e.key!r} needed ({e.reason}), most likely out of memory"
     if not limit:
         return (f"{where}: worker memory limit unknown; use a cluster profile with more memory per worker "
                 "(memory_limit), or lower the dask config stemdask.chunk-bytes")
@@ -106,9 +110,15 @@ def _run(args) -> int:
         try:
             return args.func(args)
         except Exception as e:
-            if type(e).__name__ != "KilledWorker":
+            if not _worker_died(e):
                 raise
             raise CLIError(worker_death_message(e, client)) from None
+
+
+def _worker_died(e: Exception) -> bool:
+    """Whether ``e`` is distributed's word for a worker that died under the computation."""
+    name = type(e).__name__
+    return name == "KilledWorker" or (name == "FutureCancelledError" and getattr(e, "reason", "") == "lost dependencies")
 
 
 def main(argv=None) -> int:
@@ -117,7 +127,7 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             if not args.debug:  # a warning is one line too, naming the command (--debug: where it came from)
                 warnings.showwarning = lambda message, *_, **__: print(
-                    f"stemdask {args.command}: warning: {message}", file=sys.stderr)
+                    f"stemdask {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
             return _run(args)
     except (UserError, OSError) as e:
         if args.debug:
