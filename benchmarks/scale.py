@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import dask
-import numpy as np
 import distributed  # noqa: F401  (its config defaults: the memory thresholds printed)
+import numpy as np
 from dask.utils import format_bytes, parse_bytes
 
 import stemdask
@@ -105,9 +105,9 @@ def main(argv=None) -> None:
 
 
 def _thresholds(profile) -> str:
-    cfg = {**dask.config.get("distributed.worker.memory"), **{
-        k.rsplit(".", 1)[1]: v for k, v in (profile.get("dask") or {}).items() if k.startswith("distributed.worker.memory.")
-    }}
+    given = (profile.get("dask") or {}).items()
+    cfg = {**dask.config.get("distributed.worker.memory"),
+           **{k.rsplit(".", 1)[1]: v for k, v in given if k.startswith("distributed.worker.memory.")}}
     return ", ".join(f"{k} {cfg[k]}" for k in ("target", "spill", "pause", "terminate"))
 
 

@@ -118,7 +118,8 @@ def _run(args) -> int:
 def _worker_died(e: Exception) -> bool:
     """Whether ``e`` is distributed's word for a worker that died under the computation."""
     name = type(e).__name__
-    return name == "KilledWorker" or (name == "FutureCancelledError" and getattr(e, "reason", "") == "lost dependencies")
+    lost = name == "FutureCancelledError" and getattr(e, "reason", "") == "lost dependencies"
+    return name == "KilledWorker" or lost
 
 
 def main(argv=None) -> int:

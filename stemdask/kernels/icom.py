@@ -14,8 +14,8 @@ mirrored axis changes sign in the mirror image — which is periodic by construc
 edge jump leaks in (better than zero padding, which creates a jump of the gradient itself).
 That extension's Fourier transform is a cosine transform of φ (DCT-II) and sine/cosine
 transforms of the COM components (DST-II along their own axis), so the mirror integral is
-computed on the ny × nx grid itself (:func:`integrate_mirrored`: 3–4× faster than the FFT of
-the extended grid at 2048²). It is the FFT integral of the extension without its Nyquist
+computed on the ny × nx grid itself (:func:`solve_y` has the algebra: 3–4× faster than the
+FFT of the extended grid at 2048²). It is the FFT integral of the extension without its Nyquist
 row and column, where the extension's symmetry has no frequency (for φ even about the
 mirror they are zero; the FFT gives them the odd Nyquist part of the noise).
 ``pad="none"`` is right for data that really are periodic (simulations over one period).
@@ -81,7 +81,8 @@ def integrate_com(
     highpass: float | None = None,
     lowpass: float | None = None,
 ) -> np.ndarray:
-    """iCOM phase (rad), (ny, nx) float64, from a scan-frame COM field in Å⁻¹ (see module doc)."""
+    """iCOM phase (rad), (ny, nx) float64, from a scan-frame COM field in Å⁻¹ (see module doc):
+    :func:`forward_x`, :func:`solve_y` and :func:`inverse_x` on the whole field."""
     step = scan_steps(step_a)
     if pad not in PADS:
         raise InvalidParameter(f"iCOM pad must be one of {PADS}, got {pad!r}")
@@ -91,37 +92,70 @@ def integrate_com(
     com_x = np.asarray(com_x, dtype=np.float64)
     if com_y.shape != com_x.shape or com_y.ndim != 2:
         raise InvalidParameter(f"com_y and com_x must be 2-D of one shape, got {com_y.shape} and {com_x.shape}")
-    if pad == "mirror":
-        return integrate_mirrored(com_y, com_x, step, highpass, lowpass)
-    shape = com_y.shape
-    qy, qx, q2 = spectral_grid(shape, step)
-    num = qy * scipy.fft.rfft2(com_y) + qx * scipy.fft.rfft2(com_x)
-    q2[0, 0] = 1.0
-    phi = num / (1j * q2)
-    phi[0, 0] = 0.0
-    return scipy.fft.irfft2(phi * _filters(q2, highpass, lowpass), s=shape)
-
-
-def integrate_mirrored(com_y: np.ndarray, com_x: np.ndarray, step: tuple[float, float],
-                       highpass: float | None = None, lowpass: float | None = None) -> np.ndarray:
-    """iCOM (rad) of the mirror extension (module doc) by cosine/sine transforms on the scan
-    grid itself. With C = DCT-II of φ (both axes), A = DST-II along y × DCT-II along x of COM_y
-    and B = DCT-II along y × DST-II along x of COM_x (scipy's unnormalised transforms), the
-    extension's Φ = (q·F{COM})/(i|q|²) reads ``C[k, l] = −(q_y·A[k−1, l] + q_x·B[k, l−1]) / |q|²``
-    with q = (k / 2ny·step_y, l / 2nx·step_x), k < ny, l < nx; φ = IDCT-II of C."""
     ny, nx = com_y.shape
-    a = scipy.fft.dct(scipy.fft.dst(com_y, type=2, axis=0), type=2, axis=1)
-    b = scipy.fft.dst(scipy.fft.dct(com_x, type=2, axis=0), type=2, axis=1)
-    qy = (np.arange(ny) / (2 * ny * step[0]))[:, None]
-    qx = (np.arange(nx) / (2 * nx * step[1]))[None, :]
-    q2 = qy**2 + qx**2
-    c = np.zeros((ny, nx))
+    fy, fx = forward_x(com_y, pad, 0), forward_x(com_x, pad, 1)
+    return inverse_x(solve_y(fy, fx, frequencies_x(nx, step[1], pad), step[0], pad, highpass, lowpass), nx, pad)
+
+
+# The integral is separable: a transform along x of every scan row, then — per column —
+# the transform along y, the solve and its inverse, then the inverse along x. So a field too
+# large for one task is integrated by rows, then by columns, then by rows again
+# (:mod:`stemdask.methods.icom`), with the same three functions.
+def forward_x(com: np.ndarray, pad: str, axis: int) -> np.ndarray:
+    """The transform along x (array axis 1) of whole scan rows of the COM component along scan
+    ``axis`` (0: COM_y, 1: COM_x): mirror — DCT-II of COM_y; DST-II of COM_x moved one column
+    on (column l holds the sine coefficient l − 1, the one the solve pairs with q_x(l)); none —
+    the rfft of either."""
+    if pad == "none":
+        return scipy.fft.rfft(com, axis=1)
+    if axis == 0:
+        return scipy.fft.dct(com, type=2, axis=1)
+    sine = scipy.fft.dst(com, type=2, axis=1)
+    shifted = np.zeros_like(sine)
+    shifted[:, 1:] = sine[:, :-1]
+    return shifted
+
+
+def frequencies_x(nx: int, step_x: float, pad: str) -> np.ndarray:
+    """q_x (Å⁻¹) of the columns of :func:`forward_x`'s output."""
+    if pad == "none":
+        return np.fft.rfftfreq(nx, d=step_x)
+    return np.arange(nx) / (2 * nx * step_x)
+
+
+def solve_y(fy: np.ndarray, fx: np.ndarray, q_x: np.ndarray, step_y: float, pad: str,
+            highpass: float | None = None, lowpass: float | None = None) -> np.ndarray:
+    """For whole columns (all scan rows) of :func:`forward_x`'s output at frequencies ``q_x``
+    (Å⁻¹): the transform along y, Φ = (q·F{COM})/(i|q|²) (Φ(0) = 0) with the filters, and the
+    inverse transform along y. Mirror (the cosine/sine algebra of the module doc): with A = DST-II
+    along y of ``fy`` and B = DCT-II along y of ``fx``, C[k] = −(q_y(k)·A[k−1] + q_x·B[k]) / |q|²
+    with q_y(k) = k / (2·ny·step_y), then the inverse DCT-II along y."""
+    ny = fy.shape[0]
+    q_x = np.asarray(q_x, dtype=np.float64)[None, :]
+    if pad == "none":
+        qy = np.fft.fftfreq(ny, d=step_y)[:, None]
+        num = qy * scipy.fft.fft(fy, axis=0) + q_x * scipy.fft.fft(fx, axis=0)
+        q2 = qy**2 + q_x**2
+        origin = q2 == 0
+        phi = num / (1j * np.where(origin, 1.0, q2))
+        phi[origin] = 0.0
+        return scipy.fft.ifft(phi * _filters(q2, highpass, lowpass), axis=0)
+    qy = (np.arange(ny) / (2 * ny * step_y))[:, None]
+    a = scipy.fft.dst(fy, type=2, axis=0)
+    c = -q_x * scipy.fft.dct(fx, type=2, axis=0)
     c[1:, :] -= qy[1:] * a[:-1, :]
-    c[:, 1:] -= qx[:, 1:] * b[:, :-1]
-    q2[0, 0] = 1.0
-    c /= q2
-    c[0, 0] = 0.0
-    return scipy.fft.idctn(c * _filters(q2, highpass, lowpass), type=2)
+    q2 = qy**2 + q_x**2
+    origin = q2 == 0
+    c /= np.where(origin, 1.0, q2)
+    c[origin] = 0.0
+    return scipy.fft.idct(c * _filters(q2, highpass, lowpass), type=2, axis=0)
+
+
+def inverse_x(g: np.ndarray, nx: int, pad: str) -> np.ndarray:
+    """The inverse transform along x of whole rows of :func:`solve_y`'s output → phase (rad)."""
+    if pad == "none":
+        return scipy.fft.irfft(g, n=nx, axis=1)
+    return scipy.fft.idct(g, type=2, axis=1)
 
 
 def _filters(q2: np.ndarray, highpass: float | None, lowpass: float | None) -> np.ndarray | float:

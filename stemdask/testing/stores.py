@@ -9,7 +9,6 @@ import numpy as np
 from ..optics import Calibration
 from ..store import EventStore, create_store
 
-
 #: Length of the random pixel sequence of :func:`random_event_store` (a prime; 128 kB of uint16).
 PATTERN = 65521
 
