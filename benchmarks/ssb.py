@@ -1,7 +1,7 @@
 """SSB benchmark: events → phase, refocus, peak memory, bytes moved, and a NumPy baseline.
 
     python benchmarks/ssb.py [--cases 256x32 512x24] [--dir DIR] [--dose 100] [--random 2048x24]
-                             [--no-baseline] [--scaling 256 512 1024 2048]
+                             [--no-baseline] [--scaling 256 512 1024 2048] [--gpu]
 
 For each case (scan² × detector²) a simulated event store is made once in ``--dir`` (kept
 between runs); ``--random`` cases are random events with the simulator's BF-disk geometry
@@ -37,7 +37,7 @@ from dask.callbacks import Callback
 from dask.core import get_dependencies
 
 import stemdask
-from stemdask.methods.ssb import ssb
+from stemdask.methods.ssb import ssb, to_gpu
 from stemdask.optics import Aberrations, chi, detector_to_scan_frame
 from stemdask.simulate import SimulationParams, simulate
 from stemdask.testing import random_event_store
@@ -131,20 +131,28 @@ def numpy_ssb(dense: np.ndarray, k_y_mrad, k_x_mrad, cal, ab: Aberrations) -> tu
     return phase, t1 - t0, time.perf_counter() - t1
 
 
-def run_case(ds, baseline: bool = True) -> float:
-    """Time one case; returns the end-to-end seconds."""
+def host(phase) -> np.ndarray:
+    """The computed phase on the host (a CuPy result is copied back: the timing includes it)."""
+    data = phase.data.compute()
+    return data.get() if hasattr(data, "get") else np.asarray(data)
+
+
+def run_case(ds, baseline: bool = True, gpu: bool = False) -> float:
+    """Time one case (on the GPU: the dense patterns moved to CuPy, G and the trotter sums on
+    the device); returns the end-to-end seconds."""
     (scan, _), (detector, _) = ds.scan_shape, ds.detector_shape
     print(f"case {scan}x{scan} scan x {detector}x{detector} detector, {ds.store.n_events / scan**2:.0f} e/position")
     cal = ds.calibration
     ab = Aberrations(C10=C10)
     dask.config.set(scheduler="threads")
     # Warm-up (numba caches, imports) on a small slice.
-    ssb(ds.densify().isel(scan_y=slice(0, 16), scan_x=slice(0, 16)), cal, ab).phase.values
+    dense_of = (lambda d: to_gpu(d)) if gpu else (lambda d: d)
+    host(ssb(dense_of(ds.densify().isel(scan_y=slice(0, 16), scan_x=slice(0, 16))), cal, ab).phase)
 
     with PeakRSS() as mem:
         t = time.perf_counter()
-        result = ssb(ds.densify(), cal, ab)
-        result.phase.values  # computed for the timing
+        result = ssb(dense_of(ds.densify()), cal, ab)
+        host(result.phase)  # computed for the timing
         e2e = time.perf_counter() - t
     print(f"  end-to-end events → phase: {e2e:.2f} s, peak +{mem.extra / 2**20:.0f} MiB "
           f"(G {result.G.nbytes / 2**20:.0f} MiB, {len(result.k_y)} BF pixels, crop {ds.densify().shape[2:]})")
@@ -156,11 +164,11 @@ def run_case(ds, baseline: bool = True) -> float:
     times = []
     for c10 in (C10 + 10, C10 - 10, C10):
         t = time.perf_counter()
-        refocused = result.refocus(C10=c10).values
+        refocused = host(result.refocus(C10=c10))
         times.append(time.perf_counter() - t)
     print(f"  refocus (kept G): {min(times):.3f} s best of 3, {np.median(times):.3f} s median")
     with BytesMoved() as moved:
-        result.refocus(C10=C10 + 5).values
+        host(result.refocus(C10=C10 + 5))
     g = result.G.nbytes
     print(f"  refocus moves {(moved.read + moved.written) / 2**20:.0f} MiB ({moved.read / 2**20:.0f} read, "
           f"{moved.written / 2**20:.0f} written) = {(moved.read + moved.written) / g:.3f}× the bytes of G "
@@ -189,6 +197,7 @@ def main() -> None:
     parser.add_argument("--dose", type=float, default=100.0, help="electrons per position")
     parser.add_argument("--random", nargs="*", default=[], metavar="SCANxDET", help="random-event cases")
     parser.add_argument("--no-baseline", action="store_true", help="skip the NumPy baseline")
+    parser.add_argument("--gpu", action="store_true", help="G and the trotter sums on the GPU (CuPy)")
     parser.add_argument("--scaling", nargs="*", type=int, default=[], metavar="SCAN",
                         help="scan sizes of the scaling fit (random events, 24² detector)")
     args = parser.parse_args()
@@ -197,12 +206,13 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, dask threads scheduler")
     for case in args.cases:
         scan, det = (int(v) for v in case.lower().split("x"))
-        run_case(make_store(directory / f"ssb-{scan}x{det}.zarr", scan, det, args.dose), not args.no_baseline)
+        run_case(make_store(directory / f"ssb-{scan}x{det}.zarr", scan, det, args.dose), not args.no_baseline,
+                 args.gpu)
     for case in args.random:
         scan, det = (int(v) for v in case.lower().split("x"))
-        run_case(random_store(directory / f"random-{scan}x{det}.zarr", scan, det, args.dose), False)
+        run_case(random_store(directory / f"random-{scan}x{det}.zarr", scan, det, args.dose), False, args.gpu)
     if args.scaling:
-        times = [run_case(random_store(directory / f"random-{n}x24.zarr", n, 24, 100.0), False)
+        times = [run_case(random_store(directory / f"random-{n}x24.zarr", n, 24, 100.0), False, args.gpu)
                  for n in args.scaling]
         positions = np.array(args.scaling, float) ** 2
         exponent = np.polyfit(np.log(positions), np.log(times), 1)[0]

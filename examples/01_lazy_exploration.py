@@ -19,6 +19,7 @@ import xarray as xr
 from dask.callbacks import Callback
 
 import stemdask
+from stemdask.events import event_bytes_per_row
 from stemdask.simulate import SimulationParams, load_truth, simulate
 
 from _common import output_dir, pearson, pick, plt, save
@@ -29,8 +30,9 @@ print("output folder:", out)
 # %% [markdown]
 # ## A simulated store
 # A periodic crystal-like phase object (heavy and light atom columns plus defects), 300 kV,
-# 20 mrad probe, Poisson electron counts. Small row blocks give the dataset several dask
-# chunks along the scan.
+# 20 mrad probe, Poisson electron counts. Dask chunks are sized by bytes, not by how the store
+# was written (about 64 MiB of events each by default, so this small store would be a single
+# chunk): asking for chunks of 8 scan rows (`stemdask.chunk-bytes`) shows what a chunk is.
 
 # %%
 params = SimulationParams(
@@ -43,6 +45,7 @@ params = SimulationParams(
 store = simulate(out / "simulated.zarr", params, rows_per_block=4, overwrite=True, progress=False)
 truth = load_truth(store.path)  # the simulator's true phase at every probe position (rad)
 
+dask.config.set({"stemdask.chunk-bytes": int(8.5 * event_bytes_per_row(store))})
 ds = stemdask.open(store.path)
 n_blocks = len(ds.row_chunks)
 print(ds)

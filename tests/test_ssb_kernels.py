@@ -1,6 +1,11 @@
-"""SSB kernels against brute-force NumPy: χ polynomial, trotter sums, trotter counts, CuPy path."""
+"""SSB kernels against brute-force NumPy: χ polynomial, trotter sums, trotter counts, the CUDA kernel
+(numba's CUDA simulator here, CuPy on a GPU)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stemdask.kernels.ssb import chi_coefficients, chi_poly, ssb_partial, trotter_counts
-from stemdask.kernels.ssb_broadcast import ssb_partial_xp
+from stemdask.kernels.ssb_cuda import ssb_partial_cuda
 from stemdask.optics import Aberrations, chi, wavelength_a
 
 LAM = wavelength_a(300e3)
@@ -78,13 +83,31 @@ def test_trotter_counts_matches_brute_force(seed):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_array_module_version_matches_numba_on_numpy(seed):
-    g, k_y, k_x, q_y, q_x, k0 = random_case(seed, nqy=7)
-    c = chi_coefficients(Aberrations(C10=-80, C30=1e4, C23=200, phi23=15), LAM)
-    want = ssb_partial(g, k_y, k_x, q_y, q_x, k0, c)
-    got = ssb_partial_xp(g, k_y, k_x, q_y, q_x, k0, c, rows_per_batch=3)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+def test_cuda_trotter_sum_matches_numba_under_the_cuda_simulator():
+    """The GPU kernel (masks and weights inline, one block per Q, shared-memory sums) run by
+    numba's CUDA simulator on NumPy arrays, in a process of its own (the simulator is chosen
+    when numba is imported)."""
+    script = """
+import numpy as np
+from stemdask.kernels.ssb import chi_coefficients, ssb_partial
+from stemdask.kernels.ssb_cuda import ssb_partial_cuda
+from stemdask.optics import Aberrations
+rng = np.random.default_rng(4)
+k0, n = 0.5, 90
+r, t = k0 * np.sqrt(rng.random(n)), 2 * np.pi * rng.random(n)
+k_y, k_x = r * np.sin(t), r * np.cos(t)
+q_y, q_x = np.fft.fftfreq(4, 0.35), np.fft.rfftfreq(6, 0.35)[1:4]  # a q_x chunk: not from 0
+g = (rng.normal(size=(4, 3, n)) + 1j * rng.normal(size=(4, 3, n))).astype(np.complex64)
+c = chi_coefficients(Aberrations(C10=-80, C12=20, phi12=33, C30=1e4, C23=200, phi23=15), 0.0197)
+got, want = ssb_partial_cuda(g, k_y, k_x, q_y, q_x, k0, c), ssb_partial(g, k_y, k_x, q_y, q_x, k0, c)
+assert got.dtype == np.complex128 and got.shape == want.shape == (4, 3)
+assert np.abs(want).max() > 1 and (want == 0).any()  # trotters and frequencies beyond 2 k0
+np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+print("ok")
+"""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
 
 @pytest.mark.gpu
@@ -92,7 +115,7 @@ def test_cupy_trotter_sum_matches_numba():
     cupy = pytest.importorskip("cupy")
     g, k_y, k_x, q_y, q_x, k0 = random_case(1, nqy=9)
     c = chi_coefficients(Aberrations(C10=-80, C12=20, phi12=33), LAM)
-    got = ssb_partial_xp(cupy.asarray(g), k_y, k_x, q_y, q_x, k0, c)
+    got = ssb_partial_cuda(cupy.asarray(g), k_y, k_x, q_y, q_x, k0, c)
     assert isinstance(got, cupy.ndarray)
     want = ssb_partial(g, k_y, k_x, q_y, q_x, k0, c)
     np.testing.assert_allclose(got.get(), want, rtol=0, atol=1e-5 * np.abs(want).max())

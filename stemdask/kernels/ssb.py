@@ -59,6 +59,15 @@ def chi_coefficients(ab: Aberrations, wavelength: float) -> np.ndarray:
     )
 
 
+def array_module(a):
+    """``cupy`` if ``a`` is a CuPy array (G on a GPU), else ``numpy``."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
 @numba.njit(nogil=True, cache=True)
 def chi_poly(k_y, k_x, c):
     """χ (rad) at one frequency (k_y, k_x) (Å⁻¹) from :func:`chi_coefficients` ``c``."""

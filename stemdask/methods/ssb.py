@@ -74,8 +74,7 @@ import xarray as xr
 from ..chunk_plan import chunk_length, regular_chunks
 from ..errors import InvalidParameter, MissingExtra
 from ..events import EventDataset, chunk_target, scan_coordinates
-from ..kernels.ssb import chi_coefficients, ssb_partial, trotter_counts
-from ..kernels.ssb_broadcast import array_module, ssb_partial_xp
+from ..kernels.ssb import array_module, chi_coefficients, ssb_partial, trotter_counts
 from ..optics import Aberrations, Calibration, check_scan_step, detector_to_scan_frame
 from ..progress import active_client
 from . import PositiveFloat, PositiveInt
@@ -98,8 +97,11 @@ def _fft_scan_y(chunk):
 
 def _trotter_block(g, q_x, *, k_y, k_x, q_y, k0, coef):
     """Trotter sums of one q_x chunk of G (frequencies ``q_y`` × ``q_x``) → (nqy, nqx) complex128."""
-    kernel = ssb_partial if array_module(g) is np else ssb_partial_xp
-    return kernel(g, k_y, k_x, q_y, np.asarray(q_x), k0, coef)
+    if array_module(g) is np:
+        return ssb_partial(g, k_y, k_x, q_y, np.asarray(q_x), k0, coef)
+    from ..kernels.ssb_cuda import ssb_partial_cuda  # numba.cuda: imported only where G is on a GPU
+
+    return ssb_partial_cuda(g, k_y, k_x, q_y, np.asarray(q_x), k0, coef)
 
 
 def _counts_block(q_x, *, k_y, k_x, q_y, k0):
