@@ -250,11 +250,11 @@ def read_path(store, args):
     """Entries read directly (stemdask.chunk_reads) against through zarr's pipeline, alternating."""
     ds = stemdask.open(store.path)
     direct = dict(store._direct)
-    plain = stemdask.store.EventStore.read_block
+    plain = stemdask.store.EventStore.read_rows
 
-    def through_zarr(self, b):
+    def through_zarr(self, pieces, index):
         self._direct = {}
-        return plain(self, b)
+        return plain(self, pieces, index)
 
     def read_all():
         for b in range(store.n_blocks):
@@ -264,13 +264,13 @@ def read_path(store, args):
     figures = {}
     for label in ("direct", "zarr", "direct", "zarr"):
         store._direct = direct if label == "direct" else {}
-        stemdask.store.EventStore.read_block = plain if label == "direct" else through_zarr
+        stemdask.store.EventStore.read_rows = plain if label == "direct" else through_zarr
         try:
             for what, fn in (("read", read_all), ("COM", com)):
                 _, cpu = best_of(fn, args.repeat)
                 figures[(label, what)] = max(figures.get((label, what), 0), store.n_events / cpu)
         finally:
-            stemdask.store.EventStore.read_block = plain
+            stemdask.store.EventStore.read_rows = plain
     for what in ("read", "COM"):
         d, z = figures[("direct", what)], figures[("zarr", what)]
         print(f"{what:5s} direct {d / 1e6:5.0f} M events/CPU-s, through zarr {z / 1e6:5.0f} M → {d / z:.2f}×")

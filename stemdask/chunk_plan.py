@@ -58,10 +58,24 @@ def regular_chunks(n: int, length: int) -> tuple[int, ...]:
     return (length,) * full + ((rest,) if rest else ())
 
 
-def row_chunks(n_rows: int, bytes_per_row: float, target: int) -> tuple[int, ...]:
+def row_chunks(n_rows: int, bytes_per_row: float, target: int, stored: int | None = None) -> tuple[int, ...]:
     """Rows per chunk of a row-chunked product: :func:`regular_chunks` of
-    :func:`chunk_length` (``bytes_per_row`` bytes per scan row, ``target`` bytes per chunk)."""
-    return regular_chunks(n_rows, chunk_length(n_rows, bytes_per_row, target))
+    :func:`chunk_length` (``bytes_per_row`` bytes per scan row, ``target`` bytes per chunk),
+    :func:`aligned` to ``stored`` rows per stored block when given."""
+    length = chunk_length(n_rows, bytes_per_row, target)
+    return regular_chunks(n_rows, aligned(length, stored) if stored else length)
+
+
+def aligned(length: int, block: int) -> int:
+    """A chunk length of at most ``length`` rows that reads whole stored blocks of ``block``
+    rows, or whole parts of one: a multiple of ``block`` when ``block ≤ length``, else the
+    largest divisor of ``block`` not above ``length`` — when that is at least ``length / 2``
+    (otherwise ``length`` itself: chunks then straddle blocks, which costs a second look at a
+    block's counts, not a wrong result)."""
+    if block <= length:
+        return length // block * block
+    divisor = max(d for d in range(1, length + 1) if block % d == 0)
+    return divisor if 2 * divisor >= length else length
 
 
 def split_ranges(chunks: tuple[int, ...], length: int) -> list[tuple[int, int, int]]:

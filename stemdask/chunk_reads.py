@@ -48,9 +48,10 @@ class DirectChunks:
             return None
         return cls(folder, np.dtype(array.dtype), int(array.chunks[0]), array.fill_value)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Elements ``[start, stop)``; :class:`ChunkReadError` for a damaged chunk."""
-        out = np.empty(stop - start, self.dtype)
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements ``[start, stop)`` (decoded into ``out``, contiguous, when given);
+        :class:`ChunkReadError` for a damaged chunk."""
+        out = np.empty(stop - start, self.dtype) if out is None else out
         if stop <= start:
             return out
         n = self.length

@@ -43,8 +43,7 @@ _OBJECT_META = np.empty((0, 0), dtype=object)
 def _read_rows(path: str, index: int, pieces: tuple, allow_incomplete: bool) -> Block:
     """Task: open the store at ``path`` and read the rows ``pieces`` ((stored block, first row,
     end row), ...) as one block numbered ``index`` (picklable by design)."""
-    store = open_store(path, allow_incomplete=allow_incomplete)
-    return Block.concat([store.read_block(b, (r0, r1)) for b, r0, r1 in pieces], index)
+    return open_store(path, allow_incomplete=allow_incomplete).read_rows(pieces, index)
 
 
 def _rows_of(block: Block, lo: int, hi: int, fn, args: tuple):
@@ -107,12 +106,13 @@ class _Events:
 def event_row_chunks(store: EventStore, target: int) -> tuple[int, ...]:
     """Scan rows per chunk of the events layer: regular chunks of about ``target`` bytes of
     decoded events (counts, indices, weights, arrival times; from the store's event total), cut
-    from or merged across the stored row blocks. A store without an event total (incomplete)
-    keeps its stored blocks."""
+    from or merged across the stored row blocks, aligned with them where that keeps the size
+    (:func:`stemdask.chunk_plan.aligned`). A store without an event total (incomplete) keeps its
+    stored blocks."""
     per_row = event_bytes_per_row(store)
     if per_row is None:
         return tuple(r1 - r0 for r0, r1 in map(store.block_rows, range(store.n_blocks)))
-    return chunk_plan.row_chunks(store.scan_shape[0], per_row, target)
+    return chunk_plan.row_chunks(store.scan_shape[0], per_row, target, store.rows_per_block)
 
 
 def event_bytes_per_row(store: EventStore) -> float | None:

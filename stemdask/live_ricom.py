@@ -147,7 +147,9 @@ class LiveRiCOM(ScanProgress):
             )
         if weights is not None and weights.shape != indices.shape:
             raise InvalidParameter(f"{weights.size} weights for {indices.size} entries")
-        self.push_com(*center_of_mass(counts, indices, self.detector_shape[1], *self.reference, weights=weights))
+        n_pixels = self.detector_shape[0] * self.detector_shape[1]
+        self.push_com(*center_of_mass(counts, indices, self.detector_shape[1], *self.reference, weights=weights,
+                                      n_pixels=n_pixels))
 
     def push_position(self, indices) -> None:
         """One position's event indices (slow path: one kernel call per position)."""

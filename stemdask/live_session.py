@@ -289,7 +289,8 @@ class LiveSession(ScanProgress):
         if indices.size and int(indices.max()) >= n_pix:
             raise InvalidParameter(f"detector index {int(indices.max())} outside the {self.detector_shape} detector")
         keep = None if self._terms is None else self._terms.keep
-        com_y, com_x = self._filled(*center_of_mass(counts, indices, self.detector_shape[1], 0.0, 0.0, keep, weights))
+        com_y, com_x = self._filled(*center_of_mass(counts, indices, self.detector_shape[1], 0.0, 0.0, keep, weights,
+                                                    n_pixels=n_pix))
         virtual = masked_counts(counts, indices, weights, self._labels, self._table)
         electrons = counts if weights is None else position_sums(counts, weights)
         kept = electrons if self._terms is None else virtual[:, -1]

@@ -228,9 +228,11 @@ def _offsets(block, scan_shape, descan):
     return dy.ravel(), dx.ravel()
 
 
-def _block_com(block, det_x, ref_y, ref_x, terms, scan_shape, descan):
+def _block_com(block, detector_shape, ref_y, ref_x, terms, scan_shape, descan):
+    det_y, det_x = detector_shape
     keep = None if terms is None else terms.keep
-    cy, cx = kernels.center_of_mass(block.entries.ravel(), block.indices, det_x, ref_y, ref_x, keep, block.weights)
+    cy, cx = kernels.center_of_mass(block.entries.ravel(), block.indices, det_x, ref_y, ref_x, keep, block.weights,
+                                    n_pixels=det_y * det_x)
     if terms is not None:  # masked pixels filled: the mean of kept + expected filled electrons
         f0, fy, fx = terms.mean_offset(det_x)
         cy = (cy + ref_y + fy) / (1.0 + f0) - ref_y
@@ -339,7 +341,7 @@ def com(ds, reference="bf", units: str = "px", vacuum=None) -> xr.Dataset:
     nx = ds.scan_shape[1]
     both = ds.map_events(
         _block_com,
-        ds.detector_shape[1],
+        ds.detector_shape,
         float(ref[0]),
         float(ref[1]),
         MaskTerms.of(ds),

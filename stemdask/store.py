@@ -517,7 +517,48 @@ class EventStore:
         store) and :class:`CorruptStoreError` naming the array and chunk if anything fails.
         """
         r0, r1 = self.block_rows(b)
-        lo, hi = (r0, r1) if rows is None else (int(rows[0]), int(rows[1]))
+        return self.read_rows([(b, *(rows or (r0, r1)))], b)
+
+    def read_rows(self, pieces, index: int) -> Block:
+        """Rows of one or more row blocks, ``pieces`` = [(block, first row, end row), ...]
+        (absolute, consecutive), as one :class:`Block` numbered ``index``: each piece verified as
+        :meth:`read_block` does, the entries of all pieces decoded straight into one buffer per
+        array (no concatenation)."""
+        heads = [self._head(b, lo, hi) for b, lo, hi in pieces]
+        bounds = np.cumsum([0] + [h[3] for h in heads])
+        arrays = {}
+        for arr in (self._indices, self._toa, self._weights):
+            if arr is None:
+                continue
+            out = np.empty(bounds[-1], arr.dtype)
+            for (b, _, _), (_, _, start, n, where), pos in zip(pieces, heads, bounds):
+                got = self._read_entries(arr, b, start, n, out[pos : pos + n])
+                if got != n:
+                    raise self._corrupt(f"{where}: counts sum to {n} entries but only {got} {arr.basename} are stored")
+            arrays[arr.basename] = out
+        indices, weights = arrays["indices"], arrays.get("weights")
+        # The last guards, per piece: kernels index detector arrays with these values, and the
+        # weights must add up to the electrons the block says it holds.
+        n_pix = self.detector_shape[0] * self.detector_shape[1]
+        for (counts, _, _, n, where), pos in zip(heads, bounds):
+            top = int(indices[pos : pos + n].max()) if n else 0
+            if top >= n_pix:
+                raise self._corrupt(f"{where} holds detector index {top} ≥ {n_pix} (damaged data)")
+            electrons = int(counts.sum(dtype=np.int64))
+            if weights is not None and int(weights[pos : pos + n].sum(dtype=np.int64)) != electrons:
+                raise self._corrupt(f"{where}: its weights sum to {int(weights[pos : pos + n].sum(dtype=np.int64))} "
+                                    f"electrons but its counts to {electrons} (damaged data)")
+
+        def joined(i):
+            return np.concatenate([h[i] for h in heads]) if len(heads) > 1 else heads[0][i]
+
+        return Block(index, pieces[0][1], joined(0), indices, arrays.get("toa"), weights,
+                     joined(1) if self.weighted else None)
+
+    def _head(self, b: int, lo: int, hi: int) -> tuple:
+        """Row block ``b``'s counts checked (committed, within its slot, its record) and cut to
+        rows [lo, hi): (counts, entries, first entry, entries, where)."""
+        r0, r1 = self.block_rows(b)
         if not r0 <= lo < hi <= r1:
             raise IndexError(f"{self.path}: rows {lo}..{hi - 1} are not within row block {b} (rows {r0}..{r1 - 1})")
         where = f"row block {b} (rows {r0}..{r1 - 1})"
@@ -542,29 +583,11 @@ class EventStore:
             stored = int(self._read(self._crc, b, slice(b, b + 1))[0])
             if self.block_record(b, counts, n, entries if self.weighted else None) != stored:
                 raise self._corrupt(self._explain_crc_mismatch(b, n))
-        if (lo, hi) != (r0, r1):
-            where = f"rows {lo}..{hi - 1} of {where}"
-            start = b * self.cap + int(entries[: lo - r0].sum(dtype=np.int64))
-            counts, entries = counts[lo - r0 : hi - r0], entries[lo - r0 : hi - r0]
-            n = int(entries.sum(dtype=np.int64))
-        else:
-            start = b * self.cap
-        indices = self._read_entries(self._indices, b, start, n)
-        toa = self._read_entries(self._toa, b, start, n) if self.has_toa else None
-        weights = self._read_entries(self._weights, b, start, n) if self.weighted else None
-        if any(a is not None and a.size != n for a in (indices, toa, weights)):
-            raise self._corrupt(f"{where}: counts sum to {n} entries but only {indices.size} indices are stored")
-        # The last guards: kernels index detector arrays with these values, and the weights
-        # must add up to the electrons the block says it holds.
-        n_pix = self.detector_shape[0] * self.detector_shape[1]
-        if n and int(indices.max()) >= n_pix:
-            raise self._corrupt(f"{where} holds detector index {int(indices.max())} ≥ {n_pix} (damaged data)")
-        if self.weighted and int(weights.sum(dtype=np.int64)) != int(counts.sum(dtype=np.int64)):
-            raise self._corrupt(
-                f"{where}: its weights sum to {int(weights.sum(dtype=np.int64))} electrons but its "
-                f"counts to {int(counts.sum(dtype=np.int64))} (damaged data)"
-            )
-        return Block(b, lo, counts, indices, toa, weights, entries if self.weighted else None)
+        if (lo, hi) == (r0, r1):
+            return counts, entries, b * self.cap, n, where
+        start = b * self.cap + int(entries[: lo - r0].sum(dtype=np.int64))
+        counts, entries = counts[lo - r0 : hi - r0], entries[lo - r0 : hi - r0]
+        return counts, entries, start, int(entries.sum(dtype=np.int64)), f"rows {lo}..{hi - 1} of {where}"
 
     def _chunk_key(self, name: str, i: int) -> str:
         """``array/c/...`` key of chunk ``i`` (along the first axis) of array ``name``."""
@@ -608,14 +631,18 @@ class EventStore:
             crc = google_crc32c.extend(crc, trailer)
         return crc
 
-    def _read_entries(self, arr, b: int, start: int, n: int) -> np.ndarray:
-        """Entries ``[start, start + n)`` of an entry array, for row block ``b``: read directly
-        where the layout allows (:mod:`stemdask.chunk_reads`), else through zarr."""
+    def _read_entries(self, arr, b: int, start: int, n: int, out: np.ndarray) -> int:
+        """Entries ``[start, start + n)`` of an entry array, for row block ``b``, into ``out``
+        (n elements): decoded there directly where the layout allows
+        (:mod:`stemdask.chunk_reads`), else read through zarr; returns how many were stored."""
         direct = self._direct.get(arr.basename)
         if direct is None:
-            return self._read(arr, b, slice(start, start + n))
+            data = self._read(arr, b, slice(start, start + n))
+            out[: data.size] = data[: out.size]
+            return data.size
         try:
-            return direct.read(start, start + n)
+            direct.read(start, start + n, out)
+            return n
         except ChunkReadError as e:
             r0, r1 = self.block_rows(b)
             raise self._corrupt(f"{arr.basename} chunk {self._chunk_key(arr.basename, e.chunk)} of row block {b} "

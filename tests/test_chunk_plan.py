@@ -39,6 +39,18 @@ def test_chunk_length_is_the_largest_within_the_target_and_the_count(n, per_item
     assert bigger > n or bigger * per_item > target or len(chunk_plan.regular_chunks(n, bigger)) < min(min_chunks, n)
 
 
+@given(st.integers(1, 3000), st.integers(1, 3000))
+def test_aligned_lengths_read_whole_blocks_or_whole_parts_of_one(length, block):
+    got = chunk_plan.aligned(length, block)
+    assert 1 <= got <= length
+    if block <= length:
+        assert got % block == 0 and got > length - block  # whole blocks, as many as fit
+    elif block % got == 0:
+        assert 2 * got >= length  # a divisor of the block, not much below the length
+    else:
+        assert got == length and not any(block % d == 0 for d in range((length + 1) // 2, length + 1))
+
+
 @given(sizes, st.integers(1, 6000))
 def test_regular_chunks_are_equal_but_the_last(n, length):
     chunks = chunk_plan.regular_chunks(n, length)
@@ -89,14 +101,15 @@ def products(ds):
             ds.bin_scan(3).com(), ds.counts())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 12, 23])
-def test_products_are_the_same_whatever_the_read_chunks(stored, rows):
-    """Chunks cut from a block, straddling blocks, merging several: identical products."""
+@pytest.mark.parametrize("rows, read", [(1, 1), (2, 1), (3, 3), (4, 4), (7, 5), (12, 10), (23, 20)])
+def test_products_are_the_same_whatever_the_read_chunks(stored, rows, read):
+    """Chunks cut from a block (1), straddling blocks (3, 4: no divisor of 5 near them), whole
+    blocks (5) or merging several (10, 20): identical products."""
     with dask.config.set(scheduler="threads"):
         want = dask.compute(*products(stemdask.open(stored.path)))
         with dask.config.set({"stemdask.chunk-bytes": int((rows + 0.5) * event_bytes_per_row(stored))}):
             ds = stemdask.open(stored.path)
-            assert ds.row_chunks == chunk_plan.regular_chunks(23, rows)
+            assert ds.row_chunks == chunk_plan.regular_chunks(23, read)
             got = dask.compute(*products(ds))
     for g, w in zip(got, want):
         assert g.identical(w)

@@ -53,25 +53,26 @@ def dense_of(store: EventStore, toa_window=None) -> np.ndarray:
 
 @pytest.fixture
 def rstore(tmp_path):
-    """11 rows in stored blocks of 3, read in chunks of 2 rows: most chunks straddle two blocks."""
-    store = write_random_store(tmp_path / "r.zarr")
-    with dask.config.set({"stemdask.chunk-bytes": int(2.5 * event_bytes_per_row(store))}):
-        assert stemdask.open(store.path).row_chunks == (2, 2, 2, 2, 2, 1)
+    """11 rows in stored blocks of 5, read in chunks of 4 rows: two of three chunks straddle two
+    blocks (rows 4..7 and 8..10)."""
+    store = write_random_store(tmp_path / "r.zarr", rows_per_block=5)
+    with dask.config.set({"stemdask.chunk-bytes": int(4.5 * event_bytes_per_row(store))}):
+        assert stemdask.open(store.path).row_chunks == (4, 4, 3)
         yield store
 
 
 @pytest.fixture
 def count_reads(monkeypatch):
-    """The scan rows EventStore.read_block reads, once per read (the threaded scheduler runs
+    """The scan rows EventStore.read_rows reads, once per read (the threaded scheduler runs
     them in this process)."""
     calls = []
-    original = EventStore.read_block
+    original = EventStore.read_rows
 
-    def counting(self, b, rows=None):
-        calls.extend(range(*(rows or self.block_rows(b))))
-        return original(self, b, rows)
+    def counting(self, pieces, index):
+        calls.extend(row for _, lo, hi in pieces for row in range(lo, hi))
+        return original(self, pieces, index)
 
-    monkeypatch.setattr(EventStore, "read_block", counting)
+    monkeypatch.setattr(EventStore, "read_rows", counting)
     return calls
 
 
@@ -156,7 +157,7 @@ def test_com_equals_numpy_com_of_dense_data(rstore):
         cy = (d * y).sum(axis=(2, 3)) / d.sum(axis=(2, 3))
         cx = (d * x).sum(axis=(2, 3)) / d.sum(axis=(2, 3))
     com = ds.com()
-    assert com.com_y.dims == ("scan_y", "scan_x") and com.com_y.data.chunks[0] == (2, 2, 2, 2, 2, 1)
+    assert com.com_y.dims == ("scan_y", "scan_x") and com.com_y.data.chunks[0] == (4, 4, 3)
     np.testing.assert_allclose(com.com_y.values, cy - 6.6, atol=1e-12)
     np.testing.assert_allclose(com.com_x.values, cx - 5.3, atol=1e-12)
     np.testing.assert_allclose(ds.com(units="mrad").com_x.values, (cx - 5.3) * 2.0, atol=1e-12)

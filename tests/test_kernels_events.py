@@ -60,6 +60,31 @@ def test_pixel_split_is_exact_for_large_detectors():
     np.testing.assert_array_equal(x, idx % det_x)
 
 
+@given(event_blocks(), st.booleans(), st.floats(-5, 15), st.floats(-5, 15))
+@settings(max_examples=60, deadline=None)
+def test_unmasked_center_of_mass_equals_the_general_kernel_exactly(block, weighted, ref_y, ref_x):
+    counts, indices, det_y, det_x, rng = block
+    weights = rng.integers(1, 40, indices.size).astype(np.uint16) if weighted else None
+    want = K.center_of_mass_kept(counts, indices, weights, det_x, ref_y, ref_x, K.ALL_PIXELS)
+    got = K.center_of_mass_unmasked(counts, indices, weights, det_x, ref_y, ref_x)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("det_y, det_x", [(1448, 1448), (2, 2**20), (2**20, 2), (576, 576), (1023, 2049)])
+def test_float32_row_split_is_exact_up_to_its_bound(det_y, det_x):
+    """Every row start and end, and a stride through the rest, of detectors up to
+    FLOAT32_SPLIT_PIXELS pixels: the fast kernel's y and x are the integer division's."""
+    assert det_y * det_x <= K.FLOAT32_SPLIT_PIXELS
+    n = det_y * det_x
+    rows = np.arange(det_y, dtype=np.int64) * det_x
+    idx = np.unique(np.concatenate([rows, rows + det_x - 1, np.arange(0, n, 7919)])).astype(np.uint32)
+    counts = np.ones(idx.size, np.uint32)
+    y, x = K.center_of_mass(counts, idx, det_x, 0.0, 0.0, n_pixels=n)
+    np.testing.assert_array_equal(y, idx // det_x)
+    np.testing.assert_array_equal(x, idx % det_x)
+
+
 @given(event_blocks(), st.integers(1, 5))
 @settings(max_examples=60, deadline=None)
 def test_masked_counts_equals_dense_mask_sums(block, n_det):
