@@ -5,11 +5,14 @@ or when a product is requested: every product (:meth:`EventDataset.com`,
 :meth:`~EventDataset.virtual`, :meth:`~EventDataset.pacbed`, :meth:`~EventDataset.densify`,
 ...) is an xarray object backed by a dask graph of the shape
 
-    read row block b  ──►  one map per product  (──► tree reductions where needed)
+    read rows r0..r1  ──►  one map per product  (──► tree reductions where needed)
 
-The read tasks are named from the store alone (``events-<token>``), so products computed
-together — ``dask.compute(ds.com(), ds.virtual(...), ds.pacbed())`` or one
-``xr.merge(...).to_zarr(...)`` — read each row block once and share it. A read task takes
+Read chunks are whole scan rows sized by bytes (:func:`event_row_chunks`: a part of a stored
+row block, or several), and dense products cut them again by their own bytes
+(:meth:`EventDataset.map_event_rows`). The read tasks are named from the store alone
+(``events-<token>``), so products computed together — ``dask.compute(ds.com(),
+ds.virtual(...), ds.pacbed())`` or one ``xr.merge(...).to_zarr(...)`` — read each row once
+and share it. A read task takes
 the store *path* and opens the store itself, so graphs pickle and run on a distributed
 cluster (the workers must see the same path, e.g. a shared filesystem).
 

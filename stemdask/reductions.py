@@ -322,7 +322,7 @@ def com(ds, reference="bf", units: str = "px", vacuum=None) -> xr.Dataset:
     pixel position; "mean" — the mean COM over the scan; "vacuum" — the mean COM over the
     scan region ``vacuum`` ((iy, ix) or (slice_y, slice_x) of scan indices).
     ``units``: "px" (detector pixels) or "mrad". Positions without events are NaN.
-    Lazy: chunks (rows_per_block, nx).
+    Lazy: chunks (rows of the read chunks, nx).
     """
     if units not in ("px", "mrad"):
         raise InvalidParameter(f"COM units must be 'px' or 'mrad', got {units!r}")
