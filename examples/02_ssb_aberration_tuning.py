@@ -47,7 +47,7 @@ print(ds)
 
 # %% [markdown]
 # ## SSB with the nominal aberrations (C10 = 0)
-# `ds.densify()` crops the BF disk into dense (scan_y, scan_x, k_y, k_x) row-block chunks;
+# `ds.densify()` crops the BF disk into dense (scan_y, scan_x, k_y, k_x) chunks of scan rows;
 # `ssb(...)` builds the graph lazily and returns an `SSBResult`; `keep()` computes G once
 # (in memory here, on a cluster's workers or a Zarr scratch store when it is large).
 

@@ -18,6 +18,7 @@ temporaries of that size, and a worker runs one task per thread).
 
 from __future__ import annotations
 
+import bisect
 import math
 
 #: Default target size of one chunk (bytes).
@@ -78,16 +79,13 @@ def aligned(length: int, block: int) -> int:
     return divisor if 2 * divisor >= length else length
 
 
-def split_ranges(chunks: tuple[int, ...], length: int) -> list[tuple[int, int, int]]:
-    """Cut each chunk of ``chunks`` (rows) into pieces of at most ``length`` rows: a list of
-    (chunk number, first row, end row), rows counted within the chunk, in order."""
+def row_pieces(starts, r0: int, r1: int) -> list[tuple[int, int, int]]:
+    """The parts of rows [``r0``, ``r1``) in contiguous blocks whose first rows are ``starts``
+    (ascending, then the end of the last block): (block number, first row, end row), rows
+    absolute. O(log blocks + pieces)."""
     pieces = []
-    for i, n in enumerate(chunks):
-        pieces += [(i, lo, min(n, lo + length)) for lo in range(0, n, max(1, length))]
+    b = bisect.bisect_right(starts, r0) - 1
+    while b < len(starts) - 1 and starts[b] < r1:
+        pieces.append((b, max(r0, starts[b]), min(r1, starts[b + 1])))
+        b += 1
     return pieces
-
-
-def row_pieces(bounds: list[tuple[int, int]], r0: int, r1: int) -> list[tuple[int, int, int]]:
-    """The parts of rows [``r0``, ``r1``) in blocks with row ``bounds`` [(start, end), ...]
-    (contiguous, ascending): (block number, first row, end row), rows absolute."""
-    return [(b, max(r0, s), min(r1, e)) for b, (s, e) in enumerate(bounds) if s < r1 and e > r0]

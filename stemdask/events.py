@@ -49,9 +49,11 @@ def _read_rows(path: str, index: int, pieces: tuple, allow_incomplete: bool) -> 
     return open_store(path, allow_incomplete=allow_incomplete).read_rows(pieces, index)
 
 
-def _rows_of(block: Block, lo: int, hi: int, fn, args: tuple):
-    """Task: ``fn(rows, *args)`` on rows [``lo``, ``hi``) of ``block`` (counted within it)."""
-    return fn(block.rows(lo, hi), *args)
+def _rows_of(blocks: list, ranges: list, fn, args: tuple):
+    """Task: ``fn(rows, *args)`` on the rows ``ranges`` [(lo, hi), ...] (counted within each
+    block) of consecutive ``blocks``, joined into one block."""
+    parts = [block.rows(lo, hi) for block, (lo, hi) in zip(blocks, ranges)]
+    return fn(parts[0] if len(parts) == 1 else Block.concat(parts, parts[0].index), *args)
 
 
 def chunk_target() -> int:
@@ -136,10 +138,10 @@ def _store_events(store: EventStore, allow_incomplete: bool) -> _Events:
     rows = event_row_chunks(store, chunk_target())
     token = tokenize(path, store.attrs.get("n_events"), store.attrs.get("provenance"), store.scan_shape, rows)
     name = f"events-{token}"
-    bounds = [store.block_rows(b) for b in range(store.n_blocks)]
-    starts = np.cumsum((0,) + rows)
-    graph = {(name, i, 0): (_read_rows, path, i, tuple(chunk_plan.row_pieces(bounds, r0, r1)), allow_incomplete)
-             for i, (r0, r1) in enumerate(zip(starts[:-1].tolist(), starts[1:].tolist()))}
+    stored = [store.block_rows(b)[0] for b in range(store.n_blocks)] + [store.scan_shape[0]]
+    starts = np.cumsum((0,) + rows).tolist()
+    graph = {(name, i, 0): (_read_rows, path, i, tuple(chunk_plan.row_pieces(stored, r0, r1)), allow_incomplete)
+             for i, (r0, r1) in enumerate(zip(starts[:-1], starts[1:]))}
     chunks = (rows, (store.scan_shape[1],))
     hlg = HighLevelGraph.from_collections(name, graph, dependencies=())
     return _Events(da.Array(hlg, name, chunks, meta=_OBJECT_META), has_toa=store.has_toa)
@@ -285,21 +287,28 @@ class EventDataset:
         )
 
     def map_event_rows(self, fn, *args, dtype, row_bytes: float, trailing: tuple, name: str):
-        """``fn(rows, *args)`` on pieces of the row blocks, each piece as many scan rows as keep
-        its output (``row_bytes`` bytes per scan row) within :func:`chunk_target` → a dask array
-        of chunks (pieces, nx, *``trailing``): a product of the shared read, in chunks sized by
-        what they hold, not by how many events were read together."""
+        """``fn(rows, *args)`` on regular chunks of scan rows cut from the shared reads, each as
+        many rows as keep its output (``row_bytes`` bytes per scan row) within
+        :func:`chunk_target` (aligned with the reads where that keeps the size) → a dask array
+        of chunks (rows, nx, *``trailing``): a product of the shared read, in chunks sized by
+        what they hold, regular as Zarr needs, whatever was read together."""
         src = self._events.array
-        length = chunk_plan.chunk_length(max(src.chunks[0]), row_bytes, chunk_target())
-        pieces = chunk_plan.split_ranges(src.chunks[0], length)
-        token = tokenize(src.name, fn, args, row_bytes, trailing, pieces)
+        reads = src.chunks[0]
+        ny = sum(reads)
+        length = chunk_plan.aligned(chunk_plan.chunk_length(ny, row_bytes, chunk_target()), max(reads))
+        rows = chunk_plan.regular_chunks(ny, length)
+        token = tokenize(src.name, fn, args, row_bytes, trailing, rows)
         out = f"{name}-{token}"
         zeros = (0,) * (1 + len(trailing))
+        read_starts = np.cumsum((0,) + reads).tolist()
         graph = {f"{out}-args": (tuple, list(args))}  # once in the graph, not once per task
-        graph.update({(out, j, *zeros): (_rows_of, (src.name, i, 0), lo, hi, fn, f"{out}-args")
-                      for j, (i, lo, hi) in enumerate(pieces)})
+        for j, r0 in enumerate(range(0, ny, length)):
+            parts = chunk_plan.row_pieces(read_starts, r0, min(ny, r0 + length))
+            blocks = [(src.name, i, 0) for i, _, _ in parts]
+            ranges = [(lo - read_starts[i], hi - read_starts[i]) for i, lo, hi in parts]
+            graph[(out, j, *zeros)] = (_rows_of, blocks, ranges, fn, f"{out}-args")
         hlg = HighLevelGraph.from_collections(out, graph, dependencies=[src])
-        chunks = (tuple(hi - lo for _, lo, hi in pieces), (self.scan_shape[1],), *((n,) for n in trailing))
+        chunks = (rows, (self.scan_shape[1],), *((n,) for n in trailing))
         return da.Array(hlg, out, chunks, meta=np.empty((0,) * len(chunks), dtype=dtype))
 
     @property

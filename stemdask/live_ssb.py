@@ -27,7 +27,7 @@ from .errors import InvalidParameter
 from .kernels import events as kernels
 from .kernels.dense import counted_frames_to_weighted
 from .kernels.live import binned_crop
-from .methods.ssb import SSBResult, bf_pixels, select_and_rfft
+from .methods.ssb import SSBResult, bf_pixels, g_chunks, select_and_rfft
 from .optics import Aberrations, Calibration, descan_offsets
 from .reductions import CropWindow, MaskTerms
 
@@ -132,10 +132,8 @@ class LiveSSB:
             self._bf = float(self.rows[:, 0, :].real.sum(axis=1, dtype=np.float64).mean())
             self._G = scipy.fft.fft(self.rows, axis=0, norm="forward", overwrite_x=True, workers=os.cpu_count())
             self.rows = None
-        npix = len(disk.pixels)
-        G = da.from_array(
-            self._G, chunks=(ny, nx // 2 + 1, max(1, math.ceil(npix / 8))), name=f"live-ssb-G-{uuid.uuid4().hex}"
-        )  # named: hashing 150 MB would cost 0.1 s
+        chunks = g_chunks(ny, nx // 2 + 1, len(disk.pixels))  # by q_x, as batch SSB's G
+        G = da.from_array(self._G, chunks=chunks, name=f"live-ssb-G-{uuid.uuid4().hex}")  # named: hashing costs
         (sy, sx) = calibration.scan_step_a
         return disk.result(G, self._bf, (np.arange(ny) * sy, np.arange(nx) * sx), calibration, aberrations, kept=True)
 

@@ -57,23 +57,14 @@ def test_regular_chunks_are_equal_but_the_last(n, length):
     assert sum(chunks) == n and all(c == length for c in chunks[:-1]) and (not chunks or 0 < chunks[-1] <= length)
 
 
-@given(st.lists(st.integers(1, 50), min_size=1, max_size=20), st.integers(1, 60))
-def test_split_ranges_cover_every_row_once_in_order(chunks, length):
-    pieces = chunk_plan.split_ranges(tuple(chunks), length)
-    for i, n in enumerate(chunks):
-        own = [(lo, hi) for j, lo, hi in pieces if j == i]
-        assert own[0][0] == 0 and own[-1][1] == n and all(a[1] == b[0] for a, b in zip(own, own[1:]))
-        assert all(0 < hi - lo <= length for lo, hi in own)
-    assert [j for j, _, _ in pieces] == sorted(j for j, _, _ in pieces)
-
-
 @given(st.lists(st.integers(1, 30), min_size=1, max_size=12), st.data())
 def test_row_pieces_are_the_intersections_with_the_blocks(rows, data):
     starts = np.cumsum([0] + rows).tolist()
     bounds = list(zip(starts[:-1], starts[1:]))
     r0 = data.draw(st.integers(0, starts[-1] - 1))
     r1 = data.draw(st.integers(r0 + 1, starts[-1]))
-    pieces = chunk_plan.row_pieces(bounds, r0, r1)
+    pieces = chunk_plan.row_pieces(starts, r0, r1)
+    assert pieces == [(b, max(r0, s), min(r1, e)) for b, (s, e) in enumerate(bounds) if s < r1 and e > r0]
     assert pieces[0][1] == r0 and pieces[-1][2] == r1
     assert all(a[2] == b[1] for a, b in zip(pieces, pieces[1:]))
     assert all(bounds[b][0] <= lo < hi <= bounds[b][1] for b, lo, hi in pieces)
@@ -128,14 +119,37 @@ def test_reads_are_sized_by_bytes_not_by_how_the_store_was_written(tmp_path):
         np.testing.assert_array_equal(a.com().com_y.values, b.com().com_y.values)
 
 
-def test_densify_chunks_are_sized_by_their_bytes(stored):
-    ds = stemdask.open(stored.path)
-    dense = ds.densify()
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+def test_densify_chunks_are_sized_by_their_bytes_and_regular(stored, rows, tmp_path):
+    """Dense chunks of about ``rows`` rows: regular (Zarr takes them as they are), equal values."""
+    dense = stemdask.open(stored.path).densify()
     per_row = dense.shape[1] * dense.shape[2] * dense.shape[3] * 4
-    with dask.config.set({"stemdask.chunk-bytes": 4 * per_row}):
-        small = stemdask.open(stored.path).densify()
-    assert max(small.data.chunks[0]) == 4 and sum(small.data.chunks[0]) == 23
+    with dask.config.set({"stemdask.chunk-bytes": int((rows + 0.5) * per_row)}):
+        ds = stemdask.open(stored.path)
+        small = ds.densify()
+    assert small.data.chunks[0] == chunk_plan.regular_chunks(23, chunk_plan.aligned(rows, max(ds.row_chunks)))
     np.testing.assert_array_equal(small.values, dense.values)
+    small.to_dataset(name="dense").to_zarr(tmp_path / "dense.zarr")
+
+
+def _counts_of(block):
+    return block.counts.astype(np.float64)
+
+
+def test_row_products_straddling_two_reads_are_joined(stored):
+    """Reads of 5 rows, products in chunks of 3: rows 3..5, 9..11, … need two reads each."""
+    with dask.config.set({"stemdask.chunk-bytes": int(5.5 * event_bytes_per_row(stored))}):
+        ds = stemdask.open(stored.path)
+        assert ds.row_chunks == (5, 5, 5, 5, 3)
+        out = ds.map_event_rows(_counts_of, dtype=np.float64, row_bytes=chunk_plan.CHUNK_BYTES, trailing=(),
+                                name="test-counts")
+        merged = ds.map_event_rows(_counts_of, dtype=np.float64, row_bytes=1, trailing=(), name="merged")
+    assert out.chunks[0] == (1,) * 23 and merged.chunks[0] == (20, 3)  # cut from reads; whole reads joined
+    with dask.config.set({"stemdask.chunk-bytes": int(5.5 * event_bytes_per_row(stored))}):
+        three = ds.map_event_rows(_counts_of, dtype=np.float64, row_bytes=event_bytes_per_row(stored) * 5.5 / 3.5,
+                                  trailing=(), name="three")
+    assert three.chunks[0] == chunk_plan.regular_chunks(23, 3)
+    np.testing.assert_array_equal(three.compute(), ds.counts().values)
 
 
 # ---------------------------------------------------------------------- G by scan frequency

@@ -2,7 +2,7 @@
 
 Graph (DESIGN.md §3)::
 
-    dense (rows, nx, fy, fx) ─► BF-disk pixels, rfft over scan_x per row block
+    dense (rows, nx, fy, fx) ─► BF-disk pixels, rfft over scan_x per row chunk
       ─► rechunk (p2p under distributed, else tasks) to q_x chunks: all scan rows, a range
          of scan frequencies q_x, all BF pixels (sized by :mod:`stemdask.chunk_plan`)
       ─► fft over scan_y ─► G (ny, nx//2+1, npix)          [kept: memory or Zarr scratch]
@@ -318,7 +318,8 @@ class SSBResult:
         return da.blockwise(
             _counts_block, "ij", self._q_x(), "j", new_axes={"i": len(self.q_y)}, dtype=np.float64,
             k_y=self.k_y, k_x=self.k_x, q_y=self.q_y, k0=self.k0,
-            name="ssb-trotter-counts-" + dask.base.tokenize(self.k_y, self.k_x, self.q_y, self.q_x, self.k0),
+            name="ssb-trotter-counts-" + dask.base.tokenize(self.k_y, self.k_x, self.q_y, self.q_x, self.k0,
+                                                            self.G.chunks[1]),
         )
 
     def _reduce(self, ab: Aberrations, quantitative: bool) -> xr.DataArray:
@@ -365,7 +366,8 @@ class SSBResult:
 
     def g_at(self, q_y: float, q_x: float) -> np.ndarray:
         """G (complex, NaN outside the BF disk) on the dense crop at the scan frequency nearest
-        (``q_y``, ``q_x``) (Å⁻¹; ``q_x < 0`` uses G(−Q) = G(Q)*). Reads one q_x chunk of G."""
+        (``q_y``, ``q_x``) (Å⁻¹; ``q_x < 0`` uses G(−Q) = G(Q)*). Reads one q_x chunk of a kept G
+        (:meth:`keep`); a G not kept is computed from the events for it."""
         conj = q_x < 0
         if conj:
             q_y, q_x = -q_y, -q_x
@@ -434,12 +436,11 @@ def ssb(
         meta=_meta(data, 3, np.complex64),
         token="ssb-rfft-x",
     )
-    qc = qx_chunk or chunk_length(nxh, ny * npix * 8, chunk_target(), min_chunks=G_MIN_CHUNKS)
+    chunks = g_chunks(ny, nxh, npix, qx_chunk)
     method = "p2p" if active_client() is not None else "tasks"
     # No merging of row blocks into bigger pieces on the way (memory stays ~ one chunk).
-    largest = max(max(data.chunks[0]) * nxh * npix, ny * min(qc, nxh) * npix) * 8
-    cols = rows.rechunk({0: ny, 1: regular_chunks(nxh, min(qc, nxh)), 2: npix}, method=method,
-                        block_size_limit=largest)
+    largest = max(max(data.chunks[0]) * nxh * npix, ny * chunks[1][0] * npix) * 8
+    cols = rows.rechunk(chunks, method=method, block_size_limit=largest)
     G = cols.map_blocks(_fft_scan_y, dtype=np.complex64, meta=_meta(cols, 3, np.complex64), token="ssb-fft-y")
 
     # Σ_k G(k, Q=0): the mean bright-field counts per position (the normalisation).
@@ -450,6 +451,14 @@ def ssb(
     )
     return disk.result(G, bf, scan_coords, calibration, _aberrations(aberrations), quantitative=quantitative,
                        scratch=scratch, scratch_threshold=scratch_threshold)
+
+
+def g_chunks(ny: int, nqx: int, npix: int, qx_chunk: int | None = None) -> tuple:
+    """Dask chunks of G (ny, nqx, npix) complex64: all q_y and all BF pixels per chunk, ``qx_chunk``
+    scan-frequency columns q_x (default: as many as keep a chunk within the chunk target of
+    :func:`stemdask.events.chunk_target`, at least :data:`G_MIN_CHUNKS` chunks)."""
+    qc = qx_chunk or chunk_length(nqx, ny * npix * 8, chunk_target(), min_chunks=G_MIN_CHUNKS)
+    return (ny,), regular_chunks(nqx, min(qc, nqx)), (npix,)
 
 
 @dataclasses.dataclass(frozen=True)
