@@ -44,6 +44,24 @@ def test_a_worker_memory_death_is_one_line_naming_the_limit(store, tmp_path, cap
     assert "(assumed)" in err
 
 
+def test_a_task_larger_than_a_worker_is_one_line(store, tmp_path, capsys, monkeypatch):
+    """distributed refuses a task whose inputs exceed a worker's memory_limit with a MemoryError
+    (e.g. one q_x column of G of a huge scan): under a cluster that is one line, not a traceback."""
+    import distributed
+
+    import stemdask.reconstruct
+
+    def refuse(*args):
+        raise MemoryError("Task ('rechunk-merge', 0, 0, 0) has 489.04 MiB worth of input dependencies, but worker "
+                          "tcp://127.0.0.1:4321 has memory_limit set to 429.15 MiB.")
+
+    monkeypatch.setattr(stemdask.reconstruct, "reconstruct", refuse)
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        assert _reconstruct(store, tmp_path / "r.zarr", "com", "--cluster", cluster.scheduler_address) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has memory_limit set to 429.15 MiB: raise memory_limit in the cluster profile" in err[0]
+
+
 @pytest.mark.slow
 def test_a_real_out_of_memory_worker_is_one_line_saying_by_how_much(tmp_path, capsys):
     """A dense crop whose every scan row is larger than the worker's whole memory: the nanny

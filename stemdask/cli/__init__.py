@@ -110,9 +110,12 @@ def _run(args) -> int:
         try:
             return args.func(args)
         except Exception as e:
-            if not _worker_died(e):
-                raise
-            raise CLIError(worker_death_message(e, client)) from None
+            if _worker_died(e):
+                raise CLIError(worker_death_message(e, client)) from None
+            if isinstance(e, MemoryError) and client is not None:  # the scheduler's "more than memory_limit"
+                raise CLIError(f"{' '.join(str(e).split()).rstrip('.')}: raise memory_limit in the cluster profile, or give each "
+                               "worker fewer threads") from None
+            raise
 
 
 def _worker_died(e: Exception) -> bool:
