@@ -113,8 +113,9 @@ def _run(args) -> int:
             if _worker_died(e):
                 raise CLIError(worker_death_message(e, client)) from None
             if isinstance(e, MemoryError) and client is not None:  # the scheduler's "more than memory_limit"
-                raise CLIError(f"{' '.join(str(e).split()).rstrip('.')}: raise memory_limit in the cluster profile, or give each "
-                               "worker fewer threads") from None
+                said = " ".join(str(e).split()).rstrip(".")
+                raise CLIError(f"{said}: raise memory_limit in the cluster profile, or give each worker fewer "
+                               "threads") from None
             raise
 
 
