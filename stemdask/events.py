@@ -1,4 +1,4 @@
-"""The lazy dataset handle: an event store seen as a dask graph over row blocks.
+"""The lazy dataset handle: an event store seen as a dask graph over chunks of scan rows.
 
 ``stemdask.open(path)`` returns an :class:`EventDataset`. Nothing is read when it is opened
 or when a product is requested: every product (:meth:`EventDataset.com`,
@@ -80,7 +80,7 @@ def _select_toa(block: Block, t_min: int, t_max: int) -> Block:
 
 
 def _bin_blocks(factor: int, rows_out: int, row_start: int, index: int, *blocks: Block) -> Block:
-    """Merge a group of consecutive row blocks and bin its scan by ``factor``."""
+    """Merge a group of consecutive read chunks and bin its scan by ``factor``."""
     group = Block.concat(list(blocks), index).rows(0, rows_out * factor)
     binned, merged, merged_w = kernels.bin_scan(np.ascontiguousarray(group.entries), group.indices, factor,
                                                 group.weights)
@@ -272,7 +272,7 @@ class EventDataset:
 
     # ------------------------------------------------------------------ helpers for reduce
     def map_events(self, fn, *args, dtype, chunks, new_axis=None, drop_axis=None, name: str):
-        """``fn(block, *args)`` on every row block → dask array (a product of the shared read)."""
+        """``fn(block, *args)`` on every read chunk of rows → dask array (a product of the shared read)."""
         meta = np.empty((0,) * len(chunks), dtype=dtype)
         token = tokenize(self._events.array.name, fn, args, chunks)
         return self._events.array.map_blocks(
