@@ -172,14 +172,14 @@ class Block:
         np.cumsum(self.entries.ravel(), out=off[1:])
         return off
 
-    def rows(self, lo: int, hi: int, index: int | None = None) -> "Block":
+    def rows(self, lo: int, hi: int) -> "Block":
         """Its rows [``lo``, ``hi``) (counted within the block) as a block of their own (views)."""
         a, z = (int(self.entries[:r].sum(dtype=np.int64)) for r in (lo, hi))
 
         def part(x):
             return None if x is None else x[a:z]
 
-        return Block(self.index if index is None else index, self.row_start + lo, self.counts[lo:hi],
+        return Block(self.index, self.row_start + lo, self.counts[lo:hi],
                      self.indices[a:z], part(self.toa), part(self.weights),
                      None if self.entry_counts is None else self.entry_counts[lo:hi])
 
@@ -190,8 +190,8 @@ class Block:
             return dataclasses.replace(blocks[0], index=index)
         first = blocks[0]
 
-        def joined(name, axis=0):
-            return None if getattr(first, name) is None else np.concatenate([getattr(b, name) for b in blocks], axis)
+        def joined(name):
+            return None if getattr(first, name) is None else np.concatenate([getattr(b, name) for b in blocks])
 
         return Block(index, first.row_start, joined("counts"), joined("indices"), joined("toa"), joined("weights"),
                      joined("entry_counts"))

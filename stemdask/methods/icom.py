@@ -60,11 +60,10 @@ def integrate_by_chunks(com_y: da.Array, com_x: da.Array, step: tuple[float, flo
     """iCOM (rad) of a scan-frame COM field (Å⁻¹) by row chunks, then column chunks, then row
     chunks again, each about ``target`` bytes (module doc); equal to the one-task integral."""
     ny, nx = com_y.shape
-    width = 16 if pad == "none" else 8  # bytes per element of the transformed field
-    rows = regular_chunks(ny, chunk_length(ny, nx * width, target))
+    dtype = np.dtype(np.complex128 if pad == "none" else np.float64)  # of the transformed field
+    rows = regular_chunks(ny, chunk_length(ny, nx * dtype.itemsize, target))
     cols_n = nx // 2 + 1 if pad == "none" else nx
-    cols = regular_chunks(cols_n, chunk_length(cols_n, ny * width, target))
-    dtype = np.complex128 if pad == "none" else np.float64
+    cols = regular_chunks(cols_n, chunk_length(cols_n, ny * dtype.itemsize, target))
     com_y, com_x = (a.astype(np.float64).rechunk((rows, nx)) for a in (com_y, com_x))
     fy, fx = (c.map_blocks(forward_x, pad, axis, chunks=(rows, (cols_n,)), dtype=dtype, meta=np.empty((0, 0), dtype))
               for axis, c in enumerate((com_y, com_x)))
