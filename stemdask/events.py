@@ -38,7 +38,7 @@ from .errors import InvalidParameter
 from .kernels import events as kernels
 from .optics import Calibration
 from .progress import active_client
-from .store import Block, EventStore, open_store
+from .store import Block, EventStore, open_store, read_handle
 
 _OBJECT_META = np.empty((0, 0), dtype=object)
 
@@ -46,7 +46,7 @@ _OBJECT_META = np.empty((0, 0), dtype=object)
 def _read_rows(path: str, index: int, pieces: tuple, allow_incomplete: bool) -> Block:
     """Task: open the store at ``path`` and read the rows ``pieces`` ((stored block, first row,
     end row), ...) as one block numbered ``index`` (picklable by design)."""
-    return open_store(path, allow_incomplete=allow_incomplete).read_rows(pieces, index)
+    return read_handle(path, allow_incomplete=allow_incomplete).read_rows(pieces, index)
 
 
 def _rows_of(blocks: list, ranges: list, fn, args: tuple):

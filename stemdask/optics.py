@@ -192,6 +192,21 @@ def descan_offsets(descan: dict | None, scan_shape, rows=None) -> tuple[np.ndarr
     return dy, dx
 
 
+def descan_gradient(descan: dict | None, scan_shape, step_a) -> np.ndarray | None:
+    """The descan's linear part: D (2, 2), detector px per Å of probe position, rows (dy, dx),
+    columns (scan y, scan x) — the least-squares plane through :func:`descan_offsets` over the
+    scan of step ``step_a`` (y, x) Å (for a quadratic descan, its mean gradient); None without
+    a descan."""
+    if descan is None:
+        return None
+    dy, dx = descan_offsets(descan, scan_shape)
+    ny, nx = scan_shape
+    r_y, r_x = np.meshgrid(np.arange(ny) * step_a[0], np.arange(nx) * step_a[1], indexing="ij")
+    design = np.column_stack([r_y.ravel(), r_x.ravel(), np.ones(ny * nx)])
+    coef, *_ = np.linalg.lstsq(design, np.column_stack([dy.ravel(), dx.ravel()]), rcond=None)
+    return coef[:2].T
+
+
 @dataclasses.dataclass(frozen=True)
 class Aberrations:
     """Aberration coefficients (Å) and azimuths (degrees), Krivanek notation.

@@ -258,9 +258,10 @@ class EventStore:
         self._weights = group["weights"] if self.weighted and "weights" in group else None
         self._entries = group["entries"] if self.weighted and "entries" in group else None
         self._check_layout()
-        #: Direct chunk readers of the entry arrays (None: read through zarr), see :mod:`stemdask.chunk_reads`.
+        #: Direct chunk readers of the arrays (None: read through zarr), see :mod:`stemdask.chunk_reads`.
         self._direct = {arr.basename: DirectChunks.of(arr, self.path / arr.basename)
-                        for arr in (self._indices, self._toa, self._weights) if arr is not None}
+                        for arr in (self._counts, self._entries, self._crc, self._indices, self._toa, self._weights)
+                        if arr is not None}
 
     def _corrupt(self, what: str) -> CorruptStoreError:
         return CorruptStoreError(f"{self.path}: {what}; {_REMEDY}")
@@ -635,25 +636,28 @@ class EventStore:
         """Entries ``[start, start + n)`` of an entry array, for row block ``b``, into ``out``
         (n elements): decoded there directly where the layout allows
         (:mod:`stemdask.chunk_reads`), else read through zarr; returns how many were stored."""
-        direct = self._direct.get(arr.basename)
-        if direct is None:
-            data = self._read(arr, b, slice(start, start + n))
-            out[: data.size] = data[: out.size]
-            return data.size
-        try:
-            direct.read(start, start + n, out)
+        if self._direct.get(arr.basename) is not None:
+            self._read(arr, b, slice(start, start + n), out)
             return n
-        except ChunkReadError as e:
-            r0, r1 = self.block_rows(b)
-            raise self._corrupt(f"{arr.basename} chunk {self._chunk_key(arr.basename, e.chunk)} of row block {b} "
-                                f"(rows {r0}..{r1 - 1}) cannot be read: {e.reason}") from None
+        data = self._read(arr, b, slice(start, start + n))
+        out[: data.size] = data[: out.size]
+        return data.size
 
-    def _read(self, arr, b: int, sel: slice) -> np.ndarray:
-        """``arr[sel]`` for row block ``b``; a codec failure names the chunk that failed."""
+    def _read(self, arr, b: int, sel: slice, out: np.ndarray | None = None) -> np.ndarray:
+        """``arr[sel]`` (whole rows of a 2-D array) for row block ``b``, decoded directly where
+        the layout allows (into ``out`` when given), else through zarr; a damaged chunk raises
+        :class:`CorruptStoreError` naming it."""
+        direct = self._direct.get(arr.basename)
+        if direct is not None:
+            row = math.prod(arr.shape[1:])
+            try:
+                flat = direct.read(sel.start * row, sel.stop * row, out)
+            except ChunkReadError as e:
+                raise self._unreadable(arr.basename, e.chunk, b, e.reason) from None
+            return flat.reshape((-1, *arr.shape[1:]))
         try:
             return arr[sel]
         except (RuntimeError, ValueError, OSError) as e:  # a chunk's checksum or decoder failed
-            name = arr.basename
             length = arr.chunks[0]
             bad = sel.start // length
             for i in range(sel.start // length, max(sel.start, sel.stop - 1) // length + 1):
@@ -662,16 +666,17 @@ class EventStore:
                 except (RuntimeError, ValueError, OSError):
                     bad = i
                     break
-            r0, r1 = self.block_rows(b)
             reason = (
                 "its CRC-32C does not match its bytes (damaged or truncated)"
                 if "checksum" in str(e)
                 else f"{type(e).__name__}: {e}"
             )
-            raise self._corrupt(
-                f"{name} chunk {self._chunk_key(name, bad)} of row block {b} (rows {r0}..{r1 - 1}) "
-                f"cannot be read: {reason}"
-            ) from e
+            raise self._unreadable(arr.basename, bad, b, reason) from e
+
+    def _unreadable(self, name: str, chunk: int, b: int, reason: str) -> CorruptStoreError:
+        r0, r1 = self.block_rows(b)
+        return self._corrupt(f"{name} chunk {self._chunk_key(name, chunk)} of row block {b} (rows {r0}..{r1 - 1}) "
+                             f"cannot be read: {reason}")
 
     def _explain_crc_mismatch(self, b: int, n: int) -> str:
         """Why block ``b``'s record does not match (the failure path only): a missing record
@@ -953,6 +958,31 @@ def _read_group_attrs(path: Path) -> tuple[zarr.Group, dict]:
     except Exception:  # zarr raises several kinds for "not a group" / unreadable metadata
         raise StoreError(f"{path}: not a stemdask store (its zarr.json is not that of a Zarr v3 group)") from None
     return group, dict(group.attrs)
+
+
+#: Read-only handles reused by read tasks: (path, allow_incomplete) → (zarr.json bytes, handle).
+_READ_HANDLES: dict[tuple[str, bool], tuple[bytes, "EventStore"]] = {}
+_READ_HANDLES_KEPT = 8
+
+
+def read_handle(path: str | os.PathLike, *, allow_incomplete: bool = False) -> EventStore:
+    """:func:`open_store` for read tasks: one read-only handle per store and process, reused
+    while the store's ``zarr.json`` (its attrs) is byte for byte the same — opening costs
+    milliseconds (zarr metadata), which a read task of tens of milliseconds should not pay
+    each time. Every read still reads and checks its chunks afresh."""
+    key = (str(path), allow_incomplete)
+    try:
+        stamp = (Path(path) / "zarr.json").read_bytes()
+    except OSError:
+        return open_store(path, allow_incomplete=allow_incomplete)  # its own clear error
+    kept = _READ_HANDLES.get(key)
+    if kept is not None and kept[0] == stamp:
+        return kept[1]
+    store = open_store(path, allow_incomplete=allow_incomplete)
+    if len(_READ_HANDLES) >= _READ_HANDLES_KEPT:
+        _READ_HANDLES.pop(next(iter(_READ_HANDLES)), None)
+    _READ_HANDLES[key] = (stamp, store)
+    return store
 
 
 def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False, mode: str = "r") -> EventStore:

@@ -332,6 +332,35 @@ def test_abtem_dose_50_rotation_is_flagged_unreliable_and_not_stored(abtem_case,
     assert math.hypot(stored.bf_center[0] - 48, stored.bf_center[1] - 48) < 0.1  # the BF disk is still found
 
 
+def test_parallax_undoes_the_descans_distortion_of_the_bf_images():
+    """A plane descan D (the disk moves by D·r on the detector) puts the disk's k − D·r under
+    a fixed pixel k, so its image is T(r − M·(k − D·r)): distorted, and shifted by (I + M·D)⁻¹·M·k.
+    Given D the parallax finds θ and |C10|; ignoring D (the realistic simulator's plane descan,
+    (1.5, −2.0) and (2.5, 1.0) px over a 13 Å field, at −100 Å) θ is off by about a degree."""
+    from stemdask.optics import detector_to_scan_frame
+
+    lam, step, ny, nx = wavelength_a(300e3), (0.2, 0.2), 64, 64
+    theta, c10 = 17.0, -100.0
+    rng = np.random.default_rng(3)
+    g, phase = rng.uniform(-1.2, 1.2, (12, 2)), rng.uniform(0, 2 * np.pi, 12)  # the object's waves (Å⁻¹)
+    n, dk = 9, 0.12
+    k = (np.arange(n) - n // 2) * dk
+    d = np.array([[0.0088, -0.0117], [0.0147, 0.0059]])  # Å⁻¹ per Å: the realistic simulator's descan
+    m = -lam * c10 * np.stack(detector_to_scan_frame(np.array([1.0, 0.0]), np.array([0.0, 1.0]), theta, False))
+    r = np.stack(np.meshgrid(np.arange(ny) * step[0], np.arange(nx) * step[1], indexing="ij"), axis=-1)
+    dense = np.empty((ny, nx, n, n))
+    for a in range(n):
+        for b in range(n):
+            seen = np.array([k[a], k[b]]) - r @ d.T  # the disk's k under this pixel at each position
+            u = r - seen @ m.T
+            dense[:, :, a, b] = 100 * (1 + 0.05 * np.cos(2 * np.pi * u @ g.T + phase).sum(axis=-1))
+    inside = np.hypot(*np.meshgrid(k, k, indexing="ij")) < 0.5
+    got = parallax(dense, k, k, inside, step, lam, descan_gradient=d)
+    assert abs(got["rotation_deg"] - theta) < 0.1 and got["flip"] is False
+    assert got["c10_abs_a"] == pytest.approx(abs(c10), rel=0.01)
+    assert abs(parallax(dense, k, k, inside, step, lam)["rotation_deg"] - theta) > 0.5  # the descan matters
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("c10", [0.0, -100.0])
 def test_realistic_faults_are_found_and_the_orientation_is_never_reliable_and_wrong(tmp_path, c10):

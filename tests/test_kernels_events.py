@@ -85,6 +85,22 @@ def test_float32_row_split_is_exact_up_to_its_bound(det_y, det_x):
     np.testing.assert_array_equal(x, idx % det_x)
 
 
+@pytest.mark.parametrize("det_y, det_x", [(2**20, 2), (1448, 1448), (576, 576)])
+def test_unmasked_center_of_mass_sums_long_positions_exactly(det_y, det_x):
+    """Positions of several int32 row-sum runs, every entry on the last row (the largest
+    partial sums the runs allow), equal the general kernel's exactly."""
+    n = 3 * K.ROW_SUM_RUN + 17
+    counts = np.array([n, 1, 0, 2 * K.ROW_SUM_RUN], np.uint32)
+    last = det_y * det_x - 1
+    indices = np.concatenate([np.full(n, last), [0], np.arange(last - 2 * K.ROW_SUM_RUN + 1, last + 1)])
+    indices = indices.astype(np.uint32)
+    want = K.center_of_mass_kept(counts, indices, None, det_x, 0.0, 0.0, K.ALL_PIXELS)
+    got = K.center_of_mass_unmasked(counts, indices, None, det_x, 0.0, 0.0)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[0][0] == det_y - 1
+
+
 @given(event_blocks(), st.integers(1, 5))
 @settings(max_examples=60, deadline=None)
 def test_masked_counts_equals_dense_mask_sums(block, n_det):

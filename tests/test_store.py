@@ -178,3 +178,19 @@ def test_out_of_range_index_in_a_damaged_store_is_an_error_not_a_crash(tmp_path)
     store._indices[3] = 60000  # what a flipped bit could decode to
     with pytest.raises(CorruptStoreError, match="row block 0 .*detector index 60000"):
         stemdask.open(store.path).pacbed().values
+
+
+def test_read_tasks_reuse_one_handle_until_the_attrs_change(tmp_path):
+    """Read tasks open a store once per process (``read_handle``), and see a changed store
+    (here: its calibration set after ingest) through a new handle, never a stale one."""
+    from stemdask.store import read_handle
+    from stemdask.testing import random_event_store
+
+    store = random_event_store(tmp_path / "s.zarr", (4, 4), 16, 5, rows_per_block=2)
+    first = read_handle(store.path)
+    assert read_handle(store.path) is first and read_handle(store.path, allow_incomplete=True) is not first
+    writable = open_store(store.path, mode="r+")
+    writable.set_calibration(writable.calibration.replace(scan_step_a=0.25))
+    again = read_handle(store.path)
+    assert again is not first and again.calibration.scan_step_a == (0.25, 0.25)
+    assert np.array_equal(again.read_block(1).indices, first.read_block(1).indices)

@@ -53,7 +53,7 @@ import dask
 import numpy as np
 
 from ..errors import InvalidParameter
-from ..optics import descan_offsets
+from ..optics import descan_gradient, descan_offsets
 from ..store import open_store
 from .descan import com_response, corrected, descan_span_px, fit_descan
 from .disk import find_defects, fit_bf_disk, inpaint
@@ -213,7 +213,7 @@ def calibrate(
     }
     result.update(
         _orientation(
-            ds, cal, small, f, whole, dense, full_mask, center, disk["radius"], result["descan_span_px"], res_y, res_x
+            ds, cal, small, f, whole, dense, full_mask, center, disk["radius"], record, res_y, res_x
         )
     )
     result["messages"] = result.pop("notes")
@@ -313,9 +313,10 @@ def _agree(a: tuple[float, bool], b: tuple[float, bool], modulo: float = 360.0) 
     return a[1] == b[1] and abs(d) <= MAX_DISAGREEMENT_DEG
 
 
-def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, res_y, res_x) -> dict:
+def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, descan, res_y, res_x) -> dict:
     """Rotation, flip, half turn, C10 — and whether the evidence supports them (module docstring)."""
     notes = []
+    span = descan_span_px(descan, ds.scan_shape)
     step = cal.scan_step_a
     small_step = small.calibration.scan_step_a
     lam = cal.wavelength_a
@@ -333,8 +334,8 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
     bad = _binned_mask(mask, y0, x0, b0, n)
     inside = (r_px < radius - b0 - span - 0.5) & ~bad
     dark = (r_px > 1.3 * radius + span + b0) & ~bad & (r_px < min(ds.detector_shape) / 2 * 1.5)
-    k_y = (py - center[0]) * cal.detector_pixel_mrad * 1e-3 / lam
-    k_x = (px - center[1]) * cal.detector_pixel_mrad * 1e-3 / lam
+    k_per_px = cal.detector_pixel_mrad * 1e-3 / lam  # Å⁻¹
+    k_y, k_x = (py - center[0]) * k_per_px, (px - center[1]) * k_per_px
     semiangle = radius * cal.detector_pixel_mrad
     band = 2 * semiangle * 1e-3 / lam
     adf = dense[:, :, dark].sum(axis=2).astype(np.float64) if dark.sum() >= 4 else None
@@ -343,7 +344,9 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, span, re
 
     px_result = None
     if inside.sum() >= 4:
-        px_result = parallax(dense, k_y, k_x, inside, small_step, lam)
+        gradient = descan_gradient(descan, ds.scan_shape, step)  # px per Å → Å⁻¹ per Å below
+        px_result = parallax(dense, k_y, k_x, inside, small_step, lam,
+                             descan_gradient=None if gradient is None else gradient * k_per_px)
     defocused = (
         px_result is not None
         and px_result["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(small_step)

@@ -197,6 +197,15 @@ def _form(pc: float, ps: float, flip: bool) -> np.ndarray:
     return np.array([[pc, ps], [-ps, pc]]) @ np.diag([1.0, -1.0 if flip else 1.0])
 
 
+def _undistorted(pc: float, ps: float, flip: bool, descan_gradient: np.ndarray | None) -> tuple[float, float]:
+    """The similarity (p·cos θ, p·sin θ) of M = M′·(I − D·M′)⁻¹, from the one fitted to images
+    that a descan of gradient D shifts by M′ (see :func:`parallax`)."""
+    if descan_gradient is None:
+        return pc, ps
+    m = _form(pc, ps, flip)
+    return _similarity(m @ np.linalg.inv(np.eye(2) - np.asarray(descan_gradient) @ m), flip)
+
+
 class AlignedPower:
     """Contrast power ``P(v) = Σ_q |A(q; v)|²`` of the mean of BF images aligned by the
     similarity ``v = (p·cos θ, p·sin θ)`` — image j shifted by ``d_j = p·R(θ)·F·k_j`` Å
@@ -276,12 +285,18 @@ def parallax(
     step,
     wavelength: float,
     iterations: int = 3,
+    descan_gradient: np.ndarray | None = None,
 ) -> dict:
     """Parallax of bright-field images: M, hence flip, θ (mod 180°) and |C10| (defocused data).
 
     ``dense`` (ny, nx, n, n) counts; ``k_y, k_x`` (n,) detector-frame frequencies of its pixels
     (Å⁻¹, relative to k = 0); ``inside`` (n, n) the pixels to use (well inside the BF disk);
-    ``step`` scan step (y, x) Å. Returns {flip, rotation_deg (the member of the θ/θ+180 pair
+    ``step`` scan step (y, x) Å. ``descan_gradient`` D (2, 2), Å⁻¹ per Å: how far the disk
+    moves on the detector (detector frame) per Å of probe position (scan frame), the descan's
+    linear part. A fixed detector pixel k then sees the disk's k − D·r at position r, so its
+    image is O((I + M·D)·r − M·k): the images are shifted by M′·k, M′ = (I + M·D)⁻¹·M, and
+    M = M′·(I − D·M′)⁻¹ (at −100 Å and a 2 px plane descan over a 13 Å field, θ moves by ≈ 1°
+    otherwise). Returns {flip, rotation_deg (the member of the θ/θ+180 pair
     that goes with C10 < 0), c10_abs_a, matrix (M, Å per Å⁻¹), similarity_error (‖M − nearest
     p·R·F‖ / ‖p·R·F‖), fit_rms_a (shift residual), rotation_sigma_deg (θ's standard error, from
     four disjoint sets of BF pixels), max_shift_a, window_px, alignment_gain (the
@@ -330,6 +345,7 @@ def parallax(
     best = refined(np.array([pc, ps]), slice(None))
     if best is not None:
         pc, ps = best
+    true_pc, true_ps = _undistorted(pc, ps, flip, descan_gradient)
     # θ's standard error: the same refinement on four disjoint sets of BF pixels (a 2 × 2
     # pattern on the detector: independent noise), σ = their scatter / √4. Conservative on
     # average (a quarter of the pixels refines θ worse than a quarter of the information
@@ -343,10 +359,14 @@ def parallax(
     ]
     sigma = None  # unknown: a group that would leave the neighbourhood, or fewer than 3 groups
     if len(groups) >= 3 and all(g is not None for g in groups):
-        spread = np.array([_wrap180(math.degrees(math.atan2(g[1], g[0]) - math.atan2(ps, pc))) for g in groups])
+        groups = [_undistorted(*g, flip, descan_gradient) for g in groups]
+        spread = np.array([_wrap180(math.degrees(math.atan2(g[1], g[0]) - math.atan2(true_ps, true_pc)))
+                           for g in groups])
         sigma = float(spread.std(ddof=1) / math.sqrt(len(spread)))
     size = math.hypot(pc, ps)
     nearest = _form(pc, ps, flip)
+    true_m = m if descan_gradient is None else m @ np.linalg.inv(np.eye(2) - np.asarray(descan_gradient) @ m)
+    true_nearest = _form(true_pc, true_ps, flip)
     tcbf = aligned_mean(k @ nearest.T)
     unaligned = spec.mean(axis=0)
     ac = np.ones((ny, nx), bool)
@@ -355,10 +375,10 @@ def parallax(
     rms = float(np.sqrt(np.mean(np.sum((shifts - fit) ** 2, axis=1))))
     return {
         "flip": flip,
-        "rotation_deg": _wrap180(math.degrees(math.atan2(ps, pc))),
-        "c10_abs_a": size / wavelength,
-        "matrix": m.tolist(),
-        "similarity_error": float(np.linalg.norm(m - nearest) / max(np.linalg.norm(nearest), 1e-30)),
+        "rotation_deg": _wrap180(math.degrees(math.atan2(true_ps, true_pc))),
+        "c10_abs_a": math.hypot(true_pc, true_ps) / wavelength,
+        "matrix": true_m.tolist(),
+        "similarity_error": float(np.linalg.norm(true_m - true_nearest) / max(np.linalg.norm(true_nearest), 1e-30)),
         "fit_rms_a": rms,
         "rotation_sigma_deg": sigma,
         "max_shift_a": size * float(np.hypot(k[:, 0], k[:, 1]).max()),
