@@ -253,30 +253,30 @@ def run(store, args):
 
 
 def read_path(store, args):
-    """Entries read directly (stemdask.chunk_reads) against through zarr's pipeline, alternating."""
-    ds = stemdask.open(store.path)
-    direct = dict(store._direct)
-    plain = stemdask.store.EventStore.read_rows
+    """Entries read directly (stemdask.chunk_reads) against through zarr's pipeline, alternating:
+    "zarr" opens every handle (the benchmark's and the read tasks') with no direct readers."""
+    from stemdask import chunk_reads
 
-    def through_zarr(self, pieces, index):
-        self._direct = {}
-        return plain(self, pieces, index)
+    ds = stemdask.open(store.path)
+    direct_of = chunk_reads.DirectChunks.of
 
     def read_all():
-        for b in range(store.n_blocks):
-            store.read_block(b)
+        handle = stemdask.store.open_store(store.path)
+        for b in range(handle.n_blocks):
+            handle.read_block(b)
 
     com = lambda: ds.com().compute(scheduler="threads")  # noqa: E731
     figures = {}
     for label in ("direct", "zarr", "direct", "zarr"):
-        store._direct = direct if label == "direct" else {}
-        stemdask.store.EventStore.read_rows = plain if label == "direct" else through_zarr
+        chunk_reads.DirectChunks.of = direct_of if label == "direct" else (lambda array, folder: None)
+        stemdask.store._READ_HANDLES.clear()
         try:
             for what, fn in (("read", read_all), ("COM", com)):
                 _, cpu = best_of(fn, args.repeat)
                 figures[(label, what)] = max(figures.get((label, what), 0), store.n_events / cpu)
         finally:
-            stemdask.store.EventStore.read_rows = plain
+            chunk_reads.DirectChunks.of = direct_of
+            stemdask.store._READ_HANDLES.clear()
     for what in ("read", "COM"):
         d, z = figures[("direct", what)], figures[("zarr", what)]
         print(f"{what:5s} direct {d / 1e6:5.0f} M events/CPU-s, through zarr {z / 1e6:5.0f} M → {d / z:.2f}×")

@@ -77,6 +77,35 @@ class DirectChunks:
         return cls(folder, np.dtype(array.dtype), int(np.prod(array.chunks)), array.fill_value, array.ndim,
                    compressed="blosc" in codecs)
 
+    def body(self, i: int, fresh: bool = False) -> np.ndarray | None:
+        """Chunk ``i``'s stored bytes without the CRC-32C trailer, checked against it (uint8; a
+        view of this thread's scratch buffer unless ``fresh``, then an array of its own); None
+        for a chunk never written. :class:`ChunkReadError` if the check fails."""
+        path = self.folder / "c" / f"{i}{self._key_tail}"
+        try:
+            data = np.fromfile(path, np.uint8) if fresh else _file_bytes(path)
+        except FileNotFoundError:
+            return None
+        body, stored = data[:-4], data[-4:].tobytes()
+        if data.size < 4 or google_crc32c.value(body).to_bytes(4, "little") != stored:
+            raise ChunkReadError(i, "its CRC-32C does not match its bytes (damaged or truncated)")
+        return body
+
+    def decode(self, i: int, body: np.ndarray | None, target: np.ndarray) -> None:
+        """Chunk ``i`` from its checked ``body`` (:meth:`body`; None: the fill value) into
+        ``target``, all the chunk's elements; :class:`ChunkReadError` if it does not decode."""
+        if body is None:
+            target[:] = self.fill
+        elif not self.compressed:
+            if body.size != target.nbytes:
+                raise ChunkReadError(i, f"it holds {body.size} bytes, not the chunk's {target.nbytes}")
+            target[:] = body.view(self.dtype)
+        else:
+            try:
+                numcodecs.blosc.decompress(body, target)
+            except (RuntimeError, ValueError) as e:
+                raise ChunkReadError(i, f"{type(e).__name__}: {e}") from None
+
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Elements ``[start, stop)`` (decoded into ``out``, contiguous, when given);
         :class:`ChunkReadError` for a damaged chunk."""
@@ -87,25 +116,9 @@ class DirectChunks:
         partial = np.empty(n, self.dtype) if start % n or stop % n else None  # a chunk only partly wanted
         for i in range(start // n, (stop - 1) // n + 1):
             lo, hi = max(start, i * n), min(stop, (i + 1) * n)
-            try:
-                data = _file_bytes(self.folder / "c" / f"{i}{self._key_tail}")
-            except FileNotFoundError:
-                out[lo - start : hi - start] = self.fill
-                continue
-            body, stored = data[:-4], data[-4:].tobytes()
-            if data.size < 4 or google_crc32c.value(body).to_bytes(4, "little") != stored:
-                raise ChunkReadError(i, "its CRC-32C does not match its bytes (damaged or truncated)")
             whole = lo == i * n and hi == (i + 1) * n
             target = out[lo - start : hi - start] if whole else partial
-            if not self.compressed:
-                if body.size != target.nbytes:
-                    raise ChunkReadError(i, f"it holds {body.size} bytes, not the chunk's {target.nbytes}")
-                target[:] = body.view(self.dtype)
-            else:
-                try:
-                    numcodecs.blosc.decompress(body, target)
-                except (RuntimeError, ValueError) as e:
-                    raise ChunkReadError(i, f"{type(e).__name__}: {e}") from None
+            self.decode(i, self.body(i), target)
             if not whole:
                 out[lo - start : hi - start] = target[lo - i * n : hi - i * n]
         return out

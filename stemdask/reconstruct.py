@@ -49,7 +49,8 @@ def reconstruct(ds, methods: dict[str, dict] | list[str] | tuple[str, ...]) -> x
     """
     requested = dict.fromkeys(methods, None) if isinstance(methods, (list, tuple)) else dict(methods)
     options = {name: bound_options(name, opts or {}) for name, opts in requested.items()}
-    parts = {name: runner(name)(ds, **opts) for name, opts in options.items()}
+    reads = ds.decode_once() if len(options) > 1 else ds  # several products of each read: decode it once
+    parts = {name: runner(name)(reads, **opts) for name, opts in options.items()}
     result = merge_method_parts(parts)
     result.attrs = run_record(ds, options)
     return result

@@ -231,8 +231,10 @@ def _offsets(block, scan_shape, descan):
 def _block_com(block, detector_shape, ref_y, ref_x, terms, scan_shape, descan):
     det_y, det_x = detector_shape
     keep = None if terms is None else terms.keep
-    cy, cx = kernels.center_of_mass(block.entries.ravel(), block.indices, det_x, ref_y, ref_x, keep, block.weights,
-                                    n_pixels=det_y * det_x)
+    cy, cx = np.empty(block.counts.size), np.empty(block.counts.size)
+    for p0, p1, entries, indices, weights in block.pieces():
+        cy[p0:p1], cx[p0:p1] = kernels.center_of_mass(entries, indices, det_x, ref_y, ref_x, keep, weights,
+                                                      n_pixels=det_y * det_x)
     if terms is not None:  # masked pixels filled: the mean of kept + expected filled electrons
         f0, fy, fx = terms.mean_offset(det_x)
         cy = (cy + ref_y + fy) / (1.0 + f0) - ref_y
@@ -245,30 +247,27 @@ def _block_com(block, detector_shape, ref_y, ref_x, terms, scan_shape, descan):
 
 
 def _block_masked(block, labels, table):
-    out = kernels.masked_counts(block.entries.ravel(), block.indices, block.weights, labels, table)
+    out = np.empty((block.counts.size, table.shape[1]), np.uint32)
+    for p0, p1, entries, indices, weights in block.pieces():
+        out[p0:p1] = kernels.masked_counts(entries, indices, weights, labels, table)
     return out.reshape(block.counts.shape + (table.shape[1],))
 
 
 def _block_annular(block, det_x, center, r2_lo, r2_hi, terms, scan_shape, descan):
     dy, dx = _offsets(block, scan_shape, descan)
-    out = kernels.annular_counts(
-        block.entries.ravel(),
-        block.indices,
-        block.weights,
-        det_x,
-        center[0] + dy,
-        center[1] + dx,
-        r2_lo,
-        r2_hi,
-        terms.keep,
-        terms.fill_idx,
-        terms.fill_w,
-    )
+    out = np.empty((block.counts.size, r2_lo.shape[0]), np.float64)
+    for p0, p1, entries, indices, weights in block.pieces():
+        out[p0:p1] = kernels.annular_counts(entries, indices, weights, det_x, center[0] + dy[p0:p1],
+                                            center[1] + dx[p0:p1], r2_lo, r2_hi, terms.keep, terms.fill_idx,
+                                            terms.fill_w)
     return out.reshape(block.counts.shape + (r2_lo.shape[0],))
 
 
 def _block_histogram(block, n_pixels):
-    return kernels.histogram(block.indices, block.weights, n_pixels)[None, :]
+    total = np.zeros(n_pixels, np.uint64)
+    for _, _, _, indices, weights in block.pieces():
+        kernels.add_histogram(indices, weights, total)
+    return total[None, :]
 
 
 def _block_densify(block, lookup, n):

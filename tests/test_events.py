@@ -68,9 +68,9 @@ def count_reads(monkeypatch):
     calls = []
     original = EventStore.read_rows
 
-    def counting(self, pieces, index):
+    def counting(self, pieces, index, **kw):
         calls.extend(row for _, lo, hi in pieces for row in range(lo, hi))
-        return original(self, pieces, index)
+        return original(self, pieces, index, **kw)
 
     monkeypatch.setattr(EventStore, "read_rows", counting)
     return calls

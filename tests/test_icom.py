@@ -240,8 +240,8 @@ def test_registered_methods_build_without_reading_the_store(tmp_path, monkeypatc
     simulate(tmp_path / "s.zarr", p, rows_per_block=8, progress=False)
     reads = []
     original = EventStore.read_rows
-    monkeypatch.setattr(EventStore, "read_rows", lambda self, pieces, index: reads.append(index)
-                        or original(self, pieces, index))
+    monkeypatch.setattr(EventStore, "read_rows", lambda self, pieces, index, **kw: reads.append(index)
+                        or original(self, pieces, index, **kw))
     ds = stemdask.events.open(tmp_path / "s.zarr")
     options = {"icom": {}, "dpc": {}, "ricom": {"kernel_size": 9}}
     with raise_if_dask_computes():

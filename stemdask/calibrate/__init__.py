@@ -131,7 +131,7 @@ def calibrate(
             raise InvalidParameter(f"the mask has shape {mask.shape}, the detector is {det[0]}×{det[1]}")
         mask = mask.astype(bool)
     cal = ds.calibration
-    raw = ds.with_mask(None, None).with_calibration(descan=None)
+    raw = ds.with_mask(None, None).with_calibration(descan=None).decode_once()  # PACBED, patterns, COM of each read
     b0 = max(1, math.ceil(max(det) / DETECTOR_BINNED))
     f = max(1, math.ceil(max(ds.scan_shape) / SCAN_BINNED))
     small = raw.bin_scan(f) if f > 1 else raw

@@ -238,7 +238,12 @@ def masked_counts(counts, indices, weights, labels, table):
 @numba.njit(nogil=True, cache=True)
 def histogram(indices, weights, n_pixels):
     """Electrons per detector pixel, (n_pixels,) uint64 — one block's share of the PACBED."""
-    out = np.zeros(n_pixels, np.uint64)
+    return add_histogram(indices, weights, np.zeros(n_pixels, np.uint64))
+
+
+@numba.njit(nogil=True, cache=True)
+def add_histogram(indices, weights, out):
+    """:func:`histogram` added into ``out`` (n_pixels,) uint64, which it returns."""
     for j in range(indices.shape[0]):
         out[indices[j]] += _weight(weights, j)
     return out
