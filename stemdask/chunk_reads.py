@@ -41,7 +41,12 @@ def _file_bytes(path: Path) -> np.ndarray:
         buf = getattr(_scratch, "buf", None)
         if buf is None or buf.size < size + 1:
             buf = _scratch.buf = np.empty(max(size + 1, 1 << 20), np.uint8)
-        got = f.readinto(memoryview(buf)[: size + 1])  # one byte more: a file that grew is seen
+        view, got = memoryview(buf), 0
+        while got <= size:  # to the end of the file, one byte more: a file that grew is seen
+            n = f.readinto(view[got : size + 1])
+            if not n:
+                break
+            got += n
     return buf[:got]
 
 
@@ -86,6 +91,8 @@ class DirectChunks:
             data = np.fromfile(path, np.uint8) if fresh else _file_bytes(path)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise ChunkReadError(i, f"it cannot be read ({type(e).__name__}: {e})") from None
         body, stored = data[:-4], data[-4:].tobytes()
         if data.size < 4 or google_crc32c.value(body).to_bytes(4, "little") != stored:
             raise ChunkReadError(i, "its CRC-32C does not match its bytes (damaged or truncated)")
@@ -101,6 +108,11 @@ class DirectChunks:
                 raise ChunkReadError(i, f"it holds {body.size} bytes, not the chunk's {target.nbytes}")
             target[:] = body.view(self.dtype)
         else:
+            # the Blosc header's uncompressed size (bytes 4–7): Blosc would fill only that much of
+            # the target, leaving the rest as it was
+            size = int.from_bytes(body[4:8].tobytes(), "little") if body.size >= 16 else -1
+            if size != target.nbytes:
+                raise ChunkReadError(i, f"it decodes to {size} bytes, not the chunk's {target.nbytes}")
             try:
                 numcodecs.blosc.decompress(body, target)
             except (RuntimeError, ValueError) as e:

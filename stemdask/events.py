@@ -295,7 +295,10 @@ class EventDataset:
 
     # ------------------------------------------------------------------ helpers for reduce
     def map_events(self, fn, *args, dtype, chunks, new_axis=None, drop_axis=None, name: str):
-        """``fn(block, *args)`` on every read chunk of rows → dask array (a product of the shared read)."""
+        """``fn(block, *args)`` on every read chunk of rows → dask array (a product of the shared read).
+        ``block`` is a :class:`~stemdask.store.Block` or an :class:`~stemdask.store.EncodedBlock`:
+        walk its entries with ``block.pieces()`` (or take ``block.decoded()``); both have
+        ``counts``, ``entries``, ``row_start`` and ``index``."""
         meta = np.empty((0,) * len(chunks), dtype=dtype)
         token = tokenize(self._events.array.name, fn, args, chunks)
         return self._events.array.map_blocks(

@@ -222,6 +222,24 @@ class _EncodedArray:
 _piece_buffers = threading.local()
 
 
+def _damage(where: str, indices: np.ndarray, weights, electrons: int, n_pixels: int) -> str | None:
+    """What the read's last guards find wrong with the entries of the rows ``where`` (None: nothing):
+    kernels index detector arrays with these values, and the weights must add up to the
+    electrons the counts say the rows hold."""
+    top = int(indices.max()) if indices.size else 0
+    if top >= n_pixels:
+        return f"{where} holds detector index {top} ≥ {n_pixels} (damaged data)"
+    if weights is not None and int(weights.sum(dtype=np.int64)) != electrons:
+        return (f"{where}: its weights sum to {int(weights.sum(dtype=np.int64))} electrons but its counts to "
+                f"{electrons} (damaged data)")
+    return None
+
+
+def _joined(heads, i: int) -> np.ndarray:
+    """Item ``i`` (counts, entries) of the read pieces' heads (:meth:`EventStore._head`), joined."""
+    return np.concatenate([h[i] for h in heads]) if len(heads) > 1 else heads[0][i]
+
+
 @dataclass(frozen=True)
 class EncodedBlock:
     """A :class:`Block` as read tasks hand it on: ``counts`` (and ``entry_counts``) decoded, the
@@ -238,6 +256,7 @@ class EncodedBlock:
     entry_counts: np.ndarray | None
     arrays: dict  # entry array name → _EncodedArray
     bounds: tuple[int, ...]  # first entry of each read piece, and the total
+    positions: tuple[int, ...]  # first position of each read piece, and the total
     wheres: tuple[str, ...]  # each read piece's rows, for errors
     n_pixels: int
     store: str
@@ -271,13 +290,10 @@ class EncodedBlock:
         return self.wheres[min(int(np.searchsorted(self.bounds, first, side="right")) - 1, len(self.wheres) - 1)]
 
     def _guard(self, where: str, indices: np.ndarray, weights, electrons: int) -> None:
-        """The read's last guards on entries of the rows ``where``."""
-        top = int(indices.max()) if indices.size else 0
-        if top >= self.n_pixels:
-            raise self._corrupt(f"{where} holds detector index {top} ≥ {self.n_pixels} (damaged data)")
-        if weights is not None and int(weights.sum(dtype=np.int64)) != electrons:
-            raise self._corrupt(f"{where}: its weights sum to {int(weights.sum(dtype=np.int64))} electrons but "
-                                f"its counts to {electrons} (damaged data)")
+        """The read's last guards (:func:`_damage`) on entries of the rows ``where``."""
+        problem = _damage(where, indices, weights, electrons, self.n_pixels)
+        if problem:
+            raise self._corrupt(problem)
 
     def decoded(self) -> Block:
         """The whole block decoded (fresh arrays, arrival times included), guarded per read piece."""
@@ -288,12 +304,11 @@ class EncodedBlock:
             for k, (_, _, lo, hi, _) in enumerate(enc.chunks):
                 self._decode(name, k, out[name][pos : pos + hi - lo])
                 pos += hi - lo
-        counts = self.counts.ravel().astype(np.int64)
-        ends = np.concatenate([[0], np.cumsum(self.entries.ravel(), dtype=np.int64)])
-        for where, a, z in zip(self.wheres, self.bounds[:-1], self.bounds[1:]):
-            p0, p1 = np.searchsorted(ends, [a, z])
+        counts = self.counts.ravel()
+        for j, where in enumerate(self.wheres):
+            (a, z), (p0, p1) = self.bounds[j : j + 2], self.positions[j : j + 2]
             weights = None if "weights" not in out else out["weights"][a:z]
-            self._guard(where, out["indices"][a:z], weights, int(counts[p0:p1].sum()))
+            self._guard(where, out["indices"][a:z], weights, int(counts[p0:p1].sum(dtype=np.int64)))
         return Block(self.index, self.row_start, self.counts, out["indices"], out.get("toa"), out.get("weights"),
                      self.entry_counts)
 
@@ -309,6 +324,7 @@ class EncodedBlock:
         n_chunks = len(self.arrays["indices"].chunks)
         if not n_chunks:
             empty = {name: np.zeros(0, self.arrays[name].reader.dtype) for name in names}
+            self._guard(self.wheres[0], empty["indices"], empty.get("weights"), int(counts.sum(dtype=np.int64)))
             yield 0, entries.size, entries, empty["indices"], empty.get("weights")
             return
         buffers = _take_buffers()
@@ -713,7 +729,8 @@ class EventStore:
         heads = [self._head(b, lo, hi) for b, lo, hi in pieces]
         bounds = np.cumsum([0] + [h[3] for h in heads])
         entry_arrays = [a for a in (self._indices, self._toa, self._weights) if a is not None]
-        if encoded and all(self._direct.get(a.basename) is not None for a in entry_arrays):
+        readers = [self._direct.get(a.basename) for a in entry_arrays]
+        if encoded and all(r is not None and r.length == readers[0].length for r in readers):  # chunks in step
             return self._encoded(pieces, heads, bounds, index, entry_arrays)
         arrays = {}
         for arr in (self._indices, self._toa, self._weights):
@@ -726,23 +743,14 @@ class EventStore:
                     raise self._corrupt(f"{where}: counts sum to {n} entries but only {got} {arr.basename} are stored")
             arrays[arr.basename] = out
         indices, weights = arrays["indices"], arrays.get("weights")
-        # The last guards, per piece: kernels index detector arrays with these values, and the
-        # weights must add up to the electrons the block says it holds.
         n_pix = self.detector_shape[0] * self.detector_shape[1]
-        for (counts, _, _, n, where), pos in zip(heads, bounds):
-            top = int(indices[pos : pos + n].max()) if n else 0
-            if top >= n_pix:
-                raise self._corrupt(f"{where} holds detector index {top} ≥ {n_pix} (damaged data)")
-            electrons = int(counts.sum(dtype=np.int64))
-            if weights is not None and int(weights[pos : pos + n].sum(dtype=np.int64)) != electrons:
-                raise self._corrupt(f"{where}: its weights sum to {int(weights[pos : pos + n].sum(dtype=np.int64))} "
-                                    f"electrons but its counts to {electrons} (damaged data)")
-
-        def joined(i):
-            return np.concatenate([h[i] for h in heads]) if len(heads) > 1 else heads[0][i]
-
-        return Block(index, pieces[0][1], joined(0), indices, arrays.get("toa"), weights,
-                     joined(1) if self.weighted else None)
+        for (counts, _, _, n, where), pos in zip(heads, bounds):  # the last guards, per piece
+            problem = _damage(where, indices[pos : pos + n], None if weights is None else weights[pos : pos + n],
+                              int(counts.sum(dtype=np.int64)), n_pix)
+            if problem:
+                raise self._corrupt(problem)
+        return Block(index, pieces[0][1], _joined(heads, 0), indices, arrays.get("toa"), weights,
+                     _joined(heads, 1) if self.weighted else None)
 
     def _encoded(self, pieces, heads, bounds, index: int, entry_arrays) -> EncodedBlock:
         """:meth:`read_rows`'s EncodedBlock: each piece's entry chunks read and checked."""
@@ -752,22 +760,17 @@ class EventStore:
             length = reader.length
             chunks = []
             for (b, _, _), (_, _, start, n, _) in zip(pieces, heads):
-                r0, r1 = self.block_rows(b)
                 for i in range(start // length, (start + n - 1) // length + 1) if n else ():
-                    label = f"{name} chunk {self._chunk_key(name, i)} of row block {b} (rows {r0}..{r1 - 1})"
                     try:
                         body = reader.body(i, fresh=True)
                     except ChunkReadError as e:
                         raise self._unreadable(name, e.chunk, b, e.reason) from None
                     lo, hi = max(start, i * length) - i * length, min(start + n, (i + 1) * length) - i * length
-                    chunks.append((i, body, lo, hi, label))
+                    chunks.append((i, body, lo, hi, self._chunk_label(name, i, b)))
             arrays[name] = _EncodedArray(reader, tuple(chunks))
-
-        def joined(i):
-            return np.concatenate([h[i] for h in heads]) if len(heads) > 1 else heads[0][i]
-
-        return EncodedBlock(index, pieces[0][1], joined(0), joined(1) if self.weighted else None, arrays,
-                            tuple(int(x) for x in bounds), tuple(h[4] for h in heads),
+        positions = tuple(int(x) for x in np.cumsum([0] + [h[0].size for h in heads]))
+        return EncodedBlock(index, pieces[0][1], _joined(heads, 0), _joined(heads, 1) if self.weighted else None,
+                            arrays, tuple(int(x) for x in bounds), positions, tuple(h[4] for h in heads),
                             self.detector_shape[0] * self.detector_shape[1], str(self.path))
 
     def _head(self, b: int, lo: int, hi: int) -> tuple:
@@ -888,9 +891,12 @@ class EventStore:
             raise self._unreadable(arr.basename, bad, b, reason) from e
 
     def _unreadable(self, name: str, chunk: int, b: int, reason: str) -> CorruptStoreError:
+        return self._corrupt(f"{self._chunk_label(name, chunk, b)} cannot be read: {reason}")
+
+    def _chunk_label(self, name: str, chunk: int, b: int) -> str:
+        """``indices chunk indices/c/12 of row block 3 (rows 96..127)``: a chunk, for errors."""
         r0, r1 = self.block_rows(b)
-        return self._corrupt(f"{name} chunk {self._chunk_key(name, chunk)} of row block {b} (rows {r0}..{r1 - 1}) "
-                             f"cannot be read: {reason}")
+        return f"{name} chunk {self._chunk_key(name, chunk)} of row block {b} (rows {r0}..{r1 - 1})"
 
     def _explain_crc_mismatch(self, b: int, n: int) -> str:
         """Why block ``b``'s record does not match (the failure path only): a missing record
@@ -1174,28 +1180,45 @@ def _read_group_attrs(path: Path) -> tuple[zarr.Group, dict]:
     return group, dict(group.attrs)
 
 
-#: Read-only handles reused by read tasks: (path, allow_incomplete) → (zarr.json bytes, handle).
-_READ_HANDLES: dict[tuple[str, bool], tuple[bytes, "EventStore"]] = {}
+#: Read-only handles reused by read tasks: (resolved path, allow_incomplete) → (stamp, handle).
+_READ_HANDLES: dict[tuple[str, bool], tuple[tuple, "EventStore"]] = {}
 _READ_HANDLES_KEPT = 8
+_READ_HANDLES_LOCK = threading.Lock()
+
+
+def _metadata_stamp(root: Path) -> tuple:
+    """The store's group ``zarr.json`` bytes (its attrs and consolidated metadata) and the
+    (size, mtime, inode) of each array's own ``zarr.json``: any edit changes it."""
+    arrays = []
+    for child in sorted(root.iterdir()):
+        try:
+            st = (child / "zarr.json").stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        arrays.append((child.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return (root / "zarr.json").read_bytes(), tuple(arrays)
 
 
 def read_handle(path: str | os.PathLike, *, allow_incomplete: bool = False) -> EventStore:
     """:func:`open_store` for read tasks: one read-only handle per store and process, reused
-    while the store's ``zarr.json`` (its attrs) is byte for byte the same — opening costs
-    milliseconds (zarr metadata), which a read task of tens of milliseconds should not pay
-    each time. Every read still reads and checks its chunks afresh."""
-    key = (str(path), allow_incomplete)
+    while the store's metadata is the same (:func:`_metadata_stamp`) — opening costs
+    milliseconds (zarr metadata, the layout checks), which a read task of tens of milliseconds
+    should not pay each time. Every read still reads and checks its chunks afresh."""
+    root = Path(path).resolve()
     try:
-        stamp = (Path(path) / "zarr.json").read_bytes()
+        stamp = _metadata_stamp(root)
     except OSError:
         return open_store(path, allow_incomplete=allow_incomplete)  # its own clear error
-    kept = _READ_HANDLES.get(key)
+    key = (str(root), allow_incomplete)
+    with _READ_HANDLES_LOCK:
+        kept = _READ_HANDLES.get(key)
     if kept is not None and kept[0] == stamp:
         return kept[1]
-    store = open_store(path, allow_incomplete=allow_incomplete)
-    if len(_READ_HANDLES) >= _READ_HANDLES_KEPT:
-        _READ_HANDLES.pop(next(iter(_READ_HANDLES)), None)
-    _READ_HANDLES[key] = (stamp, store)
+    store = open_store(root, allow_incomplete=allow_incomplete)
+    with _READ_HANDLES_LOCK:
+        if key not in _READ_HANDLES and len(_READ_HANDLES) >= _READ_HANDLES_KEPT:
+            _READ_HANDLES.pop(next(iter(_READ_HANDLES)))
+        _READ_HANDLES[key] = (stamp, store)
     return store
 
 

@@ -124,3 +124,39 @@ def test_decode_once_hands_decoded_blocks_to_every_product_with_the_same_results
         np.testing.assert_array_equal(a, b)
     binned = ds.bin_scan(2)
     assert binned.decode_once() is binned  # its blocks are decoded already
+
+
+def test_the_decoded_block_is_guarded_per_read_piece_even_where_no_entries_are(tmp_path):
+    """A weighted position whose counts say electrons but whose entries say none — at the end of
+    a read piece, where no entry marks it — is damage, both decoded whole and streamed."""
+    import dataclasses
+
+    store = _store(tmp_path / "s.zarr", 4, 3, 2, 5, True, False, 2)
+    block = store.read_rows([(0, 0, 2), (1, 2, 4)], 0, encoded=True)
+    counts = block.counts.copy()
+    counts[1, -1] += 5  # the last position of read piece 0
+    damaged = dataclasses.replace(block, counts=counts, entry_counts=np.where(np.arange(3) == 2, 0, block.entry_counts))
+    with pytest.raises(CorruptStoreError, match=r"row block 0 \(rows 0..1\): its weights sum to"):
+        damaged.decoded()
+    with pytest.raises(CorruptStoreError, match="its weights sum to"):
+        list(damaged.pieces())
+
+
+def test_a_compressed_chunk_that_decodes_short_is_refused(tmp_path):
+    """A chunk with a valid CRC-32C whose Blosc frame holds fewer elements than the chunk (Blosc
+    would fill only its part of a reused buffer) is refused, naming the chunk."""
+    import google_crc32c
+    import numcodecs.blosc
+
+    from stemdask.chunk_reads import ChunkReadError, DirectChunks
+
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="a")
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    arr = group.create_array("a", shape=(40,), chunks=(10,), dtype="uint32", fill_value=0,
+                             compressors=[BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()])
+    arr[:] = np.arange(40, dtype=np.uint32) + 1
+    body = numcodecs.blosc.compress(np.arange(6, dtype=np.uint32), b"lz4", 5, numcodecs.blosc.SHUFFLE)
+    (tmp_path / "g.zarr" / "a" / "c" / "1").write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))
+    with pytest.raises(ChunkReadError, match="chunk 1: it decodes to 24 bytes, not the chunk's 40"):
+        DirectChunks.of(arr, tmp_path / "g.zarr" / "a").read(0, 40)

@@ -85,10 +85,10 @@ def test_float32_row_split_is_exact_up_to_its_bound(det_y, det_x):
     np.testing.assert_array_equal(x, idx % det_x)
 
 
-@pytest.mark.parametrize("det_y, det_x", [(2**20, 2), (1448, 1448), (576, 576)])
+@pytest.mark.parametrize("det_y, det_x", [(2**21, 1), (2**20, 2), (1448, 1448), (576, 576)])
 def test_unmasked_center_of_mass_sums_long_positions_exactly(det_y, det_x):
-    """Positions of several int32 row-sum runs, every entry on the last row (the largest
-    partial sums the runs allow), equal the general kernel's exactly."""
+    """Positions of several summing runs, every entry on the last row (the largest sums), equal
+    the general kernel's exactly."""
     n = 3 * K.ROW_SUM_RUN + 17
     counts = np.array([n, 1, 0, 2 * K.ROW_SUM_RUN], np.uint32)
     last = det_y * det_x - 1

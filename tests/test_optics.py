@@ -73,3 +73,16 @@ def test_calibration_round_trips_dict():
     c = Calibration(energy_ev=200e3, scan_step_a=(0.3, 0.25), detector_pixel_mrad=0.5, bf_center=(10.5, 11), flip=True)
     assert Calibration.from_dict(c.to_dict()) == c
     assert c.detector_pixel_inv_a == pytest.approx(0.5e-3 / wavelength_a(200e3))
+
+
+def test_descan_gradient_is_the_planes_slope_per_angstrom():
+    from stemdask.optics import descan_gradient, descan_offsets
+
+    record = {"model": "plane", "coef_y": [1.5, -2.0], "coef_x": [2.5, 1.0]}
+    shape, step = (16, 12), (0.25, 0.5)
+    dy, dx = descan_offsets(record, shape)
+    got = descan_gradient(record, shape, step)
+    want = [[(dy[1, 0] - dy[0, 0]) / step[0], (dy[0, 1] - dy[0, 0]) / step[1]],
+            [(dx[1, 0] - dx[0, 0]) / step[0], (dx[0, 1] - dx[0, 0]) / step[1]]]
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    assert descan_gradient(None, shape, step) is None
