@@ -18,8 +18,9 @@ For COM, a 3-detector virtual pass (BF, ABF, ADF presets), PACBED and crop+bin d
   subset of ``--dense-rows`` rows), NumPy's best vectorised form, one thread; and the ratios
   kernel / dense and e2e-per-CPU-second / dense.
 
-Also a combined pass (COM + virtual + PACBED in one ``dask.compute``: one read per block),
-read + decompress alone, and the cost of allocating and zeroing densify's float32 output
+Also a combined pass (COM + virtual + PACBED in one ``dask.compute``: one read per block, each
+product decoding its chunks; and the same with ``decode_once()``: decoded once per read),
+read alone and read + decode alone, and the cost of allocating and zeroing densify's float32 output
 alone (it is written once per pixel whatever the events: it bounds densify when the output
 is large compared with the events).
 
@@ -236,14 +237,18 @@ def run(store, args):
     (t_kept, _), (t_unmasked, _) = (best_of(lambda: [k(b) for b in blocks], args.repeat) for k in general)
     print(f"COM kernel, 1 core: without a mask {block_events / t_unmasked / 1e6:.0f} M/s, the general (mask-capable) "
           f"kernel {block_events / t_kept / 1e6:.0f} M/s → {t_kept / t_unmasked:.2f}×")
+    for label, d in (("", ds), (", decode_once()", ds.decode_once())):
+        with dask.config.set(scheduler="threads", num_workers=cores):
+            t_wall, t_cpu = best_of(lambda: dask.compute(d.com(), d.virtual_detectors(presets), d.pacbed()),
+                                    args.repeat)
+        print(f"combined COM + virtual ×3 + PACBED, one read per block{label}: {n_events / t_cpu / 1e6:.0f} M events "
+              f"per CPU-second, {n_events / t_wall / 1e6:.0f} M/s wall on {cores} cores")
     with dask.config.set(scheduler="threads", num_workers=cores):
-        t_wall, t_cpu = best_of(lambda: dask.compute(ds.com(), ds.virtual_detectors(presets), ds.pacbed()), args.repeat)
-    print(f"combined COM + virtual ×3 + PACBED, one read per block: {n_events / t_cpu / 1e6:.0f} M events per "
-          f"CPU-second, {n_events / t_wall / 1e6:.0f} M/s wall on {cores} cores")
-    with dask.config.set(scheduler="threads", num_workers=cores):  # the counts product reads every entry
-        t_wall, t_cpu = best_of(lambda: ds.counts().compute(), args.repeat)
-    print(f"read + decompress alone (the counts product: the same read tasks, no kernel): {n_events / t_cpu / 1e6:.0f} "
-          f"M events per CPU-second ({n_events / t_wall / 1e6:.0f} M/s wall on {cores} cores)")
+        t_wall, t_cpu = best_of(lambda: ds.counts().compute(), args.repeat)  # reads hand on encoded chunks
+        d_wall, d_cpu = best_of(lambda: ds.decode_once().counts().compute(), args.repeat)  # and decoded
+    print(f"read + check alone (the counts product, which decodes no entry): {n_events / t_cpu / 1e6:.0f} M events "
+          f"per CPU-second; read + check + decode (the same of decode_once()): {n_events / d_cpu / 1e6:.0f} M "
+          f"({n_events / d_wall / 1e6:.0f} M/s wall on {cores} cores)")
     per_block = blocks[0].counts.size
     for b, n_out in out_sizes.items():
         t, _ = best_of(lambda: np.zeros((per_block, n_out, n_out), np.float32).fill(0), args.repeat)
