@@ -296,21 +296,39 @@ class EncodedBlock:
             raise self._corrupt(problem)
 
     def decoded(self) -> Block:
-        """The whole block decoded (fresh arrays, arrival times included), guarded per read piece."""
+        """The whole block decoded (fresh arrays, arrival times included): :meth:`rows` of all."""
+        return self.rows(0, self.counts.shape[0])
+
+    def rows(self, lo: int, hi: int) -> Block:
+        """Its rows [``lo``, ``hi``) (counted within the block) as a decoded block of their own
+        (fresh arrays, arrival times included): only the stored chunks that hold their entries
+        are decoded, and guarded per read piece."""
+        nx = self.counts.shape[1]
+        ends = np.concatenate([[0], np.cumsum(self.entries.ravel(), dtype=np.int64)])
+        a, z = int(ends[lo * nx]), int(ends[hi * nx])
         out = {}
         for name, enc in self.arrays.items():
-            out[name] = np.empty(self.bounds[-1], enc.reader.dtype)
-            pos = 0
-            for k, (_, _, lo, hi, _) in enumerate(enc.chunks):
-                self._decode(name, k, out[name][pos : pos + hi - lo])
-                pos += hi - lo
+            out[name] = np.empty(z - a, enc.reader.dtype)
+            start = 0  # the block entry where chunk k's held part begins
+            for k, (_, _, c_lo, c_hi, _) in enumerate(enc.chunks):
+                m = c_hi - c_lo
+                s, e = max(a, start), min(z, start + m)
+                if s < e:
+                    whole = (s, e) == (start, start + m)
+                    part = out[name][s - a : e - a] if whole else _scratch(f"{name}-rows", m, enc.reader.dtype)
+                    self._decode(name, k, part)
+                    if not whole:
+                        out[name][s - a : e - a] = part[s - start : e - start]
+                start += m
         counts = self.counts.ravel()
         for j, where in enumerate(self.wheres):
-            (a, z), (p0, p1) = self.bounds[j : j + 2], self.positions[j : j + 2]
-            weights = None if "weights" not in out else out["weights"][a:z]
-            self._guard(where, out["indices"][a:z], weights, int(counts[p0:p1].sum(dtype=np.int64)))
-        return Block(self.index, self.row_start, self.counts, out["indices"], out.get("toa"), out.get("weights"),
-                     self.entry_counts)
+            q0, q1 = max(self.positions[j], lo * nx), min(self.positions[j + 1], hi * nx)
+            if q0 < q1:
+                e0, e1 = int(ends[q0]) - a, int(ends[q1]) - a
+                weights = None if "weights" not in out else out["weights"][e0:e1]
+                self._guard(where, out["indices"][e0:e1], weights, int(counts[q0:q1].sum(dtype=np.int64)))
+        return Block(self.index, self.row_start + lo, self.counts[lo:hi], out["indices"], out.get("toa"),
+                     out.get("weights"), None if self.entry_counts is None else self.entry_counts[lo:hi])
 
     def pieces(self) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray | None]]:
         """(p0, p1, entries per position, indices, weights) for consecutive ranges of whole

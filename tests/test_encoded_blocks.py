@@ -54,6 +54,13 @@ def test_pieces_and_decoded_equal_the_decoded_read(tmp_path_factory, ny, nx, row
         a, b = getattr(plain, name), getattr(whole, name)
         assert (a is None and b is None) or np.array_equal(a, b), name
     assert whole.row_start == plain.row_start == r0 and whole.index == 7
+    a = data.draw(st.integers(0, r1 - r0 - 1))
+    b = data.draw(st.integers(a + 1, r1 - r0))
+    some, want = encoded.rows(a, b), plain.rows(a, b)  # only the chunks those rows need
+    for name in ("counts", "indices", "toa", "weights", "entry_counts"):
+        x, y = getattr(want, name), getattr(some, name)
+        assert (x is None and y is None) or np.array_equal(x, y), name
+    assert some.row_start == want.row_start
     # the pieces: consecutive whole positions, together every entry once, in order
     got_idx, got_w, p_end = [], [], 0
     for p0, p1, entries, indices, weights in encoded.pieces():
