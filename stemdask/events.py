@@ -53,10 +53,10 @@ def _read_rows(path: str, index: int, pieces: tuple, allow_incomplete: bool,
 
 
 def _rows_of(blocks: list, ranges: list, fn, args: tuple):
-    """Task: ``fn(rows, *args)`` on the rows ``ranges`` [(lo, hi), ...] (counted within each
-    block) of consecutive ``blocks``, joined into one block."""
-    parts = [block.rows(lo, hi) for block, (lo, hi) in zip(blocks, ranges)]  # decodes only those rows
-    return fn(parts[0] if len(parts) == 1 else Block.concat(parts, parts[0].index), *args)
+    """Task: ``fn(parts, *args)`` on the rows ``ranges`` [(lo, hi), ...] (counted within each
+    block) of consecutive ``blocks``: ``parts`` the decoded Blocks of those rows, in order (not
+    joined: a product adds each into its output, without copying the events into one block)."""
+    return fn([block.rows(lo, hi) for block, (lo, hi) in zip(blocks, ranges)], *args)  # decodes only those rows
 
 
 def chunk_target() -> int:
@@ -108,6 +108,9 @@ class _Events:
     has_toa: bool = False
     #: The store's own reads, which :meth:`EventDataset.decode_once` may redo (not a derived layer).
     from_store: bool = False
+    #: For a scan-binned layer: (the layer it bins, the factor) — products that bin as they go
+    #: (:func:`stemdask.reductions.densify`) read that instead of reordering the events.
+    unbinned: "tuple[_Events, int] | None" = None
 
     @property
     def scan_shape(self) -> tuple[int, int]:
@@ -235,7 +238,9 @@ class EventDataset:
 
         Trailing rows/columns that do not fill a bin are dropped. The scan step of the
         result is ``factor`` times larger; its coordinates are the centres of the bins.
-        Arrival times are dropped (call :meth:`fractionate` before binning).
+        Arrival times are dropped (call :meth:`fractionate` before binning). Its
+        :meth:`densify` bins as it densifies, from the unbinned events (each position with its
+        own descan; no reordering of the events); its other products read binned events.
         """
         f = int(factor)
         if f != factor or f < 1:
@@ -263,7 +268,17 @@ class EventDataset:
         step_y, step_x = cal.scan_step_a
         off_y, off_x = self._events.scan_offset_a
         offset = (off_y + (f - 1) / 2 * step_y, off_x + (f - 1) / 2 * step_x)
-        return self._derived(_Events(arr, offset), cal.replace(scan_step_a=(step_y * f, step_x * f)))
+        return self._derived(_Events(arr, offset, unbinned=(self._events, f)),
+                             cal.replace(scan_step_a=(step_y * f, step_x * f)))
+
+    def unbinned(self) -> "tuple[EventDataset, int]":
+        """(the dataset before its last :meth:`bin_scan`, its factor f), or (this dataset, 1):
+        the same calibration but for the scan step (÷ f), the same mask."""
+        if self._events.unbinned is None:
+            return self, 1
+        events, f = self._events.unbinned
+        step_y, step_x = self.calibration.scan_step_a
+        return self._derived(events, self.calibration.replace(scan_step_a=(step_y / f, step_x / f))), f
 
     # ------------------------------------------------------------------ products
     def counts(self):
@@ -313,18 +328,26 @@ class EventDataset:
             name=f"{name}-{token}",
         )
 
-    def map_event_rows(self, fn, *args, dtype, row_bytes: float, trailing: tuple, name: str):
-        """``fn(rows, *args)`` on regular chunks of scan rows cut from the shared reads, each as
+    def map_event_rows(self, fn, *args, dtype, row_bytes: float, trailing: tuple, name: str, scan_bin: int = 1):
+        """``fn(parts, *args)`` on regular chunks of scan rows cut from the shared reads (``parts``:
+        the chunk's rows as consecutive Blocks, one per read it draws from), each as
         many rows as keep its output (``row_bytes`` bytes per scan row) within
         :func:`chunk_target` (aligned with the reads where that keeps the size) → a dask array
         of chunks (rows, nx, *``trailing``): a product of the shared read, in chunks sized by
-        what they hold, regular as Zarr needs, whatever was read together."""
+        what they hold, regular as Zarr needs, whatever was read together.
+
+        ``scan_bin`` f > 1: ``fn`` bins the scan f × f as :meth:`bin_scan` does (``row_bytes``
+        then counts the output of one input row): every chunk is a multiple of f rows, the
+        trailing rows that fill no bin are not read, and the chunks are (rows / f, nx // f,
+        *``trailing``)."""
         src = self._events.array
         reads = src.chunks[0]
-        ny = sum(reads)
+        f = int(scan_bin)
+        ny = sum(reads) // f * f
         length = chunk_plan.aligned(chunk_plan.chunk_length(ny, row_bytes, chunk_target()), max(reads))
+        length = max(f, length // f * f)
         rows = chunk_plan.regular_chunks(ny, length)
-        token = tokenize(src.name, fn, args, row_bytes, trailing, rows)
+        token = tokenize(src.name, fn, args, row_bytes, trailing, rows, f)
         out = f"{name}-{token}"
         zeros = (0,) * (1 + len(trailing))
         read_starts = np.cumsum((0,) + reads).tolist()
@@ -335,7 +358,7 @@ class EventDataset:
             ranges = [(lo - read_starts[i], hi - read_starts[i]) for i, lo, hi in parts]
             graph[(out, j, *zeros)] = (_rows_of, blocks, ranges, fn, f"{out}-args")
         hlg = HighLevelGraph.from_collections(out, graph, dependencies=[src])
-        chunks = (rows, (self.scan_shape[1],), *((n,) for n in trailing))
+        chunks = (tuple(r // f for r in rows), (self.scan_shape[1] // f,), *((n,) for n in trailing))
         return da.Array(hlg, out, chunks, meta=np.empty((0,) * len(chunks), dtype=dtype))
 
     @property

@@ -270,31 +270,32 @@ def _block_histogram(block, n_pixels):
     return total[None, :]
 
 
-def _block_densify(block, lookup, n):
-    out = np.zeros((block.counts.size, n, n), np.float32)  # NumPy: huge pages, see the kernel
-    kernels.densify(block.entries.ravel(), block.indices, block.weights, lookup, out)
-    return out.reshape(block.counts.shape + (n, n))
+def _densified(parts, n, f, add):
+    """Dense patterns (rows / f, nx // f, n, n) float32 of consecutive row ``parts`` (a chunk of
+    whole f-row bins), scan binned f × f: ``add(part, out, target)`` adds each part's events
+    into the flat output at the patterns ``target`` (:func:`~stemdask.kernels.events.scan_bin_targets`)."""
+    nx = parts[0].counts.shape[1]
+    shape = (sum(p.counts.shape[0] for p in parts) // f, nx // f, n, n)
+    out = np.zeros((shape[0] * shape[1], n, n), np.float32)  # NumPy: huge pages, see kernels.densify
+    for part in parts:
+        add(part, out, kernels.scan_bin_targets(part.counts.shape[0], nx, f, part.row_start - parts[0].row_start))
+    return out.reshape(shape)
 
 
-def _block_densify_shifted(block, det_x, y0, x0, b, n, terms, scan_shape, descan):
-    dy, dx = _offsets(block, scan_shape, descan)
-    out = np.zeros((block.counts.size, n, n), np.float32)
-    kernels.densify_shifted(
-        block.entries.ravel(),
-        block.indices,
-        block.weights,
-        det_x,
-        dy,
-        dx,
-        float(y0),
-        float(x0),
-        b,
-        terms.keep,
-        terms.fill_idx,
-        terms.fill_w,
-        out,
-    )
-    return out.reshape(block.counts.shape + (n, n))
+def _block_densify(parts, lookup, n, f):
+    def add(part, out, target):
+        kernels.densify(part.entries.ravel(), part.indices, part.weights, lookup, out, target)
+
+    return _densified(parts, n, f, add)
+
+
+def _block_densify_shifted(parts, det_x, y0, x0, b, n, f, terms, scan_shape, descan):
+    def add(part, out, target):
+        dy, dx = _offsets(part, scan_shape, descan)
+        kernels.densify_shifted(part.entries.ravel(), part.indices, part.weights, det_x, dy, dx, float(y0), float(x0),
+                                b, terms.keep, terms.fill_idx, terms.fill_w, out, target)
+
+    return _densified(parts, n, f, add)
 
 
 def _correction_attrs(ds) -> dict:
@@ -634,22 +635,26 @@ def densify(ds, radius_px=None, center=None, bin: int = 1) -> xr.DataArray:
     """
     crop = CropWindow.around(_bf_center(ds, center), _dense_radius(ds, radius_px), bin)
     y0, x0, b, n = crop.y0, crop.x0, crop.bin, crop.n
-    nx = ds.scan_shape[1]
+    # a scan-binned dataset bins as it densifies: its source's events, each position's descan its own
+    source, f = ds.unbinned()
+    nx = source.scan_shape[1]
     terms, descan = MaskTerms.of(ds), ds.calibration.descan
-    product = {"dtype": np.float32, "row_bytes": nx * n * n * 4, "trailing": (n, n), "name": "densify"}
+    product = {"dtype": np.float32, "row_bytes": nx // f * n * n * 4 / f, "trailing": (n, n), "name": "densify",
+               "scan_bin": f}
     if terms is None and descan is None:
         lookup = kernels.densify_lookup(*ds.detector_shape, y0, x0, b, n, n)
-        data = ds.map_event_rows(_block_densify, lookup, n, **product)
+        data = source.map_event_rows(_block_densify, lookup, n, f, **product)
     else:
-        data = ds.map_event_rows(
+        data = source.map_event_rows(
             _block_densify_shifted,
             ds.detector_shape[1],
             y0,
             x0,
             b,
             n,
+            f,
             terms or MaskTerms.none(ds.detector_shape[0] * ds.detector_shape[1]),
-            ds.scan_shape,
+            source.scan_shape,
             descan,
             **product,
         )

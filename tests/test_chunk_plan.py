@@ -132,11 +132,11 @@ def test_densify_chunks_are_sized_by_their_bytes_and_regular(stored, rows, tmp_p
     small.to_dataset(name="dense").to_zarr(tmp_path / "dense.zarr")
 
 
-def _counts_of(block):
-    return block.counts.astype(np.float64)
+def _counts_of(parts):
+    return np.concatenate([part.counts for part in parts]).astype(np.float64)
 
 
-def test_row_products_straddling_two_reads_are_joined(stored):
+def test_row_products_straddling_two_reads_get_the_parts_of_both(stored):
     """Reads of 5 rows, products in chunks of 3: rows 3..5, 9..11, … need two reads each."""
     with dask.config.set({"stemdask.chunk-bytes": int(5.5 * event_bytes_per_row(stored))}):
         ds = stemdask.open(stored.path)

@@ -97,3 +97,22 @@ def test_densify_shifted_with_zero_shift_equals_densify_and_integer_shifts_move_
     inner = slice(4, plain.shape[2] - 4)  # away from rows rolled in from the other edge
     np.testing.assert_allclose(got[iy, 0][inner], want[inner], atol=1e-5)
     assert got.sum() == pytest.approx(plain.sum(), rel=0.05)
+
+
+@pytest.mark.parametrize("f", [2, 3])
+@pytest.mark.parametrize("corrected", [False, True])
+def test_densify_of_a_binned_scan_sums_each_positions_own_pattern(dense_store, f, corrected):
+    """``bin_scan(f).densify()`` bins as it densifies: every position cropped with its own
+    descan and mask fill, then summed over its f × f bin (trailing rows and columns dropped)."""
+    store, dense, mask, fill = dense_store
+    ds = stemdask.open(store.path)
+    if corrected:
+        ds = ds.with_mask(mask, fill).with_calibration(descan=DESCAN)
+    each = ds.densify(radius_px=4, bin=2).values.astype(np.float64)
+    oy, ox = SCAN[0] // f, SCAN[1] // f
+    want = each[: oy * f, : ox * f].reshape(oy, f, ox, f, *each.shape[2:]).sum(axis=(1, 3))
+    binned = ds.bin_scan(f).densify(radius_px=4, bin=2)
+    assert binned.shape == want.shape and binned.data.chunks[0][0] >= 1
+    np.testing.assert_allclose(binned.values, want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(binned.scan_y.values, 0.5 * (np.arange(oy) * f + (f - 1) / 2))
+    assert binned.attrs["descan"] == ("plane" if corrected else "off")

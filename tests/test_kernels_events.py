@@ -139,6 +139,32 @@ def test_densify_equals_crop_and_bin_of_dense(block, y0, x0, b, out_y, out_x):
     np.testing.assert_array_equal(got, expected)
 
 
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 7), st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_densify_with_scan_bin_targets_sums_the_binned_positions(f, groups, nx, seed):
+    rng = np.random.default_rng(seed)
+    det, rows = 5, f * groups
+    counts = rng.integers(0, 6, (rows, nx)).astype(np.uint32)
+    indices = rng.integers(0, det * det, int(counts.sum())).astype(np.uint16)
+    lookup = K.densify_lookup(det, det, 1, 0, 2, 2, 3)
+    each = K.densify(counts.ravel(), indices, None, lookup, np.zeros((rows * nx, 2, 3), np.float32))
+    oy, ox = rows // f, nx // f
+    want = each.reshape(rows, nx, 2, 3)[: oy * f, : ox * f].reshape(oy, f, ox, f, 2, 3).sum(axis=(1, 3))
+    target = K.scan_bin_targets(rows, nx, f)
+    got = K.densify(counts.ravel(), indices, None, lookup, np.zeros((oy * ox, 2, 3), np.float32), target)
+    np.testing.assert_array_equal(got.reshape(want.shape), want)
+    # the same rows in two parts, the second from its first row on, into one output
+    cut = rows // 2 * nx
+    twice = np.zeros((oy * ox, 2, 3), np.float32)
+    entries = int(counts.ravel()[:cut].sum())
+    K.densify(counts.ravel()[:cut], indices[:entries], None, lookup, twice, K.scan_bin_targets(rows // 2, nx, f))
+    K.densify(counts.ravel()[cut:], indices[entries:], None, lookup, twice,
+              K.scan_bin_targets(rows - rows // 2, nx, f, first_row=rows // 2))
+    np.testing.assert_array_equal(twice, got)
+    with pytest.raises(IndexError, match="beyond the output"):
+        K.densify(counts.ravel(), indices, None, lookup, np.zeros((oy * ox, 2, 3), np.float32), target + oy * ox + 1)
+
+
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 7), st.integers(0, 2**32 - 1))
 @settings(max_examples=60, deadline=None)
 def test_bin_scan_merges_neighbouring_positions(f, groups, nx, seed):

@@ -3,8 +3,8 @@
 :func:`calibrate` reads the events one to four times:
 
 1. the PACBED, and dense patterns of the whole detector binned to ≤ 40 px a side over a scan
-   binned to ≤ 128 positions a side, and the COM in the window the stored or nominal BF disk
-   predicts (:func:`_planned_window`);
+   binned to ≤ 128 positions a side (binned as they are densified, each read decoded once),
+   and the COM in the window the stored or nominal BF disk predicts (:func:`_planned_window`);
 2. the COM inside the BF disk's window (radius + :data:`COM_MARGIN_PX`, masked pixels filled;
    repeated with a wider window when the fitted drift needs it, at most three times) — unless
    the fitted disk and the defects give the window pass 1 already read; with a vacuum scan
@@ -338,7 +338,9 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, descan, 
     k_y, k_x = (py - center[0]) * k_per_px, (px - center[1]) * k_per_px
     semiangle = radius * cal.detector_pixel_mrad
     band = 2 * semiangle * 1e-3 / lam
-    adf = dense[:, :, dark].sum(axis=2).astype(np.float64) if dark.sum() >= 4 else None
+    # the dark pixels' sum: a float32 matrix-vector product (≤ 40² terms of counts per position)
+    adf = (dense.reshape(*dense.shape[:2], -1) @ dark.ravel().astype(dense.dtype)).astype(np.float64) \
+        if dark.sum() >= 4 else None
     if adf is None:
         notes.append("no dark-field pixels beyond the BF disk: the half turn cannot be decided from an ADF image")
 
@@ -375,11 +377,17 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, descan, 
         if adf is None:
             return theta, None
         candidate = _bin_image(icom_phase(res_y, res_x, theta, flip, step), f)
-        ht = half_turn(candidate[: adf.shape[0], : adf.shape[1]], adf, small_step,
-                       lambda q: probe_otf(q, lam, semiangle, otf_c10), band)
+        ht = half_turn(candidate[: adf.shape[0], : adf.shape[1]], adf, small_step, otf, band)
         return (theta if ht["keep"] else theta + 180.0), ht
 
     otf_c10 = px_result["c10_abs_a"] if defocused else 0.0
+    transfer = {}  # the probe's transfer on half_turn's frequency grid, computed once for both routes
+
+    def otf(q):
+        if q.shape not in transfer:
+            transfer[q.shape] = probe_otf(q, lam, semiangle, otf_c10)
+        return transfer[q.shape]
+
     # route 1: the COM curl
     com_precise = rot["rotation_sigma_deg"] <= MAX_SIGMA_DEG
     com_ok = com_measured and com_flip_ok and com_precise

@@ -57,21 +57,86 @@ def _clean(field: np.ndarray) -> np.ndarray:
     return f - f.mean()
 
 
-def _frequencies(shape, step):
-    k_y = np.fft.fftfreq(shape[0], d=step[0])[:, None]
-    k_x = np.fft.fftfreq(shape[1], d=step[1])[None, :]
-    return k_y, k_x
+class HalfPlane:
+    """Sums over the whole 2-D frequency plane of (ny, nx) real images, on its half.
+
+    ``rfft2`` keeps the columns 0 … ⌊nx/2⌋ of the plane; the others hold the complex
+    conjugates of their mirror images, and so does a *shifted* spectrum ``S(q)·e^{iq·d}``, or
+    one times a real factor odd or even in q (``q_x/|q|``) up to its sign — except on the
+    Nyquist row (even ny), where ``fftfreq`` gives both q_y = ±½ the frequency −½: there the
+    mirror of a column is the same coefficient with q_y = +½. So a sum over the whole plane of
+    ``Re(conj(A)·B)`` for any two such spectra (|A|², the power, among them) is the
+    ``weights``-weighted sum over the half plane with, for even ny, the Nyquist row appended
+    once more at q_y = +½ (:meth:`extend`): weight 2 on the columns whose mirrors are left out,
+    1 on columns 0 and nx/2 (their own mirrors), 1 on both copies of the Nyquist row.
+
+    ``q_y`` (rows, 1), ``q_x`` (1, columns): phase (rad) per Å of shift (scan step ``step``
+    (y, x) Å), as ``fftfreq`` assigns the frequencies.
+    """
+
+    def __init__(self, ny: int, nx: int, step):
+        nh = nx // 2 + 1
+        paired = np.arange(nh) > 0
+        if nx % 2 == 0:
+            paired[-1] = False
+        weights = np.repeat(np.where(paired, 2.0, 1.0)[None, :], ny, axis=0)
+        f_y = np.fft.fftfreq(ny)
+        self.nyquist = ny // 2 if ny % 2 == 0 else None
+        if self.nyquist is not None:
+            weights[self.nyquist, paired] = 1.0
+            weights = np.vstack([weights, paired.astype(np.float64)])
+            f_y = np.append(f_y, 0.5)
+        self.weights = weights
+        self.q_y = 2 * np.pi * f_y[:, None] / step[0]
+        self.q_x = 2 * np.pi * np.fft.fftfreq(nx)[:nh][None, :] / step[1]
+
+    def extend(self, spec: np.ndarray) -> np.ndarray:
+        """Half-plane spectra (…, ny, nh) with the Nyquist row appended where ny is even."""
+        if self.nyquist is None:
+            return spec
+        return np.concatenate([spec, spec[..., self.nyquist : self.nyquist + 1, :]], axis=-2)
+
+    def fold(self, a: np.ndarray) -> np.ndarray:
+        """(ny, nh) from an extended half plane ``a`` (:meth:`extend`): the half plane of the
+        Hermitian part of the whole-plane A — both copies of the Nyquist row averaged where
+        they differ — so that ``irfft2(S·conj(fold(a)))``, S a real image's spectrum, is the
+        real part of the whole plane's ``ifft2(S·conj(A))``."""
+        if self.nyquist is None:
+            return a
+        out = a[: self.weights.shape[0] - 1].copy()
+        paired = self.weights[-1] > 0
+        out[self.nyquist, paired] = 0.5 * (a[self.nyquist, paired] + a[-1, paired])
+        return out
+
+    def shifted(self, spec: np.ndarray, shifts_a: np.ndarray) -> np.ndarray:
+        """The spectra (n, rows, nh) — extended or not — of images shifted by ``shifts_a`` (n, 2) Å."""
+        q_y = self.q_y[: spec.shape[1], 0]
+        phase_y = np.exp(1j * shifts_a[:, :1] * q_y)[:, :, None]
+        return spec * phase_y * np.exp(1j * shifts_a[:, 1:] * self.q_x)[:, None, :]
+
+    def power(self, a: np.ndarray, dc: bool = True) -> float:
+        """Σ over the whole plane of |A|² from an extended half-plane A (without q = 0 unless ``dc``)."""
+        w = self.weights.copy()
+        w[0, 0] *= dc
+        return float(np.sum(w * np.abs(a) ** 2))
 
 
-def _transverse(g_y, g_x, step) -> np.ndarray:
-    """Fourier amplitude of the curl (solenoidal) part of a field: (k_x G_y − k_y G_x)/|k|."""
-    g_y, g_x = mirror_extend(g_y, g_x)  # the gradient of the evenly mirrored φ: still curl-free
-    k_y, k_x = _frequencies(g_y.shape, step)
-    k = np.hypot(k_y, k_x)
-    k[0, 0] = 1.0
-    t = (k_x * fft.fft2(g_y) - k_y * fft.fft2(g_x)) / k
-    t[0, 0] = 0.0
-    return t
+def _curl_bases(v_y: np.ndarray, v_x: np.ndarray, step) -> tuple[HalfPlane, dict]:
+    """The solenoidal parts ``(k_x·G_y − k_y·G_x)/|k|`` of the scan-frame fields
+    :func:`~stemdask.optics.detector_to_scan_frame` makes of the detector-frame field (v_y, v_x)
+    at 0° and at 90°, on the :class:`HalfPlane` of their mirror extensions (the gradient of the
+    evenly mirrored φ: still curl-free). Every angle's is a sum of the two: at θ,
+    cos θ·T0 + sin θ·T90 — the field is linear in (cos θ, sin θ). Returns (the plane,
+    {flip: (T0, T90)}), from four transforms in all."""
+    e_yy, e_xx = mirror_extend(v_y, v_x)  # each component's own parity: y odd along y, x odd along x
+    e_yx, e_xy = mirror_extend(v_x, v_y)  # the other component with that parity
+    plane = HalfPlane(*e_yy.shape, step)
+    k = np.hypot(plane.q_y, plane.q_x)
+    k[0, 0] = np.inf  # the mean field has no solenoidal part
+    yy, xx, yx, xy = plane.extend(fft.rfft2(np.stack([e_yy, e_xx, e_yx, e_xy]), workers=-1)) / k
+    # θ = 0: (G_y, G_x) = (v_y, f·v_x); θ = 90°: (f·v_x, −v_y), f = −1 with the flip
+    qy_xx, qx_yy, qx_yx, qy_xy = plane.q_y * xx, plane.q_x * yy, plane.q_x * yx, plane.q_y * xy
+    return plane, {flip: (qx_yy - f * qy_xx, f * qx_yx + qy_xy) for flip, f in ((False, 1.0), (True, -1.0))}
 
 
 def rotation_from_com(com_y: np.ndarray, com_x: np.ndarray, step=(1.0, 1.0)) -> dict:
@@ -88,9 +153,10 @@ def rotation_from_com(com_y: np.ndarray, com_x: np.ndarray, step=(1.0, 1.0)) -> 
             f"COM fields must be two 2-D arrays of the same shape ≥ 3×3, got {v_y.shape}, {v_x.shape}"
         )
     best, fractions = None, {}
-    for flip in (False, True):
-        basis = [_transverse(*detector_to_scan_frame(v_y, v_x, angle, flip), step) for angle in (0.0, 90.0)]
-        m = np.array([[np.vdot(a, b).real for b in basis] for a in basis])
+    plane, bases = _curl_bases(v_y, v_x, step)
+    for flip, basis in bases.items():
+        # the solenoidal energy's 2×2 form in (cos θ, sin θ), summed over the whole plane
+        m = np.array([[float(np.sum(plane.weights * (np.conj(a) * b).real)) for b in basis] for a in basis])
         evals, evecs = np.linalg.eigh(m)
         if evals[1] <= 0:
             raise InvalidParameter("the COM field is constant: no rotation can be estimated from it")
@@ -117,32 +183,37 @@ def _wrap90(theta: float) -> float:
 
 
 # ---------------------------------------------------------------------- parallax
-def _peak(cc: np.ndarray, center=(0.0, 0.0), window: float = np.inf) -> np.ndarray:
-    """Position (y, x) px of a periodic correlation's maximum within ``window`` px of
-    ``center``, parabolic sub-pixel, as a shift in [−n/2, n/2)."""
-    ny, nx = cc.shape
+def _peaks(cc: np.ndarray, centers: np.ndarray, window: float = np.inf) -> np.ndarray:
+    """Positions (n, 2) (y, x) px of the maxima of periodic correlations ``cc`` (n, ny, nx),
+    each within ``window`` px of its ``centers`` row (the pixel nearest it where none is),
+    parabolic sub-pixel, as shifts in [−n/2, n/2)."""
+    n, ny, nx = cc.shape
     sy = (np.arange(ny) + ny / 2) % ny - ny / 2
     sx = (np.arange(nx) + nx / 2) % nx - nx / 2
-    near = (sy[:, None] - center[0]) ** 2 + (sx[None, :] - center[1]) ** 2 <= window**2
-    if not near.any():
-        near[int(round(center[0])) % ny, int(round(center[1])) % nx] = True
-    iy, ix = np.unravel_index(np.argmax(np.where(near, cc, -np.inf)), cc.shape)
-    c0 = cc[iy, ix]
+    cy, cx = centers[:, 0, None, None], centers[:, 1, None, None]
+    near = (sy[None, :, None] - cy) ** 2 + (sx[None, None, :] - cx) ** 2 <= window**2
+    for j in np.flatnonzero(~near.any(axis=(1, 2))):
+        near[j, int(round(centers[j, 0])) % ny, int(round(centers[j, 1])) % nx] = True
+    iy, ix = np.divmod(np.argmax(np.where(near, cc, -np.inf).reshape(n, -1), axis=1), nx)
+    j = np.arange(n)
+    c0 = cc[j, iy, ix]
 
     def sub(a, b):
         den = a - 2 * c0 + b
-        return float(np.clip(0.5 * (a - b) / den, -0.5, 0.5)) if den < 0 else 0.0
+        safe = np.where(den < 0, den, -1.0)
+        return np.where(den < 0, np.clip(0.5 * (a - b) / safe, -0.5, 0.5), 0.0)
 
-    dy = sy[iy] + sub(cc[iy - 1, ix], cc[(iy + 1) % ny, ix])
-    dx = sx[ix] + sub(cc[iy, ix - 1], cc[iy, (ix + 1) % nx])
-    return np.array([dy, dx])
+    dy = sy[iy] + sub(cc[j, iy - 1, ix], cc[j, (iy + 1) % ny, ix])
+    dx = sx[ix] + sub(cc[j, iy, ix - 1], cc[j, iy, (ix + 1) % nx])
+    return np.stack([dy, dx], axis=1)
 
 
-def lattice_window(power: np.ndarray) -> float:
+def lattice_window(power: np.ndarray, shape) -> float:
     """Half the distance (px) from zero to the nearest other peak (above 0.2 of the central
-    one) of the periodic autocorrelation whose power spectrum is ``power`` (e.g. the mean over BF images) — beyond
+    one) of the periodic autocorrelation whose power spectrum is ``power`` (e.g. the mean over BF images;
+    its half plane, as :func:`bf_images` gives, of (ny, nx) ``shape`` images) — beyond
     it a shift of a crystal image is ambiguous. At least 2 px."""
-    ac = fft.ifft2(power).real
+    ac = fft.irfft2(power, s=shape)
     ny, nx = ac.shape
     sy = (np.arange(ny) + ny / 2) % ny - ny / 2
     sx = (np.arange(nx) + nx / 2) % nx - nx / 2
@@ -170,20 +241,15 @@ def _tukey(n: int, frac: float = 0.25) -> np.ndarray:
 
 def bf_images(dense: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The BF-pixel images of ``dense`` (ny, nx, n, n) at ``inside``: their row/column indices and
-    the windowed, mean-normalised images' spectra (npix, ny, nx)."""
+    the windowed, mean-normalised images' half-plane spectra (npix, ny, nx // 2 + 1) (``rfft2``)."""
     iy, ix = np.nonzero(inside)
-    imgs = dense[:, :, iy, ix].transpose(2, 0, 1).astype(np.float64)
+    ny, nx = dense.shape[:2]
+    imgs = np.take(dense.reshape(ny * nx, -1), iy * dense.shape[3] + ix, axis=1).T.astype(np.float64)
+    imgs = imgs.reshape(len(iy), ny, nx)
     mean = imgs.mean(axis=(1, 2), keepdims=True)
     imgs = imgs / np.where(mean > 0, mean, 1.0) - 1.0
-    window = _tukey(imgs.shape[1])[:, None] * _tukey(imgs.shape[2])[None, :]
-    return iy, ix, fft.fft2(imgs * window, workers=-1)
-
-
-def _shifted(spec: np.ndarray, shifts_a: np.ndarray, step) -> np.ndarray:
-    """The spectra (n, ny, nx) of images shifted by ``shifts_a`` (n, 2) Å (scan step ``step``)."""
-    q_y = 2 * np.pi * np.fft.fftfreq(spec.shape[1]) / step[0]
-    q_x = 2 * np.pi * np.fft.fftfreq(spec.shape[2]) / step[1]
-    return spec * np.exp(1j * shifts_a[:, :1] * q_y)[:, :, None] * np.exp(1j * shifts_a[:, 1:] * q_x)[:, None, :]
+    window = _tukey(ny)[:, None] * _tukey(nx)[None, :]
+    return iy, ix, fft.rfft2(imgs * window, workers=-1)
 
 
 def _similarity(m: np.ndarray, flip: bool) -> tuple[float, float]:
@@ -211,20 +277,19 @@ class AlignedPower:
     similarity ``v = (p·cos θ, p·sin θ)`` — image j shifted by ``d_j = p·R(θ)·F·k_j`` Å
     (:func:`_form`) — with its exact gradient and Hessian in v.
 
-    ``spec`` (n, ny, nx): the images' 2-D spectra (:func:`bf_images`); ``k`` (n, 2): their
-    detector frequencies (Å⁻¹); ``step``: scan step (y, x) Å. ``A = (1/n)·Σ_j spec_j·e^{iφ_j}``
-    with ``φ_j(q) = 2π(q_y·d_jy/step_y + q_x·d_jx/step_x)`` (q in cycles per scan step) is
-    linear in v through d_j, so every derivative of A is a sum of the spectra weighted by
-    the monomials 1, k_y, k_x, k_y², k_y·k_x, k_x² (one matrix product). The whole plane, not
-    the half plane of the real images: the Nyquist row and column have no conjugate partner
-    (a sub-step shift there is a convention), and on 64² scans they move θ by ~0.1°.
+    ``spec`` (n, rows, nh): the images' half-plane spectra (:func:`bf_images`) extended by
+    ``plane`` (:meth:`HalfPlane.extend`); ``k`` (n, 2): their detector frequencies (Å⁻¹).
+    ``A = (1/n)·Σ_j spec_j·e^{iφ_j}`` with ``φ_j(q) = q_y·d_jy + q_x·d_jx`` (``plane``'s phase
+    per Å) is linear in v through d_j, so every derivative of A is a sum of the spectra
+    weighted by the monomials 1, k_y, k_x, k_y², k_y·k_x, k_x² (one matrix product). The sum
+    runs over the whole plane, computed on its half (:class:`HalfPlane`): the Nyquist row and
+    column have no conjugate partner (a sub-step shift there is a convention), and on 64²
+    scans they move θ by ~0.1°.
     """
 
-    def __init__(self, spec: np.ndarray, k: np.ndarray, flip: bool, step):
-        n, ny, nx = spec.shape
-        self.spec, self.step = spec, step
-        self.q_y = 2 * np.pi * np.fft.fftfreq(ny)[:, None] / step[0]  # phase per Å of shift
-        self.q_x = 2 * np.pi * np.fft.fftfreq(nx)[None, :] / step[1]
+    def __init__(self, spec: np.ndarray, k: np.ndarray, flip: bool, plane: HalfPlane):
+        n = spec.shape[0]
+        self.spec, self.plane = spec, plane
         self.k, self.flip, self.sign = k, flip, -1.0 if flip else 1.0
         k_y, k_x = k[:, 0], k[:, 1]
         self.monomials = np.stack([np.ones(n), k_y, k_x, k_y * k_y, k_y * k_x, k_x * k_x]).astype(complex) / n
@@ -232,9 +297,9 @@ class AlignedPower:
     def __call__(self, v) -> tuple[float, np.ndarray, np.ndarray]:
         """(P, ∂P/∂v (2,), ∂²P/∂v² (2, 2)) at v."""
         d = self.k @ _form(v[0], v[1], self.flip).T
-        terms = _shifted(self.spec, d, self.step).reshape(len(d), -1)
+        terms = self.plane.shifted(self.spec, d).reshape(len(d), -1)
         a, s_y, s_x, s_yy, s_yx, s_xx = (self.monomials @ terms).reshape(6, *self.spec.shape[1:])
-        f, qy, qx = self.sign, self.q_y, self.q_x
+        f, qy, qx, w = self.sign, self.plane.q_y, self.plane.q_x, self.plane.weights
         # ∂φ_j/∂(pc, ps) = (qy·k_y + f·qx·k_x, f·qy·k_x − qx·k_y)
         da = (1j * (qy * s_y + f * qx * s_x), 1j * (f * qy * s_x - qx * s_y))
         d2a = {
@@ -242,12 +307,12 @@ class AlignedPower:
             (1, 1): -(qy**2 * s_xx - 2 * f * qy * qx * s_yx + qx**2 * s_yy),
             (0, 1): -(f * (qy**2 - qx**2) * s_yx + qy * qx * (s_xx - s_yy)),
         }
-        ca = np.conj(a)
-        power = float(np.sum(np.abs(a) ** 2))
+        ca = w * np.conj(a)
+        power = float(np.sum(w * np.abs(a) ** 2))
         grad = np.array([2 * float(np.sum((ca * x).real)) for x in da])
         hess = np.empty((2, 2))
         for (i, j), x in d2a.items():
-            hess[i, j] = hess[j, i] = 2 * float(np.sum((np.conj(da[i]) * da[j] + ca * x).real))
+            hess[i, j] = hess[j, i] = 2 * float(np.sum((w * np.conj(da[i]) * da[j] + ca * x).real))
         return power, grad, hess
 
     def maximise(self, start, gtol: float = 1e-8) -> np.ndarray:
@@ -308,28 +373,29 @@ def parallax(
     if np.count_nonzero(inside) < 4:
         raise InvalidParameter("parallax needs at least 4 bright-field pixels")
     iy, ix, spec = bf_images(dense, inside)
-    window = lattice_window(np.mean(np.abs(spec) ** 2, axis=0))
+    plane = HalfPlane(ny, nx, step)
+    window = lattice_window(np.mean(np.abs(spec) ** 2, axis=0), (ny, nx))
     k = np.stack([k_y[iy], k_x[ix]], axis=1)
     where = {(a, b): j for j, (a, b) in enumerate(zip(iy, ix))}
     m0 = np.zeros((2, 2))
     for axis, (oy, ox) in enumerate([(1, 0), (0, 1)]):
-        cross = np.zeros((ny, nx), complex)
-        for (a, b), j in where.items():
-            j2 = where.get((a + oy, b + ox))
-            if j2 is not None:
-                cross += spec[j2] * spec[j].conj()
+        pairs = [(j2, j) for (a, b), j in where.items() if (j2 := where.get((a + oy, b + ox))) is not None]
+        later, earlier = np.array(pairs, dtype=np.intp).reshape(-1, 2).T
+        cross = np.einsum("jyx,jyx->yx", spec[later], spec[earlier].conj())
         dk = (k_y[1] - k_y[0]) if axis == 0 else (k_x[1] - k_x[0])
-        m0[:, axis] = _peak(fft.ifft2(cross).real, window=window) * step / dk
+        m0[:, axis] = _peaks(fft.irfft2(cross, s=(ny, nx))[None], np.zeros((1, 2)), window)[0] * step / dk
+
+    whole = plane.extend(spec)
 
     def aligned_mean(shifts_a):
-        return _shifted(spec, shifts_a, step).mean(axis=0)
+        return plane.shifted(whole, shifts_a).mean(axis=0)
 
     design = np.column_stack([k, np.ones(len(k))])
     fit = k @ m0.T
     for _ in range(iterations):
-        ref = aligned_mean(fit)
-        cc = fft.ifft2(spec * ref.conj(), workers=-1, overwrite_x=True).real
-        shifts = np.array([_peak(c, f / step, window) for c, f in zip(cc, fit)]) * step
+        ref = plane.fold(aligned_mean(fit))
+        cc = fft.irfft2(spec * ref.conj(), s=(ny, nx), workers=-1)
+        shifts = _peaks(cc, fit / step, window) * step
         coef, *_ = np.linalg.lstsq(design, shifts, rcond=None)
         fit = design @ coef
     m = coef[:2].T
@@ -338,8 +404,9 @@ def parallax(
 
     # refine the similarity locally: the sharpest aligned mean (power within the lattice-safe
     # neighbourhood of the least-squares M only — a larger move is an alias and is not taken)
+
     def refined(start, use):
-        best = AlignedPower(spec[use], k[use], flip, step).maximise(start)
+        best = AlignedPower(whole[use], k[use], flip, plane).maximise(start)
         return best if np.linalg.norm(best - start) <= 0.1 * np.linalg.norm(start) else None
 
     best = refined(np.array([pc, ps]), slice(None))
@@ -367,11 +434,9 @@ def parallax(
     nearest = _form(pc, ps, flip)
     true_m = m if descan_gradient is None else m @ np.linalg.inv(np.eye(2) - np.asarray(descan_gradient) @ m)
     true_nearest = _form(true_pc, true_ps, flip)
-    tcbf = aligned_mean(k @ nearest.T)
-    unaligned = spec.mean(axis=0)
-    ac = np.ones((ny, nx), bool)
-    ac[0, 0] = False  # the mean counts are no contrast
-    gain = float(np.sum(np.abs(tcbf[ac]) ** 2) / max(np.sum(np.abs(unaligned[ac]) ** 2), 1e-300))
+    # the mean counts are no contrast: q = 0 left out
+    gain = plane.power(aligned_mean(k @ nearest.T), dc=False) / max(
+        plane.power(whole.mean(axis=0), dc=False), 1e-300)
     rms = float(np.sqrt(np.mean(np.sum((shifts - fit) ** 2, axis=1))))
     return {
         "flip": flip,

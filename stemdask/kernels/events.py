@@ -270,28 +270,46 @@ def densify_lookup(det_y, det_x, y0, x0, bin_factor, out_y, out_x):
 
 
 @numba.njit(nogil=True, cache=True)
-def densify(counts, indices, weights, lookup, out):
+def densify(counts, indices, weights, lookup, out, target=None):
     """Crop, bin and densify: add each position's events into ``out`` (P, out_y, out_x) float32.
 
     ``lookup`` (from :func:`densify_lookup`) maps each detector pixel to its flat output
-    pixel, or −1 for pixels outside the window (their events are dropped). ``out`` is
+    pixel, or −1 for pixels outside the window (their events are dropped). ``target`` (P,)
+    int64, optional: the output pattern of each position, −1 to drop it (scan binning:
+    :func:`scan_bin_targets`); by default position p fills pattern p. ``out`` is
     allocated (zeroed) by the caller — with NumPy, whose large allocations get transparent
     huge pages: first-touching the output costs ~6× less than an allocation made in numba,
     and for a large crop it is most of densify's time. Returns ``out``.
     """
     n_pos = counts.shape[0]
     size = out.shape[1] * out.shape[2]
-    flat = out.reshape(n_pos * size)
+    flat = out.reshape(out.shape[0] * size)
     e = 0
     for p in range(n_pos):
         n = np.int64(counts[p])
-        base = p * size
-        for j in range(e, e + n):
-            o = lookup[indices[j]]
-            if o >= 0:
-                flat[base + o] += _weight(weights, j)
+        t = p if target is None else target[p]
+        if t >= out.shape[0]:
+            raise IndexError("densify: a target pattern beyond the output")
+        if t >= 0:
+            base = t * size
+            for j in range(e, e + n):
+                o = lookup[indices[j]]
+                if o >= 0:
+                    flat[base + o] += _weight(weights, j)
         e += n
     return out
+
+
+def scan_bin_targets(rows: int, nx: int, factor: int, first_row: int = 0) -> np.ndarray:
+    """For :func:`densify` and :func:`densify_shifted`: the output pattern (int64) of each
+    position of rows ``first_row … first_row + rows − 1`` (``nx`` positions each) of a scan
+    binned ``factor × factor`` as :func:`bin_scan` bins it — output position (i, j) is pattern
+    ``i·(nx // factor) + j`` — and −1 for the trailing columns that fill no bin."""
+    ox = nx // factor
+    iy, ix = np.divmod(np.arange(rows * nx, dtype=np.int64), nx)
+    target = ((first_row + iy) // factor) * ox + ix // factor
+    target[ix >= ox * factor] = -1
+    return target
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -317,7 +335,7 @@ def _splat(flat, base, n_out, ty, tx, b, w):
 
 @numba.njit(nogil=True, cache=True)
 def densify_shifted(counts, indices, weights, det_x, shift_y, shift_x, y0, x0, bin_factor, keep, fill_idx, fill_w,
-                    out):
+                    out, target=None):
     """Crop, bin and densify with a per-position sub-pixel shift (descan) and masked pixels filled.
 
     Each event is a unit box (its detector pixel) moved by ``−(shift_y[p], shift_x[p])``
@@ -327,17 +345,23 @@ def densify_shifted(counts, indices, weights, det_x, shift_y, shift_x, y0, x0, b
     y0 + (a + 1)·bin − ½`` (same in x). Events on pixels with ``keep == 0`` are skipped;
     each masked pixel ``fill_idx[m]`` instead adds ``n_kept · fill_w[m]`` electrons (see
     :func:`annular_counts`), moved the same way. ``out`` (P, n, n) float32, zeroed by the
-    caller. Returns ``out``.
+    caller; ``target`` as in :func:`densify`. Returns ``out``.
     """
     n_pos = counts.shape[0]
     n_out = out.shape[1]
     size = n_out * out.shape[2]
-    flat = out.reshape(n_pos * size)
+    flat = out.reshape(out.shape[0] * size)
     inv = 1.0 / det_x
     e = 0
     for p in range(n_pos):
         n = np.int64(counts[p])
-        base = p * size
+        t = p if target is None else target[p]
+        if t >= out.shape[0]:
+            raise IndexError("densify_shifted: a target pattern beyond the output")
+        if t < 0:
+            e += n
+            continue
+        base = t * size
         oy = y0 + shift_y[p]  # a pixel spans [y − ½, y + ½): its box starts at y − oy in bin units
         ox = x0 + shift_x[p]
         kept = 0
