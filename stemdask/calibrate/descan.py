@@ -40,8 +40,9 @@ def fit_descan(com_y: np.ndarray, com_x: np.ndarray, model: str = "plane") -> tu
     design = np.concatenate([np.ones((1,) + u.shape), descan_terms(model, u, v)]).reshape(-1, u.size).T
     target = np.stack([com_y.ravel(), com_x.ravel()], axis=1)
     use = good.ravel()
-    for _ in range(3):
-        coef, *_ = np.linalg.lstsq(design[use], target[use], rcond=None)
+    for _ in range(3):  # least squares by the normal equations: a few centred monomials, well conditioned
+        kept = design * use[:, None]
+        coef = np.linalg.solve(kept.T @ design, kept.T @ np.where(use[:, None], target, 0.0))
         resid = np.hypot(*(target - design @ coef).T)
         scale = 1.4826 * np.median(resid[use]) + 1e-12
         use = good.ravel() & (resid <= 4 * scale)
