@@ -99,20 +99,25 @@ def test_densify_shifted_with_zero_shift_equals_densify_and_integer_shifts_move_
     assert got.sum() == pytest.approx(plain.sum(), rel=0.05)
 
 
-@pytest.mark.parametrize("f", [2, 3])
+@pytest.mark.parametrize("f, chunk_bytes", [(2, None), (3, None), (4, None), (2, 150)])
 @pytest.mark.parametrize("corrected", [False, True])
-def test_densify_of_a_binned_scan_sums_each_positions_own_pattern(dense_store, f, corrected):
+def test_densify_of_a_binned_scan_sums_each_positions_own_pattern(dense_store, f, chunk_bytes, corrected):
     """``bin_scan(f).densify()`` bins as it densifies: every position cropped with its own
-    descan and mask fill, then summed over its f × f bin (trailing rows and columns dropped)."""
+    descan and mask fill, then summed over its f × f bin (trailing rows and columns dropped;
+    small chunks: several output chunks, each drawing on more than one read)."""
+    import dask
+
     store, dense, mask, fill = dense_store
-    ds = stemdask.open(store.path)
-    if corrected:
-        ds = ds.with_mask(mask, fill).with_calibration(descan=DESCAN)
-    each = ds.densify(radius_px=4, bin=2).values.astype(np.float64)
+    with dask.config.set({"stemdask.chunk-bytes": chunk_bytes}):
+        ds = stemdask.open(store.path)
+        if corrected:
+            ds = ds.with_mask(mask, fill).with_calibration(descan=DESCAN)
+        each = ds.densify(radius_px=4, bin=2).values.astype(np.float64)
+        binned = ds.bin_scan(f).densify(radius_px=4, bin=2)
     oy, ox = SCAN[0] // f, SCAN[1] // f
     want = each[: oy * f, : ox * f].reshape(oy, f, ox, f, *each.shape[2:]).sum(axis=(1, 3))
-    binned = ds.bin_scan(f).densify(radius_px=4, bin=2)
-    assert binned.shape == want.shape and binned.data.chunks[0][0] >= 1
+    assert binned.shape == want.shape
+    assert chunk_bytes is None or len(binned.data.chunks[0]) > 1
     np.testing.assert_allclose(binned.values, want, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(binned.scan_y.values, 0.5 * (np.arange(oy) * f + (f - 1) / 2))
     assert binned.attrs["descan"] == ("plane" if corrected else "off")

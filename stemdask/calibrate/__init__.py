@@ -384,9 +384,10 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, descan, 
     transfer = {}  # the probe's transfer on half_turn's frequency grid, computed once for both routes
 
     def otf(q):
-        if q.shape not in transfer:
-            transfer[q.shape] = probe_otf(q, lam, semiangle, otf_c10)
-        return transfer[q.shape]
+        key = q.tobytes()
+        if key not in transfer:
+            transfer[key] = probe_otf(q, lam, semiangle, otf_c10)
+        return transfer[key]
 
     # route 1: the COM curl
     com_precise = rot["rotation_sigma_deg"] <= MAX_SIGMA_DEG

@@ -42,7 +42,11 @@ def fit_descan(com_y: np.ndarray, com_x: np.ndarray, model: str = "plane") -> tu
     use = good.ravel()
     for _ in range(3):  # least squares by the normal equations: a few centred monomials, well conditioned
         kept = design * use[:, None]
-        coef = np.linalg.solve(kept.T @ design, kept.T @ np.where(use[:, None], target, 0.0))
+        normal = kept.T @ design
+        if np.linalg.matrix_rank(normal) < normal.shape[0]:  # positions that do not fix every term
+            coef, *_ = np.linalg.lstsq(design[use], target[use], rcond=None)
+        else:
+            coef = np.linalg.solve(normal, kept.T @ np.where(use[:, None], target, 0.0))
         resid = np.hypot(*(target - design @ coef).T)
         scale = 1.4826 * np.median(resid[use]) + 1e-12
         use = good.ravel() & (resid <= 4 * scale)

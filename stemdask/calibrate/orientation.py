@@ -68,7 +68,8 @@ class HalfPlane:
     ``Re(conj(A)·B)`` for any two such spectra (|A|², the power, among them) is the
     ``weights``-weighted sum over the half plane with, for even ny, the Nyquist row appended
     once more at q_y = +½ (:meth:`extend`): weight 2 on the columns whose mirrors are left out,
-    1 on columns 0 and nx/2 (their own mirrors), 1 on both copies of the Nyquist row.
+    1 on columns 0 and nx/2 (their own mirrors, not appended again: weight 0 in the appended
+    row), 1 on both copies of the Nyquist row elsewhere.
 
     ``q_y`` (rows, 1), ``q_x`` (1, columns): phase (rad) per Å of shift (scan step ``step``
     (y, x) Å), as ``fftfreq`` assigns the frequencies.
