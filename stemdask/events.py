@@ -337,7 +337,8 @@ class EventDataset:
         what they hold, regular as Zarr needs, whatever was read together.
 
         ``scan_bin`` f > 1: ``fn`` bins the scan f × f as :meth:`bin_scan` does (``row_bytes``
-        then counts the output of one input row): every chunk is a multiple of f rows, the
+        then counts the output of one input row): every chunk is a multiple of f rows and at
+        most about one read (so the tasks run as the reads arrive, and none holds many reads), the
         trailing rows that fill no bin are not read, and the chunks are (rows / f, nx // f,
         *``trailing``)."""
         src = self._events.array
@@ -345,6 +346,8 @@ class EventDataset:
         f = int(scan_bin)
         ny = sum(reads) // f * f
         length = chunk_plan.aligned(chunk_plan.chunk_length(ny, row_bytes, chunk_target()), max(reads))
+        if f > 1:  # a binned chunk's cost is the events it reads, not its f²-times smaller output: one read's rows
+            length = min(length, max(reads))
         length = max(f, length // f * f)
         rows = chunk_plan.regular_chunks(ny, length)
         token = tokenize(src.name, fn, args, row_bytes, trailing, rows, f)

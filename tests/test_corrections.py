@@ -99,7 +99,7 @@ def test_densify_shifted_with_zero_shift_equals_densify_and_integer_shifts_move_
     assert got.sum() == pytest.approx(plain.sum(), rel=0.05)
 
 
-@pytest.mark.parametrize("f, chunk_bytes", [(2, None), (3, None), (4, None), (2, 150)])
+@pytest.mark.parametrize("f, chunk_bytes", [(2, None), (3, None), (4, None), (2, 150), (2, 7000)])
 @pytest.mark.parametrize("corrected", [False, True])
 def test_densify_of_a_binned_scan_sums_each_positions_own_pattern(dense_store, f, chunk_bytes, corrected):
     """``bin_scan(f).densify()`` bins as it densifies: every position cropped with its own
@@ -118,6 +118,7 @@ def test_densify_of_a_binned_scan_sums_each_positions_own_pattern(dense_store, f
     want = each[: oy * f, : ox * f].reshape(oy, f, ox, f, *each.shape[2:]).sum(axis=(1, 3))
     assert binned.shape == want.shape
     assert chunk_bytes is None or len(binned.data.chunks[0]) > 1
+    assert max(binned.data.chunks[0]) * f <= max(max(ds.row_chunks), f)  # a task reads about one read's rows
     np.testing.assert_allclose(binned.values, want, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(binned.scan_y.values, 0.5 * (np.arange(oy) * f + (f - 1) / 2))
     assert binned.attrs["descan"] == ("plane" if corrected else "off")
