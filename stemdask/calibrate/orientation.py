@@ -40,7 +40,7 @@ import numpy as np
 from scipy import fft, optimize
 
 from ..errors import InvalidParameter
-from ..kernels.icom import integrate_com, mirror_extend
+from ..kernels.icom import integrate_com
 from ..optics import detector_to_scan_frame
 
 #: The half turn is decided only when the ADF agreement is this significant. z is normalised
@@ -57,87 +57,49 @@ def _clean(field: np.ndarray) -> np.ndarray:
     return f - f.mean()
 
 
-class HalfPlane:
-    """Sums over the whole 2-D frequency plane of (ny, nx) real images, on its half.
-
-    ``rfft2`` keeps the columns 0 … ⌊nx/2⌋ of the plane; the others hold the complex
-    conjugates of their mirror images, and so does a *shifted* spectrum ``S(q)·e^{iq·d}``, or
-    one times a real factor odd or even in q (``q_x/|q|``) up to its sign — except on the
-    Nyquist row (even ny), where ``fftfreq`` gives both q_y = ±½ the frequency −½: there the
-    mirror of a column is the same coefficient with q_y = +½. So a sum over the whole plane of
-    ``Re(conj(A)·B)`` for any two such spectra (|A|², the power, among them) is the
-    ``weights``-weighted sum over the half plane with, for even ny, the Nyquist row appended
-    once more at q_y = +½ (:meth:`extend`): weight 2 on the columns whose mirrors are left out,
-    1 on columns 0 and nx/2 (their own mirrors, not appended again: weight 0 in the appended
-    row), 1 on both copies of the Nyquist row elsewhere.
-
-    ``q_y`` (rows, 1), ``q_x`` (1, columns): phase (rad) per Å of shift (scan step ``step``
-    (y, x) Å), as ``fftfreq`` assigns the frequencies.
-    """
-
-    def __init__(self, ny: int, nx: int, step):
-        nh = nx // 2 + 1
-        paired = np.arange(nh) > 0
-        if nx % 2 == 0:
-            paired[-1] = False
-        weights = np.repeat(np.where(paired, 2.0, 1.0)[None, :], ny, axis=0)
-        f_y = np.fft.fftfreq(ny)
-        self.nyquist = ny // 2 if ny % 2 == 0 else None
-        if self.nyquist is not None:
-            weights[self.nyquist, paired] = 1.0
-            weights = np.vstack([weights, paired.astype(np.float64)])
-            f_y = np.append(f_y, 0.5)
-        self.weights = weights
-        self.q_y = 2 * np.pi * f_y[:, None] / step[0]
-        self.q_x = 2 * np.pi * np.fft.fftfreq(nx)[:nh][None, :] / step[1]
-
-    def extend(self, spec: np.ndarray) -> np.ndarray:
-        """Half-plane spectra (…, ny, nh) with the Nyquist row appended where ny is even."""
-        if self.nyquist is None:
-            return spec
-        return np.concatenate([spec, spec[..., self.nyquist : self.nyquist + 1, :]], axis=-2)
-
-    def fold(self, a: np.ndarray) -> np.ndarray:
-        """(ny, nh) from an extended half plane ``a`` (:meth:`extend`): the half plane of the
-        Hermitian part of the whole-plane A — both copies of the Nyquist row averaged where
-        they differ — so that ``irfft2(S·conj(fold(a)))``, S a real image's spectrum, is the
-        real part of the whole plane's ``ifft2(S·conj(A))``."""
-        if self.nyquist is None:
-            return a
-        out = a[: self.weights.shape[0] - 1].copy()
-        paired = self.weights[-1] > 0
-        out[self.nyquist, paired] = 0.5 * (a[self.nyquist, paired] + a[-1, paired])
-        return out
-
-    def shifted(self, spec: np.ndarray, shifts_a: np.ndarray) -> np.ndarray:
-        """The spectra (n, rows, nh) — extended or not — of images shifted by ``shifts_a`` (n, 2) Å."""
-        q_y = self.q_y[: spec.shape[1], 0]
-        phase_y = np.exp(1j * shifts_a[:, :1] * q_y)[:, :, None]
-        return spec * phase_y * np.exp(1j * shifts_a[:, 1:] * self.q_x)[:, None, :]
-
-    def power(self, a: np.ndarray, dc: bool = True) -> float:
-        """Σ over the whole plane of |A|² from an extended half-plane A (without q = 0 unless ``dc``)."""
-        w = self.weights.copy()
-        w[0, 0] *= dc
-        return float(np.sum(w * np.abs(a) ** 2))
-
-
-def _curl_bases(v_y: np.ndarray, v_x: np.ndarray, step) -> tuple[HalfPlane, dict]:
+def _curl_bases(v_y: np.ndarray, v_x: np.ndarray, step) -> tuple[np.ndarray, dict]:
     """The solenoidal parts ``(k_x·G_y − k_y·G_x)/|k|`` of the scan-frame fields
     :func:`~stemdask.optics.detector_to_scan_frame` makes of the detector-frame field (v_y, v_x)
-    at 0° and at 90°, on the :class:`HalfPlane` of their mirror extensions (the gradient of the
+    at 0° and at 90°, over the plane of their mirror extensions (2ny, 2nx) (the gradient of the
     evenly mirrored φ: still curl-free). Every angle's is a sum of the two: at θ,
-    cos θ·T0 + sin θ·T90 — the field is linear in (cos θ, sin θ). Returns (the plane,
-    {flip: (T0, T90)}), from four transforms in all."""
-    e_yy, e_xx = mirror_extend(v_y, v_x)  # each component's own parity: y odd along y, x odd along x
-    e_yx, e_xy = mirror_extend(v_x, v_y)  # the other component with that parity
-    plane = HalfPlane(*e_yy.shape, step)
-    k = np.hypot(plane.q_y, plane.q_x)
+    cos θ·T0 + sin θ·T90 — the field is linear in (cos θ, sin θ).
+
+    Without the extensions: a component even along an axis (mirrored, ``mirror_extend``) has
+    the FFT ``e^{iπk/2n}·C[k]`` along it, odd ``e^{iπk/2n}·(−i)·S[k]``, with C, S the DCT-II and
+    DST-II of the n samples (C[2n − k] = −C[k], C[n] = 0; S[2n − k] = S[k], S[0] = 0). Each
+    component of G is odd along exactly its own axis, so every T shares the factor
+    ``e^{iπ(k_y/2ny + k_x/2nx)}·(−i)``: it drops out of every product conj(T_a)·T_b, what is left
+    is real, and it is the same at k and at its mirror images along either axis. So the
+    whole plane's sums are ``weights``-weighted sums over k_y ≤ ny, k_x ≤ nx (weight 2 per
+    axis for 0 < k < n, else 1) of real T's. Returns (weights (ny + 1, nx + 1),
+    {flip: (T0, T90)})."""
+    ny, nx = v_y.shape
+
+    def cosine(a, axis):  # C[0 … n], C[n] = 0
+        c = fft.dct(a, type=2, axis=axis)
+        return np.concatenate([c, np.zeros_like(np.take(c, [0], axis=axis))], axis=axis)
+
+    def sine(a, axis):  # S[0 … n], S[0] = 0
+        t = fft.dst(a, type=2, axis=axis)
+        return np.concatenate([np.zeros_like(np.take(t, [0], axis=axis)), t], axis=axis)
+
+    # G_y is odd along y (y-parity), G_x along x; at θ = 0: (G_y, G_x) = (v_y, f·v_x), at
+    # θ = 90°: (f·v_x, −v_y), f = −1 with the flip
+    yy, yx = sine(cosine(v_y, 1), 0), sine(cosine(v_x, 1), 0)
+    xx, xy = cosine(sine(v_x, 1), 0), cosine(sine(v_y, 1), 0)
+    q_y = np.fft.fftfreq(2 * ny)[: ny + 1, None] / step[0]
+    q_x = np.fft.fftfreq(2 * nx)[None, : nx + 1] / step[1]
+    k = np.hypot(q_y, q_x)
     k[0, 0] = np.inf  # the mean field has no solenoidal part
-    yy, xx, yx, xy = plane.extend(fft.rfft2(np.stack([e_yy, e_xx, e_yx, e_xy]), workers=-1)) / k
-    # θ = 0: (G_y, G_x) = (v_y, f·v_x); θ = 90°: (f·v_x, −v_y), f = −1 with the flip
-    qy_xx, qx_yy, qx_yx, qy_xy = plane.q_y * xx, plane.q_x * yy, plane.q_x * yx, plane.q_y * xy
-    return plane, {flip: (qx_yy - f * qy_xx, f * qx_yx + qy_xy) for flip, f in ((False, 1.0), (True, -1.0))}
+    qx_yy, qy_xx, qx_yx, qy_xy = q_x * yy / k, q_y * xx / k, q_x * yx / k, q_y * xy / k
+
+    def axis_weights(n):
+        w = np.full(n + 1, 2.0)
+        w[[0, n]] = 1.0
+        return w
+
+    weights = axis_weights(ny)[:, None] * axis_weights(nx)[None, :]
+    return weights, {flip: (qx_yy - f * qy_xx, f * qx_yx + qy_xy) for flip, f in ((False, 1.0), (True, -1.0))}
 
 
 def rotation_from_com(com_y: np.ndarray, com_x: np.ndarray, step=(1.0, 1.0)) -> dict:
@@ -154,10 +116,10 @@ def rotation_from_com(com_y: np.ndarray, com_x: np.ndarray, step=(1.0, 1.0)) -> 
             f"COM fields must be two 2-D arrays of the same shape ≥ 3×3, got {v_y.shape}, {v_x.shape}"
         )
     best, fractions = None, {}
-    plane, bases = _curl_bases(v_y, v_x, step)
+    weights, bases = _curl_bases(v_y, v_x, step)
     for flip, basis in bases.items():
         # the solenoidal energy's 2×2 form in (cos θ, sin θ), summed over the whole plane
-        m = np.array([[float(np.sum(plane.weights * (np.conj(a) * b).real)) for b in basis] for a in basis])
+        m = np.array([[float(np.sum(weights * a * b)) for b in basis] for a in basis])
         evals, evecs = np.linalg.eigh(m)
         if evals[1] <= 0:
             raise InvalidParameter("the COM field is constant: no rotation can be estimated from it")
@@ -251,6 +213,70 @@ def bf_images(dense: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.nda
     imgs = imgs / np.where(mean > 0, mean, 1.0) - 1.0
     window = _tukey(ny)[:, None] * _tukey(nx)[None, :]
     return iy, ix, fft.rfft2(imgs * window, workers=-1)
+
+
+class HalfPlane:
+    """Sums over the whole 2-D frequency plane of (ny, nx) real images, on its half.
+
+    ``rfft2`` keeps the columns 0 … ⌊nx/2⌋ of the plane; the others hold the complex
+    conjugates of their mirror images, and so does a *shifted* spectrum ``S(q)·e^{iq·d}`` —
+    except on the Nyquist row (even ny), where ``fftfreq`` gives both q_y = ±½ the frequency
+    −½: there the mirror of a column is the same coefficient with q_y = +½. So a sum over the
+    whole plane of ``Re(conj(A)·B)`` for any two such spectra (|A|², the power, among them) is the
+    ``weights``-weighted sum over the half plane with, for even ny, the Nyquist row appended
+    once more at q_y = +½ (:meth:`extend`): weight 2 on the columns whose mirrors are left out,
+    1 on columns 0 and nx/2 (their own mirrors, not appended again: weight 0 in the appended
+    row), 1 on both copies of the Nyquist row elsewhere.
+
+    ``q_y`` (rows, 1), ``q_x`` (1, columns): phase (rad) per Å of shift (scan step ``step``
+    (y, x) Å), as ``fftfreq`` assigns the frequencies.
+    """
+
+    def __init__(self, ny: int, nx: int, step):
+        nh = nx // 2 + 1
+        paired = np.arange(nh) > 0
+        if nx % 2 == 0:
+            paired[-1] = False
+        weights = np.repeat(np.where(paired, 2.0, 1.0)[None, :], ny, axis=0)
+        f_y = np.fft.fftfreq(ny)
+        self.nyquist = ny // 2 if ny % 2 == 0 else None
+        if self.nyquist is not None:
+            weights[self.nyquist, paired] = 1.0
+            weights = np.vstack([weights, paired.astype(np.float64)])
+            f_y = np.append(f_y, 0.5)
+        self.weights = weights
+        self.q_y = 2 * np.pi * f_y[:, None] / step[0]
+        self.q_x = 2 * np.pi * np.fft.fftfreq(nx)[:nh][None, :] / step[1]
+
+    def extend(self, spec: np.ndarray) -> np.ndarray:
+        """Half-plane spectra (…, ny, nh) with the Nyquist row appended where ny is even."""
+        if self.nyquist is None:
+            return spec
+        return np.concatenate([spec, spec[..., self.nyquist : self.nyquist + 1, :]], axis=-2)
+
+    def fold(self, a: np.ndarray) -> np.ndarray:
+        """(ny, nh) from an extended half plane ``a`` (:meth:`extend`): the half plane of the
+        Hermitian part of the whole-plane A — both copies of the Nyquist row averaged where
+        they differ — so that ``irfft2(S·conj(fold(a)))``, S a real image's spectrum, is the
+        real part of the whole plane's ``ifft2(S·conj(A))``."""
+        if self.nyquist is None:
+            return a
+        out = a[: self.weights.shape[0] - 1].copy()
+        paired = self.weights[-1] > 0
+        out[self.nyquist, paired] = 0.5 * (a[self.nyquist, paired] + a[-1, paired])
+        return out
+
+    def shifted(self, spec: np.ndarray, shifts_a: np.ndarray) -> np.ndarray:
+        """The spectra (n, rows, nh) — extended or not — of images shifted by ``shifts_a`` (n, 2) Å."""
+        q_y = self.q_y[: spec.shape[1], 0]
+        phase_y = np.exp(1j * shifts_a[:, :1] * q_y)[:, :, None]
+        return spec * phase_y * np.exp(1j * shifts_a[:, 1:] * self.q_x)[:, None, :]
+
+    def power(self, a: np.ndarray, dc: bool = True) -> float:
+        """Σ over the whole plane of |A|² from an extended half-plane A (without q = 0 unless ``dc``)."""
+        w = self.weights.copy()
+        w[0, 0] *= dc
+        return float(np.sum(w * np.abs(a) ** 2))
 
 
 def _similarity(m: np.ndarray, flip: bool) -> tuple[float, float]:
