@@ -338,10 +338,10 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, descan, 
     k_y, k_x = (py - center[0]) * k_per_px, (px - center[1]) * k_per_px
     semiangle = radius * cal.detector_pixel_mrad
     band = 2 * semiangle * 1e-3 / lam
-    # the dark pixels' sum: a float32 matrix-vector product (≤ 40² terms of counts per position)
-    adf = (dense.reshape(*dense.shape[:2], -1) @ dark.ravel().astype(dense.dtype)).astype(np.float64) \
-        if dark.sum() >= 4 else None
-    if adf is None:
+    adf = None
+    if dark.sum() >= 4:  # the dark pixels' sum: a float32 matrix-vector product (≤ 40² counts per position)
+        adf = (dense.reshape(*dense.shape[:2], -1) @ dark.ravel().astype(dense.dtype)).astype(np.float64)
+    else:
         notes.append("no dark-field pixels beyond the BF disk: the half turn cannot be decided from an ADF image")
 
     px_result = None
