@@ -335,7 +335,7 @@ class AlignedPower:
             (0, 1): -(f * (qy**2 - qx**2) * s_yx + qy * qx * (s_xx - s_yy)),
         }
         ca = w * np.conj(a)
-        power = float(np.sum(w * np.abs(a) ** 2))
+        power = self.plane.power(a)
         grad = np.array([2 * float(np.sum((ca * x).real)) for x in da])
         hess = np.empty((2, 2))
         for (i, j), x in d2a.items():
