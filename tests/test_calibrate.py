@@ -149,6 +149,14 @@ def test_parallax_recovers_rotation_flip_and_defocus_from_shifted_bf_images(thet
     assert abs((got["rotation_deg"] - expected + 180) % 360 - 180) < 0.5
     assert got["c10_abs_a"] == pytest.approx(abs(c10), rel=0.02)
     assert got["similarity_error"] < 0.05
+    # θ's σ only where asked for, from the rest of the result; the rest is the same without it
+    asked = []
+    lazy = parallax(dense, k, k, inside, step, lam, sigma_wanted=lambda r: asked.append(dict(r)) or False)
+    unsigma = {key: v for key, v in got.items() if key not in ("rotation_sigma_deg", "sigma_computed")}
+    assert got["sigma_computed"] and got["rotation_sigma_deg"] is not None
+    assert not lazy["sigma_computed"] and lazy["rotation_sigma_deg"] is None
+    assert {key: v for key, v in lazy.items() if key in unsigma} == unsigma
+    assert len(asked) == 1 and {key: v for key, v in asked[0].items() if key in unsigma} == unsigma
 
 
 @pytest.mark.parametrize("quarter_turns, flip, c10",
@@ -199,11 +207,13 @@ def test_defocused_or_not_uncertain_angles_are_flagged_and_a_c10_sign_given_is_r
     assert result["flip"] == flip
     if c10 == 0:
         assert result["parallax"]["alignment_gain"] < 1.2 and result["method"] == "com"
+        assert not result["parallax"]["sigma_computed"]  # no parallax to use: θ's σ not refined
         assert result["c10_estimate_a"] is None
         assert error < 3 * result["com_rotation_sigma_deg"]
     else:
         sigma = result["parallax"]["rotation_sigma_deg"]
-        assert result["method"] == "parallax" and (sigma is None or error < 3 * sigma)
+        assert result["method"] == "parallax" and result["parallax"]["sigma_computed"]
+        assert sigma is None or error < 3 * sigma
         assert result["c10_magnitude_a"] == pytest.approx(abs(c10), rel=0.05)
         if result["c10_estimate_a"] is not None:  # the sign, where the ADF decides it, is right
             assert result["c10_estimate_a"] == pytest.approx(c10, rel=0.05)

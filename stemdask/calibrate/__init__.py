@@ -344,17 +344,19 @@ def _orientation(ds, cal, small, f, whole, dense, mask, center, radius, descan, 
     else:
         notes.append("no dark-field pixels beyond the BF disk: the half turn cannot be decided from an ADF image")
 
+    def measured(px) -> bool:  # the BF images are shifted copies: a parallax to use (θ's σ is needed)
+        return (
+            px["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(small_step)
+            and px["similarity_error"] <= PARALLAX_MAX_SIMILARITY_ERROR
+            and px["alignment_gain"] >= PARALLAX_MIN_GAIN
+        )
+
     px_result = None
     if inside.sum() >= 4:
         gradient = descan_gradient(descan, ds.scan_shape, step)  # px per Å → Å⁻¹ per Å below
-        px_result = parallax(dense, k_y, k_x, inside, small_step, lam,
+        px_result = parallax(dense, k_y, k_x, inside, small_step, lam, sigma_wanted=measured,
                              descan_gradient=None if gradient is None else gradient * k_per_px)
-    defocused = (
-        px_result is not None
-        and px_result["max_shift_a"] >= PARALLAX_MIN_SHIFT_STEPS * max(small_step)
-        and px_result["similarity_error"] <= PARALLAX_MAX_SIMILARITY_ERROR
-        and px_result["alignment_gain"] >= PARALLAX_MIN_GAIN
-    )
+    defocused = px_result is not None and measured(px_result)
     if (
         px_result is not None
         and not defocused

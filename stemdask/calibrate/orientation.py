@@ -378,6 +378,7 @@ def parallax(
     wavelength: float,
     iterations: int = 3,
     descan_gradient: np.ndarray | None = None,
+    sigma_wanted=None,
 ) -> dict:
     """Parallax of bright-field images: M, hence flip, θ (mod 180°) and |C10| (defocused data).
 
@@ -394,6 +395,10 @@ def parallax(
     four disjoint sets of BF pixels), max_shift_a, window_px, alignment_gain (the
     aligned mean's contrast power over the plain mean's: ≫ 1 where the images really are
     shifted copies, ≈ 1 for the DPC-like in-focus BF images)}.
+
+    ``sigma_wanted(result)``: whether θ's standard error is needed, given the rest of the
+    result (its four refinements are about a third of the work); where it says no,
+    ``rotation_sigma_deg`` is None and ``sigma_computed`` False. Default: always computed.
     """
     ny, nx = dense.shape[:2]
     step = np.asarray(step, dtype=np.float64)
@@ -440,23 +445,6 @@ def parallax(
     if best is not None:
         pc, ps = best
     true_pc, true_ps = _undistorted(pc, ps, flip, descan_gradient)
-    # θ's standard error: the same refinement on four disjoint sets of BF pixels (a 2 × 2
-    # pattern on the detector: independent noise), σ = their scatter / √4. Conservative on
-    # average (a quarter of the pixels refines θ worse than a quarter of the information
-    # predicts) but, from 3 degrees of freedom, heavy-tailed: over benchmarks/calibration_grid.py
-    # --seeds 1, half of it left rms(error/σ) = 1.36 and 2 of 33 cases beyond 3σ
-    groups = [
-        refined(np.array([pc, ps]), (iy % 2 == a) & (ix % 2 == b))
-        for a in (0, 1)
-        for b in (0, 1)
-        if np.count_nonzero((iy % 2 == a) & (ix % 2 == b)) >= 2
-    ]
-    sigma = None  # unknown: a group that would leave the neighbourhood, or fewer than 3 groups
-    if len(groups) >= 3 and all(g is not None for g in groups):
-        groups = [_undistorted(*g, flip, descan_gradient) for g in groups]
-        spread = np.array([_wrap180(math.degrees(math.atan2(g[1], g[0]) - math.atan2(true_ps, true_pc)))
-                           for g in groups])
-        sigma = float(spread.std(ddof=1) / math.sqrt(len(spread)))
     size = math.hypot(pc, ps)
     nearest = _form(pc, ps, flip)
     true_m = m if descan_gradient is None else m @ np.linalg.inv(np.eye(2) - np.asarray(descan_gradient) @ m)
@@ -465,18 +453,40 @@ def parallax(
     gain = plane.power(aligned_mean(k @ nearest.T), dc=False) / max(
         plane.power(whole.mean(axis=0), dc=False), 1e-300)
     rms = float(np.sqrt(np.mean(np.sum((shifts - fit) ** 2, axis=1))))
-    return {
+    result = {
         "flip": flip,
         "rotation_deg": _wrap180(math.degrees(math.atan2(true_ps, true_pc))),
         "c10_abs_a": math.hypot(true_pc, true_ps) / wavelength,
         "matrix": true_m.tolist(),
         "similarity_error": float(np.linalg.norm(true_m - true_nearest) / max(np.linalg.norm(true_nearest), 1e-30)),
         "fit_rms_a": rms,
-        "rotation_sigma_deg": sigma,
+        "rotation_sigma_deg": None,
         "max_shift_a": size * float(np.hypot(k[:, 0], k[:, 1]).max()),
         "window_px": float(window),
         "alignment_gain": gain,
+        "sigma_computed": False,
     }
+    if sigma_wanted is not None and not sigma_wanted(result):
+        return result
+    # θ's standard error: the same refinement on four disjoint sets of BF pixels (a 2 × 2
+    # pattern on the detector: independent noise), σ = their scatter / √4. Conservative on
+    # average (a quarter of the pixels refines θ worse than a quarter of the information
+    # predicts) but, from 3 degrees of freedom, heavy-tailed: over benchmarks/calibration_grid.py
+    # --seeds 1, half of it left rms(error/σ) = 1.36 and 2 of 33 cases beyond 3σ
+    result["sigma_computed"] = True
+    groups = [
+        refined(np.array([pc, ps]), (iy % 2 == a) & (ix % 2 == b))
+        for a in (0, 1)
+        for b in (0, 1)
+        if np.count_nonzero((iy % 2 == a) & (ix % 2 == b)) >= 2
+    ]
+    # unknown (None): a group that would leave the neighbourhood, or fewer than 3 groups
+    if len(groups) >= 3 and all(g is not None for g in groups):
+        groups = [_undistorted(*g, flip, descan_gradient) for g in groups]
+        spread = np.array([_wrap180(math.degrees(math.atan2(g[1], g[0]) - math.atan2(true_ps, true_pc)))
+                           for g in groups])
+        result["rotation_sigma_deg"] = float(spread.std(ddof=1) / math.sqrt(len(spread)))
+    return result
 
 
 # ---------------------------------------------------------------------- half turn
